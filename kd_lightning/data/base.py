@@ -1,0 +1,274 @@
+"""The base DataModule every dataset in kd_lightning builds on.
+
+Every batch is a dict: ``image`` (float in [0, 1], N x C x H x W; models normalise internally),
+``label`` (int64 class, or float32 in [0, 1] for regression) and ``index`` (the sample's position
+in the underlying training or test set, stable across epochs and splits; self-KD and CRD key on it).
+
+A concrete DataModule sets the dataset facts (``num_classes``, ``in_channels``, ``native_size``,
+``mean``, ``std``; regression sets ``task = "regression"`` and ``label_range``) and implements
+:meth:`ImageDataModule.build_dataset`. Everything else — a seeded validation split carved from
+train, an optional stratified training subset, augmentation, padding/resizing, loaders — is here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+from kd_lightning.errors import ConfigError
+
+Split = Literal["train", "test"]
+
+
+def default_num_workers() -> int:
+    """No worker processes on <= 2 cores (they only steal the cores training needs)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
+class IndexedDataset(Dataset):
+    """Wrap a dataset of ``(image, label)`` pairs into dicts with the sample's index.
+
+    ``transform`` maps the image (uint8 tensor C x H x W or PIL image) to a float tensor in [0, 1];
+    ``target_transform`` maps the raw label (e.g. normalises a regression label).
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        transform: Callable[[Any], torch.Tensor],
+        target_transform: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        self.base = base
+        self.transform = transform
+        self.target_transform = target_transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, label = self.base[i]
+        label = self.target_transform(label) if self.target_transform else torch.as_tensor(label)
+        return {"image": self.transform(image), "label": label, "index": i}
+
+
+class TensorDataset(Dataset):
+    """In-memory images (uint8, N x C x H x W) and labels, as ``(image, label)`` pairs."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.ndim != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.targets = labels  # torchvision's name, used for stratified subsets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+def stratified_subset(labels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a random subset of ``size`` samples with class proportions kept (sorted)."""
+    labels = torch.as_tensor(labels)
+    if size >= len(labels):
+        return torch.arange(len(labels))
+    if labels.is_floating_point():  # regression: plain random subset
+        return torch.randperm(len(labels), generator=generator)[:size].sort().values
+    chosen = []
+    classes = labels.unique()
+    for c in classes:
+        idx = (labels == c).nonzero().flatten()
+        k = round(size * len(idx) / len(labels))
+        chosen.append(idx[torch.randperm(len(idx), generator=generator)[:k]])
+    out = torch.cat(chosen)
+    return out.sort().values
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base DataModule: seeded train/val split, optional training subset, augmentation, loaders.
+
+    Args:
+        root: folder holding the dataset's files (each dataset documents its layout).
+        batch_size: training batch size (evaluation uses ``eval_batch_size`` or twice this).
+        val_fraction: share of the training set held out for validation (model selection);
+            the test split is never used for selection.
+        train_size: use a stratified random subset of this many training samples (after the
+            validation split), e.g. the papers' limited-data regime; ``None`` keeps all.
+        image_size: pad (or resize) images to this size, e.g. 32 for CIFAR-style nets;
+            ``None`` keeps the native size.
+        resize_mode: ``"pad"`` centres the image on a zero canvas, ``"resize"`` interpolates.
+        augment: random crop (4 px padding, scaled to the image size) and, where the dataset
+            allows it, horizontal flips, on training images only.
+        num_workers: DataLoader workers; ``None`` picks 0 on <= 2 cores, else up to 8.
+        seed: seed of the validation split and the training subset.
+    """
+
+    # Dataset facts; concrete DataModules set these.
+    num_classes: int | None = None
+    in_channels: int = 3
+    native_size: int = 32
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    task: str = "classification"
+    label_range: tuple[float, float] | None = None
+    hflip: bool = True
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        train_size: int | None = None,
+        image_size: int | None = None,
+        resize_mode: Literal["pad", "resize"] = "pad",
+        augment: bool = True,
+        num_workers: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}; expected a positive integer")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={val_fraction}; expected a number in [0, 1)")
+        if train_size is not None and train_size < 1:
+            raise ConfigError(f"train_size={train_size}; expected a positive integer or null")
+        if image_size is not None and image_size < 1:
+            raise ConfigError(f"image_size={image_size}; expected a positive integer or null")
+        self.root = root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.val_fraction = val_fraction
+        self.train_size = train_size
+        self.image_size = image_size or self.native_size
+        self.resize_mode = resize_mode
+        self.augment = augment
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self.predict_dataset: Dataset | None = None
+
+    # ----------------------------------------------------------------- to implement
+    def build_dataset(self, split: Split) -> Dataset:
+        """Return the raw ``split`` as a dataset of ``(image, label)`` pairs.
+
+        Images are uint8 tensors (C x H x W) or PIL images; labels are class ids or raw
+        regression values (normalised here through ``label_range``). Raise
+        :class:`~kd_lightning.errors.DataNotFoundError` naming the path when files are missing.
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- transforms
+    def _resize(self) -> list[Callable]:
+        if self.image_size == self.native_size:
+            return []
+        if self.resize_mode == "pad" and self.image_size > self.native_size:
+            extra = self.image_size - self.native_size
+            return [v2.Pad([extra // 2, extra // 2, extra - extra // 2, extra - extra // 2])]
+        return [v2.Resize([self.image_size, self.image_size], antialias=True)]
+
+    def train_transform(self) -> Callable:
+        """uint8/PIL image -> float tensor in [0, 1], with augmentation when ``augment``."""
+        ops: list[Callable] = [v2.ToImage(), *self._resize()]
+        if self.augment:
+            ops.append(v2.RandomCrop(self.image_size, padding=max(1, self.image_size // 8)))
+            if self.hflip:
+                ops.append(v2.RandomHorizontalFlip())
+        ops.append(v2.ToDtype(torch.float32, scale=True))
+        return v2.Compose(ops)
+
+    def eval_transform(self) -> Callable:
+        """uint8/PIL image -> float tensor in [0, 1], no randomness."""
+        return v2.Compose([v2.ToImage(), *self._resize(), v2.ToDtype(torch.float32, scale=True)])
+
+    def target_transform(self) -> Callable | None:
+        """Regression labels are mapped to [0, 1] through ``label_range``; class ids pass."""
+        if self.task != "regression":
+            return None
+        if self.label_range is None:
+            raise ConfigError(f"{type(self).__name__} is a regression DataModule without label_range")
+        lo, hi = self.label_range
+
+        def normalise(y: Any) -> torch.Tensor:
+            return ((torch.as_tensor(y, dtype=torch.float32) - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+        return normalise
+
+    # ----------------------------------------------------------------- splits
+    def _split_indices(self, base: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(base)  # type: ignore[arg-type]
+        g = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(n, generator=g)
+        n_val = int(round(self.val_fraction * n))
+        val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+        if self.train_size is not None and self.train_size < len(train_idx):
+            labels = _labels_of(base, train_idx)
+            keep = stratified_subset(labels, self.train_size, g)
+            train_idx = train_idx[keep]
+        return train_idx, val_idx
+
+    def setup(self, stage: str | None = None) -> None:
+        tt = self.target_transform()
+        if stage in ("fit", "validate", None) and self.train_dataset is None:
+            base = self.build_dataset("train")
+            train_idx, val_idx = self._split_indices(base)
+            self.train_dataset = Subset(IndexedDataset(base, self.train_transform(), tt), train_idx.tolist())
+            self.val_dataset = Subset(IndexedDataset(base, self.eval_transform(), tt), val_idx.tolist())
+        if stage in ("test", "predict", None) and self.test_dataset is None:
+            self.test_dataset = IndexedDataset(self.build_dataset("test"), self.eval_transform(), tt)
+            self.predict_dataset = self.test_dataset
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, ds: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+        if ds is None:
+            raise RuntimeError("setup() has not built this split yet")
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(ds) > batch_size,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_fraction == 0:
+            return []  # type: ignore[return-value]
+        return self._loader(self.val_dataset, False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, False, self.eval_batch_size)
+
+
+def _labels_of(base: Dataset, idx: torch.Tensor) -> torch.Tensor:
+    targets = getattr(base, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets)[idx]
+    return torch.as_tensor([base[int(i)][1] for i in idx])
+
+
+def as_uint8_images(images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+    """Images as a uint8 N x C x H x W tensor (adds the channel axis to N x H x W)."""
+    t = torch.as_tensor(images)
+    if t.ndim == 3:
+        t = t.unsqueeze(1)
+    return t.to(torch.uint8)

@@ -1,0 +1,6 @@
+"""LightningModules, one per method family."""
+
+from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
+from kd_lightning.methods.supervised import ImageClassifier, ImageRegressor, NetTask
+
+__all__ = ["BaseTask", "ImageClassifier", "ImageRegressor", "NetTask", "Normalize", "default_optimizer"]

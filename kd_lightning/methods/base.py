@@ -1,0 +1,128 @@
+"""The template every kd_lightning LightningModule follows.
+
+``__init__`` stores the hyper-parameters and then calls :meth:`BaseTask.configure_models`,
+:meth:`BaseTask.configure_losses` and :meth:`BaseTask.configure_metrics`; a method overrides
+these hooks, not the constructor. The data-determined arguments (``num_classes``,
+``in_channels``, ``image_size``, ``mean``, ``std``, ``label_range``) are linked from the DataModule
+by ``kdl``, so a recipe never states them; in Python, pass them yourself.
+
+Images arrive in [0, 1]; a task normalises them itself (``self.normalize``) so that a checkpoint
+carries the normalisation it was trained with and a teacher and a student trained with different
+normalisations still work together on the same batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+
+
+def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """SGD, lr 0.05, Nesterov momentum 0.9, weight decay 5e-4 (the CIFAR KD papers' recipe)."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, with the statistics stored as buffers in the checkpoint."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], in_channels: int) -> None:
+        super().__init__()
+        mean_t, std_t = torch.tensor(list(mean), dtype=torch.float32), torch.tensor(list(std), dtype=torch.float32)
+        if len(mean_t) != len(std_t) or len(mean_t) not in (1, in_channels):
+            raise ConfigError(f"mean={list(mean)} / std={list(std)}: expected 1 or in_channels={in_channels} values each")
+        if (std_t <= 0).any():
+            raise ConfigError(f"std={list(std)}: every value must be positive")
+        self.register_buffer("mean", mean_t.expand(in_channels).reshape(1, -1, 1, 1).clone())
+        self.register_buffer("std", std_t.expand(in_channels).reshape(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class BaseTask(L.LightningModule):
+    """Shared constructor template, optimiser/scheduler injection and data-compatibility checks.
+
+    Args:
+        num_classes: classes of the data (linked from the DataModule by ``kdl``).
+        in_channels: image channels (linked).
+        image_size: image side in pixels (linked).
+        mean: per-channel mean used to normalise inputs (linked).
+        std: per-channel standard deviation (linked).
+        label_range: ``(min, max)`` of a regression label in original units (linked).
+        optimizer: a callable that builds the optimiser from parameters
+            (default :func:`default_optimizer`).
+        lr_scheduler: a callable that builds an LR scheduler from the optimiser, stepped once
+            per epoch; ``None`` keeps the learning rate constant.
+    """
+
+    task: str = "classification"
+    #: metric the default checkpoint callback tracks, and in which direction
+    monitor: str = "val/acc1"
+    monitor_mode: str = "max"
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        in_channels: int = 3,
+        image_size: int = 32,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        label_range: tuple[float, float] | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.normalize = Normalize(mean or (0.5,), std or (0.5,), in_channels)
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    # ------------------------------------------------------------------ template hooks
+    def configure_models(self) -> None:
+        """Build the networks (``self.hparams`` holds every constructor argument)."""
+
+    def configure_losses(self) -> None:
+        """Build the loss modules."""
+
+    def configure_metrics(self) -> None:
+        """Build the metric collections."""
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> Iterable[torch.Tensor]:
+        """Parameters the optimiser updates (override to add connectors or exclude teachers)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ checks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            self.check_data(dm)
+
+    def check_data(self, dm: Any) -> None:
+        """Fail early, naming both values, when the data does not fit this model."""
+        dm_task = getattr(dm, "task", self.task)
+        if dm_task != self.task:
+            raise ConfigError(f"{type(self).__name__} is a {self.task} model but {type(dm).__name__} is a {dm_task} dataset")
+        for key in ("num_classes", "in_channels"):
+            ours, theirs = self.hparams.get(key), getattr(dm, key, None)
+            if self.task == "regression" and key == "num_classes":
+                continue
+            if theirs is not None and ours != theirs:
+                raise ConfigError(f"model has {key}={ours} but {type(dm).__name__} has {key}={theirs}")

@@ -1,0 +1,70 @@
+"""Intermediate features by module path, taken with forward hooks (no edits to the net)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+
+
+class FeatureExtractor:
+    """Record the outputs of named submodules of ``net`` on every forward pass.
+
+    ``names`` are module paths as in ``net.named_modules()``; the aliases ``"stage{i}"`` (i-th
+    declared stage, from 0) and ``"penultimate"`` resolve through the net's registry entry. After a
+    forward pass, :attr:`features` maps each requested name to its output. Use :meth:`close` (or a
+    ``with`` block) to remove the hooks.
+    """
+
+    def __init__(self, net: nn.Module, names: Sequence[str]) -> None:
+        self.net = net
+        self.names = list(names)
+        self.features: dict[str, torch.Tensor] = {}
+        modules = dict(net.named_modules())
+        self._handles = []
+        for name in self.names:
+            path = resolve_feature_path(net, name)
+            if path not in modules:
+                raise ConfigError(f"feature {name!r} -> module path {path!r} does not exist in {type(net).__name__}")
+            self._handles.append(modules[path].register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def hook(_module: nn.Module, _inp: object, out: torch.Tensor) -> None:
+            self.features[name] = out
+
+        return hook
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the net and return ``(output, features)``."""
+        self.features = {}
+        out = self.net(x)
+        return out, dict(self.features)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> FeatureExtractor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve_feature_path(net: nn.Module, name: str) -> str:
+    """Map ``stage{i}`` / ``penultimate`` aliases to module paths; other names pass through."""
+    info = getattr(net, "net_info", None)
+    if info is None:
+        return name
+    if name == "penultimate":
+        return info.penultimate
+    if name.startswith("stage") and name[5:].isdigit():
+        i = int(name[5:])
+        if i >= len(info.stages):
+            raise ConfigError(f"feature {name!r}: net {info.name!r} declares {len(info.stages)} stages {info.stages}")
+        return info.stages[i]
+    return name
