@@ -9,12 +9,15 @@ message (set ``KDL_DEBUG=1`` or pass ``--debug`` for the traceback).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any
 
 import lightning as L
+from jsonargparse import ArgumentError
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -22,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import kd_lightning.data  # noqa: F401  (register DataModules for short class names)
 import kd_lightning.methods  # noqa: F401  (register LightningModules for short class names)
-from kd_lightning.errors import KDLError
+from kd_lightning.errors import CheckpointError, KDLError
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
@@ -37,10 +40,34 @@ class KDCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "best", monitor: str | None = None,
-                 mode: str | None = None, save_last: bool = True, save_top_k: int = 1, **kwargs: Any) -> None:
+                 mode: str | None = None, save_last: bool = True, save_top_k: int = 1,
+                 enable_version_counter: bool = False, **kwargs: Any) -> None:
         super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode or "min",
-                         save_last=save_last, save_top_k=save_top_k, auto_insert_metric_name=False, **kwargs)
+                         save_last=save_last, save_top_k=save_top_k, auto_insert_metric_name=False,
+                         enable_version_counter=enable_version_counter, **kwargs)
         self._mode_given = mode is not None
+        self._last_saved_at: tuple[int, int] | None = None
+
+    # Lightning 2.6 writes last.ckpt only when a top-k checkpoint was written at the same step, so a
+    # run whose metric stops improving would resume from a stale "last"; we always write it.
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_at = (trainer.current_epoch, trainer.global_step)
+
+    def _ensure_last(self, trainer: L.Trainer) -> None:
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._last_saved_at != (trainer.current_epoch, trainer.global_step)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
 
     def bind(self, trainer: L.Trainer, model: L.LightningModule) -> None:
         """Fill in defaults from the trainer and the model (called by kdl before the run)."""
@@ -76,6 +103,16 @@ class KDLCLI(LightningCLI):
         for key in LINKED_DATA_FACTS:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the model's hyper-parameters from --ckpt_path; a bad file is the user's error
+        try:
+            super()._parse_ckpt_path()
+        except Exception as e:  # noqa: BLE001
+            sub = self.config.get("subcommand")
+            path = self.config[sub].get("ckpt_path") if sub else None
+            raise CheckpointError(f"checkpoint {path!r} cannot be read as a kdl checkpoint "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = cfg.get("trainer", {}) or {}
@@ -102,15 +139,45 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
         args=args,
         run=run,
     )
 
 
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
 def _quiet_lightning() -> None:
-    for msg in (".*tensorboardX.*", ".*litlogger.*", ".*does not have many workers.*", ".*LitLogger.*"):
+    """Silence advice that is noise for kdl users (cloud-logger tips, the tensorboardX notice)."""
+    for msg in (".*tensorboardX.*", ".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=msg)
-    os.environ.setdefault("LIGHTNING_DISABLE_TIPS", "1")
+    logging.getLogger("lightning.pytorch").addFilter(_DropTips())
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(_DropTips())
+
+
+_NOISE = r"Expected a <class 'NoneType'>|^Given value|NestedArg|^Errors:|^Subtypes:|Does not validate against any of the Union"
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The user-fixable error behind ``exc`` (jsonargparse wraps constructor errors), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (KDLError, MisconfigurationException, FileNotFoundError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def _short_parse_error(msg: str) -> str:
+    """jsonargparse reports every union member it tried; keep the lines that name the problem."""
+    keep = [ln.strip() for ln in msg.splitlines()
+            if ln.strip() and not re.search(_NOISE, ln.strip())]
+    return "\n  ".join(keep[:6]) if keep else msg
 
 
 def main(args: list[str] | None = None) -> int:
@@ -123,11 +190,22 @@ def main(args: list[str] | None = None) -> int:
     _quiet_lightning()
     cpu_defaults()
     try:
-        build_cli(argv)
-    except (KDLError, MisconfigurationException, FileNotFoundError) as e:
+        if args is None:  # keep sys.argv as the CLI's source (minus our own --debug flag)
+            sys.argv = sys.argv[:1] + argv
+            build_cli(None)
+        else:
+            build_cli(argv)
+    except ArgumentError as e:
         if debug:
             raise
-        print(f"kdl: error: {e}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
+        print(f"kdl: error: {_short_parse_error(str(e))}\n(see `kdl {argv[0] if argv else ''} --help`; "
+              "KDL_DEBUG=1 shows the full message)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        user_error = _user_error(e)
+        if debug or user_error is None:
+            raise
+        print(f"kdl: error: {user_error}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
         return 2
     return 0
 

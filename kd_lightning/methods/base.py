@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import CheckpointError, ConfigError
 
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -110,6 +110,24 @@ class BaseTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ checks
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another kind or shape with a message instead of a tensor error."""
+        theirs = checkpoint.get("state_dict", {})
+        ours = self.state_dict()
+        missing = sorted(set(ours) - set(theirs))
+        unexpected = sorted(set(theirs) - set(ours))
+        reshaped = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))
+        if missing or unexpected or reshaped:
+            hp = checkpoint.get("hyper_parameters", {})
+            made_by = ", ".join(f"{k}={hp[k]!r}" for k in ("net", "num_classes", "in_channels") if k in hp)
+            parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                     for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
+                     if keys]
+            raise CheckpointError(
+                f"checkpoint does not fit {type(self).__name__}"
+                f"({', '.join(f'{k}={self.hparams[k]!r}' for k in ('net', 'num_classes', 'in_channels') if k in self.hparams)})"
+                f"; it was saved by a model with {made_by or 'other hyper-parameters'} ({'; '.join(parts)})")
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:

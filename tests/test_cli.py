@@ -1,0 +1,139 @@
+"""The kdl command: help, recipes, links, checkpoints, and short errors for user mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kd_lightning.cli import build_cli, cpu_has_fast_bf16
+from kd_lightning.errors import CheckpointError
+from kd_lightning.methods import ImageClassifier
+from tests.conftest import RECIPES
+
+ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
+MNIST_FORMAT = ("FashionMNISTDataModule", "MNISTDataModule")
+
+
+def recipe_data_class(path: Path) -> str:
+    return str(yaml.safe_load(path.read_text())["data"]["class_path"]).rsplit(".", 1)[-1]
+
+
+def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None:  # noqa: ANN001
+    assert kdl("--help") == 0
+    out = capsys.readouterr().out
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in out
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    assert kdl("fit", "--config", str(recipe), "--print_config") == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["class_path"] and cfg["data"]["class_path"]
+    assert cfg["seed_everything"] is not None  # every recipe is seeded
+
+
+@pytest.mark.parametrize(
+    "recipe", [r for r in ALL_RECIPES if recipe_data_class(r) in (*MNIST_FORMAT, "DigitsDataModule")],
+    ids=lambda p: str(p.relative_to(RECIPES)))
+def test_recipe_fast_dev_run(recipe: Path, kdl, fake_mnist: Path) -> None:  # noqa: ANN001
+    extra = ["--data.init_args.root", str(fake_mnist)] if recipe_data_class(recipe) in MNIST_FORMAT else []
+    assert kdl("fit", "--config", str(recipe), "--trainer.fast_dev_run", "1", *extra) == 0
+
+
+def test_data_facts_are_linked_into_the_model(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist)],
+                    run=False)
+    hp = cli.model.hparams
+    assert (hp.num_classes, hp.in_channels, hp.image_size) == (10, 1, 32)
+    assert hp.mean == pytest.approx((0.2860,)) and hp.std == pytest.approx((0.3530,))
+    assert cli.model.normalize.mean.flatten().tolist() == pytest.approx([0.2860])
+    assert cli.model.net.fc.out_features == 10 and cli.model.net.conv1.in_channels == 1
+
+
+def test_fit_writes_last_and_best_checkpoints_and_can_rerun(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    args = ["fit", "--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist),
+            "--trainer.default_root_dir", "run", "--model.init_args.net", "tinynet", "--trainer.max_epochs", "2"]
+    assert kdl(*args) == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
+    last = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 1
+    monitor = [v for k, v in last["callbacks"].items() if "KDCheckpoint" in k][0]
+    assert monitor["monitor"] == "val/acc1"
+    assert list(tmp_path.glob("run/lightning_logs/version_*/config.yaml"))
+    assert kdl(*args) == 0  # saving the config again never fails
+    # a resumed run continues from last.ckpt
+    assert kdl(*args[:-2], "--trainer.max_epochs", "3", "--ckpt_path", "last") == 0
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
+def test_test_subcommand_reports_metrics(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    common = ["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist),
+              "--trainer.default_root_dir", "run", "--model.init_args.net", "tinynet"]
+    assert kdl("fit", *common, "--trainer.max_epochs", "1") == 0
+    assert kdl("test", *common, "--ckpt_path", "run/checkpoints/best.ckpt") == 0
+    metrics = sorted(tmp_path.glob("run/lightning_logs/version_*/metrics.csv"))[-1].read_text()
+    for name in ("test/acc1", "test/acc5", "test/f1", "test/ece"):
+        assert name in metrics
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_missing_data_root_is_one_clear_message(tmp_path: Path) -> None:
+    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"),
+                  "--data.init_args.root", "/does/not/exist", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    message = res.stderr[res.stderr.index("kdl: error:"):]
+    assert "/does/not/exist" in message.splitlines()[0] and len(message.splitlines()) <= 2
+
+
+def test_typo_key_and_bad_values_are_named(tmp_path: Path) -> None:
+    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--model.init_args.nett", "x",
+                  cwd=tmp_path)
+    assert res.returncode == 2 and "nett" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--trainer.max_epohs", "3",
+                  cwd=tmp_path)
+    assert res.returncode == 2 and "max_epohs" in res.stderr
+    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--model.init_args.net", "resnet9",
+                  cwd=tmp_path)
+    assert res.returncode == 2 and "resnet9" in res.stderr and "resnet8" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
+    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"),
+                  "--data.init_args.root", "/does/not/exist", "--debug", cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_wrong_checkpoint_is_refused_clearly(kdl, fake_mnist: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    base = ["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist),
+            "--trainer.default_root_dir", "run", "--model.init_args.net", "tinynet"]
+    assert kdl("fit", *base, "--trainer.max_epochs", "1") == 0
+    # a checkpoint for another number of classes
+    with pytest.raises(CheckpointError, match="checkpoint does not fit.*shape differs: net.fc"):
+        ImageClassifier.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", num_classes=5)
+    # a file that is no checkpoint at all
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert kdl("test", *base, "--ckpt_path", "junk.ckpt") == 2
+    err = capsys.readouterr().err
+    assert "junk.ckpt" in err and "cannot be read" in err
+
+
+@pytest.mark.skipif(cpu_has_fast_bf16(), reason="this CPU has AMX bf16")
+def test_bf16_on_slow_cpu_warns(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="bf16"):
+        build_cli(["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--trainer.accelerator", "cpu",
+                   "--trainer.precision", "bf16-mixed", "--data.init_args.root", str(fake_mnist)], run=False)
