@@ -15,7 +15,8 @@ from kd_lightning.errors import CheckpointError
 from kd_lightning.methods import ImageClassifier
 from tests.conftest import RECIPES
 
-ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
+FRAGMENTS = sorted((RECIPES / "fragments").glob("*.yaml"))  # partial configs stacked onto a recipe
+ALL_RECIPES = sorted(set(RECIPES.rglob("*.yaml")) - set(FRAGMENTS))
 MNIST_FORMAT = ("FashionMNISTDataModule", "MNISTDataModule")
 
 
@@ -36,6 +37,14 @@ def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.Captur
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["class_path"] and cfg["data"]["class_path"]
     assert cfg["seed_everything"] is not None  # every recipe is seeded
+
+
+def test_wandb_fragment_stacks_onto_a_recipe(kdl, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    assert kdl("fit", "--config", str(RECIPES / "digits/student.yaml"), "--config",
+               str(RECIPES / "fragments/wandb.yaml"), "--print_config") == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["logger"]["class_path"].endswith("WandbLogger")
+    assert cfg["model"]["init_args"]["net"] == "resnet8"
 
 
 @pytest.mark.parametrize(
