@@ -16,7 +16,15 @@ from kd_lightning.nets import (  # noqa: F401  (registration side effects)
     wrn,
 )
 from kd_lightning.nets.features import FeatureExtractor, resolve_feature_path
-from kd_lightning.nets.registry import NetInfo, count_macs, count_parameters, create_net, list_nets, net_info, register_net
+from kd_lightning.nets.registry import (
+    NetInfo,
+    count_macs,
+    count_parameters,
+    create_net,
+    list_nets,
+    net_info,
+    register_net,
+)
 
 __all__ = [
     "FeatureExtractor",

@@ -59,6 +59,8 @@ class PreActResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(self.relu(self.bn(x)))))
 
 
-@register_net("preact_resnet18", stages=("layer1", "layer2", "layer3", "layer4"), penultimate="flatten", tags=("cifar",))
+@register_net(
+    "preact_resnet18", stages=("layer1", "layer2", "layer3", "layer4"), penultimate="flatten", tags=("cifar",)
+)
 def preact_resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels)

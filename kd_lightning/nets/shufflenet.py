@@ -46,8 +46,14 @@ class ShuffleV1Block(nn.Module):
 class ShuffleNetV1(nn.Module):
     """Stem ``conv1``, stages ``layer1..layer3``, pooled ``flatten``, head ``fc``."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, groups: int = 3,
-                 widths: tuple[int, ...] = (240, 480, 960), depths: tuple[int, ...] = (4, 8, 4)) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        groups: int = 3,
+        widths: tuple[int, ...] = (240, 480, 960),
+        depths: tuple[int, ...] = (4, 8, 4),
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
         cin = 24
@@ -56,7 +62,9 @@ class ShuffleNetV1(nn.Module):
             blocks = []
             for i in range(depth):
                 # the first block of a stage concatenates its pooled input, so it produces width - cin channels
-                blocks.append(ShuffleV1Block(cin, width - cin if i == 0 else width, 2 if i == 0 else 1, groups, cin == 24))
+                blocks.append(
+                    ShuffleV1Block(cin, width - cin if i == 0 else width, 2 if i == 0 else 1, groups, cin == 24)
+                )
                 cin = width
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -76,9 +84,14 @@ class ShuffleV2Block(nn.Module):
         super().__init__()
         c = channels // 2
         self.branch = nn.Sequential(
-            nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c),
-            nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False),
+            nn.BatchNorm2d(c),
+            nn.Conv2d(c, c, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,13 +106,21 @@ class ShuffleV2Down(nn.Module):
         super().__init__()
         mid = cout // 2
         self.left = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
         )
         self.right = nn.Sequential(
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-            nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
-            nn.Conv2d(mid, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.Conv2d(mid, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +130,14 @@ class ShuffleV2Down(nn.Module):
 class ShuffleNetV2(nn.Module):
     """Stem ``conv1``, stages ``layer1..layer3``, 1x1 ``conv2``, pooled ``flatten``, head ``fc``."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (116, 232, 464),
-                 depths: tuple[int, ...] = (3, 7, 3), last: int = 1024) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (116, 232, 464),
+        depths: tuple[int, ...] = (3, 7, 3),
+        last: int = 1024,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
         cin = 24

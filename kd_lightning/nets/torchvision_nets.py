@@ -22,8 +22,14 @@ def _swap_first_conv(parent: nn.Module, attr: str, in_channels: int) -> None:
     old = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]  # type: ignore[index]
     if in_channels == old.in_channels:
         return
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,  # type: ignore[arg-type]
-                    bias=old.bias is not None)
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,  # type: ignore[arg-type]
+        bias=old.bias is not None,
+    )
     nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
     if attr.isdigit():
         parent[int(attr)] = new  # type: ignore[index]
@@ -82,8 +88,11 @@ class TVShuffleNetV2(tvm.ShuffleNetV2):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
-_RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-            "resnet50": (Bottleneck, [3, 4, 6, 3])}
+_RESNETS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
 _DENSENETS = {"densenet121": (32, (6, 12, 24, 16), 64), "densenet161": (48, (6, 12, 36, 24), 96)}
 _IMAGENET = {"native_size": 224, "tags": ("imagenet", "torchvision")}
 
@@ -115,16 +124,22 @@ for _name in _DENSENETS:
 
 
 # stage outputs at strides 2, 4, 8, 16, 32 (the last block of each resolution, then the 1x1 conv)
-@register_net("mobilenet_v2", stages=("features.1", "features.3", "features.6", "features.13", "features.18"),
-              penultimate="flatten", head="classifier.1", **_IMAGENET)
+@register_net(
+    "mobilenet_v2",
+    stages=("features.1", "features.3", "features.6", "features.13", "features.18"),
+    penultimate="flatten",
+    head="classifier.1",
+    **_IMAGENET,
+)
 def mobilenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
     net = TVMobileNetV2(num_classes=num_classes)
     _swap_first_conv(net.features[0], "0", in_channels)  # type: ignore[arg-type]
     return net
 
 
-@register_net("shufflenet_v2", stages=("stage2", "stage3", "stage4", "conv5"), penultimate="flatten", head="fc",
-              **_IMAGENET)
+@register_net(
+    "shufflenet_v2", stages=("stage2", "stage3", "stage4", "conv5"), penultimate="flatten", head="fc", **_IMAGENET
+)
 def shufflenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
     net = TVShuffleNetV2([4, 8, 4], [24, 116, 232, 464, 1024], num_classes=num_classes)
     _swap_first_conv(net.conv1, "0", in_channels)  # type: ignore[arg-type]
