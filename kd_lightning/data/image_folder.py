@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from kd_lightning.data.base import ImageDataModule, Split
 from kd_lightning.data.image_files import ImageFileDataset, list_images, require_dir
-from kd_lightning.errors import ConfigError, DataNotFoundError
+from kd_lightning.errors import DataNotFoundError
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -51,17 +51,28 @@ class ImageFolderDataModule(ImageDataModule):
         self.train_dir, self.test_dir, self.verify = train_dir, test_dir, verify
         if grayscale:
             self.in_channels, self.mean, self.std = 1, (0.449,), (0.226,)
-        train = require_dir(Path(root) / train_dir, f"{type(self).__name__} training folder")
+        self.requested_classes = classes
+        self.classes: list[str] = []
+        train = Path(root) / train_dir
+        if train.is_dir():
+            self.classes = self._find_classes()
+            self.num_classes = len(self.classes)
+        else:
+            # Errors raised while kdl builds the objects reach the user wrapped in a parser message, so
+            # a missing folder is reported by setup(); 2 is a placeholder that is never trained.
+            self.num_classes = 2
+
+    def _find_classes(self) -> list[str]:
+        train = require_dir(Path(self.root) / self.train_dir, f"{type(self).__name__} training folder")  # type: ignore[arg-type]
         found = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if classes is not None:
-            missing = [c for c in classes if c not in found]
+        if self.requested_classes is not None:
+            missing = [c for c in self.requested_classes if c not in found]
             if missing:
-                raise ConfigError(f"classes {missing[:5]} have no folder under {str(train)!r}")
-            found = list(classes)
+                raise DataNotFoundError(f"classes {missing[:5]} have no folder under {str(train)!r}")
+            found = list(self.requested_classes)
         if len(found) < 2:
             raise DataNotFoundError(f"{str(train)!r} holds {len(found)} class folders; expected at least 2")
-        self.classes = found
-        self.num_classes = len(found)
+        return found
 
     def _split_dir(self, split: Split) -> Path:
         root = Path(self.root)  # type: ignore[arg-type]
@@ -75,6 +86,8 @@ class ImageFolderDataModule(ImageDataModule):
         raise DataNotFoundError(f"no test folder under {str(root)!r}; expected 'test/' or 'val/' (or set test_dir)")
 
     def build_dataset(self, split: Split) -> Dataset:
+        if not self.classes:
+            self.classes = self._find_classes()
         folder = self._split_dir(split)
         paths, labels = [], []
         for y, name in enumerate(self.classes):

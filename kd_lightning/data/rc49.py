@@ -58,7 +58,6 @@ class RC49DataModule(ImageDataModule):
         test_fraction: float = 0.2,
         **kwargs,
     ) -> None:  # noqa: ANN003
-        _h5py()
         if not min_angle < max_angle:
             raise ConfigError(f"min_angle={min_angle}, max_angle={max_angle}; expected min_angle < max_angle")
         super().__init__(root=root, **kwargs)
@@ -67,13 +66,13 @@ class RC49DataModule(ImageDataModule):
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images (uint8 N x 3 x H x W) and angles within the range."""
+        h5py = _h5py()  # checked here, not in __init__, so kdl reports it as a plain message
         if self.root is None:
             raise DataNotFoundError(f"{type(self).__name__} needs root=<folder holding {self.file}>")
         path = Path(self.root)
         path = path if path.is_file() else path / self.file
         if not path.is_file():
             raise DataNotFoundError(f"RC-49 file {str(path)!r} does not exist; expected the HDF5 release {self.file}")
-        h5py = _h5py()
         try:
             with h5py.File(path, "r") as f:
                 images, labels = np.asarray(f["images"][:]), np.asarray(f["labels"][:], dtype=np.float32)
