@@ -20,7 +20,14 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -40,7 +47,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = int(np.prod(dims)) * dtype.itemsize
     body = data[4 + 4 * ndim :]
     if len(body) != expected:
-        raise DataNotFoundError(f"{path} is truncated or padded: header says {dims} ({expected} bytes), found {len(body)} bytes")
+        raise DataNotFoundError(
+            f"{path} is truncated or padded: header says {dims} ({expected} bytes), found {len(body)} bytes"
+        )
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
@@ -58,7 +67,9 @@ def load_mnist_split(root: str | os.PathLike, split: Split) -> tuple[torch.Tenso
     """Images (uint8 N x 1 x H x W) and labels (int64) of one split of an MNIST-format folder."""
     root = Path(root)
     if not root.is_dir():
-        raise DataNotFoundError(f"dataset root {str(root)!r} does not exist; expected a folder holding the four MNIST-format idx files")
+        raise DataNotFoundError(
+            f"dataset root {str(root)!r} does not exist; expected a folder holding the four MNIST-format idx files"
+        )
     img_path, lbl_path = (find_idx_file(root, s) for s in _FILES[split])
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.ndim != 3:

@@ -1,7 +1,39 @@
-"""Backbones by name: ``list_nets()``, ``create_net(name, num_classes, in_channels, task)``."""
+"""Backbones by name: ``list_nets()``, ``create_net(name, num_classes, in_channels, task)``.
 
-from kd_lightning.nets import resnet_cifar, tiny, vgg  # noqa: F401  (registration side effects)
+CIFAR-style nets (32x32, tag ``"cifar"``) follow RepDistiller's sizes; ImageNet-style nets (tag
+``"imagenet"``, 64-224 px) are torchvision's architectures. See docs/zoo_and_data.md for the table.
+"""
+
+from kd_lightning.nets import (  # noqa: F401  (registration side effects)
+    densenet_cifar,
+    mobilenetv2,
+    preact_resnet,
+    resnet_cifar,
+    shufflenet,
+    tiny,
+    torchvision_nets,
+    vgg,
+    wrn,
+)
 from kd_lightning.nets.features import FeatureExtractor, resolve_feature_path
-from kd_lightning.nets.registry import NetInfo, create_net, list_nets, net_info, register_net
+from kd_lightning.nets.registry import (
+    NetInfo,
+    count_macs,
+    count_parameters,
+    create_net,
+    list_nets,
+    net_info,
+    register_net,
+)
 
-__all__ = ["FeatureExtractor", "NetInfo", "create_net", "list_nets", "net_info", "register_net", "resolve_feature_path"]
+__all__ = [
+    "FeatureExtractor",
+    "NetInfo",
+    "count_macs",
+    "count_parameters",
+    "create_net",
+    "list_nets",
+    "net_info",
+    "register_net",
+    "resolve_feature_path",
+]

@@ -91,3 +91,26 @@ def create_net(name: str, num_classes: int = 10, in_channels: int = 3, task: Tas
     net = info.factory(num_classes=out, in_channels=in_channels)
     net.net_info = info  # type: ignore[assignment]
     return net
+
+
+def count_parameters(net: nn.Module) -> int:
+    """Number of trainable parameters of ``net``."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def count_macs(net: nn.Module, image_size: int, in_channels: int = 3) -> int:
+    """Multiply-accumulates of one forward pass on a single ``in_channels x image_size^2`` image.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products;
+    it reports 2 FLOPs per multiply-add, halved here), in eval mode without gradients.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = net.training
+    net.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(torch.zeros(1, in_channels, image_size, image_size))
+    net.train(was_training)
+    return counter.get_total_flops() // 2
