@@ -11,8 +11,9 @@ training has started and picks a point where the run's state is complete:
 
 It then asks Lightning to stop (its ``SIGTERMException``), which ``kdl`` turns into exit code 143
 (128 + SIGTERM). Resume with ``kdl fit ... --ckpt_path last``.
-Under DDP the signal is also passed on to Lightning's handler, which broadcasts the stop to every
-rank; only the rank-0 checkpoint is written.
+Under DDP the signal is passed on to Lightning's handler, which makes every rank stop at the start
+of the same training step; all ranks then write ``last.ckpt`` together (rank 0 writes the file) from
+``on_exception``. A signal during DDP validation stops without a new checkpoint (the previous one stays).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 #: exit status of a run stopped by SIGTERM after saving (128 + signal number, the shell convention)
 EXIT_SIGTERM = 128 + int(signal.SIGTERM)
@@ -94,6 +96,12 @@ class GracefulStop(L.Callback):
         trainer.save_checkpoint(path)
         rank_zero_info(f"kdl: saved {path} after step {trainer.global_step}; stopping (exit {EXIT_SIGTERM})")
         self._stop(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # DDP: Lightning raised on every rank at the start of the same training step (state complete)
+        if (isinstance(exception, SIGTERMException) and trainer.world_size > 1 and self._trainer is not None
+                and not trainer.validating and not trainer.sanity_checking):
+            trainer.save_checkpoint(last_checkpoint_path(trainer))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the checkpoint callback (which runs after us) writes last.ckpt for this validation
