@@ -90,7 +90,7 @@ class GracefulStop(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self.requested or self._followed_by_validation_or_epoch_end(trainer):
+        if not self.requested or trainer.world_size > 1 or self._followed_by_validation_or_epoch_end(trainer):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
@@ -105,12 +105,12 @@ class GracefulStop(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the checkpoint callback (which runs after us) writes last.ckpt for this validation
-        if self.requested and not trainer.sanity_checking:
+        if self.requested and not trainer.sanity_checking and trainer.world_size == 1:
             self._save_unless_checkpoint_callback_does(trainer)
             self._stop(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.requested and not trainer.received_sigterm:
+        if self.requested and not trainer.received_sigterm and trainer.world_size == 1:
             self._save_unless_checkpoint_callback_does(trainer)
             self._stop(trainer)
 

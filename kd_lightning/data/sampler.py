@@ -106,28 +106,33 @@ class ResumableDataLoader(DataLoader):
     The count is exact because Lightning does not prefetch from loaders with a length.
     """
 
-    def __init__(self, dataset: Any, sampler: ResumableSampler, **kwargs: Any) -> None:
-        if not isinstance(sampler, ResumableSampler):
-            raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(sampler).__name__}")
+    def __init__(self, dataset: Any, sampler: Any = None, **kwargs: Any) -> None:
+        # Lightning may rebuild the loader with another sampler (``overfit_batches``): then it is a plain loader
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._epoch_start = 0  # sampler position where the current pass began
         self._batches = 0  # batches handed out in the current pass
 
+    @property
+    def resumable(self) -> bool:
+        return isinstance(self.sampler, ResumableSampler)
+
     def __iter__(self) -> Iterator[Any]:
         # the body runs at the first ``next`` (after Lightning's ``set_epoch``), not at ``iter``
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        self._epoch_start, self._batches = sampler._start, 0
+        self._epoch_start, self._batches = getattr(self.sampler, "_start", 0), 0
         for batch in super().__iter__():
             self._batches += 1
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
+        if not self.resumable:
+            return {}
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         consumed = min(self._epoch_start + self._batches * (self.batch_size or 1), sampler.num_samples)
         return {"sampler": sampler.state_dict(consumed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])  # type: ignore[attr-defined]
+        if self.resumable and state.get("sampler"):
+            self.sampler.load_state_dict(state["sampler"])  # type: ignore[attr-defined]
         self._epoch_start, self._batches = 0, 0
 
 
