@@ -5,10 +5,17 @@ The DataModule's facts (classes, channels, image size, normalisation, label rang
 into the model, a checkpoint callback keeps ``last.ckpt`` and the best checkpoint on the model's
 validation metric under ``<default_root_dir>/checkpoints``, and user errors end with one short
 message (set ``KDL_DEBUG=1`` or pass ``--debug`` for the traceback).
+
+Every ``fit`` also gets the callbacks of :mod:`kd_lightning.callbacks`: exact resumption
+(``--ckpt_path last`` continues mid-epoch with the same data order and RNG states), SIGTERM handling
+(finish the step, write ``last.ckpt``, exit 143), a NaN guard, and atomic checkpoint writes. Resuming
+with a recipe whose model or data differ from the checkpoint's is refused, listing the differing keys,
+unless ``--allow_resume_mismatch true`` is passed.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -17,15 +24,24 @@ import warnings
 from typing import Any
 
 import lightning as L
-from jsonargparse import ArgumentError
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import kd_lightning.data  # noqa: F401  (register DataModules for short class names)
 import kd_lightning.methods  # noqa: F401  (register LightningModules for short class names)
-from kd_lightning.errors import CheckpointError, KDLError
+from kd_lightning.callbacks import (
+    EXIT_SIGTERM,
+    AtomicCheckpointIO,
+    GracefulStop,
+    NaNGuard,
+    ResumeState,
+    config_differences,
+)
+from kd_lightning.errors import CheckpointError, ConfigError, KDLError
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
@@ -46,28 +62,31 @@ class KDCheckpoint(ModelCheckpoint):
                          save_last=save_last, save_top_k=save_top_k, auto_insert_metric_name=False,
                          enable_version_counter=enable_version_counter, **kwargs)
         self._mode_given = mode is not None
-        self._last_saved_at: tuple[int, int] | None = None
+        self._last_saved_at: int | None = None
 
-    # Lightning 2.6 writes last.ckpt only when a top-k checkpoint was written at the same step, so a
-    # run whose metric stops improving would resume from a stale "last"; we always write it.
+    # Lightning >= 2.5 writes last.ckpt only when a top-k checkpoint is written; resuming needs the
+    # latest state, so last.ckpt is (also) written at every validation / epoch-end save point.
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        self._last_saved_at = trainer.global_step
         super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_saved_at = (trainer.current_epoch, trainer.global_step)
 
-    def _ensure_last(self, trainer: L.Trainer) -> None:
-        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
-                and self._last_saved_at != (trainer.current_epoch, trainer.global_step)):
+    def _would_save_last(self, trainer: L.Trainer, on_train_epoch_end: bool) -> bool:
+        return bool(self.save_last) and not self._should_skip_saving_checkpoint(trainer) and (
+            self._should_save_on_train_epoch_end(trainer) == on_train_epoch_end)
+
+    def _ensure_last(self, trainer: L.Trainer, eligible: bool) -> None:
+        if eligible and self._last_saved_at != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        eligible = self._would_save_last(trainer, on_train_epoch_end=False)
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._ensure_last(trainer)
+        self._ensure_last(trainer, eligible)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        eligible = self._would_save_last(trainer, on_train_epoch_end=True)
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._ensure_last(trainer)
+        self._ensure_last(trainer, eligible)
 
     def bind(self, trainer: L.Trainer, model: L.LightningModule) -> None:
         """Fill in defaults from the trainer and the model (called by kdl before the run)."""
@@ -100,6 +119,10 @@ class KDLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(KDCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(GracefulStop, "graceful_stop")
+        parser.add_lightning_class_args(NaNGuard, "nan_guard")
+        parser.add_argument("--allow_resume_mismatch", type=bool, default=False,
+                            help="resume even when the recipe's model/data differ from the checkpoint's")
         for key in LINKED_DATA_FACTS:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
@@ -114,8 +137,7 @@ class KDLCLI(LightningCLI):
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        trainer = cfg.get("trainer", {}) or {}
+        trainer = self._subcommand_config().get("trainer", {}) or {}
         precision, accelerator = str(trainer.get("precision") or ""), str(trainer.get("accelerator") or "auto")
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
         if "bf16" in precision and on_cpu and not cpu_has_fast_bf16():
@@ -123,10 +145,70 @@ class KDLCLI(LightningCLI):
                 f"trainer.precision={precision!r} on a CPU without AMX: bf16 autocast was measured ~15x slower "
                 "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs", stacklevel=1)
 
+    def _subcommand_config(self) -> Any:
+        return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+
+    def recipe(self) -> dict[str, Any]:
+        """The model and data sections of the resolved recipe, as plain values (stored in checkpoints)."""
+        cfg = self._subcommand_config()
+        return {key: _plain(cfg.get(key)) for key in ("model", "data")}
+
     def after_instantiate_classes(self) -> None:
-        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]
+        trainer = self.trainer
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(cb, KDCheckpoint):
-                cb.bind(self.trainer, self.model)
+                cb.bind(trainer, self.model)
+        if not any(isinstance(cb, ResumeState) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            trainer.callbacks.insert(0, ResumeState(self.recipe()))  # type: ignore[attr-defined]
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_fit(self) -> None:
+        """Refuse to resume from a checkpoint whose recipe (model/data) differs from this one."""
+        cfg = self._subcommand_config()
+        path = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
+        if path is None or cfg.get("allow_resume_mismatch"):
+            return
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+            raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from None
+        saved = ckpt.get("kdl_config") if isinstance(ckpt, dict) else None
+        if saved is None:
+            return
+        diffs = config_differences(saved, self.recipe())
+        if diffs:
+            lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
+            raise ConfigError(f"refusing to resume from {path!r}: the recipe differs from the checkpoint's in "
+                              f"{len(diffs)} key(s):\n{lines}\npass --allow_resume_mismatch true to resume anyway")
+
+
+def resolve_ckpt_path(ckpt_path: Any, trainer: L.Trainer) -> str | None:
+    """The file a ``fit`` would resume from: ``last`` is the newest ``last*.ckpt`` of the checkpoint folders."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
+        return None
+    if ckpt_path == "last":
+        found = []
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+                found += glob.glob(os.path.join(str(cb.dirpath), f"{cb.CHECKPOINT_NAME_LAST}*{cb.FILE_EXTENSION}"))
+        return max(found, key=os.path.getmtime) if found else None
+    return str(ckpt_path) if os.path.isfile(str(ckpt_path)) else None
+
+
+def _plain(value: Any) -> Any:
+    """A config value as dicts/lists of primitives (functions and classes by their dotted name)."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return repr(value)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> KDLCLI:
@@ -159,7 +241,8 @@ def _quiet_lightning() -> None:
         handler.addFilter(_DropTips())
 
 
-_NOISE = r"Expected a <class 'NoneType'>|^Given value|NestedArg|^Errors:|^Subtypes:|Does not validate against any of the Union"
+_NOISE = (r"Expected a <class 'NoneType'>|^Given value|NestedArg|^Errors:|^Subtypes:"
+          r"|Does not validate against any of the Union")
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
@@ -195,6 +278,9 @@ def main(args: list[str] | None = None) -> int:
             build_cli(None)
         else:
             build_cli(argv)
+    except SIGTERMException:
+        print(f"kdl: stopped by SIGTERM; resume with --ckpt_path last (exit {EXIT_SIGTERM})", file=sys.stderr)
+        return EXIT_SIGTERM
     except ArgumentError as e:
         if debug:
             raise

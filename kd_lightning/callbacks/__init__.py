@@ -1,5 +1,22 @@
-"""Callbacks shared by every method."""
+"""Callbacks: exact resume, clean interruption, NaN guard, atomic checkpoints (kdl adds these to every
+fit), and training throughput."""
 
+from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
+from kd_lightning.callbacks.interrupt import EXIT_SIGTERM, GracefulStop, last_checkpoint_path
+from kd_lightning.callbacks.nan_guard import NaNGuard, NonFiniteLossError
+from kd_lightning.callbacks.resume import ResumeState, config_differences, rng_states, set_rng_states
 from kd_lightning.callbacks.throughput import TrainThroughput
 
-__all__ = ["TrainThroughput"]
+__all__ = [
+    "EXIT_SIGTERM",
+    "AtomicCheckpointIO",
+    "GracefulStop",
+    "NaNGuard",
+    "NonFiniteLossError",
+    "TrainThroughput",
+    "ResumeState",
+    "config_differences",
+    "last_checkpoint_path",
+    "rng_states",
+    "set_rng_states",
+]

@@ -244,8 +244,38 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def shuffle_seed(self) -> int:
+        """Seed of the training order: the data ``seed`` combined with the run's ``seed_everything`` value."""
+        return self.seed * 1_000_003 + int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, True, self.batch_size)
+        """Shuffled, resumable training batches (see :mod:`kd_lightning.data.sampler`).
+
+        The order is a function of (seed, epoch), sharded by the trainer's rank under DDP, and the
+        loader's position is saved in checkpoints so ``--ckpt_path last`` continues mid-epoch exactly.
+        """
+        from kd_lightning.data.sampler import ResumableDataLoader, ResumableSampler
+
+        ds = self.train_dataset
+        if ds is None:
+            raise RuntimeError("setup() has not built this split yet")
+        trainer = getattr(self, "trainer", None)
+        dist_kwargs = (getattr(trainer, "distributed_sampler_kwargs", None) or {}) if trainer is not None else {}
+        replicas, rank = int(dist_kwargs.get("num_replicas", 1)), int(dist_kwargs.get("rank", 0))
+        per_rank = len(ds) // replicas  # type: ignore[arg-type]
+        sampler = ResumableSampler(ds, seed=self.shuffle_seed(), shuffle=True, num_replicas=replicas, rank=rank,
+                                   drop_last=replicas > 1)
+        return ResumableDataLoader(
+            ds,
+            sampler=sampler,
+            batch_size=self.batch_size,
+            drop_last=per_rank > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            # iterator creation draws a base seed: take it from here, not from the global RNG
+            generator=torch.Generator().manual_seed(self.shuffle_seed()),
+        )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_fraction == 0:

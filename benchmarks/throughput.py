@@ -1,0 +1,181 @@
+"""Throughput of ``kdl fit`` against a plain PyTorch loop on the same net, data and batch size.
+
+Both run in this one process, alternating (kdl, plain, kdl, plain, ...) so that drifts of the machine
+hit both alike. Images per second are measured over the steady-state training steps: the time
+between the starts of consecutive training steps of an epoch (data loading + forward + backward +
+optimiser step + whatever the framework does per step), after ``--warmup-steps``. Validation,
+checkpointing at epoch end and start-up are not in the step times of either.
+
+It prints the median ratio kdl/plain of images/s, and kdl's images/s as a share of the machine's
+fp32 peak, measured here as the best of a few large ``torch.mm`` runs (model FLOPs per image are
+counted with ``torch.utils.flop_counter`` on one training step: forward + backward).
+
+    python benchmarks/throughput.py                      # ResNet-20, batch 64, digits at 32x32
+    python benchmarks/throughput.py --lean               # also without logger/checkpoint/progress bar
+    python benchmarks/throughput.py --out docs/results/throughput.md
+
+Timings vary with the machine's load (here 2x between runs): never assert them in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from kd_lightning.data import DigitsDataModule  # noqa: E402
+from kd_lightning.methods.base import Normalize  # noqa: E402
+from kd_lightning.nets import create_net  # noqa: E402
+
+RECIPE = REPO / "recipes" / "digits" / "student.yaml"
+
+
+class StepTimer(L.Callback):
+    """Start time of every training step, by epoch."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.starts.append((trainer.current_epoch, time.perf_counter()))
+
+
+def steady_rate(starts: list[tuple[int, float]], batch: int, warmup: int) -> float:
+    """Images/s from step start times: intervals between consecutive steps of an epoch, after warmup."""
+    intervals = [t1 - t0 for (e0, t0), (e1, t1) in zip(starts, starts[1:]) if e0 == e1][warmup:]
+    return batch * len(intervals) / sum(intervals)
+
+
+def run_kdl(args: argparse.Namespace, lean: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--config", str(RECIPE), "--model.init_args.net", args.net, "--trainer.max_epochs",
+                str(args.epochs), "--data.init_args.image_size", str(args.image_size), "--data.init_args.batch_size",
+                str(args.batch), "--trainer.default_root_dir", tmp,
+                "--model.init_args.lr_scheduler.init_args.T_max", str(args.epochs)]
+        if lean:
+            argv += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                     "--trainer.enable_model_summary", "false"]
+            argv += ["--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
+        cli = build_cli(argv, run=False)
+        timer = StepTimer()
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return steady_rate(timer.starts, args.batch, args.warmup_steps)
+
+
+def run_plain(args: argparse.Namespace) -> float:
+    """The same net, data, augmentation, loss and optimiser in a hand-written loop."""
+    dm = DigitsDataModule(batch_size=args.batch, image_size=args.image_size)
+    dm.setup("fit")
+    loader = DataLoader(dm.train_dataset, batch_size=args.batch, shuffle=True, drop_last=True,
+                        num_workers=dm.num_workers, persistent_workers=dm.num_workers > 0)
+    net = create_net(args.net, num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
+    normalize = Normalize(dm.mean, dm.std, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss()
+    net.train()
+    starts: list[tuple[int, float]] = []
+    for epoch in range(args.epochs):
+        for batch in loader:
+            starts.append((epoch, time.perf_counter()))
+            x = normalize(batch["image"]).contiguous(memory_format=torch.channels_last)
+            loss = criterion(net(x), batch["label"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return steady_rate(starts, args.batch, args.warmup_steps)
+
+
+def fp32_peak_flops(n: int = 2048, seconds: float = 1.0) -> float:
+    """Best fp32 matmul FLOP/s over a few timed runs of ``n x n @ n x n``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(3):
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            torch.mm(a, b)
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def train_flops_per_image(args: argparse.Namespace) -> float:
+    net = create_net(args.net, num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
+    x = torch.rand(args.batch, 1, args.image_size, args.image_size).contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        nn.functional.cross_entropy(net(x), torch.zeros(args.batch, dtype=torch.long)).backward()
+    return counter.get_total_flops() / args.batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--net", default="resnet20")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run (digits: 20 steps each at batch 64)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--lean", action="store_true", help="also time kdl with logger/checkpoint/progress bar off")
+    p.add_argument("--out", type=Path, help="write the results as a markdown table here")
+    args = p.parse_args()
+    _quiet_lightning()
+    cpu_defaults()
+
+    variants = ["kdl", "plain"] + (["kdl-lean"] if args.lean else [])
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(args.repeats):
+        for v in variants:
+            torch.manual_seed(r)
+            rate = run_plain(args) if v == "plain" else run_kdl(args, lean=v == "kdl-lean")
+            rates[v].append(rate)
+            print(f"repeat {r}: {v:9s} {rate:8.1f} img/s", flush=True)
+    peak = fp32_peak_flops()
+    flops = train_flops_per_image(args)
+    ratios = [k / p for k, p in zip(rates["kdl"], rates["plain"])]
+    med = {v: statistics.median(x) for v, x in rates.items()}
+    share = med["kdl"] * flops / peak
+    lines = [
+        f"net {args.net}, batch {args.batch}, {args.image_size}x{args.image_size} digits, {torch.get_num_threads()} "
+        f"threads, {args.repeats} alternating repeats of {args.epochs} epochs",
+        "",
+        "| run | median img/s | runs (img/s) |",
+        "|---|---|---|",
+        *[f"| {v} | {med[v]:.1f} | {', '.join(f'{x:.1f}' for x in rates[v])} |" for v in variants],
+        "",
+        f"median ratio kdl/plain img/s: {statistics.median(ratios):.3f} (per repeat: "
+        f"{', '.join(f'{x:.3f}' for x in ratios)})",
+    ]
+    if args.lean:
+        lean = [k / p for k, p in zip(rates["kdl-lean"], rates["plain"])]
+        lines.append(f"median ratio kdl-lean/plain img/s: {statistics.median(lean):.3f}")
+    lines += [
+        f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; training FLOPs per image: {flops / 1e6:.1f} MFLOP",
+        f"kdl: {med['kdl']:.1f} img/s = {100 * share:.1f}% of fp32 peak "
+        f"(plain: {100 * med['plain'] * flops / peak:.1f}%)",
+    ]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("# Throughput: kdl fit vs a plain PyTorch loop\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""A training sampler and loader that can be checkpointed mid-epoch and resumed exactly.
+
+The order of an epoch is a pure function of ``(seed, epoch)`` (a seeded permutation, sharded by rank
+like :class:`~torch.utils.data.DistributedSampler`), so a resumed run only has to know the epoch and
+how many samples of it were already consumed. :class:`ResumableDataLoader` counts the batches it
+hands out and exposes ``state_dict``/``load_state_dict``; Lightning saves the state of every such
+("stateful") training loader in the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and
+gives it back before iteration restarts, after which the sampler skips what was already trained on.
+
+Under DDP the sampler is a ``DistributedSampler`` subclass built with the trainer's world size and
+rank, so Lightning keeps it instead of swapping in its own (``use_distributed_sampler`` stays on for
+the evaluation loaders). Positions are stored per rank and are identical on every rank, so the
+rank-0 checkpoint restores all ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from kd_lightning.errors import CheckpointError
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded shuffling whose order depends only on ``(seed, epoch)`` and which can start mid-epoch.
+
+    Args:
+        data_source: the dataset (only its length is used).
+        seed: seed of the permutation; epoch ``e`` uses ``seed + e``.
+        shuffle: permute (training) or keep the dataset order.
+        num_replicas: number of ranks sharing the epoch (1 without DDP).
+        rank: this process's rank; it takes every ``num_replicas``-th index starting at ``rank``.
+        drop_last: drop the tail so every rank gets the same number of samples (else pad by
+            repeating the start of the permutation, like ``DistributedSampler``).
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0, shuffle: bool = True, num_replicas: int = 1,
+                 rank: int = 0, drop_last: bool = False) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,  # type: ignore[arg-type]
+                         drop_last=drop_last)
+        self._start = 0  # samples of this rank's share of ``self.epoch`` to skip on the next iteration
+
+    def permutation(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch`` in the order they are drawn (without any skipping)."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if self.drop_last:
+            order = order[: self.total_size]
+        else:
+            pad = self.total_size - len(order)
+            order += (order * math.ceil(pad / max(1, len(order))))[:pad]
+        return order[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._start = self._start, 0
+        return iter(self.permutation(self.epoch)[start:])
+
+    def __len__(self) -> int:
+        # the full share of an epoch even when resuming: Lightning counts the skipped batches as done
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a pending mid-epoch start only survives for the epoch it was saved in."""
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = epoch
+
+    def state_dict(self, consumed: int = 0) -> dict[str, Any]:
+        """The resumable state after ``consumed`` samples of this rank's share of the current epoch."""
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": consumed, "num_replicas": self.num_replicas,
+                "num_samples": self.num_samples, "dataset_size": len(self.dataset)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved epoch and position (rescaled when the number of ranks changed)."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if state["dataset_size"] != size:
+            raise CheckpointError(f"the checkpoint's training set has {state['dataset_size']} samples but this "
+                                  f"run's has {size}; resume with the same data (or start a new run)")
+        if state["seed"] != self.seed:
+            warnings.warn(f"resuming with shuffle seed {self.seed} but the checkpoint used {state['seed']}; "
+                          "the order of later epochs will differ", stacklevel=2)
+        consumed = int(state["consumed"])
+        if state["num_replicas"] != self.num_replicas:
+            # same global number of samples seen, spread over the new number of ranks (approximate)
+            consumed = (consumed * int(state["num_replicas"])) // self.num_replicas
+            warnings.warn(f"resuming on {self.num_replicas} ranks from a checkpoint of {state['num_replicas']}: "
+                          "the rest of the interrupted epoch is re-sharded, so resumption is not exact", stacklevel=2)
+        self.epoch = int(state["epoch"])
+        self._start = min(consumed, self.num_samples)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` that Lightning checkpoints mid-epoch.
+
+    It counts the batches handed out in the current pass; ``state_dict()`` turns that into the
+    sampler position (batches are consecutive runs of ``batch_size`` indices of the sampler's order).
+    The count is exact because Lightning does not prefetch from loaders with a length.
+    """
+
+    def __init__(self, dataset: Any, sampler: Any = None, **kwargs: Any) -> None:
+        # Lightning may rebuild the loader with another sampler (``overfit_batches``): then it is a plain loader
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._epoch_start = 0  # sampler position where the current pass began
+        self._batches = 0  # batches handed out in the current pass
+
+    @property
+    def resumable(self) -> bool:
+        return isinstance(self.sampler, ResumableSampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        # the body runs at the first ``next`` (after Lightning's ``set_epoch``), not at ``iter``
+        self._epoch_start, self._batches = getattr(self.sampler, "_start", 0), 0
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.resumable:
+            return {}
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        consumed = min(self._epoch_start + self._batches * (self.batch_size or 1), sampler.num_samples)
+        return {"sampler": sampler.state_dict(consumed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.resumable and state.get("sampler"):
+            self.sampler.load_state_dict(state["sampler"])  # type: ignore[attr-defined]
+        self._epoch_start, self._batches = 0, 0
+
+
+__all__ = ["ResumableDataLoader", "ResumableSampler"]
