@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fake_datasets import (
+from tests.fake_datasets import (
     corrupt,
     write_cifar,
     write_cub,
