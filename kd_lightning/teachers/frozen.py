@@ -1,0 +1,182 @@
+"""A trained model used only for inference: frozen, always in eval mode, with its own normalisation.
+
+Load one from a ``kdl`` checkpoint (:meth:`FrozenTeacher.from_checkpoint`) or from a registered net
+name plus a ``state_dict`` file (:meth:`FrozenTeacher.from_weights`). Inputs are images in [0, 1];
+the teacher applies the normalisation it was trained with, so a teacher and a student trained with
+different statistics (or generated images) share a batch. ``requires_grad`` is off for every
+parameter and :meth:`train` is a no-op, so ``LightningModule.train()`` called by the Trainer on the
+parent module never puts the teacher's BatchNorm/Dropout into training mode.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.checkpoints import load_checkpoint, load_state_dict_file
+from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.methods.base import Normalize
+from kd_lightning.nets import FeatureExtractor, create_net, net_info
+from kd_lightning.nets.registry import Task
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen net with its input normalisation.
+
+    Args:
+        net: the network (a registered net from :func:`kd_lightning.nets.create_net`).
+        normalize: the normalisation it was trained with.
+        task: ``"classification"`` or ``"regression"``.
+        num_classes: classes of a classifier (``None`` for regression).
+        net_name: registered name of ``net`` (for messages and checks).
+        source: where it was loaded from (for messages).
+    """
+
+    def __init__(
+        self, net: nn.Module, normalize: Normalize, task: Task, num_classes: int | None, net_name: str, source: str = ""
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.normalize = normalize
+        self.task = task
+        self.num_classes = num_classes
+        self.net_name = net_name
+        self.source = source
+        self.requires_grad_(False)
+        super().train(False)
+        self.channels_last = any(p.dim() == 4 for p in net.parameters())
+        if self.channels_last:  # ~20% faster convolutions on CPU (see README, CPU notes)
+            self.net.to(memory_format=torch.channels_last)
+        self._extractor: FeatureExtractor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> FrozenTeacher:
+        """Load the net of a ``kdl`` checkpoint of a supervised (or distilled) model."""
+        ckpt = load_checkpoint(path)
+        hp = ckpt.get("hyper_parameters", {})
+        name = hp.get("net")
+        if not name:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds no 'net' hyper-parameter: it was not written by a "
+                "kd_lightning model with a registered net (e.g. ImageClassifier)"
+            )
+        task = _task_of(hp)
+        num_classes = hp.get("num_classes") if task == "classification" else None
+        net = create_net(name, num_classes=num_classes or 1, in_channels=int(hp.get("in_channels", 3)), task=task)
+        state = ckpt["state_dict"]
+        net_state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+        _load_strict(net, net_state, str(path))
+        normalize = Normalize(hp.get("mean") or (0.5,), hp.get("std") or (0.5,), int(hp.get("in_channels", 3)))
+        if "normalize.mean" in state:
+            normalize.load_state_dict({"mean": state["normalize.mean"], "std": state["normalize.std"]})
+        return cls(net, normalize, task, num_classes, name, source=str(path))
+
+    @classmethod
+    def from_weights(
+        cls,
+        net: str,
+        weights: str | os.PathLike,
+        num_classes: int | None = None,
+        in_channels: int = 3,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
+        task: Task = "classification",
+    ) -> FrozenTeacher:
+        """Build registered net ``net`` and load a ``state_dict`` file (or a kdl checkpoint's net weights)."""
+        net_info(net)
+        module = create_net(net, num_classes=num_classes or 1, in_channels=in_channels, task=task)
+        _load_strict(module, load_state_dict_file(weights), str(weights))
+        return cls(
+            module,
+            Normalize(mean, std, in_channels),
+            task,
+            num_classes if task == "classification" else None,
+            net,
+            source=str(weights),
+        )
+
+    # ------------------------------------------------------------------ behaviour
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Always eval: the Trainer toggling the parent module must not touch BatchNorm statistics."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> logits (classification) or normalised predictions, N x 1 (regression)."""
+        return self.net(self._prepare(x))
+
+    @torch.no_grad()
+    def forward_features(self, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Outputs and the named features (``stage{i}``, ``penultimate`` or module paths)."""
+        if self._extractor is None or self._extractor.names != list(names):
+            if self._extractor is not None:
+                self._extractor.close()
+            self._extractor = FeatureExtractor(self.net, names)
+        return self._extractor(self._prepare(x))
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def describe(self) -> str:
+        what = f"{self.num_classes} classes" if self.task == "classification" else "regression"
+        return f"teacher {self.net_name} ({what}{', from ' + self.source if self.source else ''})"
+
+    def check_compatible(self, task: str, num_classes: int | None, in_channels: int, who: str = "the data") -> None:
+        """Fail, naming both sides, when this teacher does not fit ``who``'s task, classes or channels."""
+        if task != self.task:
+            raise ConfigError(f"{self.describe()} is a {self.task} model but {who} is a {task} task")
+        if task == "classification" and num_classes is not None and num_classes != self.num_classes:
+            raise ConfigError(
+                f"{self.describe()} has num_classes={self.num_classes} but {who} has num_classes={num_classes}"
+            )
+        teacher_channels = self.normalize.mean.shape[1]
+        if in_channels != teacher_channels:
+            raise ConfigError(
+                f"{self.describe()} takes in_channels={teacher_channels} but {who} has in_channels={in_channels}"
+            )
+
+
+def _task_of(hp: dict[str, Any]) -> Task:
+    """The task of the module class that wrote the checkpoint (``_class_path``), else guessed from label_range."""
+    class_path = hp.get("_class_path")
+    if class_path:
+        module_name, _, cls_name = str(class_path).rpartition(".")
+        try:
+            task = getattr(getattr(importlib.import_module(module_name), cls_name), "task", None)
+        except (ImportError, AttributeError):
+            task = None
+        if hp.get("task") in ("classification", "regression"):  # modules whose task is an argument
+            task = hp["task"]
+        if task in ("classification", "regression"):
+            return task
+    return "regression" if hp.get("label_range") is not None else "classification"
+
+
+def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    ours = net.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    reshaped = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        parts = [
+            f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
+            if keys
+        ]
+        name = getattr(getattr(net, "net_info", None), "name", type(net).__name__)
+        raise CheckpointError(f"weights in {source!r} do not fit net {name!r} ({'; '.join(parts)})")
+    net.load_state_dict(state)
+
+
+def load_teacher(spec: str | os.PathLike | FrozenTeacher) -> FrozenTeacher:
+    """A :class:`FrozenTeacher` from a checkpoint path (or pass one through)."""
+    if isinstance(spec, FrozenTeacher):
+        return spec
+    return FrozenTeacher.from_checkpoint(spec)
