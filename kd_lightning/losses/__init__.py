@@ -1,5 +1,18 @@
-"""Knowledge-distillation losses."""
+"""Knowledge-distillation losses: one registry, one interface (:class:`KDLoss`).
 
+``list_losses()`` names them; recipes select them by class name, e.g.
+``kd_losses: [{class_path: BLKD, init_args: {T: 4, weight: 0.9}}]``.
+"""
+
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, get_loss, list_losses, register_loss
+from kd_lightning.losses.contrastive import CRD
+from kd_lightning.losses.features import AT, VID, FitNet
 from kd_lightning.losses.functional import kd_kl, kl_to_probs
+from kd_lightning.losses.logits import BLKD, DKD
+from kd_lightning.losses.relations import PKT, RKD, SP
+from kd_lightning.losses.sskd import SSKD
 
-__all__ = ["kd_kl", "kl_to_probs"]
+__all__ = [
+    "AT", "BLKD", "CRD", "DKD", "PKT", "RKD", "SP", "SSKD", "VID", "FitNet", "KDLoss", "Outputs", "SetupInfo",
+    "StepContext", "get_loss", "kd_kl", "kl_to_probs", "list_losses", "register_loss",
+]

@@ -19,31 +19,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
 
 from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.nets.normalize import Normalize
 
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     """SGD, lr 0.05, Nesterov momentum 0.9, weight decay 5e-4 (the CIFAR KD papers' recipe)."""
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, with the statistics stored as buffers in the checkpoint."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], in_channels: int) -> None:
-        super().__init__()
-        mean_t, std_t = torch.tensor(list(mean), dtype=torch.float32), torch.tensor(list(std), dtype=torch.float32)
-        if len(mean_t) != len(std_t) or len(mean_t) not in (1, in_channels):
-            raise ConfigError(f"mean={list(mean)} / std={list(std)}: expected 1 or in_channels={in_channels} values each")
-        if (std_t <= 0).any():
-            raise ConfigError(f"std={list(std)}: every value must be positive")
-        self.register_buffer("mean", mean_t.expand(in_channels).reshape(1, -1, 1, 1).clone())
-        self.register_buffer("std", std_t.expand(in_channels).reshape(1, -1, 1, 1).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 class BaseTask(L.LightningModule):

@@ -48,6 +48,13 @@ class NetTask(BaseTask):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        """Map normalised regression labels/predictions back to original units (``label_range``)."""
+        if self.hparams.label_range is None:
+            return y
+        lo, hi = self.hparams.label_range
+        return y * (hi - lo) + lo
+
     def log_metrics(self, stage: str, metrics: nn.Module) -> None:
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")  # type: ignore[arg-type]
 
@@ -124,13 +131,6 @@ class ImageRegressor(NetTask):
         self.train_metrics = regression_metrics().clone(prefix="train/")
         self.val_metrics = regression_metrics().clone(prefix="val/")
         self.test_metrics = regression_metrics().clone(prefix="test/")
-
-    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
-        """Map normalised labels/predictions back to original units."""
-        if self.hparams.label_range is None:
-            return y
-        lo, hi = self.hparams.label_range
-        return y * (hi - lo) + lo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).squeeze(-1)

@@ -20,8 +20,8 @@ from torch import nn
 
 from kd_lightning.checkpoints import load_checkpoint, load_state_dict_file
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.methods.base import Normalize
 from kd_lightning.nets import FeatureExtractor, create_net, net_info
+from kd_lightning.nets.normalize import Normalize
 from kd_lightning.nets.registry import Task
 
 

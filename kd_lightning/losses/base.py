@@ -1,0 +1,135 @@
+"""The interface every KD loss implements, and the registry of losses by name.
+
+A KD loss is an ``nn.Module`` that compares a student's outputs with a teacher's on one batch:
+
+- it declares the features it needs by name (``student_features`` / ``teacher_features``: the
+  net's ``stage{i}`` / ``penultimate`` aliases or module paths, read with forward hooks);
+- :meth:`KDLoss.setup` is called once with the feature shapes (probed with a dummy batch), so a
+  loss that needs a connector (regressor, embedding) builds it there and owns it — its parameters
+  are then optimised with the student's, and a shape that cannot be adapted fails here, with a
+  message, never mid-run;
+- :meth:`KDLoss.forward` returns a scalar (or a dict of named scalars that are summed);
+- ``weight`` scales it in the total loss; ``uses_logits`` marks losses that compare class
+  outputs, which are refused for regression.
+
+Adding a loss is one class and one line: subclass :class:`KDLoss` and decorate it with
+:func:`register_loss`; ``tests/test_kd_losses.py`` runs every registered loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+
+
+@dataclass
+class Outputs:
+    """One model's outputs on a batch: logits (or N x 1 regression outputs) and named features."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SetupInfo:
+    """What a loss may need to know to build its connectors."""
+
+    student_shapes: dict[str, torch.Size]
+    teacher_shapes: dict[str, torch.Size]
+    num_classes: int | None
+    task: str = "classification"
+
+
+@dataclass
+class StepContext:
+    """Access to the models for losses that need extra forward passes (e.g. SSKD's rotations).
+
+    ``student(x)`` runs the student with gradients, ``teacher(x)`` the frozen teacher without; both
+    take images in [0, 1] and return :class:`Outputs` with the features the loss declared.
+    """
+
+    student: Callable[[torch.Tensor], Outputs]
+    teacher: Callable[[torch.Tensor], Outputs]
+    epoch: int = 0
+    training: bool = True
+
+
+class KDLoss(nn.Module):
+    """Base class of the KD losses.
+
+    Args:
+        weight: factor of this term in the total loss.
+    """
+
+    #: features this loss reads from the student / the teacher (names as in the net registry)
+    student_features: tuple[str, ...] = ()
+    teacher_features: tuple[str, ...] = ()
+    #: compares class outputs: refused for regression
+    uses_logits: bool = False
+    #: needs the sample indices of the batch (``batch["index"]``) and the size of their range
+    uses_indices: bool = False
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ConfigError(f"{type(self).__name__}: weight={weight}; expected a value >= 0")
+        self.weight = float(weight)
+
+    @property
+    def name(self) -> str:
+        """Short name used in logs (``train/kd/<name>``)."""
+        return type(self).__name__.lower()
+
+    def setup(self, info: SetupInfo) -> None:
+        """Build connectors from the feature shapes; raise :class:`ConfigError` if they cannot fit."""
+
+    def setup_data(self, num_indices: int) -> None:
+        """Called before training with the size of the training set's index range (``uses_indices``)."""
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
+                ctx: StepContext | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+
+_LOSSES: dict[str, type[KDLoss]] = {}
+
+
+def register_loss(cls: type[KDLoss]) -> type[KDLoss]:
+    """Class decorator adding a KD loss to the registry under its class name."""
+    if cls.__name__ in _LOSSES:
+        raise ValueError(f"KD loss {cls.__name__!r} is registered twice")
+    _LOSSES[cls.__name__] = cls
+    return cls
+
+
+def list_losses() -> list[str]:
+    """Names of the registered KD losses."""
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> type[KDLoss]:
+    """The loss class registered as ``name``; a clear error lists the known ones otherwise."""
+    try:
+        return _LOSSES[name]
+    except KeyError:
+        raise ConfigError(f"unknown KD loss {name!r}; expected one of: {', '.join(list_losses())}") from None
+
+
+def require_shape(loss: KDLoss, side: str, shapes: dict[str, torch.Size], name: str, ndim: int) -> torch.Size:
+    """The shape of feature ``name`` (without the batch axis), checking its rank."""
+    if name not in shapes:
+        raise ConfigError(f"{type(loss).__name__}: the {side} has no feature {name!r} (has: {', '.join(shapes)})")
+    shape = shapes[name]
+    if len(shape) != ndim:
+        what = "C x H x W maps" if ndim == 3 else "flat vectors" if ndim == 1 else f"{ndim}-d features"
+        raise ConfigError(f"{type(loss).__name__}: {side} feature {name!r} has shape {tuple(shape)}; expected {what}")
+    return shape

@@ -1,0 +1,130 @@
+"""CRD: contrastive representation distillation with memory banks over sample indices."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+
+
+class Embed(nn.Module):
+    """Linear projection followed by L2 normalisation."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x.flatten(1).float()), dim=1)
+
+
+def nce_loss(scores: torch.Tensor, num_indices: int, eps: float = 1e-7) -> torch.Tensor:
+    """NCE loss on ``B x (K+1)`` scores whose first column is the positive pair.
+
+    With noise distribution ``P_n = 1 / N`` and ``K`` noise samples, the posterior of "real pair" is
+    ``P / (P + K P_n)``: ``-[log h(positive) + sum_k log(1 - h(negative_k))]``, averaged over the batch.
+    """
+    k = scores.shape[1] - 1
+    noise = k / num_indices
+    pos, neg = scores[:, 0], scores[:, 1:]
+    log_d1 = torch.log(pos / (pos + noise + eps))
+    log_d0 = torch.log(noise / (neg + noise + eps))
+    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+@register_loss
+class CRD(KDLoss):
+    """Tian et al., "Contrastive Representation Distillation" (ICLR 2020).
+
+    Student and teacher penultimate features are embedded (linear + L2 norm, 128-d) and contrasted
+    against memory banks that hold one embedding per training sample (keyed by ``batch["index"]``):
+    the student's embedding against ``K`` random teacher-bank entries plus its own sample's, and
+    symmetrically. Scores ``exp(v . m / tau) / Z`` (``Z`` fixed from the first batch as the
+    estimate of the partition function) feed the NCE loss; banks are updated with momentum 0.5.
+    Paper defaults: 128-d, ``K = 16384`` (capped at the number of samples - 1), ``tau = 0.07``,
+    weight 0.8 (with BLKD 0.9 and CE 1 in its best setting).
+
+    The banks are buffers sized by the training index range, saved in checkpoints (so resume is
+    exact). Under DDP each process keeps its own banks, updated with its own samples.
+
+    Args:
+        feat_dim: embedding size.
+        nce_k: number of negatives per sample.
+        nce_t: temperature.
+        momentum: momentum of the bank update.
+        student_feature / teacher_feature: features to embed (default the penultimate vectors).
+        weight: factor in the total loss.
+    """
+
+    uses_indices = True
+
+    def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07, momentum: float = 0.5,
+                 student_feature: str = "penultimate", teacher_feature: str = "penultimate",
+                 weight: float = 0.8) -> None:
+        super().__init__(weight)
+        if nce_k < 1 or feat_dim < 1 or nce_t <= 0 or not 0 <= momentum < 1:
+            raise ConfigError(f"CRD: feat_dim={feat_dim}, nce_k={nce_k}, nce_t={nce_t}, momentum={momentum}; expected "
+                              "positive sizes and temperature and a momentum in [0, 1)")
+        self.feat_dim, self.nce_k, self.nce_t, self.momentum = feat_dim, nce_k, nce_t, momentum
+        self.student_features, self.teacher_features = (student_feature,), (teacher_feature,)
+        self.register_buffer("memory_s", torch.empty(0, feat_dim))
+        self.register_buffer("memory_t", torch.empty(0, feat_dim))
+        self.register_buffer("z_s", torch.tensor(-1.0))
+        self.register_buffer("z_t", torch.tensor(-1.0))
+
+    def setup(self, info: SetupInfo) -> None:
+        s_dim = math.prod(require_shape(self, "student", info.student_shapes, self.student_features[0], 1))
+        t_dim = math.prod(require_shape(self, "teacher", info.teacher_shapes, self.teacher_features[0], 1))
+        self.embed_s, self.embed_t = Embed(s_dim, self.feat_dim), Embed(t_dim, self.feat_dim)
+
+    def setup_data(self, num_indices: int) -> None:
+        if num_indices < 2:
+            raise ConfigError(f"CRD needs at least 2 training samples, got an index range of {num_indices}")
+        if self.memory_s.shape[0] == num_indices:
+            return
+        device = self.memory_s.device
+        std = 1.0 / math.sqrt(self.feat_dim / 3)
+        self.memory_s = (torch.rand(num_indices, self.feat_dim, device=device) * 2 - 1) * std
+        self.memory_t = (torch.rand(num_indices, self.feat_dim, device=device) * 2 - 1) * std
+        self.z_s.fill_(-1.0)
+        self.z_t.fill_(-1.0)
+
+    def resize_for_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Allocate the banks at the size stored in a checkpoint before it is loaded."""
+        bank = state.get(prefix + "memory_s")
+        if bank is not None and bank.shape != self.memory_s.shape:
+            self.memory_s = torch.empty_like(bank, device=self.memory_s.device)
+            self.memory_t = torch.empty_like(bank, device=self.memory_s.device)
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
+                ctx: StepContext | None = None) -> torch.Tensor:
+        n = self.memory_s.shape[0]
+        if n == 0:
+            raise ConfigError("CRD's memory banks are empty: setup_data(num_indices) was not called "
+                              "(DistillModule does it when training starts)")
+        idx = batch["index"].long()
+        v_s = self.embed_s(student.features[self.student_features[0]])
+        v_t = self.embed_t(teacher.features[self.teacher_features[0]])
+        k = min(self.nce_k, n - 1)
+        contrast = torch.randint(0, n, (len(idx), k + 1), device=idx.device)
+        contrast[:, 0] = idx
+        # student embedding against teacher-bank entries, and the reverse
+        w_t = self.memory_t[contrast].detach()
+        w_s = self.memory_s[contrast].detach()
+        out_s = torch.exp(torch.bmm(w_t, v_s.unsqueeze(2)).squeeze(2) / self.nce_t)
+        out_t = torch.exp(torch.bmm(w_s, v_t.unsqueeze(2)).squeeze(2) / self.nce_t)
+        if self.z_s < 0:  # partition-function estimates, fixed at the first batch
+            self.z_s.fill_(float(out_s.mean().detach()) * n)
+            self.z_t.fill_(float(out_t.mean().detach()) * n)
+        loss = nce_loss(out_s / self.z_s, n) + nce_loss(out_t / self.z_t, n)
+        if ctx is None or ctx.training:
+            with torch.no_grad():
+                for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+                    bank[idx] = F.normalize(bank[idx] * self.momentum + v.detach() * (1 - self.momentum), dim=1)
+        return loss

@@ -1,0 +1,275 @@
+"""White-box distillation: a student, a frozen teacher, and a weighted list of KD losses.
+
+``loss = task_weight * task + sum_i weight_i * kd_i``, where ``task`` is cross-entropy
+(classification) or MSE/L1 on labels normalised to [0, 1] (regression) and each ``kd_i`` is a
+registered :class:`~kd_lightning.losses.KDLoss`. The task (classification or regression) is the
+teacher's. ``training_step`` logs every part: ``train/loss``, ``train/task``, ``train/kd/<name>``
+(and ``train/kd/<name>/<part>`` for losses with several parts).
+
+The teacher's outputs on the training data can be cached by sample index (``cache_teacher``)
+when the training images are the same every epoch (no augmentation; later, generated samples):
+the teacher then runs once per sample instead of once per sample per epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext
+from kd_lightning.methods.supervised import NetTask
+from kd_lightning.metrics import classification_metrics, regression_metrics
+from kd_lightning.nets import FeatureExtractor
+from kd_lightning.teachers import FrozenTeacher
+
+
+class DistillModule(NetTask):
+    """Train the student ``net`` with a task loss and KD losses from a frozen teacher.
+
+    Args:
+        teacher: path of the teacher: a ``kdl`` checkpoint (e.g. ``runs/.../best.ckpt``), or a
+            ``state_dict`` file when ``teacher_net`` is given.
+        kd_losses: the KD terms, each with its own ``weight`` (e.g. ``[{class_path: BLKD,
+            init_args: {T: 4, weight: 0.9}}]``); empty = the NOKD baseline with a teacher attached.
+        task_weight: weight of the task loss (CE or regression loss).
+        teacher_net: registered net name when ``teacher`` is a plain ``state_dict`` file (it is then
+            assumed to use this model's normalisation and task).
+        cache_teacher: keep the teacher's training-set outputs by sample index and reuse them every
+            epoch; requires un-augmented training data (``data.init_args.augment: false``).
+        label_smoothing: cross-entropy label smoothing (classification).
+        regression_loss: ``"mse"`` or ``"l1"`` (regression).
+        **kwargs: see :class:`~kd_lightning.methods.supervised.NetTask` (``net`` is the student).
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        kd_losses: list[KDLoss] | None = None,
+        task_weight: float = 1.0,
+        teacher_net: str | None = None,
+        cache_teacher: bool = False,
+        label_smoothing: float = 0.0,
+        regression_loss: Literal["mse", "l1"] = "mse",
+        **kwargs: Any,
+    ) -> None:
+        if task_weight < 0:
+            raise ConfigError(f"task_weight={task_weight}; expected a value >= 0")
+        if regression_loss not in ("mse", "l1"):
+            raise ConfigError(f"regression_loss={regression_loss!r}; expected 'mse' or 'l1'")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing={label_smoothing}; expected a value in [0, 1)")
+        if teacher_net is None:
+            loaded = FrozenTeacher.from_checkpoint(teacher)
+        else:
+            loaded = FrozenTeacher.from_weights(
+                teacher_net, teacher, num_classes=kwargs.get("num_classes"), in_channels=kwargs.get("in_channels", 3),
+                mean=kwargs.get("mean") or (0.5,), std=kwargs.get("std") or (0.5,),
+                task="regression" if kwargs.get("label_range") is not None else "classification")
+        losses = list(kd_losses or [])
+        for term in losses:
+            if not isinstance(term, KDLoss):
+                raise ConfigError(f"kd_losses: {term!r} is not a KDLoss (see kd_lightning.losses.list_losses())")
+            if loaded.task == "regression" and term.uses_logits:
+                raise ConfigError(f"{type(term).__name__} compares class outputs and cannot distil a regression "
+                                  f"{loaded.describe()}; use feature or relation losses (FitNet, AT, RKD, ...)")
+        # plain attributes until nn.Module.__init__ has run; configure_models registers them
+        self.task = loaded.task
+        self.monitor, self.monitor_mode = ("val/acc1", "max") if self.task == "classification" else ("val/mae", "min")
+        self._pending = (loaded, losses)
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ construction
+    def configure_models(self) -> None:
+        super().configure_models()
+        teacher, losses = self._pending
+        del self._pending
+        hp = self.hparams
+        teacher.check_compatible(self.task, hp.num_classes if self.task == "classification" else None,
+                                 hp.in_channels, who=f"the student {hp.net!r}")
+        self.teacher = teacher
+        info = SetupInfo(self._probe(self.net, self.normalize, hp), self._probe(teacher.net, teacher.normalize, hp),
+                         hp.num_classes, self.task)
+        for term in losses:
+            term.setup(info)
+        self.kd_terms = nn.ModuleList(losses)
+        self.kd_names = _unique_names([t.name for t in losses])
+        self.student_feature_names = sorted({n for t in losses for n in t.student_features})
+        self.teacher_feature_names = sorted({n for t in losses for n in t.teacher_features})
+        self._student_features = FeatureExtractor(self.net, self.student_feature_names)
+        self._cache: dict[str, torch.Tensor] = {}
+        self._cached = torch.zeros(0, dtype=torch.bool)
+
+    @staticmethod
+    @torch.no_grad()
+    def _probe(net: nn.Module, normalize: nn.Module, hp: Any) -> dict[str, torch.Size]:
+        """Shapes (without the batch axis) of every declared stage and the penultimate feature."""
+        info = net.net_info
+        names = [f"stage{i}" for i in range(len(info.stages))] + ["penultimate"]
+        was_training = net.training
+        net.eval()
+        x = normalize(torch.zeros(2, hp.in_channels, hp.image_size, hp.image_size))
+        with FeatureExtractor(net, names) as fx:
+            _, feats = fx(x)
+        net.train(was_training)
+        return {k: v.shape[1:] for k, v in feats.items()}
+
+    def configure_losses(self) -> None:
+        if self.task == "classification":
+            self.criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=self.hparams.label_smoothing)
+        else:
+            self.criterion = nn.MSELoss() if self.hparams.regression_loss == "mse" else nn.L1Loss()
+
+    def configure_metrics(self) -> None:
+        if self.task == "classification":
+            n = self.hparams.num_classes
+            self.train_metrics = classification_metrics(n, full=False).clone(prefix="train/")
+            self.val_metrics = classification_metrics(n).clone(prefix="val/")
+            self.test_metrics = classification_metrics(n).clone(prefix="test/")
+        else:
+            self.train_metrics = regression_metrics().clone(prefix="train/")
+            self.val_metrics = regression_metrics().clone(prefix="val/")
+            self.test_metrics = regression_metrics().clone(prefix="test/")
+
+    # ------------------------------------------------------------------ data checks
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or stage != "fit":
+            return
+        if self.hparams.cache_teacher and getattr(dm, "augment", False):
+            raise ConfigError(f"cache_teacher=true reuses the teacher's outputs for each sample, but {type(dm).__name__} "
+                              "augments its training images (augment=true); set data.init_args.augment false or "
+                              "cache_teacher false")
+        if any(t.uses_indices for t in self.kd_terms) or self.hparams.cache_teacher:
+            n = num_indices(dm)
+            for term in self.kd_terms:
+                if term.uses_indices:
+                    term.setup_data(n)
+            self._cache, self._cached = {}, torch.zeros(n, dtype=torch.bool)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for i, term in enumerate(self.kd_terms):
+            resize = getattr(term, "resize_for_state", None)
+            if resize is not None:
+                resize(state, f"kd_terms.{i}.")
+        super().on_load_checkpoint(checkpoint)
+
+    # ------------------------------------------------------------------ forward passes
+    def student_outputs(self, x: torch.Tensor) -> Outputs:
+        """The student's raw outputs (N x C, or N x 1 for regression) and its requested features."""
+        logits = NetTask.forward(self, x)
+        return Outputs(logits, dict(self._student_features.features))
+
+    def teacher_outputs(self, x: torch.Tensor) -> Outputs:
+        logits, feats = self.teacher.forward_features(x, self.teacher_feature_names)
+        return Outputs(logits, feats)
+
+    def teacher_outputs_for(self, batch: dict[str, torch.Tensor]) -> Outputs:
+        """Teacher outputs for a training batch, from the cache when ``cache_teacher`` is on."""
+        if not self.hparams.cache_teacher or len(self._cached) == 0:
+            return self.teacher_outputs(batch["image"])
+        idx = batch["index"].long().cpu()
+        if idx.max() >= len(self._cached):
+            raise ConfigError(f"sample index {int(idx.max())} is outside the training index range "
+                              f"{len(self._cached)} the teacher cache was sized for")
+        if bool(self._cached[idx].all()):
+            dev_idx = idx.to(self.device)
+            feats = {k: v[dev_idx] for k, v in self._cache.items() if k != "logits"}
+            return Outputs(self._cache["logits"][dev_idx], feats)
+        out = self.teacher_outputs(batch["image"])
+        tensors = {"logits": out.logits, **out.features}
+        if not self._cache:
+            n = len(self._cached)
+            self._cache = {k: v.new_zeros((n, *v.shape[1:])) for k, v in tensors.items()}
+        dev_idx = idx.to(self.device)
+        for k, v in tensors.items():
+            self._cache[k][dev_idx] = v.detach()
+        self._cached[idx] = True
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out.squeeze(-1) if self.task == "regression" else out
+
+    # ------------------------------------------------------------------ steps
+    def _task_loss(self, raw: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task == "regression":
+            pred, label = raw.squeeze(-1), label.float()
+            return self.criterion(pred, label), pred
+        return self.criterion(raw, label), raw
+
+    def _update_metrics(self, stage: str, pred: torch.Tensor, label: torch.Tensor) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
+        if self.task == "regression":
+            metrics.update(self.denormalize(pred.detach()), self.denormalize(label.float()))
+        else:
+            metrics.update(pred.detach(), label)
+        self.log_metrics(stage, metrics)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        student = self.student_outputs(batch["image"])
+        teacher = self.teacher_outputs_for(batch)
+        task, pred = self._task_loss(student.logits, batch["label"])
+        parts: dict[str, torch.Tensor] = {"task": task.detach()}
+        total = self.hparams.task_weight * task
+        ctx = StepContext(self.student_outputs, self.teacher_outputs, epoch=self.current_epoch, training=True)
+        for name, term in zip(self.kd_names, self.kd_terms):
+            value = term(student, teacher, batch, ctx)
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    parts[f"kd/{name}/{k}"] = v.detach()
+                value = sum(value.values())  # type: ignore[assignment]
+            parts[f"kd/{name}"] = value.detach()  # type: ignore[union-attr]
+            total = total + term.weight * value
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True)
+        self._update_metrics("train", pred, batch["label"])
+        return total
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        loss, pred = self._task_loss(NetTask.forward(self, batch["image"]), batch["label"])
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
+        self._update_metrics(stage, pred, batch["label"])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        out = self(batch["image"])
+        if self.task == "regression":
+            return {"index": batch["index"], "prediction": self.denormalize(out),
+                    "label": self.denormalize(batch["label"].float())}
+        return {"index": batch["index"], "logits": out, "label": batch["label"]}
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if names.count(n) == 1 else f"{n}{seen[n]}")
+    return out
+
+
+def num_indices(dm: Any) -> int:
+    """Size of the range of ``batch["index"]`` in the training data (the DataModule may say it itself)."""
+    given = getattr(dm, "num_train_indices", None)
+    if given is not None:
+        return int(given)
+    ds: Dataset | None = getattr(dm, "train_dataset", None)
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    if ds is None:
+        raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot size per-sample state")
+    return len(ds)  # type: ignore[arg-type]
+
+
+__all__ = ["DistillModule", "num_indices"]
