@@ -101,7 +101,8 @@ class DistillModule(NetTask):
         self.teacher_feature_names = sorted({n for t in losses for n in t.teacher_features})
         self._student_features = FeatureExtractor(self.net, self.student_feature_names)
         self._cache: dict[str, torch.Tensor] = {}
-        self._cached = torch.zeros(0, dtype=torch.bool)
+        self._slots = torch.zeros(0, dtype=torch.long)  # sample index -> cache row (-1: not cached yet)
+        self._capacity = 0
 
     @staticmethod
     @torch.no_grad()
@@ -149,7 +150,9 @@ class DistillModule(NetTask):
             for term in self.kd_terms:
                 if term.uses_indices:
                     term.setup_data(n)
-            self._cache, self._cached = {}, torch.zeros(n, dtype=torch.bool)
+            # cache rows are given out on first sight of an index; at most len(train_dataset) are needed
+            self._slots = torch.full((n,), -1, dtype=torch.long)
+            self._capacity, self._cache = len(dm.train_dataset), {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -171,25 +174,30 @@ class DistillModule(NetTask):
 
     def teacher_outputs_for(self, batch: dict[str, torch.Tensor]) -> Outputs:
         """Teacher outputs for a training batch, from the cache when ``cache_teacher`` is on."""
-        if not self.hparams.cache_teacher or len(self._cached) == 0:
+        if not self.hparams.cache_teacher or len(self._slots) == 0:
             return self.teacher_outputs(batch["image"])
         idx = batch["index"].long().cpu()
-        if idx.max() >= len(self._cached):
+        if idx.max() >= len(self._slots):
             raise ConfigError(f"sample index {int(idx.max())} is outside the training index range "
-                              f"{len(self._cached)} the teacher cache was sized for")
-        if bool(self._cached[idx].all()):
-            dev_idx = idx.to(self.device)
-            feats = {k: v[dev_idx] for k, v in self._cache.items() if k != "logits"}
-            return Outputs(self._cache["logits"][dev_idx], feats)
+                              f"{len(self._slots)} the teacher cache was sized for")
+        slots = self._slots[idx]
+        if bool((slots >= 0).all()):
+            rows = slots.to(self.device)
+            cached = {k: v[rows] for k, v in self._cache.items()}
+            return Outputs(cached.pop("logits"), cached)
         out = self.teacher_outputs(batch["image"])
         tensors = {"logits": out.logits, **out.features}
         if not self._cache:
-            n = len(self._cached)
-            self._cache = {k: v.new_zeros((n, *v.shape[1:])) for k, v in tensors.items()}
-        dev_idx = idx.to(self.device)
+            self._cache = {k: v.new_zeros((self._capacity, *v.shape[1:])) for k, v in tensors.items()}
+        new = slots < 0
+        n_used = int((self._slots >= 0).sum())
+        if n_used + int(new.sum()) > self._capacity:
+            raise ConfigError(f"the teacher cache holds {self._capacity} samples (the training set's size) but the "
+                              "training batches brought more distinct indices; is batch['index'] unique per sample?")
+        self._slots[idx[new]] = torch.arange(n_used, n_used + int(new.sum()))
+        rows = self._slots[idx].to(self.device)
         for k, v in tensors.items():
-            self._cache[k][dev_idx] = v.detach()
-        self._cached[idx] = True
+            self._cache[k][rows] = v.detach()
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

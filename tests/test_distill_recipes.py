@@ -1,0 +1,51 @@
+"""Every distillation recipe runs (fast_dev_run) on fake files of its dataset with a tiny teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.methods import ImageClassifier
+from tests.conftest import make_fake_mnist
+from tests.fake_datasets import write_cifar
+from tests.test_cli import ALL_RECIPES, NEEDS_TEACHER, recipe_data_class, recipe_model_class
+
+DISTILL_RECIPES = [r for r in ALL_RECIPES if recipe_model_class(r) in NEEDS_TEACHER]
+#: dataset class -> (fake-data writer, classes, channels, image size, mean, std)
+DATA = {
+    "FashionMNISTDataModule": (lambda root: make_fake_mnist(root), 10, 1, 32, (0.2860,), (0.3530,)),
+    "CIFAR100DataModule": (lambda root: write_cifar(root, hundred=True), 100, 3, 32, (0.5,) * 3, (0.25,) * 3),
+}
+
+
+def write_teacher(path: Path, num_classes: int, in_channels: int, image_size: int, mean: tuple, std: tuple) -> Path:
+    """A (random) tinynet classifier saved with the checkpoint keys a kdl run writes."""
+    model = ImageClassifier(net="tinynet", num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                            mean=mean, std=std)
+    hp = {**dict(model.hparams), "_class_path": "kd_lightning.methods.ImageClassifier"}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp}, path)
+    return path
+
+
+def test_every_distill_recipe_is_covered() -> None:
+    assert len(DISTILL_RECIPES) >= 8
+    assert {recipe_data_class(r) for r in DISTILL_RECIPES} <= set(DATA)
+
+
+@pytest.mark.parametrize("recipe", DISTILL_RECIPES, ids=lambda p: p.stem)
+def test_distill_recipe_fast_dev_run(recipe: Path, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+    writer, classes, channels, size, mean, std = DATA[recipe_data_class(recipe)]
+    root = writer(tmp_path / "data")
+    teacher = write_teacher(tmp_path / "teacher.ckpt", classes, channels, size, mean, std)
+    assert kdl("fit", "--config", str(recipe), "--trainer.fast_dev_run", "1", "--data.init_args.root", str(root),
+               "--model.init_args.teacher", str(teacher)) == 0
+
+
+def test_missing_teacher_is_one_clear_message(kdl, fake_mnist: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    recipe = next(r for r in DISTILL_RECIPES if r.stem == "blkd")
+    assert kdl("fit", "--config", str(recipe), "--data.init_args.root", str(fake_mnist),
+               "--model.init_args.teacher", "/no/such/teacher.ckpt") == 2
+    err = capsys.readouterr().err
+    assert "'/no/such/teacher.ckpt' does not exist" in err and "Traceback" not in err
