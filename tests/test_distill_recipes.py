@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kd_lightning.methods import ImageClassifier
-from tests.conftest import make_fake_mnist
+from tests.conftest import RECIPES, make_fake_mnist
 from tests.fake_datasets import write_cifar
 from tests.test_cli import ALL_RECIPES, NEEDS_TEACHER, recipe_data_class, recipe_model_class
 
@@ -17,6 +17,7 @@ DISTILL_RECIPES = [r for r in ALL_RECIPES if recipe_model_class(r) in NEEDS_TEAC
 DATA = {
     "FashionMNISTDataModule": (lambda root: make_fake_mnist(root), 10, 1, 32, (0.2860,), (0.3530,)),
     "CIFAR100DataModule": (lambda root: write_cifar(root, hundred=True), 100, 3, 32, (0.5,) * 3, (0.25,) * 3),
+    "DigitsDataModule": (None, 10, 1, 8, (0.3,), (0.38,)),  # scikit-learn's digits: always on disk
 }
 
 
@@ -34,17 +35,17 @@ def test_every_distill_recipe_is_covered() -> None:
     assert {recipe_data_class(r) for r in DISTILL_RECIPES} <= set(DATA)
 
 
-@pytest.mark.parametrize("recipe", DISTILL_RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", DISTILL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_distill_recipe_fast_dev_run(recipe: Path, kdl, tmp_path: Path) -> None:  # noqa: ANN001
     writer, classes, channels, size, mean, std = DATA[recipe_data_class(recipe)]
-    root = writer(tmp_path / "data")
+    data = ["--data.init_args.root", str(writer(tmp_path / "data"))] if writer else []
     teacher = write_teacher(tmp_path / "teacher.ckpt", classes, channels, size, mean, std)
-    assert kdl("fit", "--config", str(recipe), "--trainer.fast_dev_run", "1", "--data.init_args.root", str(root),
-               "--model.init_args.teacher", str(teacher)) == 0
+    assert kdl("fit", "--config", str(recipe), "--trainer.fast_dev_run", "1", "--model.init_args.teacher", str(teacher),
+               *data) == 0
 
 
 def test_missing_teacher_is_one_clear_message(kdl, fake_mnist: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
-    recipe = next(r for r in DISTILL_RECIPES if r.stem == "blkd")
+    recipe = RECIPES / "fashion_mnist" / "blkd.yaml"
     assert kdl("fit", "--config", str(recipe), "--data.init_args.root", str(fake_mnist),
                "--model.init_args.teacher", "/no/such/teacher.ckpt") == 2
     err = capsys.readouterr().err
