@@ -191,3 +191,34 @@ def test_crd_banks_are_checkpointed_and_reload(digits_teacher: Path, tmp_path: P
     loaded = DistillModule.load_from_checkpoint(path, weights_only=False)
     assert torch.equal(loaded.kd_terms[0].memory_s, model.kd_terms[0].memory_s)
     assert torch.equal(loaded.kd_terms[0].z_s, model.kd_terms[0].z_s)
+
+
+def test_distill_resume_is_bit_exact(kdl, digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """SIGTERM mid-epoch, resume: same weights, connectors, CRD banks and optimiser state as one run."""
+    import kd_lightning.cli as cli
+    from kd_lightning.callbacks import EXIT_SIGTERM
+    from tests.conftest import RECIPES
+    from tests.test_resume import BASE, STEPS_PER_EPOCH, Interrupt, assert_same, final_state
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    extra: list[L.Callback] = []
+    original = cli.KDLCLI.after_instantiate_classes
+
+    def with_extra(self) -> None:  # noqa: ANN001
+        original(self)
+        self.trainer.callbacks[:0] = extra
+
+    monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_extra)
+    args = ["fit", "--config", str(RECIPES / "digits" / "blkd.yaml"), *BASE, "--model.init_args.teacher",
+            str(digits_teacher), "--model.init_args.kd_losses",
+            "[{class_path: BLKD}, {class_path: FitNet}, {class_path: CRD, init_args: {nce_k: 32}}]"]
+    assert kdl(*args, "--trainer.default_root_dir", "ref") == 0
+    extra[:] = [Interrupt("train", 1, 2, "signal")]
+    assert kdl(*args, "--trainer.default_root_dir", "run") == EXIT_SIGTERM
+    extra[:] = []
+    assert kdl(*args, "--trainer.default_root_dir", "run", "--ckpt_path", "last") == 0
+    resumed, reference = (final_state(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("run", "ref"))
+    assert int(reference["global_step"]) == 3 * STEPS_PER_EPOCH
+    assert any(k.startswith("model.kd_terms.2.memory_s") for k in resumed)  # CRD's banks are in the checkpoint
+    assert_same(resumed, reference)
