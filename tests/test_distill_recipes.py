@@ -7,25 +7,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.methods import ImageClassifier
+from kd_lightning.methods import ImageClassifier, ImageRegressor
 from tests.conftest import RECIPES, make_fake_mnist
-from tests.fake_datasets import write_cifar
+from tests.fake_datasets import write_cifar, write_utkface
 from tests.test_cli import ALL_RECIPES, NEEDS_TEACHER, recipe_data_class, recipe_model_class
 
 DISTILL_RECIPES = [r for r in ALL_RECIPES if recipe_model_class(r) in NEEDS_TEACHER]
-#: dataset class -> (fake-data writer, classes, channels, image size, mean, std)
+#: dataset class -> (fake-data writer, classes (None: regression), channels, image size, mean, std)
 DATA = {
     "FashionMNISTDataModule": (lambda root: make_fake_mnist(root), 10, 1, 32, (0.2860,), (0.3530,)),
     "CIFAR100DataModule": (lambda root: write_cifar(root, hundred=True), 100, 3, 32, (0.5,) * 3, (0.25,) * 3),
     "DigitsDataModule": (None, 10, 1, 8, (0.3,), (0.38,)),  # scikit-learn's digits: always on disk
+    "UTKFaceDataModule": (lambda root: write_utkface(root), None, 3, 64, (0.5,) * 3, (0.5,) * 3),
 }
 
 
-def write_teacher(path: Path, num_classes: int, in_channels: int, image_size: int, mean: tuple, std: tuple) -> Path:
-    """A (random) tinynet classifier saved with the checkpoint keys a kdl run writes."""
-    model = ImageClassifier(net="tinynet", num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                            mean=mean, std=std)
-    hp = {**dict(model.hparams), "_class_path": "kd_lightning.methods.ImageClassifier"}
+def write_teacher(path: Path, num_classes: int | None, in_channels: int, image_size: int, mean: tuple,
+                  std: tuple) -> Path:
+    """A (random) tinynet classifier, or regressor when ``num_classes`` is None, saved with the keys a kdl run writes."""
+    cls = ImageClassifier if num_classes else ImageRegressor
+    extra = {"num_classes": num_classes} if num_classes else {"label_range": (0.0, 1.0)}
+    model = cls(net="tinynet", in_channels=in_channels, image_size=image_size, mean=mean, std=std, **extra)
+    hp = {**dict(model.hparams), "_class_path": f"kd_lightning.methods.{cls.__name__}"}
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp}, path)
     return path
 

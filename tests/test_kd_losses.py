@@ -317,3 +317,42 @@ def test_temperatures_must_be_positive() -> None:
         BLKD(T=0)
     with pytest.raises(ConfigError, match="nce_k=0"):
         CRD(nce_k=0)
+
+
+def test_sskd_golden_value() -> None:
+    from kd_lightning.losses import StepContext
+
+    torch.manual_seed(0)
+    loss = SSKD(ss_ratio=1.0, tf_ratio=1.0, teacher_epochs=0)
+    loss.setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(4,)), 3))
+    loss.eval()  # BatchNorm of the SS modules on running statistics: the reference below sees the same maps
+    student_net, teacher_net = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def run(net: nn.Module, x: torch.Tensor) -> Outputs:
+        f = x.flatten(1)
+        return Outputs(net(f), {"penultimate": f})
+
+    x, y = torch.rand(3, 1, 2, 2), [0, 2, 1]
+    ctx = StepContext(lambda z: run(student_net, z), lambda z: run(teacher_net, z), epoch=0)
+    with torch.no_grad():
+        parts = loss(run(student_net, x), run(teacher_net, x), {"image": x, "label": torch.tensor(y)}, ctx)
+        rot = torch.stack([torch.rot90(x[i], k, (1, 2)) for i in range(3) for k in (1, 2, 3)])
+        s_n, t_n = student_net(x.flatten(1)).tolist(), teacher_net(x.flatten(1)).tolist()
+        s_r, t_r = student_net(rot.flatten(1)).tolist(), teacher_net(rot.flatten(1)).tolist()
+        e = {"sn": loss.student_head(x.flatten(1)), "sr": loss.student_head(rot.flatten(1)),
+             "tn": loss.teacher_head(x.flatten(1)), "tr": loss.teacher_head(rot.flatten(1))}
+    e = {k: v.tolist() for k, v in e.items()}
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(p * q for p, q in zip(a, b)) / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
+
+    kd = sum(kl(softmax(t, 4), softmax(s, 4)) for s, t in zip(s_n, t_n)) / 3 * 16
+    tf = sum(kl(softmax(t, 4), softmax(s, 4)) for s, t in zip(s_r, t_r)) / 9 * 16
+    s_sim = [[cos(r, n) for n in e["sn"]] for r in e["sr"]]
+    t_sim = [[cos(r, n) for n in e["tn"]] for r in e["tr"]]
+    ss = sum(kl(softmax(t, 0.5), softmax(s, 0.5)) for s, t in zip(s_sim, t_sim)) / 9 * 0.25
+    teacher_ce = sum(-math.log(softmax(row)[i // 3]) for i, row in enumerate(t_sim)) / 9
+    assert parts["kd"].item() == pytest.approx(0.9 * kd, rel=1e-4)
+    assert parts["tf"].item() == pytest.approx(2.7 * tf, rel=1e-4)
+    assert parts["ss"].item() == pytest.approx(10.0 * ss, rel=1e-4)
+    assert parts["ss_teacher"].item() == pytest.approx(teacher_ce, rel=1e-4)
