@@ -32,13 +32,36 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     recipe = REPO / "recipes" / "fashion_mnist" / METHODS[method]
-    common = ["--config", str(recipe), "--model.init_args.net", args.student, "--seed_everything", str(seed),
-              "--trainer.default_root_dir", str(out), "--data.init_args.root", args.root,
-              "--data.init_args.train_size", str(args.train_size), "--data.init_args.augment", "false"]
+    common = [
+        "--config",
+        str(recipe),
+        "--model.init_args.net",
+        args.student,
+        "--seed_everything",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(out),
+        "--data.init_args.root",
+        args.root,
+        "--data.init_args.train_size",
+        str(args.train_size),
+        "--data.init_args.augment",
+        "false",
+    ]
     if method != "NOKD":
         common += ["--model.init_args.teacher", args.teacher, "--model.init_args.cache_teacher", "true"]
-    fit = ["fit", *common, "--trainer.max_epochs", str(args.epochs), "--trainer.enable_progress_bar", "false",
-           "--trainer.enable_model_summary", "false", "--model.init_args.lr_scheduler.init_args.T_max", str(args.epochs)]
+    fit = [
+        "fit",
+        *common,
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--model.init_args.lr_scheduler.init_args.T_max",
+        str(args.epochs),
+    ]
     t0 = time.perf_counter()
     cli = build_cli(fit)
     fit_s = time.perf_counter() - t0
@@ -46,8 +69,15 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
     val = float(cli.trainer.checkpoint_callback.best_model_score)  # type: ignore[union-attr]
     test = build_cli(["test", *common, "--ckpt_path", str(best), "--trainer.enable_progress_bar", "false"])
     m = test.trainer.callback_metrics
-    result = {"method": method, "seed": seed, "val_acc1": val, "test_acc1": float(m["test/acc1"]),
-              "test_f1": float(m["test/f1"]), "test_ece": float(m["test/ece"]), "fit_s": fit_s}
+    result = {
+        "method": method,
+        "seed": seed,
+        "val_acc1": val,
+        "test_acc1": float(m["test/acc1"]),
+        "test_f1": float(m["test/f1"]),
+        "test_ece": float(m["test/ece"]),
+        "fit_s": fit_s,
+    }
     done.write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
     return result
@@ -55,21 +85,29 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
     def ms(values: list[float]) -> str:
-        return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 \
+        return (
+            f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+            if len(values) > 1
             else f"{100 * values[0]:.2f}"
+        )
 
-    lines = [f"Fashion-MNIST, teacher {args.teacher_name} -> student {args.student}, {args.train_size} training images "
-             f"(stratified subset; 10% of the training set held out for validation), {args.epochs} epochs, batch 128, "
-             f"no augmentation, seeds {', '.join(map(str, args.seeds))}; mean ± std over seeds; checkpoint chosen on "
-             "validation top-1, then tested once on the 10k test images.", "",
-             "| method | val top-1 (%) | test top-1 (%) | test macro-F1 (%) | test ECE (%) | fit min / run |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Fashion-MNIST, teacher {args.teacher_name} -> student {args.student}, {args.train_size} training images "
+        f"(stratified subset; 10% of the training set held out for validation), {args.epochs} epochs, batch 128, "
+        f"no augmentation, seeds {', '.join(map(str, args.seeds))}; mean ± std over seeds; checkpoint chosen on "
+        "validation top-1, then tested once on the 10k test images.",
+        "",
+        "| method | val top-1 (%) | test top-1 (%) | test macro-F1 (%) | test ECE (%) | fit min / run |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for method in METHODS:
         rs = [r for r in results if r["method"] == method]
         if rs:
-            lines.append(f"| {method} | {ms([r['val_acc1'] for r in rs])} | {ms([r['test_acc1'] for r in rs])} | "
-                         f"{ms([r['test_f1'] for r in rs])} | {ms([r['test_ece'] for r in rs])} | "
-                         f"{statistics.mean(r['fit_s'] for r in rs) / 60:.1f} |")
+            lines.append(
+                f"| {method} | {ms([r['val_acc1'] for r in rs])} | {ms([r['test_acc1'] for r in rs])} | "
+                f"{ms([r['test_f1'] for r in rs])} | {ms([r['test_ece'] for r in rs])} | "
+                f"{statistics.mean(r['fit_s'] for r in rs) / 60:.1f} |"
+            )
     return "\n".join(lines)
 
 

@@ -38,15 +38,37 @@ class LaterEpochs(TrainThroughput):
 
 def rate(kind: str, args: argparse.Namespace, tmp: str) -> float:
     recipe = "student.yaml" if kind == "nokd" else "blkd.yaml"
-    cli_args = ["--config", str(REPO / "recipes" / "fashion_mnist" / recipe), "--model.init_args.net", args.student,
-                "--data.init_args.root", args.root, "--data.init_args.train_size", str(args.train_size),
-                "--data.init_args.augment", "false", "--data.init_args.val_fraction", "0.01",
-                "--trainer.max_epochs", str(args.epochs), "--trainer.default_root_dir", f"{tmp}/{kind}",
-                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false"]
+    cli_args = [
+        "--config",
+        str(REPO / "recipes" / "fashion_mnist" / recipe),
+        "--model.init_args.net",
+        args.student,
+        "--data.init_args.root",
+        args.root,
+        "--data.init_args.train_size",
+        str(args.train_size),
+        "--data.init_args.augment",
+        "false",
+        "--data.init_args.val_fraction",
+        "0.01",
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--trainer.default_root_dir",
+        f"{tmp}/{kind}",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
     if kind != "nokd":
-        cli_args += ["--model.init_args.teacher", args.teacher, "--model.init_args.cache_teacher",
-                     str(kind == "cached").lower()]
+        cli_args += [
+            "--model.init_args.teacher",
+            args.teacher,
+            "--model.init_args.cache_teacher",
+            str(kind == "cached").lower(),
+        ]
     cli = build_cli(cli_args, run=False)
     meter = LaterEpochs()
     cli.trainer.callbacks.append(meter)
@@ -74,12 +96,18 @@ def main() -> int:
                 rates[kind].append(rate(kind, args, tmp))
                 print(f"{kind}: {rates[kind][-1]:.0f} img/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    lines = [f"Student {args.student}, teacher {Path(args.teacher).name}, Fashion-MNIST {args.train_size} images, batch 128, "
-             f"epochs 2-{args.epochs} timed, median of {args.repeats} alternated runs:", "",
-             "| run | train img/s | vs NOKD |", "|---|---:|---:|"]
+    lines = [
+        f"Student {args.student}, teacher {Path(args.teacher).name}, Fashion-MNIST {args.train_size} images, batch 128, "
+        f"epochs 2-{args.epochs} timed, median of {args.repeats} alternated runs:",
+        "",
+        "| run | train img/s | vs NOKD |",
+        "|---|---:|---:|",
+    ]
     for kind in kinds:
         lines.append(f"| {kind} | {med[kind]:.0f} | {med[kind] / med['nokd']:.2f}x |")
-    lines.append(f"\nBLKD step cost with the teacher every step / with the cache: {med['cached'] / med['teacher_every_step']:.2f}x")
+    lines.append(
+        f"\nBLKD step cost with the teacher every step / with the cache: {med['cached'] / med['teacher_every_step']:.2f}x"
+    )
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:

@@ -10,7 +10,7 @@ import torch
 
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.losses import BLKD, CRD, RKD, AT, FitNet, get_loss, list_losses
+from kd_lightning.losses import AT, BLKD, CRD, RKD, FitNet, get_loss, list_losses
 from kd_lightning.methods import DistillModule, ImageClassifier, ImageRegressor
 from kd_lightning.teachers import FrozenTeacher
 from tests.test_supervised import DigitValue, quiet_trainer
@@ -27,8 +27,14 @@ def fit_and_save(model: L.LightningModule, dm: L.LightningDataModule, path: Path
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     L.seed_everything(0)
     dm = DigitsDataModule(batch_size=64, augment=False)
-    model = ImageClassifier(net="tinynet", num_classes=10, in_channels=1, mean=dm.mean, std=dm.std,
-                            optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    model = ImageClassifier(
+        net="tinynet",
+        num_classes=10,
+        in_channels=1,
+        mean=dm.mean,
+        std=dm.std,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
     return fit_and_save(model, dm, tmp_path_factory.mktemp("teacher") / "teacher.ckpt", max_epochs=3)
 
 
@@ -36,16 +42,31 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def value_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     L.seed_everything(0)
     dm = DigitValue(batch_size=64, augment=False)
-    model = ImageRegressor(net="tinynet", in_channels=1, mean=dm.mean, std=dm.std, label_range=dm.label_range,
-                           optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    model = ImageRegressor(
+        net="tinynet",
+        in_channels=1,
+        mean=dm.mean,
+        std=dm.std,
+        label_range=dm.label_range,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
     return fit_and_save(model, dm, tmp_path_factory.mktemp("regressor") / "regressor.ckpt", max_epochs=2)
 
 
 def student(teacher: Path, losses: list, dm: DigitsDataModule | None = None, **kw) -> DistillModule:  # noqa: ANN003
     dm = dm or DigitsDataModule(batch_size=32, augment=False)
     kw.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.05))
-    return DistillModule(teacher=str(teacher), kd_losses=losses, net="tinynet", num_classes=10, in_channels=1,
-                         image_size=8, mean=dm.mean, std=dm.std, **kw)
+    return DistillModule(
+        teacher=str(teacher),
+        kd_losses=losses,
+        net="tinynet",
+        num_classes=10,
+        in_channels=1,
+        image_size=8,
+        mean=dm.mean,
+        std=dm.std,
+        **kw,
+    )
 
 
 def test_frozen_teacher_matches_its_classifier_and_stays_frozen(digits_teacher: Path) -> None:
@@ -61,8 +82,14 @@ def test_frozen_teacher_matches_its_classifier_and_stays_frozen(digits_teacher: 
 def test_frozen_teacher_from_a_state_dict_file(digits_teacher: Path, tmp_path: Path) -> None:
     original = ImageClassifier.load_from_checkpoint(digits_teacher).eval()
     torch.save(original.net.state_dict(), tmp_path / "w.pt")
-    teacher = FrozenTeacher.from_weights("tinynet", tmp_path / "w.pt", num_classes=10, in_channels=1,
-                                         mean=original.hparams.mean, std=original.hparams.std)
+    teacher = FrozenTeacher.from_weights(
+        "tinynet",
+        tmp_path / "w.pt",
+        num_classes=10,
+        in_channels=1,
+        mean=original.hparams.mean,
+        std=original.hparams.std,
+    )
     x = torch.rand(3, 1, 8, 8)
     assert torch.allclose(teacher(x), original(x), atol=1e-5)
     with pytest.raises(CheckpointError, match="do not fit net 'resnet8'"):
@@ -92,14 +119,18 @@ def test_every_loss_trains_a_student_and_never_the_teacher(name: str, digits_tea
             logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     quiet_trainer(tmp_path, max_steps=2, callbacks=[Grads()], limit_val_batches=0).fit(
-        model, DigitsDataModule(batch_size=32, augment=False))
+        model, DigitsDataModule(batch_size=32, augment=False)
+    )
     assert model.teacher.training is False
     for k, v in model.teacher.state_dict().items():  # BN running statistics included
         assert torch.equal(v, teacher_before[k]), k
     assert any(not torch.equal(v, student_before[k]) for k, v in model.net.state_dict().items())
     if connectors_before:
-        assert any(not torch.equal(v, connectors_before[k]) for k, v in model.kd_terms.state_dict().items()
-                   if v.is_floating_point())
+        assert any(
+            not torch.equal(v, connectors_before[k])
+            for k, v in model.kd_terms.state_dict().items()
+            if v.is_floating_point()
+        )
     kd_key = f"train/kd/{model.kd_names[0]}_step"
     assert {"train/loss_step", "train/task_step", kd_key} <= set(logged)
     weight = model.kd_terms[0].weight
@@ -115,15 +146,17 @@ def test_teacher_stays_in_eval_mode_through_fit_and_validation(digits_teacher: P
             modes.append((pl_module.training, pl_module.teacher.training))
 
     quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[Spy()]).fit(
-        model, DigitsDataModule(batch_size=32, augment=False))
+        model, DigitsDataModule(batch_size=32, augment=False)
+    )
     assert modes and all(student_mode and not teacher_mode for student_mode, teacher_mode in modes)
 
 
 def test_blkd_student_learns_digits_from_its_teacher(digits_teacher: Path, tmp_path: Path) -> None:
     L.seed_everything(0)
     dm = DigitsDataModule(batch_size=32, augment=False)
-    model = student(digits_teacher, [BLKD(T=4, weight=0.9)], dm, task_weight=0.1,
-                    optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    model = student(
+        digits_teacher, [BLKD(T=4, weight=0.9)], dm, task_weight=0.1, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)
+    )
     trainer = quiet_trainer(tmp_path, max_epochs=4)
     trainer.fit(model, dm)
     assert trainer.test(model, dm, verbose=False)[0]["test/acc1"] > 0.6  # chance is 0.1
@@ -157,8 +190,15 @@ def test_teacher_cache_refuses_augmented_data(digits_teacher: Path, tmp_path: Pa
 def test_regression_distils_with_feature_losses_and_refuses_logit_losses(value_teacher: Path, tmp_path: Path) -> None:
     L.seed_everything(0)
     dm = DigitValue(batch_size=64, augment=False)
-    kw = dict(net="tinynet", in_channels=1, image_size=8, mean=dm.mean, std=dm.std, label_range=dm.label_range,
-              optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    kw = dict(
+        net="tinynet",
+        in_channels=1,
+        image_size=8,
+        mean=dm.mean,
+        std=dm.std,
+        label_range=dm.label_range,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
     with pytest.raises(ConfigError, match="BLKD compares class outputs and cannot distil a regression"):
         DistillModule(teacher=str(value_teacher), kd_losses=[BLKD()], **kw)
     model = DistillModule(teacher=str(value_teacher), kd_losses=[FitNet(weight=1.0), AT(weight=10.0), RKD()], **kw)
@@ -173,10 +213,20 @@ def test_regression_distils_with_feature_losses_and_refuses_logit_losses(value_t
 
 def test_mismatched_teacher_is_named(digits_teacher: Path) -> None:
     dm = DigitsDataModule()
-    with pytest.raises(ConfigError, match=r"teacher tinynet \(10 classes.*num_classes=10 but the student 'tinynet' "
-                                          r"has num_classes=5"):
-        DistillModule(teacher=str(digits_teacher), net="tinynet", num_classes=5, in_channels=1, mean=dm.mean,
-                      std=dm.std, image_size=8)
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher tinynet \(10 classes.*num_classes=10 but the student 'tinynet' "
+        r"has num_classes=5",
+    ):
+        DistillModule(
+            teacher=str(digits_teacher),
+            net="tinynet",
+            num_classes=5,
+            in_channels=1,
+            mean=dm.mean,
+            std=dm.std,
+            image_size=8,
+        )
     with pytest.raises(ConfigError, match="in_channels=1 but the student 'tinynet' has in_channels=3"):
         DistillModule(teacher=str(digits_teacher), net="tinynet", num_classes=10, in_channels=3, image_size=8)
 
@@ -193,7 +243,9 @@ def test_crd_banks_are_checkpointed_and_reload(digits_teacher: Path, tmp_path: P
     assert torch.equal(loaded.kd_terms[0].z_s, model.kd_terms[0].z_s)
 
 
-def test_distill_resume_is_bit_exact(kdl, digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_distill_resume_is_bit_exact(
+    kdl, digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
     """SIGTERM mid-epoch, resume: same weights, connectors, CRD banks and optimiser state as one run."""
     import kd_lightning.cli as cli
     from kd_lightning.callbacks import EXIT_SIGTERM
@@ -210,9 +262,16 @@ def test_distill_resume_is_bit_exact(kdl, digits_teacher: Path, tmp_path: Path, 
         self.trainer.callbacks[:0] = extra
 
     monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_extra)
-    args = ["fit", "--config", str(RECIPES / "digits" / "blkd.yaml"), *BASE, "--model.init_args.teacher",
-            str(digits_teacher), "--model.init_args.kd_losses",
-            "[{class_path: BLKD}, {class_path: FitNet}, {class_path: CRD, init_args: {nce_k: 32}}]"]
+    args = [
+        "fit",
+        "--config",
+        str(RECIPES / "digits" / "blkd.yaml"),
+        *BASE,
+        "--model.init_args.teacher",
+        str(digits_teacher),
+        "--model.init_args.kd_losses",
+        "[{class_path: BLKD}, {class_path: FitNet}, {class_path: CRD, init_args: {nce_k: 32}}]",
+    ]
     assert kdl(*args, "--trainer.default_root_dir", "ref") == 0
     extra[:] = [Interrupt("train", 1, 2, "signal")]
     assert kdl(*args, "--trainer.default_root_dir", "run") == EXIT_SIGTERM

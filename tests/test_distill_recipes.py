@@ -22,8 +22,9 @@ DATA = {
 }
 
 
-def write_teacher(path: Path, num_classes: int | None, in_channels: int, image_size: int, mean: tuple,
-                  std: tuple) -> Path:
+def write_teacher(
+    path: Path, num_classes: int | None, in_channels: int, image_size: int, mean: tuple, std: tuple
+) -> Path:
     """A (random) tinynet classifier, or regressor when ``num_classes`` is None, saved with the keys a kdl run writes."""
     cls = ImageClassifier if num_classes else ImageRegressor
     extra = {"num_classes": num_classes} if num_classes else {"label_range": (0.0, 1.0)}
@@ -43,13 +44,34 @@ def test_distill_recipe_fast_dev_run(recipe: Path, kdl, tmp_path: Path) -> None:
     writer, classes, channels, size, mean, std = DATA[recipe_data_class(recipe)]
     data = ["--data.init_args.root", str(writer(tmp_path / "data"))] if writer else []
     teacher = write_teacher(tmp_path / "teacher.ckpt", classes, channels, size, mean, std)
-    assert kdl("fit", "--config", str(recipe), "--trainer.fast_dev_run", "1", "--model.init_args.teacher", str(teacher),
-               *data) == 0
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.fast_dev_run",
+            "1",
+            "--model.init_args.teacher",
+            str(teacher),
+            *data,
+        )
+        == 0
+    )
 
 
 def test_missing_teacher_is_one_clear_message(kdl, fake_mnist: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
     recipe = RECIPES / "fashion_mnist" / "blkd.yaml"
-    assert kdl("fit", "--config", str(recipe), "--data.init_args.root", str(fake_mnist),
-               "--model.init_args.teacher", "/no/such/teacher.ckpt") == 2
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(recipe),
+            "--data.init_args.root",
+            str(fake_mnist),
+            "--model.init_args.teacher",
+            "/no/such/teacher.ckpt",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "'/no/such/teacher.ckpt' does not exist" in err and "Traceback" not in err

@@ -98,8 +98,10 @@ def test_fitnet_golden_value_with_a_known_regressor() -> None:
     s = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]], [[0.0, 1.0], [-1.0, 2.0]]]])
     t = torch.tensor([[[[0.5, 0.0], [1.0, 2.0]], [[1.0, 1.0], [0.0, 0.0]]]])
     eps = loss.regressor[1].eps
-    ref = sum((max(sv, 0.0) / math.sqrt(1 + eps) - tv) ** 2 for sv, tv in zip(s.flatten().tolist(),
-                                                                              t.flatten().tolist())) / 8
+    ref = (
+        sum((max(sv, 0.0) / math.sqrt(1 + eps) - tv) ** 2 for sv, tv in zip(s.flatten().tolist(), t.flatten().tolist()))
+        / 8
+    )
     value = loss(out([[0.0]], f=s), out([[0.0]], f=t), batch([0]))
     assert value.item() == pytest.approx(ref, rel=1e-5)
 
@@ -135,18 +137,29 @@ def test_at_golden_value_summed_over_stages() -> None:
         ref += sum(diffs) / len(diffs)
     loss = AT()
     loss.setup(SetupInfo(shapes(stage0=(3, 2, 2), stage1=(4, 1, 2)), shapes(stage0=(5, 2, 2), stage1=(2, 1, 2)), 3))
-    value = loss(Outputs(torch.zeros(2, 3), {"stage0": s0, "stage1": s1}),
-                 Outputs(torch.zeros(2, 3), {"stage0": t0, "stage1": t1}), batch([0, 1]))
+    value = loss(
+        Outputs(torch.zeros(2, 3), {"stage0": s0, "stage1": s1}),
+        Outputs(torch.zeros(2, 3), {"stage0": t0, "stage1": t1}),
+        batch([0, 1]),
+    )
     assert value.item() == pytest.approx(ref, rel=1e-5)
-    same = loss(Outputs(torch.zeros(2, 3), {"stage0": s0, "stage1": s1}),
-                Outputs(torch.zeros(2, 3), {"stage0": s0 * 3, "stage1": -s1}), batch([0, 1]))
+    same = loss(
+        Outputs(torch.zeros(2, 3), {"stage0": s0, "stage1": s1}),
+        Outputs(torch.zeros(2, 3), {"stage0": s0 * 3, "stage1": -s1}),
+        batch([0, 1]),
+    )
     assert same.item() == pytest.approx(0.0, abs=1e-7)  # attention ignores scale and sign
 
 
 def test_at_needs_the_same_number_of_stages() -> None:
     with pytest.raises(ConfigError, match="student declares 2 stages and the teacher 3"):
-        AT().setup(SetupInfo(shapes(stage0=(3, 2, 2), stage1=(3, 2, 2)),
-                             shapes(stage0=(3, 2, 2), stage1=(3, 2, 2), stage2=(3, 2, 2)), 3))
+        AT().setup(
+            SetupInfo(
+                shapes(stage0=(3, 2, 2), stage1=(3, 2, 2)),
+                shapes(stage0=(3, 2, 2), stage1=(3, 2, 2), stage2=(3, 2, 2)),
+                3,
+            )
+        )
 
 
 def test_pkt_golden_value() -> None:
@@ -161,11 +174,17 @@ def test_pkt_golden_value() -> None:
     ps, pt = conditional(s), conditional(t)
     eps = 1e-7
     ref = sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(3) for j in range(3)) / 3
-    loss = PKT()(out(torch.zeros(3, 2), penultimate=torch.tensor(s)), out(torch.zeros(3, 2), penultimate=torch.tensor(t)),
-                 batch([0, 1, 0]))
+    loss = PKT()(
+        out(torch.zeros(3, 2), penultimate=torch.tensor(s)),
+        out(torch.zeros(3, 2), penultimate=torch.tensor(t)),
+        batch([0, 1, 0]),
+    )
     assert loss.item() == pytest.approx(ref, rel=1e-4)
-    same = PKT()(out(torch.zeros(3, 2), penultimate=torch.tensor(s)), out(torch.zeros(3, 2), penultimate=torch.tensor(s)),
-                 batch([0, 1, 0]))
+    same = PKT()(
+        out(torch.zeros(3, 2), penultimate=torch.tensor(s)),
+        out(torch.zeros(3, 2), penultimate=torch.tensor(s)),
+        batch([0, 1, 0]),
+    )
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -230,12 +249,18 @@ def test_rkd_golden_value() -> None:
     ref_d = sum(huber(ds[i][j], dt[i][j]) for i in range(n) for j in range(n)) / n**2
     cs, ct = cosines(s), cosines(t)
     ref_a = sum(huber(a, b) for a, b in zip(cs, ct)) / len(cs)
-    parts = RKD()(out(torch.zeros(4, 2), penultimate=torch.tensor(s)), out(torch.zeros(4, 2), penultimate=torch.tensor(t)),
-                  batch([0, 1, 0, 1]))
+    parts = RKD()(
+        out(torch.zeros(4, 2), penultimate=torch.tensor(s)),
+        out(torch.zeros(4, 2), penultimate=torch.tensor(t)),
+        batch([0, 1, 0, 1]),
+    )
     assert parts["dist"].item() == pytest.approx(25 * ref_d, rel=1e-4)
     assert parts["angle"].item() == pytest.approx(50 * ref_a, rel=1e-4)
-    same = RKD()(out(torch.zeros(4, 2), penultimate=torch.tensor(s)),
-                 out(torch.zeros(4, 2), penultimate=torch.tensor(s) * 3), batch([0, 1, 0, 1]))
+    same = RKD()(
+        out(torch.zeros(4, 2), penultimate=torch.tensor(s)),
+        out(torch.zeros(4, 2), penultimate=torch.tensor(s) * 3),
+        batch([0, 1, 0, 1]),
+    )
     assert sum(same.values()).item() == pytest.approx(0.0, abs=1e-5)  # relations are scale-free
 
 
@@ -255,14 +280,20 @@ def test_crd_banks_follow_the_momentum_update_and_size_from_the_data() -> None:
     loss = CRD(feat_dim=4, nce_k=3)
     loss.setup(SetupInfo(shapes(penultimate=(6,)), shapes(penultimate=(5,)), 3))
     with pytest.raises(ConfigError, match="memory banks are empty"):
-        loss(out(torch.zeros(2, 3), penultimate=torch.randn(2, 6)), out(torch.zeros(2, 3), penultimate=torch.randn(2, 5)),
-             batch([0, 1], [3, 7]))
+        loss(
+            out(torch.zeros(2, 3), penultimate=torch.randn(2, 6)),
+            out(torch.zeros(2, 3), penultimate=torch.randn(2, 5)),
+            batch([0, 1], [3, 7]),
+        )
     loss.setup_data(10)
     assert loss.memory_s.shape == (10, 4) and loss.memory_t.shape == (10, 4)
     before = loss.memory_s.clone()
     fs = torch.randn(2, 6)
-    value = loss(out(torch.zeros(2, 3), penultimate=fs), out(torch.zeros(2, 3), penultimate=torch.randn(2, 5)),
-                 batch([0, 1], [3, 7]))
+    value = loss(
+        out(torch.zeros(2, 3), penultimate=fs),
+        out(torch.zeros(2, 3), penultimate=torch.randn(2, 5)),
+        batch([0, 1], [3, 7]),
+    )
     assert torch.isfinite(value) and value > 0
     v = loss.embed_s(fs).detach()
     expected = torch.nn.functional.normalize(before[[3, 7]] * 0.5 + v * 0.5, dim=1)
@@ -339,8 +370,12 @@ def test_sskd_golden_value() -> None:
         rot = torch.stack([torch.rot90(x[i], k, (1, 2)) for i in range(3) for k in (1, 2, 3)])
         s_n, t_n = student_net(x.flatten(1)).tolist(), teacher_net(x.flatten(1)).tolist()
         s_r, t_r = student_net(rot.flatten(1)).tolist(), teacher_net(rot.flatten(1)).tolist()
-        e = {"sn": loss.student_head(x.flatten(1)), "sr": loss.student_head(rot.flatten(1)),
-             "tn": loss.teacher_head(x.flatten(1)), "tr": loss.teacher_head(rot.flatten(1))}
+        e = {
+            "sn": loss.student_head(x.flatten(1)),
+            "sr": loss.student_head(rot.flatten(1)),
+            "tn": loss.teacher_head(x.flatten(1)),
+            "tr": loss.teacher_head(rot.flatten(1)),
+        }
     e = {k: v.tolist() for k, v in e.items()}
 
     def cos(a: list[float], b: list[float]) -> float:

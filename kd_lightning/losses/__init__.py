@@ -13,6 +13,23 @@ from kd_lightning.losses.relations import PKT, RKD, SP
 from kd_lightning.losses.sskd import SSKD
 
 __all__ = [
-    "AT", "BLKD", "CRD", "DKD", "PKT", "RKD", "SP", "SSKD", "VID", "FitNet", "KDLoss", "Outputs", "SetupInfo",
-    "StepContext", "get_loss", "kd_kl", "kl_to_probs", "list_losses", "register_loss",
+    "AT",
+    "BLKD",
+    "CRD",
+    "DKD",
+    "PKT",
+    "RKD",
+    "SP",
+    "SSKD",
+    "VID",
+    "FitNet",
+    "KDLoss",
+    "Outputs",
+    "SetupInfo",
+    "StepContext",
+    "get_loss",
+    "kd_kl",
+    "kl_to_probs",
+    "list_losses",
+    "register_loss",
 ]

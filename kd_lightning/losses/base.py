@@ -92,8 +92,9 @@ class KDLoss(nn.Module):
     def setup_data(self, num_indices: int) -> None:
         """Called before training with the size of the training set's index range (``uses_indices``)."""
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:

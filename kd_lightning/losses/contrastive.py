@@ -64,13 +64,22 @@ class CRD(KDLoss):
 
     uses_indices = True
 
-    def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07, momentum: float = 0.5,
-                 student_feature: str = "penultimate", teacher_feature: str = "penultimate",
-                 weight: float = 0.8) -> None:
+    def __init__(
+        self,
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        momentum: float = 0.5,
+        student_feature: str = "penultimate",
+        teacher_feature: str = "penultimate",
+        weight: float = 0.8,
+    ) -> None:
         super().__init__(weight)
         if nce_k < 1 or feat_dim < 1 or nce_t <= 0 or not 0 <= momentum < 1:
-            raise ConfigError(f"CRD: feat_dim={feat_dim}, nce_k={nce_k}, nce_t={nce_t}, momentum={momentum}; expected "
-                              "positive sizes and temperature and a momentum in [0, 1)")
+            raise ConfigError(
+                f"CRD: feat_dim={feat_dim}, nce_k={nce_k}, nce_t={nce_t}, momentum={momentum}; expected "
+                "positive sizes and temperature and a momentum in [0, 1)"
+            )
         self.feat_dim, self.nce_k, self.nce_t, self.momentum = feat_dim, nce_k, nce_t, momentum
         self.student_features, self.teacher_features = (student_feature,), (teacher_feature,)
         self.register_buffer("memory_s", torch.empty(0, feat_dim))
@@ -102,12 +111,15 @@ class CRD(KDLoss):
             self.memory_s = torch.empty_like(bank, device=self.memory_s.device)
             self.memory_t = torch.empty_like(bank, device=self.memory_s.device)
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor:
         n = self.memory_s.shape[0]
         if n == 0:
-            raise ConfigError("CRD's memory banks are empty: setup_data(num_indices) was not called "
-                              "(DistillModule does it when training starts)")
+            raise ConfigError(
+                "CRD's memory banks are empty: setup_data(num_indices) was not called "
+                "(DistillModule does it when training starts)"
+            )
         idx = batch["index"].long()
         v_s = self.embed_s(student.features[self.student_features[0]])
         v_t = self.embed_t(teacher.features[self.teacher_features[0]])

@@ -28,8 +28,10 @@ def pair_stages(loss: KDLoss, info: SetupInfo, names: Sequence[str] | None) -> l
         return list(names)
     s, t = _stage_names(info.student_shapes), _stage_names(info.teacher_shapes)
     if len(s) != len(t):
-        raise ConfigError(f"{type(loss).__name__}: the student declares {len(s)} stages and the teacher {len(t)}; "
-                          "list the stages to pair explicitly (e.g. stages: [stage0, stage1])")
+        raise ConfigError(
+            f"{type(loss).__name__}: the student declares {len(s)} stages and the teacher {len(t)}; "
+            "list the stages to pair explicitly (e.g. stages: [stage0, stage1])"
+        )
     return s
 
 
@@ -71,13 +73,16 @@ class FitNet(KDLoss):
         elif sh >= th and sw >= tw:
             conv = nn.Conv2d(sc, tc, (1 + sh - th, 1 + sw - tw))
         else:
-            raise ConfigError(f"FitNet: student feature {self.student_features[0]!r} is {sh}x{sw} and teacher feature "
-                              f"{self.teacher_features[0]!r} is {th}x{tw}; the regressor maps a student map to a "
-                              "teacher map of equal, half or twice its size, or smaller: pick other stages")
+            raise ConfigError(
+                f"FitNet: student feature {self.student_features[0]!r} is {sh}x{sw} and teacher feature "
+                f"{self.teacher_features[0]!r} is {th}x{tw}; the regressor maps a student map to a "
+                "teacher map of equal, half or twice its size, or smaller: pick other stages"
+            )
         self.regressor = nn.Sequential(conv, nn.BatchNorm2d(tc), nn.ReLU(inplace=True))
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor:
         s = self.regressor(student.features[self.student_features[0]])
         return F.mse_loss(s, teacher.features[self.teacher_features[0]])
 
@@ -112,8 +117,9 @@ class AT(KDLoss):
             require_shape(self, "teacher", info.teacher_shapes, n, 3)
         self.student_features = self.teacher_features = tuple(names)
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor:
         total = student.logits.new_zeros((), dtype=torch.float32)
         for n in self.student_features:
             s, t = match_spatial(student.features[n], teacher.features[n])
@@ -138,8 +144,9 @@ class VID(KDLoss):
         weight: factor in the total loss.
     """
 
-    def __init__(self, stages: list[str] | None = None, init_var: float = 5.0, eps: float = 1e-5,
-                 weight: float = 1.0) -> None:
+    def __init__(
+        self, stages: list[str] | None = None, init_var: float = 5.0, eps: float = 1e-5, weight: float = 1.0
+    ) -> None:
         super().__init__(weight)
         if init_var <= eps:
             raise ConfigError(f"VID: init_var={init_var}; expected a value > eps={eps}")
@@ -152,16 +159,23 @@ class VID(KDLoss):
         for n in names:
             sc = require_shape(self, "student", info.student_shapes, n, 3)[0]
             tc = require_shape(self, "teacher", info.teacher_shapes, n, 3)[0]
-            self.regressors.append(nn.Sequential(nn.Conv2d(sc, tc, 1, bias=False), nn.ReLU(),
-                                                 nn.Conv2d(tc, tc, 1, bias=False), nn.ReLU(),
-                                                 nn.Conv2d(tc, tc, 1, bias=False)))
+            self.regressors.append(
+                nn.Sequential(
+                    nn.Conv2d(sc, tc, 1, bias=False),
+                    nn.ReLU(),
+                    nn.Conv2d(tc, tc, 1, bias=False),
+                    nn.ReLU(),
+                    nn.Conv2d(tc, tc, 1, bias=False),
+                )
+            )
             # softplus^-1(init_var - eps): the variance starts at init_var
             start = math.log(math.expm1(self.init_var - self.eps))
             self.log_scales.append(nn.Parameter(torch.full((tc,), start)))
         self.student_features = self.teacher_features = tuple(names)
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor:
         total = student.logits.new_zeros((), dtype=torch.float32)
         for n, reg, log_scale in zip(self.student_features, self.regressors, self.log_scales):
             s, t = match_spatial(student.features[n], teacher.features[n])

@@ -32,8 +32,9 @@ class BLKD(KDLoss):
             raise ConfigError(f"BLKD: T={T}; expected a positive temperature")
         self.T = T
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor:
         return kd_kl(student.logits, teacher.logits, self.T)
 
 
@@ -56,15 +57,17 @@ class DKD(KDLoss):
 
     uses_logits = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup_epochs: int = 20,
-                 weight: float = 1.0) -> None:
+    def __init__(
+        self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup_epochs: int = 20, weight: float = 1.0
+    ) -> None:
         super().__init__(weight)
         if T <= 0:
             raise ConfigError(f"DKD: T={T}; expected a positive temperature")
         self.alpha, self.beta, self.T, self.warmup_epochs = alpha, beta, T, warmup_epochs
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor:
         s, t, y, T = student.logits.float(), teacher.logits.float(), batch["label"], self.T
         gt = F.one_hot(y, s.shape[-1]).bool()
         p_s, p_t = F.softmax(s / T, -1), F.softmax(t / T, -1)

@@ -26,8 +26,13 @@ class PKT(KDLoss):
         weight: factor in the total loss.
     """
 
-    def __init__(self, student_feature: str = "penultimate", teacher_feature: str = "penultimate",
-                 eps: float = 1e-7, weight: float = 30000.0) -> None:
+    def __init__(
+        self,
+        student_feature: str = "penultimate",
+        teacher_feature: str = "penultimate",
+        eps: float = 1e-7,
+        weight: float = 30000.0,
+    ) -> None:
         super().__init__(weight)
         self.student_features, self.teacher_features, self.eps = (student_feature,), (teacher_feature,), eps
 
@@ -40,8 +45,9 @@ class PKT(KDLoss):
         sim = (f @ f.t() + 1.0) / 2.0
         return sim / sim.sum(1, keepdim=True)
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor:
         p_s = self._conditional(student.features[self.student_features[0]])
         p_t = self._conditional(teacher.features[self.teacher_features[0]])
         return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).sum(1).mean()
@@ -61,8 +67,9 @@ class SP(KDLoss):
         weight: factor in the total loss.
     """
 
-    def __init__(self, student_feature: str | None = None, teacher_feature: str | None = None,
-                 weight: float = 3000.0) -> None:
+    def __init__(
+        self, student_feature: str | None = None, teacher_feature: str | None = None, weight: float = 3000.0
+    ) -> None:
         super().__init__(weight)
         self._given = (student_feature, teacher_feature)
 
@@ -78,8 +85,9 @@ class SP(KDLoss):
         f = f.float().flatten(1)
         return F.normalize(f @ f.t(), dim=1)
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> torch.Tensor:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> torch.Tensor:
         g_s = self.similarity(student.features[self.student_features[0]])
         g_t = self.similarity(teacher.features[self.teacher_features[0]])
         b = g_s.shape[0]
@@ -119,15 +127,23 @@ class RKD(KDLoss):
         weight: factor in the total loss.
     """
 
-    def __init__(self, student_feature: str = "penultimate", teacher_feature: str = "penultimate",
-                 w_dist: float = 25.0, w_angle: float = 50.0, weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        student_feature: str = "penultimate",
+        teacher_feature: str = "penultimate",
+        w_dist: float = 25.0,
+        w_angle: float = 50.0,
+        weight: float = 1.0,
+    ) -> None:
         super().__init__(weight)
         self.student_features, self.teacher_features = (student_feature,), (teacher_feature,)
         self.w_dist, self.w_angle = w_dist, w_angle
 
     def setup(self, info: SetupInfo) -> None:
-        for side, shapes, name in (("student", info.student_shapes, self.student_features[0]),
-                                   ("teacher", info.teacher_shapes, self.teacher_features[0])):
+        for side, shapes, name in (
+            ("student", info.student_shapes, self.student_features[0]),
+            ("teacher", info.teacher_shapes, self.teacher_features[0]),
+        ):
             if name not in shapes:
                 raise ConfigError(f"RKD: the {side} has no feature {name!r} (has: {', '.join(shapes)})")
 
@@ -142,8 +158,9 @@ class RKD(KDLoss):
         diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)  # [j, i] = e_i - e_j
         return torch.bmm(diff, diff.transpose(1, 2)).flatten()
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> dict[str, torch.Tensor]:
         s = student.features[self.student_features[0]].float().flatten(1)
         t = teacher.features[self.teacher_features[0]].float().flatten(1)
         dist = F.smooth_l1_loss(self.normalised_distances(s), self.normalised_distances(t))

@@ -77,25 +77,40 @@ class SSKD(KDLoss):
     student_features = ("penultimate",)
     teacher_features = ("penultimate",)
 
-    def __init__(self, kd_T: float = 4.0, tf_T: float = 4.0, ss_T: float = 0.5, kd_weight: float = 0.9,
-                 tf_weight: float = 2.7, ss_weight: float = 10.0, tf_ratio: float = 1.0, ss_ratio: float = 0.75,
-                 teacher_epochs: int = 1, weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        kd_T: float = 4.0,
+        tf_T: float = 4.0,
+        ss_T: float = 0.5,
+        kd_weight: float = 0.9,
+        tf_weight: float = 2.7,
+        ss_weight: float = 10.0,
+        tf_ratio: float = 1.0,
+        ss_ratio: float = 0.75,
+        teacher_epochs: int = 1,
+        weight: float = 1.0,
+    ) -> None:
         super().__init__(weight)
         if min(kd_T, tf_T, ss_T) <= 0 or not (0 <= tf_ratio <= 1 and 0 <= ss_ratio <= 1):
-            raise ConfigError(f"SSKD: temperatures must be positive and ratios in [0, 1] (kd_T={kd_T}, tf_T={tf_T}, "
-                              f"ss_T={ss_T}, tf_ratio={tf_ratio}, ss_ratio={ss_ratio})")
+            raise ConfigError(
+                f"SSKD: temperatures must be positive and ratios in [0, 1] (kd_T={kd_T}, tf_T={tf_T}, "
+                f"ss_T={ss_T}, tf_ratio={tf_ratio}, ss_ratio={ss_ratio})"
+            )
         self.kd_T, self.tf_T, self.ss_T = kd_T, tf_T, ss_T
         self.kd_weight, self.tf_weight, self.ss_weight = kd_weight, tf_weight, ss_weight
         self.tf_ratio, self.ss_ratio, self.teacher_epochs = tf_ratio, ss_ratio, teacher_epochs
 
     def setup(self, info: SetupInfo) -> None:
-        self.student_head = ProjectionHead(math.prod(require_shape(self, "student", info.student_shapes,
-                                                                   "penultimate", 1)))
-        self.teacher_head = ProjectionHead(math.prod(require_shape(self, "teacher", info.teacher_shapes,
-                                                                   "penultimate", 1)))
+        self.student_head = ProjectionHead(
+            math.prod(require_shape(self, "student", info.student_shapes, "penultimate", 1))
+        )
+        self.teacher_head = ProjectionHead(
+            math.prod(require_shape(self, "teacher", info.teacher_shapes, "penultimate", 1))
+        )
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Any],
-                ctx: StepContext | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
+    ) -> dict[str, torch.Tensor]:
         if ctx is None:
             raise ConfigError("SSKD needs the step context (extra forward passes on rotated images)")
         x, y = batch["image"], batch["label"]
@@ -109,16 +124,22 @@ class SSKD(KDLoss):
         keep_tf = keep_by_rank(t_rot.logits.float(), y_rot, self.tf_ratio)
         tf = kd_kl(s_rot.logits[keep_tf], t_rot.logits[keep_tf], self.tf_T)
         # ss: which normal image does each rotated view come from, by SS-module embeddings
-        t_sim = rotation_similarity(self.teacher_head(t_rot.features["penultimate"].detach()),
-                                    self.teacher_head(teacher.features["penultimate"].detach()))
+        t_sim = rotation_similarity(
+            self.teacher_head(t_rot.features["penultimate"].detach()),
+            self.teacher_head(teacher.features["penultimate"].detach()),
+        )
         source = torch.arange(n, device=x.device).repeat_interleave(3)
         ss_teacher = F.cross_entropy(t_sim, source)
-        s_sim = rotation_similarity(self.student_head(s_rot.features["penultimate"]),
-                                    self.student_head(student.features["penultimate"]))
+        s_sim = rotation_similarity(
+            self.student_head(s_rot.features["penultimate"]), self.student_head(student.features["penultimate"])
+        )
         t_sim = t_sim.detach()
         keep_ss = keep_by_rank(t_sim, source, self.ss_ratio)
         ss = kd_kl(s_sim[keep_ss], t_sim[keep_ss], self.ss_T)
         ss_on = float(ctx.epoch >= self.teacher_epochs)
-        return {"kd": self.kd_weight * kd, "tf": self.tf_weight * tf, "ss": ss_on * self.ss_weight * ss,
-                "ss_teacher": ss_teacher}
-
+        return {
+            "kd": self.kd_weight * kd,
+            "tf": self.tf_weight * tf,
+            "ss": ss_on * self.ss_weight * ss,
+            "ss_teacher": ss_teacher,
+        }

@@ -66,16 +66,23 @@ class DistillModule(NetTask):
             loaded = FrozenTeacher.from_checkpoint(teacher)
         else:
             loaded = FrozenTeacher.from_weights(
-                teacher_net, teacher, num_classes=kwargs.get("num_classes"), in_channels=kwargs.get("in_channels", 3),
-                mean=kwargs.get("mean") or (0.5,), std=kwargs.get("std") or (0.5,),
-                task="regression" if kwargs.get("label_range") is not None else "classification")
+                teacher_net,
+                teacher,
+                num_classes=kwargs.get("num_classes"),
+                in_channels=kwargs.get("in_channels", 3),
+                mean=kwargs.get("mean") or (0.5,),
+                std=kwargs.get("std") or (0.5,),
+                task="regression" if kwargs.get("label_range") is not None else "classification",
+            )
         losses = list(kd_losses or [])
         for term in losses:
             if not isinstance(term, KDLoss):
                 raise ConfigError(f"kd_losses: {term!r} is not a KDLoss (see kd_lightning.losses.list_losses())")
             if loaded.task == "regression" and term.uses_logits:
-                raise ConfigError(f"{type(term).__name__} compares class outputs and cannot distil a regression "
-                                  f"{loaded.describe()}; use feature or relation losses (FitNet, AT, RKD, ...)")
+                raise ConfigError(
+                    f"{type(term).__name__} compares class outputs and cannot distil a regression "
+                    f"{loaded.describe()}; use feature or relation losses (FitNet, AT, RKD, ...)"
+                )
         # plain attributes until nn.Module.__init__ has run; configure_models registers them
         self.task = loaded.task
         self.monitor, self.monitor_mode = ("val/acc1", "max") if self.task == "classification" else ("val/mae", "min")
@@ -88,11 +95,19 @@ class DistillModule(NetTask):
         teacher, losses = self._pending
         del self._pending
         hp = self.hparams
-        teacher.check_compatible(self.task, hp.num_classes if self.task == "classification" else None,
-                                 hp.in_channels, who=f"the student {hp.net!r}")
+        teacher.check_compatible(
+            self.task,
+            hp.num_classes if self.task == "classification" else None,
+            hp.in_channels,
+            who=f"the student {hp.net!r}",
+        )
         self.teacher = teacher
-        info = SetupInfo(self._probe(self.net, self.normalize, hp), self._probe(teacher.net, teacher.normalize, hp),
-                         hp.num_classes, self.task)
+        info = SetupInfo(
+            self._probe(self.net, self.normalize, hp),
+            self._probe(teacher.net, teacher.normalize, hp),
+            hp.num_classes,
+            self.task,
+        )
         for term in losses:
             term.setup(info)
         self.kd_terms = nn.ModuleList(losses)
@@ -142,9 +157,11 @@ class DistillModule(NetTask):
         if dm is None or stage != "fit":
             return
         if self.hparams.cache_teacher and getattr(dm, "augment", False):
-            raise ConfigError(f"cache_teacher=true reuses the teacher's outputs for each sample, but {type(dm).__name__} "
-                              "augments its training images (augment=true); set data.init_args.augment false or "
-                              "cache_teacher false")
+            raise ConfigError(
+                f"cache_teacher=true reuses the teacher's outputs for each sample, but {type(dm).__name__} "
+                "augments its training images (augment=true); set data.init_args.augment false or "
+                "cache_teacher false"
+            )
         if any(t.uses_indices for t in self.kd_terms) or self.hparams.cache_teacher:
             n = num_indices(dm)
             for term in self.kd_terms:
@@ -178,8 +195,10 @@ class DistillModule(NetTask):
             return self.teacher_outputs(batch["image"])
         idx = batch["index"].long().cpu()
         if idx.max() >= len(self._slots):
-            raise ConfigError(f"sample index {int(idx.max())} is outside the training index range "
-                              f"{len(self._slots)} the teacher cache was sized for")
+            raise ConfigError(
+                f"sample index {int(idx.max())} is outside the training index range "
+                f"{len(self._slots)} the teacher cache was sized for"
+            )
         slots = self._slots[idx]
         if bool((slots >= 0).all()):
             rows = slots.to(self.device)
@@ -192,8 +211,10 @@ class DistillModule(NetTask):
         new = slots < 0
         n_used = int((self._slots >= 0).sum())
         if n_used + int(new.sum()) > self._capacity:
-            raise ConfigError(f"the teacher cache holds {self._capacity} samples (the training set's size) but the "
-                              "training batches brought more distinct indices; is batch['index'] unique per sample?")
+            raise ConfigError(
+                f"the teacher cache holds {self._capacity} samples (the training set's size) but the "
+                "training batches brought more distinct indices; is batch['index'] unique per sample?"
+            )
         self._slots[idx[new]] = torch.arange(n_used, n_used + int(new.sum()))
         rows = self._slots[idx].to(self.device)
         for k, v in tensors.items():
@@ -253,8 +274,11 @@ class DistillModule(NetTask):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         out = self(batch["image"])
         if self.task == "regression":
-            return {"index": batch["index"], "prediction": self.denormalize(out),
-                    "label": self.denormalize(batch["label"].float())}
+            return {
+                "index": batch["index"],
+                "prediction": self.denormalize(out),
+                "label": self.denormalize(batch["label"].float()),
+            }
         return {"index": batch["index"], "logits": out, "label": batch["label"]}
 
 

@@ -17,7 +17,9 @@ class Normalize(nn.Module):
         super().__init__()
         mean_t, std_t = torch.tensor(list(mean), dtype=torch.float32), torch.tensor(list(std), dtype=torch.float32)
         if len(mean_t) != len(std_t) or len(mean_t) not in (1, in_channels):
-            raise ConfigError(f"mean={list(mean)} / std={list(std)}: expected 1 or in_channels={in_channels} values each")
+            raise ConfigError(
+                f"mean={list(mean)} / std={list(std)}: expected 1 or in_channels={in_channels} values each"
+            )
         if (std_t <= 0).any():
             raise ConfigError(f"std={list(std)}: every value must be positive")
         self.register_buffer("mean", mean_t.expand(in_channels).reshape(1, -1, 1, 1).clone())
