@@ -117,7 +117,7 @@ class DistillModule(NetTask):
         self._student_features = FeatureExtractor(self.net, self.student_feature_names)
         self._cache: dict[str, torch.Tensor] = {}
         self._slots = torch.zeros(0, dtype=torch.long)  # sample index -> cache row (-1: not cached yet)
-        self._capacity = 0
+        self._capacity = self._n_cached = 0
 
     @staticmethod
     @torch.no_grad()
@@ -169,7 +169,7 @@ class DistillModule(NetTask):
                     term.setup_data(n)
             # cache rows are given out on first sight of an index; at most len(train_dataset) are needed
             self._slots = torch.full((n,), -1, dtype=torch.long)
-            self._capacity, self._cache = len(dm.train_dataset), {}
+            self._capacity, self._cache, self._n_cached = len(dm.train_dataset), {}, 0
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -199,27 +199,25 @@ class DistillModule(NetTask):
                 f"sample index {int(idx.max())} is outside the training index range "
                 f"{len(self._slots)} the teacher cache was sized for"
             )
-        slots = self._slots[idx]
-        if bool((slots >= 0).all()):
-            rows = slots.to(self.device)
-            cached = {k: v[rows] for k, v in self._cache.items()}
-            return Outputs(cached.pop("logits"), cached)
-        out = self.teacher_outputs(batch["image"])
-        tensors = {"logits": out.logits, **out.features}
-        if not self._cache:
-            self._cache = {k: v.new_zeros((self._capacity, *v.shape[1:])) for k, v in tensors.items()}
-        new = slots < 0
-        n_used = int((self._slots >= 0).sum())
-        if n_used + int(new.sum()) > self._capacity:
-            raise ConfigError(
-                f"the teacher cache holds {self._capacity} samples (the training set's size) but the "
-                "training batches brought more distinct indices; is batch['index'] unique per sample?"
-            )
-        self._slots[idx[new]] = torch.arange(n_used, n_used + int(new.sum()))
-        rows = self._slots[idx].to(self.device)
-        for k, v in tensors.items():
-            self._cache[k][rows] = v.detach()
-        return out
+        new = self._slots[idx] < 0
+        if bool(new.any()):  # run the teacher on the samples not seen yet (eval mode: per-sample outputs)
+            out = self.teacher_outputs(batch["image"][new.to(batch["image"].device)])
+            tensors = {"logits": out.logits, **out.features}
+            if not self._cache:
+                self._cache = {k: v.new_zeros((self._capacity, *v.shape[1:])) for k, v in tensors.items()}
+            n_used, n_new = self._n_cached, int(new.sum())
+            if n_used + n_new > self._capacity:
+                raise ConfigError(
+                    f"the teacher cache holds {self._capacity} samples (the training set's size) but the "
+                    "training batches brought more distinct indices; is batch['index'] unique per sample?"
+                )
+            self._slots[idx[new]] = torch.arange(n_used, n_used + n_new)
+            self._n_cached = n_used + n_new
+            rows = self._slots[idx[new]].to(self.device)
+            for k, v in tensors.items():
+                self._cache[k][rows] = v.detach()
+        cached = {k: v[self._slots[idx].to(self.device)] for k, v in self._cache.items()}
+        return Outputs(cached.pop("logits"), cached)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
