@@ -92,6 +92,9 @@ class KDLoss(nn.Module):
     def setup_data(self, num_indices: int) -> None:
         """Called before training with the size of the training set's index range (``uses_indices``)."""
 
+    def resize_for_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Before a checkpoint is loaded: give data-sized buffers the checkpoint's shapes (``prefix`` = our keys')."""
+
     def forward(
         self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
     ) -> torch.Tensor | dict[str, torch.Tensor]:

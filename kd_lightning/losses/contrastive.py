@@ -118,7 +118,7 @@ class CRD(KDLoss):
         if n == 0:
             raise ConfigError(
                 "CRD's memory banks are empty: setup_data(num_indices) was not called "
-                "(DistillModule does it when training starts)"
+                "(DistillModule does it when fit starts with a DataModule; without one, call it yourself)"
             )
         idx = batch["index"].long()
         v_s = self.embed_s(student.features[self.student_features[0]])

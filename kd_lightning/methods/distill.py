@@ -174,9 +174,7 @@ class DistillModule(NetTask):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
         for i, term in enumerate(self.kd_terms):
-            resize = getattr(term, "resize_for_state", None)
-            if resize is not None:
-                resize(state, f"kd_terms.{i}.")
+            term.resize_for_state(state, f"kd_terms.{i}.")
         super().on_load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------ forward passes
