@@ -105,7 +105,7 @@ class GANQuality(L.Callback):
         self.teacher_image_size, self.dirpath = teacher_image_size, dirpath
         self._features: TeacherFeatures | None = None
         self._real: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # features, labels, outputs
-        self._last_step = -1
+        self._last_step = 0
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ hooks
@@ -201,4 +201,4 @@ class GANQuality(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
-        self._last_step = int(state_dict.get("last_step", -1))
+        self._last_step = int(state_dict.get("last_step", 0))
