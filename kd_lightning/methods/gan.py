@@ -501,13 +501,41 @@ class LabelEmbedding(BaseTask):
         return loss
 
 
+def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> GANTask:
+    """A trained GAN task (:class:`ConditionalGAN`, :class:`CcGAN` or :class:`DCGAN`) from a ``kdl fit`` checkpoint.
+
+    An ILI CcGAN is rebuilt without its ``embedding_checkpoint``: the label embedding is in the checkpoint.
+    """
+    import importlib
+
+    from kd_lightning.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    hp = ckpt.get("hyper_parameters", {})
+    class_path = str(hp.get("_class_path") or "")
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError):
+        cls = None
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, GANTask)):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written by {class_path or 'an unknown model'}, not by a GAN "
+            "(ConditionalGAN, CcGAN or DCGAN)"
+        )
+    overrides: dict[str, Any] = {"embedding_checkpoint": None} if issubclass(cls, CcGAN) else {}
+    task = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False, **overrides)
+    return task.eval()
+
+
 __all__ = [
+    "DCGAN",
     "CcGAN",
     "ConditionalGAN",
-    "DCGAN",
     "GANTask",
     "LabelEmbedding",
     "dataset_labels",
-    "generator_adam",
     "discriminator_adam",
+    "generator_adam",
+    "load_gan",
 ]
