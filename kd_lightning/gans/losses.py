@@ -163,7 +163,7 @@ class VicinalSampler:
         lo, hi = self._window(t.double())
         if ((hi - lo) < 1).any():
             raise ConfigError("a target label has no real image in its vicinity; draw targets with .targets()")
-        pick = lo + (torch.rand(len(t), generator=generator, dtype=torch.float64) * (hi - lo)).long().clamp(max=None)
+        pick = lo + (torch.rand(len(t), generator=generator, dtype=torch.float64) * (hi - lo)).long()
         pick = torch.minimum(pick, hi - 1)
         return self.order[pick]
 
