@@ -427,3 +427,92 @@ def test_gan_resume_is_exact_and_sample_command_writes_counts(kdl, tmp_path: Pat
     assert sorted(len(list(p.glob("*.png"))) for p in (tmp_path / "folder").iterdir()) == [2] * 10
     assert not list(tmp_path.rglob(".tmp-*"))
     assert kdl("sample", "--ckpt", ckpt, "--n", "3", "--out", "x.pt") == 2  # class-conditional needs --per_class
+
+
+TINY = [
+    "--model.init_args.g_ch",
+    "4",
+    "--model.init_args.d_ch",
+    "4",
+    "--model.init_args.z_dim",
+    "8",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
+
+
+def test_cifar100_template_fast_dev_run(kdl, tmp_path: Path) -> None:  # noqa: ANN001
+    from tests.fake_datasets import write_cifar
+
+    root = write_cifar(tmp_path / "c100", hundred=True)
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(RECIPES / "cifar100/cgan.yaml"),
+            "--data.init_args.root",
+            str(root),
+            "--data.init_args.batch_size",
+            "8",
+            "--trainer.fast_dev_run",
+            "1",
+            *TINY,
+        )
+        == 0
+    )
+
+
+@pytest.mark.parametrize("dataset", ["utkface", "steering_angle"])
+def test_ccgan_templates_run_both_ili_stages(kdl, tmp_path: Path, dataset: str) -> None:  # noqa: ANN001
+    from tests.fake_datasets import write_steering, write_utkface
+
+    root = write_utkface(tmp_path / "d") if dataset == "utkface" else write_steering(tmp_path / "d")[0]
+    common = [
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.batch_size",
+        "8",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(RECIPES / dataset / "ccgan_embedding.yaml"),
+            *common,
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.limit_train_batches",
+            "1",
+            "--model.init_args.embed_epochs",
+            "1",
+            "--model.init_args.net",
+            "tinynet",
+        )
+        == 0
+    )
+    emb = tmp_path / "runs" / dataset / "ccgan_embedding" / "checkpoints" / "last.ckpt"
+    assert emb.is_file()
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(RECIPES / dataset / "ccgan.yaml"),
+            *common,
+            *TINY[:6],
+            "--model.init_args.embedding_checkpoint",
+            str(emb),
+            "--trainer.fast_dev_run",
+            "2",
+        )
+        == 0
+    )
