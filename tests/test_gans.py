@@ -516,3 +516,80 @@ def test_ccgan_templates_run_both_ili_stages(kdl, tmp_path: Path, dataset: str) 
         )
         == 0
     )
+
+
+def test_nan_guard_names_the_discriminator_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kd_lightning.callbacks import NaNGuard, NonFiniteLossError
+
+    model = digits_gan()
+    original = model.discriminator_step_losses
+
+    def broken(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        parts = original(batch)
+        return {"real": parts["real"], "fake": parts["fake"] * float("nan")}
+
+    monkeypatch.setattr(model, "discriminator_step_losses", broken)
+    before = {k: v.detach().clone() for k, v in model.discriminator.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match="train/d/fake"):
+        tiny_trainer(tmp_path, 4, NaNGuard()).fit(model, datamodule=DigitsDataModule(batch_size=32, image_size=16))
+    after = dict(model.discriminator.named_parameters())  # (spectral-norm power iterations do move buffers)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # stopped before the optimiser step
+
+
+def small_teacher(tmp_path: Path, regression: bool) -> Path:
+    from kd_lightning.methods import ImageClassifier, ImageRegressor
+
+    if regression:
+        dm: L.LightningDataModule = RotatedDataModule(DigitsDataModule(), batch_size=32, image_size=16)
+        teacher = ImageRegressor(net="tinynet", in_channels=1, image_size=16, label_range=(-45.0, 45.0))
+    else:
+        dm = DigitsDataModule(batch_size=32, image_size=16)
+        teacher = ImageClassifier(net="tinynet", num_classes=10, in_channels=1, image_size=16)
+    trainer = tiny_trainer(tmp_path, 2)
+    trainer.fit(teacher, datamodule=dm)
+    path = tmp_path / f"teacher_{regression}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("regression", [False, True], ids=["class", "ccgan"])
+def test_gan_quality_callback_logs_metrics_and_writes_grids(tmp_path: Path, regression: bool) -> None:
+    from kd_lightning.callbacks import GANQuality
+
+    teacher = small_teacher(tmp_path, regression)
+    if regression:
+        dm: L.LightningDataModule = RotatedDataModule(DigitsDataModule(), batch_size=32, image_size=16)
+        model: L.LightningModule = CcGAN(
+            z_dim=8, g_ch=4, d_ch=4, in_channels=1, image_size=16, label_range=(-45.0, 45.0)
+        )
+    else:
+        dm = DigitsDataModule(batch_size=32, image_size=16)
+        torch.manual_seed(0)
+        model = digits_gan()
+    cb = GANQuality(
+        teacher=str(teacher),
+        every_n_steps=2,
+        n_per_class=3,
+        n_label_values=4,
+        grid_per_class=2,
+        dirpath=str(tmp_path / "samples"),
+    )
+    tiny_trainer(tmp_path, 4, cb).fit(model, datamodule=dm)
+    assert [h["step"] for h in cb.history] == [2, 4]
+    keys = (
+        {"quality/fid", "quality/label_mae"}
+        if regression
+        else {"quality/fid", "quality/intra_fid", "quality/label_consistency"}
+    )
+    assert set(cb.history[-1]) - {"step"} == keys
+    assert all(math.isfinite(v) for h in cb.history for k, v in h.items())
+    if not regression:
+        assert 0 <= cb.history[-1]["quality/label_consistency"] <= 1
+    assert (tmp_path / "samples/step0000002.png").is_file() and (tmp_path / "samples/latest.png").is_file()
+    assert (tmp_path / "samples/quality.json").is_file()
+    if not regression:  # the evaluation draws nothing from the global RNGs: the same run without it ends equal
+        torch.manual_seed(0)
+        plain = digits_gan()
+        tiny_trainer(tmp_path, 4).fit(plain, datamodule=DigitsDataModule(batch_size=32, image_size=16))
+        ours = model.generator.state_dict()
+        assert all(torch.equal(v, ours[k]) for k, v in plain.generator.state_dict().items())

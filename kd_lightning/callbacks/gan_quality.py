@@ -159,9 +159,16 @@ class GANQuality(L.Callback):
             self._real = (f, labels, out)
         return self._real
 
-    @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """Write the grid and compute the metrics now; returns the metrics."""
+        """Write the grid and compute the metrics now; returns the metrics.
+
+        Building the teacher draws initial weights from the global RNG: the CPU RNG state is put back
+        afterwards, so a run with this callback trains exactly as one without it.
+        """
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            return self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         self._last_step = trainer.global_step
         gen = pl_module.generator_ema  # type: ignore[union-attr]
         folder = self._folder(trainer)
