@@ -195,11 +195,13 @@ class GANQuality(L.Callback):
                 metrics["quality/label_mae"] = float(((pred - labels) * (hi - lo)).abs().mean())
         self.history.append({"step": trainer.global_step, **metrics})
         if trainer.is_global_zero:
+            # the step Lightning's own logging uses (batches; manual optimisation's global_step counts D and G)
+            log_step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
             for logger in trainer.loggers:
                 if metrics:
-                    logger.log_metrics(metrics, step=trainer.global_step)
+                    logger.log_metrics(metrics, step=log_step)
                 if type(logger).__name__ == "WandbLogger":
-                    logger.log_image(key="samples", images=[png], step=trainer.global_step)  # type: ignore[attr-defined]
+                    logger.log_image(key="samples", images=[png], step=log_step)  # type: ignore[attr-defined]
             atomic_write_bytes(os.path.join(folder, "quality.json"), json.dumps(self.history, indent=1).encode())
         return metrics
 
