@@ -70,7 +70,7 @@ class DCGANDiscriminator(nn.Module):
         cin = in_channels
         for i in range(n_down):
             cout = ch * 2 ** min(i, 3)
-            layers += [nn.Conv2d(cin, cout, 4 if i < n_down else 3, stride=2, padding=1)]
+            layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1)]
             if i:
                 layers.append(nn.BatchNorm2d(cout))
             layers += [nn.LeakyReLU(0.2, inplace=True)]

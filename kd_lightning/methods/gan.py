@@ -112,6 +112,11 @@ class GANTask(BaseTask):
             raise ConfigError(f"loss={loss!r}; expected 'hinge' or 'vanilla'")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ConfigError(f"gradient_clip_val={gradient_clip_val}; expected a positive number or null")
+        if kwargs.get("lr_scheduler") is not None:
+            raise ConfigError(
+                "lr_scheduler is not used by GANs (two optimisers, stepped by hand); the papers keep the learning "
+                "rates constant: remove model.init_args.lr_scheduler"
+            )
         self.generator_optimizer_factory = generator_optimizer
         self.discriminator_optimizer_factory = discriminator_optimizer
         super().__init__(**kwargs)
