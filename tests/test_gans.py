@@ -160,8 +160,11 @@ def test_projection_discriminator_adds_the_class_embedding_term() -> None:
     nli = ResNetDiscriminator(16, 1, ch=8, condition="continuous").eval()
     yc = torch.tensor([0.1, 0.5, 0.9, 0.0])
     h = nli.features(x)
-    w = nli.embed.weight.view(-1)  # y * <w, h>
-    assert torch.allclose(nli(x, yc), nli.linear(h).squeeze(1) + yc * (h @ w), atol=1e-5)
+    w = nli.embed.weight.view(-1)  # (y + 1) <w, h>
+    assert torch.allclose(nli(x, yc), nli.linear(h).squeeze(1) + (yc + 1) * (h @ w), atol=1e-5)
+    g = ResNetGenerator(16, 1, z_dim=8, ch=4, condition="continuous").eval()
+    z = torch.randn(2, 8)
+    assert not torch.allclose(g(z, torch.tensor([0.0, 0.0])), g(z, torch.tensor([0.0, 1.0])))
 
 
 @pytest.mark.parametrize("size", [16, 28, 32, 64])

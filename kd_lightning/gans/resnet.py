@@ -8,9 +8,10 @@ on every layer, ReLU, global sum pooling, a linear output plus a projection term
 - ``"class"``: class ids; the generator's conditional BN takes ``[shared_embedding(y), z]``
   (BigGAN's shared class embedding with skip-z), the discriminator projects ``embedding(y)``.
 - ``"continuous"`` (CcGAN): labels in [0, 1]. With ``label_embed=None`` this is the naive label
-  input (NLI) of Ding et al. (2021): ``z + y`` goes into the generator and the discriminator adds
-  ``y * <w, h>``; with a label-to-embedding net (ILI) the embedding ``h_y`` drives the conditional BN
-  and the projection ``<W h_y, h>``.
+  input (NLI) of Ding et al. (2021), as in their code: ``y`` is added to every element of the
+  generator's first feature map (``linear(z) + y``) and the discriminator adds ``(y + 1) <w, h>``;
+  with a label-to-embedding net (ILI) the embedding ``h_y`` drives the conditional BN and the
+  projection ``<W h_y, h>``.
 - ``"none"``: unconditional.
 
 Sizes: the number of up/down-sampling blocks follows the image side: 28 px (7 -> 14 -> 28),
@@ -146,9 +147,10 @@ class ResNetGenerator(Generator):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c = self.condition_vector(z, y)
+        h = self.linear(z)
         if self.condition == "continuous" and not self.uses_embedding:
-            z = z + y.float().view(-1, 1)  # NLI: the label is added to every element of z
-        h = self.linear(z).view(len(z), -1, self.bottom, self.bottom)
+            h = h + y.float().view(-1, 1)  # NLI: the label is added to every element of the first feature map
+        h = h.view(len(z), -1, self.bottom, self.bottom)
         for block in self.blocks:
             h = block(h, c)
         return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
@@ -228,6 +230,7 @@ class ResNetDiscriminator(nn.Module):
         if self.condition == "class":
             out = out + (self.embed(y) * h).sum(1)
         elif self.condition == "continuous":
-            e = self.embed(y.float() if self.label_is_embedding else y.float().view(-1, 1))
+            # NLI projects y + 1 (as the CcGAN code), so that y = 0 still carries a condition
+            e = self.embed(y.float() if self.label_is_embedding else y.float().view(-1, 1) + 1)
             out = out + (e * h).sum(1)
         return out
