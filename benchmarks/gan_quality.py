@@ -82,7 +82,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=500, help="sampling batch for the speed measurement")
     p.add_argument("--out", help="write the results as markdown here")
-    p.add_argument("--grid", help="write a 10-per-class sample grid PNG here")
+    p.add_argument("--grid", help="write a 10-per-class sample grid PNG of the EMA generator here")
+    p.add_argument("--grid_raw", help="write the same grid of the raw (non-EMA) generator here")
     p.add_argument("--budget", default="", help="a line describing the training budget, copied into --out")
     args = p.parse_args()
 
@@ -121,9 +122,9 @@ def main() -> None:
     rate = sampling_rate(task.generator_ema, y_fake[: 4 * args.batch], args.batch)
     flops = generator_flops_per_image(task.generator_ema, y_fake[: args.batch])
     share = rate * flops / peak
-    if args.grid:
-        grid = task.generator_ema.sample(labels_per_class(10, num_classes), seed=args.seed)
-        save_grid_png(grid, args.grid, nrow=10)
+    for path, gen in ((args.grid, task.generator_ema), (args.grid_raw, task.generator)):
+        if path:
+            save_grid_png(gen.sample(labels_per_class(10, num_classes), seed=args.seed), path, nrow=10)
 
     lines = [
         f"GAN: `{args.gan}` (global step {ckpt_step}: D and G updates); teacher: `{args.teacher}` "

@@ -1,9 +1,10 @@
 """Sample grids and sample-quality metrics of a GAN at an interval during training (and at its end).
 
 Every ``every_n_steps`` global steps (D and G updates both count) and when training ends, the EMA
-generator draws a fixed set of latent codes (``seed``), so grids of successive evaluations show the
-same codes: a PNG grid (one row per class, or per label value for a CcGAN) is written under
-``dirpath`` and, when a :class:`~lightning.pytorch.loggers.WandbLogger` is attached, logged to W&B.
+generator (or the raw one, ``use_ema=False``) draws a fixed set of latent codes (``seed``), so grids
+of successive evaluations show the same codes: a PNG grid (one row per class, or per label value
+for a CcGAN) is written under ``dirpath`` and, when a :class:`~lightning.pytorch.loggers.WandbLogger`
+is attached, logged to W&B.
 With a ``teacher`` checkpoint (a classifier for class-conditional GANs and DCGANs, a regressor for a
 CcGAN) it also logs, in the teacher's penultimate feature space (no downloads):
 
@@ -75,6 +76,7 @@ class GANQuality(L.Callback):
         grid_per_class: images per grid row.
         teacher_image_size: the side the teacher takes (default: its checkpoint's ``image_size``).
         seed: seed of the latent codes (the same codes at every evaluation).
+        use_ema: evaluate the EMA generator (what sampling uses); ``False`` evaluates the raw one.
         dirpath: where the grids and metric files go (default ``<default_root_dir>/samples``).
     """
 
@@ -87,6 +89,7 @@ class GANQuality(L.Callback):
         grid_per_class: int = 10,
         teacher_image_size: int | None = None,
         seed: int = 0,
+        use_ema: bool = True,
         dirpath: str | None = None,
     ) -> None:
         super().__init__()
@@ -102,7 +105,7 @@ class GANQuality(L.Callback):
             raise ConfigError(f"GANQuality teacher={teacher!r}: no such checkpoint file")
         self.teacher_path, self.every_n_steps, self.n_per_class = teacher, every_n_steps, n_per_class
         self.n_label_values, self.grid_per_class, self.seed = n_label_values, grid_per_class, seed
-        self.teacher_image_size, self.dirpath = teacher_image_size, dirpath
+        self.teacher_image_size, self.dirpath, self.use_ema = teacher_image_size, dirpath, use_ema
         self._features: TeacherFeatures | None = None
         self._real: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # features, labels, outputs
         self._last_step = 0
@@ -170,7 +173,7 @@ class GANQuality(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         self._last_step = trainer.global_step
-        gen = pl_module.generator_ema  # type: ignore[union-attr]
+        gen = pl_module.sampler_generator(ema=self.use_ema)  # type: ignore[operator]
         folder = self._folder(trainer)
         grid = gen.sample(self._labels(pl_module, self.grid_per_class), seed=self.seed)
         rows = self.grid_per_class if gen.condition != "none" else 10
