@@ -352,31 +352,79 @@ GAN_ARGS = [
 ]
 
 
-def test_rotated_ccgan_recipe_fast_dev_run(kdl, fake_mnist: Path) -> None:  # noqa: ANN001
+def test_fashion_gan_recipes_train_and_their_checkpoints_sample(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    root = ["--data.init_args.datamodule.init_args.root", str(fake_mnist)]
+    assert (
+        kdl(
+            "fit", "--config", str(RECIPES / "fashion_mnist/ccgan_embedding.yaml"), "--trainer.fast_dev_run", "1", *root
+        )
+        == 0
+    )
     assert (
         kdl(
             "fit",
             "--config",
             str(RECIPES / "fashion_mnist/ccgan_rotated.yaml"),
-            "--trainer.fast_dev_run",
+            "--trainer.max_steps",
+            "2",
+            *root,
+            "--trainer.default_root_dir",
+            "cc",
+            *quiet,
+        )
+        == 0
+    )
+    ckpt = str(tmp_path / "cc/checkpoints/last.ckpt")
+    assert (
+        kdl(
+            "sample",
+            "--ckpt",
+            ckpt,
+            "--per_label",
+            "2",
+            "--label_values",
+            "0",
+            "0.5",
             "1",
-            "--data.init_args.datamodule.init_args.root",
+            "--out",
+            "cc.pt",
+            "--no_progress",
+        )
+        == 0
+    )
+    saved = torch.load(tmp_path / "cc.pt", weights_only=False)
+    assert saved["images"].shape == (6, 1, 28, 28)
+    assert saved["labels"].tolist() == pytest.approx([-45.0, -45.0, 0.0, 0.0, 45.0, 45.0])  # original units
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(RECIPES / "fashion_mnist/dcgan_latent10.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--data.init_args.root",
             str(fake_mnist),
+            "--trainer.default_root_dir",
+            "dc",
+            *quiet,
         )
         == 0
     )
     assert (
         kdl(
-            "fit",
-            "--config",
-            str(RECIPES / "fashion_mnist/ccgan_embedding.yaml"),
-            "--trainer.fast_dev_run",
-            "1",
-            "--data.init_args.datamodule.init_args.root",
-            str(fake_mnist),
+            "sample",
+            "--ckpt",
+            str(tmp_path / "dc/checkpoints/last.ckpt"),
+            "--n",
+            "5",
+            "--out",
+            "dc.pt",
+            "--no_progress",
         )
         == 0
     )
+    assert torch.load(tmp_path / "dc.pt", weights_only=False)["images"].shape == (5, 1, 32, 32)
 
 
 class SigtermAt(L.Callback):
