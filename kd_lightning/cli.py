@@ -1,6 +1,7 @@
 """``kdl``: Lightning's CLI for kd_lightning recipes.
 
-``kdl fit|validate|test|predict --config RECIPE.yaml [--config MORE.yaml] [--key value ...]``.
+``kdl fit|validate|test|predict --config RECIPE.yaml [--config MORE.yaml] [--key value ...]``;
+``kdl sample --ckpt GAN.ckpt ...`` writes GAN samples (:mod:`kd_lightning.sample`).
 The DataModule's facts (classes, channels, image size, normalisation, label range) are linked
 into the model, a checkpoint callback keeps ``last.ckpt`` and the best checkpoint on the model's
 validation metric under ``<default_root_dir>/checkpoints``, and user errors end with one short
@@ -266,6 +267,10 @@ def _short_parse_error(msg: str) -> str:
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``kdl``; returns the exit status."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["sample"]:  # not a Trainer subcommand: write samples from a GAN checkpoint
+        from kd_lightning.sample import main as sample_main
+
+        return sample_main(argv[1:])
     debug = os.environ.get("KDL_DEBUG", "") not in ("", "0")
     if "--debug" in argv:
         argv.remove("--debug")

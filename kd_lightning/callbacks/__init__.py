@@ -1,7 +1,8 @@
 """Callbacks: exact resume, clean interruption, NaN guard, atomic checkpoints (kdl adds these to every
-fit), and training throughput."""
+fit), training throughput, and GAN sample quality."""
 
 from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
+from kd_lightning.callbacks.gan_quality import GANQuality
 from kd_lightning.callbacks.interrupt import EXIT_SIGTERM, GracefulStop, last_checkpoint_path
 from kd_lightning.callbacks.nan_guard import NaNGuard, NonFiniteLossError
 from kd_lightning.callbacks.resume import ResumeState, config_differences, rng_states, set_rng_states
@@ -10,6 +11,7 @@ from kd_lightning.callbacks.throughput import TrainThroughput
 __all__ = [
     "EXIT_SIGTERM",
     "AtomicCheckpointIO",
+    "GANQuality",
     "GracefulStop",
     "NaNGuard",
     "NonFiniteLossError",

@@ -3,6 +3,20 @@
 import kd_lightning.losses  # noqa: F401  (register KD losses for short class names in recipes)
 from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
 from kd_lightning.methods.distill import DistillModule
+from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask, LabelEmbedding
 from kd_lightning.methods.supervised import ImageClassifier, ImageRegressor, NetTask
 
-__all__ = ["BaseTask", "DistillModule", "ImageClassifier", "ImageRegressor", "NetTask", "Normalize", "default_optimizer"]
+__all__ = [
+    "DCGAN",
+    "BaseTask",
+    "CcGAN",
+    "ConditionalGAN",
+    "DistillModule",
+    "GANTask",
+    "ImageClassifier",
+    "ImageRegressor",
+    "LabelEmbedding",
+    "NetTask",
+    "Normalize",
+    "default_optimizer",
+]

@@ -1,0 +1,34 @@
+"""Generators and discriminators (plain ``nn.Module``s, usable without Lightning) and DiffAugment."""
+
+from kd_lightning.gans.base import Generator, labels_per_class
+from kd_lightning.gans.dcgan import DCGANDiscriminator, DCGANGenerator
+from kd_lightning.gans.diffaugment import DiffAugment, diff_augment
+from kd_lightning.gans.embedding import EmbeddingRegressor, LabelToEmbedding
+from kd_lightning.gans.losses import (
+    VicinalSampler,
+    d_loss_parts,
+    g_loss,
+    kappa_base,
+    rule_of_thumb_sigma,
+    vicinal_weights,
+)
+from kd_lightning.gans.resnet import ResNetDiscriminator, ResNetGenerator
+
+__all__ = [
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "DiffAugment",
+    "EmbeddingRegressor",
+    "Generator",
+    "LabelToEmbedding",
+    "ResNetDiscriminator",
+    "ResNetGenerator",
+    "VicinalSampler",
+    "d_loss_parts",
+    "diff_augment",
+    "g_loss",
+    "kappa_base",
+    "labels_per_class",
+    "rule_of_thumb_sigma",
+    "vicinal_weights",
+]
