@@ -1,6 +1,7 @@
 """Callbacks: exact resume, clean interruption, NaN guard, atomic checkpoints (kdl adds these to every
 fit), and training throughput."""
 
+from kd_lightning.callbacks.calibration import TemperatureScaling
 from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
 from kd_lightning.callbacks.interrupt import EXIT_SIGTERM, GracefulStop, last_checkpoint_path
 from kd_lightning.callbacks.nan_guard import NaNGuard, NonFiniteLossError
@@ -20,3 +21,4 @@ __all__ = [
     "rng_states",
     "set_rng_states",
 ]
+__all__ += ["TemperatureScaling"]  # issue 6
