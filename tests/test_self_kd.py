@@ -475,3 +475,45 @@ def test_aikd_resume_restores_the_store_exactly(kdl, tmp_path: Path, monkeypatch
         assert torch.equal(value, res["state_dict"][key]), key
     assert torch.equal(ref[STORE_KEY]["logits"], res[STORE_KEY]["logits"])
     assert [s["state"] for s in ref["optimizer_states"]].__len__() == 2  # student and critic optimisers
+
+
+@pytest.mark.slow
+def test_store_is_complete_under_ddp(tmp_path: Path) -> None:
+    """Two gloo ranks each train on half of every epoch; both halves must reach the (rank-0) checkpoint's store."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    ssup = write_ssup(tmp_path / "ssup.ckpt", "tinynet", 10, 1, (0.3053,), (0.3760,))
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    args = [
+        "fit",
+        "--config",
+        str(RECIPES / "fashion_mnist/aikd.yaml"),
+        *RESUME_ARGS,
+        "--trainer.max_epochs",
+        "1",
+        "--model.init_args.pretrained",
+        str(ssup),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp_find_unused_parameters_true",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_lightning.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    store = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")[STORE_KEY]
+    # 128 images, 64 per rank, 2 steps of 32 per rank: all 128 stored (one rank alone would hold 64)
+    assert int(store["seen"].sum()) == 128

@@ -61,11 +61,12 @@ class TemperatureScaling(L.Callback):
             labels.append(batch["label"].to(pl_module.device))
         if not logits:
             raise RuntimeError("TemperatureScaling: the validation split is empty (val_fraction 0?)")
-        return self._gather(pl_module, torch.cat(logits)), self._gather(pl_module, torch.cat(labels))
+        # this loop is not sharded (every rank sees the whole validation split): nothing to gather
+        return torch.cat(logits).cpu(), torch.cat(labels).cpu()
 
     @staticmethod
     def _gather(pl_module: L.LightningModule, t: torch.Tensor) -> torch.Tensor:
-        if pl_module.trainer.world_size > 1:  # every rank holds its shard; rank 0 needs them all
+        if pl_module.trainer.world_size > 1:  # each rank holds its shard of the test split; rank 0 needs them all
             t = pl_module.all_gather(t)
             t = t.reshape(-1, *t.shape[2:])
         return t.cpu()
