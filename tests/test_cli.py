@@ -55,9 +55,9 @@ def test_wandb_fragment_stacks_onto_a_recipe(kdl, capsys: pytest.CaptureFixture[
     assert cfg["model"]["init_args"]["net"] == "resnet8"
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # recipes needing a trained model run elsewhere: test_distill_recipes.py, test_self_kd.py
     "recipe", [r for r in ALL_RECIPES if recipe_data_class(r) in (*MNIST_FORMAT, "DigitsDataModule")
-               and recipe_model_class(r) not in NEEDS_TEACHER],
+               and recipe_model_class(r) not in NEEDS_TEACHER and "pretrained:" not in r.read_text()],
     ids=lambda p: str(p.relative_to(RECIPES)))
 def test_recipe_fast_dev_run(recipe: Path, kdl, fake_mnist: Path) -> None:  # noqa: ANN001
     extra = ["--data.init_args.root", str(fake_mnist)] if recipe_data_class(recipe) in MNIST_FORMAT else []

@@ -1,6 +1,7 @@
 """Callbacks: exact resume, clean interruption, NaN guard, atomic checkpoints (kdl adds these to every
-fit), training throughput, and GAN sample quality."""
+fit), training throughput, GAN sample quality, and temperature scaling with calibration reports."""
 
+from kd_lightning.callbacks.calibration import TemperatureScaling
 from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
 from kd_lightning.callbacks.gan_quality import GANQuality
 from kd_lightning.callbacks.interrupt import EXIT_SIGTERM, GracefulStop, last_checkpoint_path
@@ -21,4 +22,5 @@ __all__ = [
     "last_checkpoint_path",
     "rng_states",
     "set_rng_states",
+    "TemperatureScaling",
 ]

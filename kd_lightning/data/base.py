@@ -111,6 +111,10 @@ class ImageDataModule(L.LightningDataModule):
             allows it, horizontal flips, on training images only.
         num_workers: DataLoader workers; ``None`` picks 0 on <= 2 cores, else up to 8.
         seed: seed of the validation split and the training subset.
+        class_pairs: serve every training sample with a random other sample of its class
+            (``pair_image``, ``pair_label``, ``pair_index`` in the batch), as CS-KD needs; the
+            pairs depend only on (seed, epoch), so resumption stays exact
+            (:mod:`kd_lightning.data.pairs`).
     """
 
     # Dataset facts; concrete DataModules set these.
@@ -135,6 +139,7 @@ class ImageDataModule(L.LightningDataModule):
         augment: bool = True,
         num_workers: int | None = None,
         seed: int = 0,
+        class_pairs: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -155,6 +160,7 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = augment
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.seed = seed
+        self.class_pairs = class_pairs
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
@@ -263,8 +269,15 @@ class ImageDataModule(L.LightningDataModule):
         dist_kwargs = (getattr(trainer, "distributed_sampler_kwargs", None) or {}) if trainer is not None else {}
         replicas, rank = int(dist_kwargs.get("num_replicas", 1)), int(dist_kwargs.get("rank", 0))
         per_rank = len(ds) // replicas  # type: ignore[arg-type]
-        sampler = ResumableSampler(ds, seed=self.shuffle_seed(), shuffle=True, num_replicas=replicas, rank=rank,
-                                   drop_last=replicas > 1)
+        sampler_kwargs = dict(seed=self.shuffle_seed(), shuffle=True, num_replicas=replicas, rank=rank,
+                              drop_last=replicas > 1)
+        if self.class_pairs:
+            from kd_lightning.data.pairs import ClassPairSampler, PairedDataset, dataset_labels
+
+            sampler = ClassPairSampler(ds, dataset_labels(ds), **sampler_kwargs)
+            ds = PairedDataset(ds)
+        else:
+            sampler = ResumableSampler(ds, **sampler_kwargs)
         return ResumableDataLoader(
             ds,
             sampler=sampler,

@@ -4,10 +4,15 @@ import kd_lightning.losses  # noqa: F401  (register KD losses for short class na
 from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
 from kd_lightning.methods.distill import DistillModule
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask, LabelEmbedding
+from kd_lightning.methods.self_kd import AIKD, CSKD, PSKD, TFKD, SelfKD
 from kd_lightning.methods.supervised import ImageClassifier, ImageRegressor, NetTask
 
 __all__ = [
+    "AIKD",
+    "CSKD",
     "DCGAN",
+    "PSKD",
+    "TFKD",
     "BaseTask",
     "CcGAN",
     "ConditionalGAN",
@@ -18,5 +23,6 @@ __all__ = [
     "LabelEmbedding",
     "NetTask",
     "Normalize",
+    "SelfKD",
     "default_optimizer",
 ]

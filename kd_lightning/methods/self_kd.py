@@ -1,0 +1,548 @@
+"""Self-knowledge distillation: AI-KD (Kim et al.) and the baselines it compares with, as one module.
+
+:class:`SelfKD` trains a classifier with any weighted sum of these terms (all share one code path)::
+
+    L = (1 - a_P(t) - a_G) CE                                 cross-entropy (mixed labels under Mixup/CutMix)
+      + a_P(t) tau_P^2 KL(p_{t-1}(x; tau_P) || p_t(x; tau_P))  progressive: last epoch's own predictions
+      + a_G tau_G^2 KL(p_sup(x; tau_G) || p_t(x; tau_G))       guide: a frozen pre-trained copy S_sup
+      + lambda_cls T_cls^2 KL(p_t(x'; T_cls) || p_t(x; T_cls))  class-wise: a same-class partner x' (CS-KD)
+      + w L_A,  L_A = -E[D(S_t(x))]                            adversarial: a WGAN-GP critic D on logits
+
+and the critic D (FC(C->64)-BN1d-LeakyReLU-FC(64->32)-LeakyReLU-FC(32->1), Adam lr 1e-4) minimises
+``E[D(S_t(x))] - E[D(S_sup(x))] + 10 * GP`` against S_sup's logits. The named subclasses only set
+defaults: :class:`AIKD` (a_G 0.1, a_P 0.3, tau_G 3, tau_P 1, w 0.1), :class:`PSKD` (a_P ramped
+linearly to 0.8), :class:`CSKD` (lambda 1, T 4, needs ``data.class_pairs``), :class:`TFKD`
+(self-training: a_G 0.95, tau_G 6 from a pre-trained copy). The paper's ablations are settings:
+"No Adv" ``adversarial_weight: 0``, "Only Progressive" ``guide_weight: 0, adversarial_weight: 0``,
+"Only Guide" ``progressive_weight: 0, adversarial_weight: 0``.
+
+p_{t-1}: a per-sample store of the logits each training sample got when it was last trained on
+(:class:`PredictionStore`, keyed by the batch's stable ``index``), as PS-KD's official code does,
+not a snapshot of last epoch's weights: the store costs N x C floats and no compute, while a
+snapshot needs a second network in memory and one more forward pass per step. The store is saved in
+checkpoints (exact resume) and, under DDP, every rank gathers all ranks' indices and logits each
+step so each holds the whole store (the next epoch reshuffles samples across ranks). A sample with
+no stored prediction yet (all of epoch 0) gets its one-hot label as progressive target, as in
+PS-KD's code: with tau_P = 1 the term is then plain cross-entropy, i.e. the progressive
+distillation is off in the first epoch.
+
+Optimisation is manual (two optimisers): the student's optimiser and LR scheduler come from the
+recipe (``optimizer``/``lr_scheduler``; the scheduler is stepped here after each epoch's last batch), the critic's
+from ``critic_optimizer``. In manual mode the Trainer's ``gradient_clip_val`` and
+``accumulate_grad_batches`` are not available; ``global_step`` counts both optimisers' steps. Under
+DDP use ``strategy: ddp_find_unused_parameters_true`` when the critic is on (its step does not use
+the student's parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from kd_lightning.checkpoints import load_checkpoint
+from kd_lightning.data.mixing import BatchMixer, MixedBatch, MixMode
+from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.losses.functional import kd_kl, kl_to_probs
+from kd_lightning.methods.supervised import ImageClassifier
+
+if TYPE_CHECKING:
+    from kd_lightning.teachers.frozen import FrozenTeacher
+
+STORE_KEY = "kdl_self_kd_store"
+
+
+def default_critic_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """Adam, lr 1e-4 (AI-KD sec. 4.2; betas are not stated there: PyTorch's defaults)."""
+    return torch.optim.Adam(params, lr=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- critic
+class LogitCritic(nn.Module):
+    """AI-KD's discriminator on logits: FC(C->h1)-BN1d-LeakyReLU-FC(h1->h2)-LeakyReLU-FC(h2->1).
+
+    The paper names FC 64 and FC 32 with one BN1d and LeakyReLU between them; the scalar output
+    layer is implied by the WGAN critic, the LeakyReLU slope (0.2, the usual GAN value) is not given.
+    """
+
+    def __init__(self, num_classes: int, hidden: tuple[int, int] = (64, 32), negative_slope: float = 0.2) -> None:
+        super().__init__()
+        h1, h2 = hidden
+        self.layers = nn.Sequential(
+            nn.Linear(num_classes, h1),
+            nn.BatchNorm1d(h1),
+            nn.LeakyReLU(negative_slope),
+            nn.Linear(h1, h2),
+            nn.LeakyReLU(negative_slope),
+            nn.Linear(h2, 1),
+        )
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """N x C logits -> N critic scores."""
+        return self.layers(logits).squeeze(-1)
+
+
+def gradient_penalty(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor | None = None
+) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): ``E[(||grad_x D(x_hat)||_2 - 1)^2]`` on ``x_hat = eps real + (1 - eps) fake``.
+
+    Computed in fp32 with autocast off, so it is the same under mixed precision (the double
+    backward through fp16 activations is where the penalty would otherwise lose its precision).
+    ``eps`` (N, uniform in [0, 1]) is drawn from torch's global generator unless given.
+    """
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        real, fake = real.detach().float(), fake.detach().float()
+        if eps is None:
+            eps = torch.rand(real.shape[0], 1).to(real.device)
+        eps = eps.reshape(-1, 1).float().to(real.device)
+        x_hat = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
+        scores = critic(x_hat)
+        (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+        return ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------------------- store
+class PredictionStore:
+    """Last logits of every training sample, by the sample's stable ``index`` (grows as needed)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.logits = torch.zeros(0, num_classes)
+        self.seen = torch.zeros(0, dtype=torch.bool)
+
+    def _ensure(self, size: int, device: torch.device) -> None:
+        if self.logits.device != device:
+            self.logits, self.seen = self.logits.to(device), self.seen.to(device)
+        if size > len(self.seen):
+            grow = max(size, 2 * len(self.seen)) - len(self.seen)
+            self.logits = torch.cat([self.logits, self.logits.new_zeros(grow, self.num_classes)])
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(grow)])
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, logits: torch.Tensor) -> None:
+        """Remember ``logits`` (N x C) for the samples ``index`` (N)."""
+        index = index.long().flatten()
+        self._ensure(int(index.max()) + 1 if index.numel() else 0, logits.device)
+        self.logits[index] = logits.detach().float()
+        self.seen[index] = True
+
+    @torch.no_grad()
+    def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, seen)`` of the samples ``index``; unseen rows are zeros with ``seen`` False."""
+        index = index.long().flatten()
+        self._ensure(int(index.max()) + 1 if index.numel() else 0, index.device)
+        return self.logits[index], self.seen[index]
+
+    def targets(self, index: torch.Tensor, label: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``softmax(stored / T)`` for seen samples, the one-hot label for the others."""
+        logits, seen = self.lookup(index)
+        probs = F.softmax(logits / temperature, dim=-1)
+        one_hot = F.one_hot(label.long(), self.num_classes).float()
+        return torch.where(seen.unsqueeze(-1), probs, one_hot)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"logits": self.logits.detach().cpu().clone(), "seen": self.seen.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["logits"].shape[-1] != self.num_classes:
+            raise CheckpointError(
+                f"the checkpoint's prediction store has {state['logits'].shape[-1]} classes; "
+                f"this model has num_classes={self.num_classes}"
+            )
+        self.logits, self.seen = state["logits"].float().clone(), state["seen"].bool().clone()
+
+
+# ---------------------------------------------------------------------------------------- module
+class SelfKD(ImageClassifier):
+    """Self-distillation with progressive, guide, class-wise and adversarial terms (see the module doc).
+
+    Every weight defaults to 0 here (plain cross-entropy); :class:`AIKD`, :class:`PSKD`,
+    :class:`CSKD` and :class:`TFKD` are this class with other defaults.
+
+    Args:
+        pretrained: ``kdl`` checkpoint of S_sup, a supervised model of the same net and classes
+            (``ImageClassifier``; e.g. ``runs/cub200/teacher/checkpoints/best.ckpt``). Needed by
+            the guide and adversarial terms.
+        guide_weight: a_G, weight of ``tau_G^2 KL(p_sup || p_t)``.
+        guide_temperature: tau_G.
+        progressive_weight: a_P, weight of ``tau_P^2 KL(p_{t-1} || p_t)`` (its final value when ramped).
+        progressive_temperature: tau_P.
+        progressive_ramp: PS-KD's schedule ``a_P(t) = a_P (t + 1) / max_epochs``; else constant.
+        adversarial_weight: w, weight of ``L_A = -E[D(S_t(x))]``; 0 builds no critic.
+        critic_hidden: widths of the critic's two hidden FC layers.
+        critic_optimizer: builds the critic's optimiser (default Adam lr 1e-4).
+        gp_weight: weight of the critic's gradient penalty.
+        class_wise_weight: lambda of CS-KD's ``T^2 KL(p(x') || p(x))`` to a same-class partner x'
+            (needs ``data.init_args.class_pairs: true``); added on top of the CE weight, as in CS-KD.
+        class_wise_temperature: T of the class-wise term.
+        mixing: batch augmentation ``none``, ``cutout``, ``mixup`` or ``cutmix``
+            (:mod:`kd_lightning.data.mixing`).
+        mix_alpha: Beta(alpha, alpha) of Mixup/CutMix.
+        mix_prob: probability that a batch is mixed / cut out.
+        cutout_size: Cutout square side in pixels (default half the image side).
+        **kwargs: see :class:`~kd_lightning.methods.supervised.ImageClassifier`.
+
+    Under Mixup/CutMix: CE uses the mixed labels; S_sup sees the same mixed images (guide and
+    critic); the progressive targets are last epoch's predictions of the two source images mixed
+    with the same lambda and permutation; CS-KD partners are mixed with the same lambda/permutation/box
+    (so a mixed pair keeps its mixed label); and the store is updated with the student's eval-mode
+    predictions on the un-mixed images (one extra forward pass without gradients), because a
+    prediction on a mixed image is not a prediction of sample ``index``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        guide_weight: float = 0.0,
+        guide_temperature: float = 3.0,
+        progressive_weight: float = 0.0,
+        progressive_temperature: float = 1.0,
+        progressive_ramp: bool = False,
+        adversarial_weight: float = 0.0,
+        critic_hidden: tuple[int, int] = (64, 32),
+        critic_optimizer: OptimizerCallable = default_critic_optimizer,
+        gp_weight: float = 10.0,
+        class_wise_weight: float = 0.0,
+        class_wise_temperature: float = 4.0,
+        mixing: MixMode = "none",
+        mix_alpha: float = 1.0,
+        mix_prob: float = 1.0,
+        cutout_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (
+            ("guide_weight", guide_weight),
+            ("progressive_weight", progressive_weight),
+            ("adversarial_weight", adversarial_weight),
+            ("class_wise_weight", class_wise_weight),
+            ("gp_weight", gp_weight),
+        ):
+            if value < 0:
+                raise ConfigError(f"{name}={value}; expected a weight >= 0")
+        for name, value in (
+            ("guide_temperature", guide_temperature),
+            ("progressive_temperature", progressive_temperature),
+            ("class_wise_temperature", class_wise_temperature),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{name}={value}; expected a temperature > 0")
+        if guide_weight + progressive_weight > 1.0:
+            raise ConfigError(
+                f"guide_weight + progressive_weight = {guide_weight} + {progressive_weight} > 1: the cross-entropy "
+                "weight 1 - a_P - a_G would be negative"
+            )
+        if (guide_weight > 0 or adversarial_weight > 0) and not pretrained:
+            raise ConfigError(
+                f"guide_weight={guide_weight} / adversarial_weight={adversarial_weight} need the pre-trained model "
+                "S_sup: set model.init_args.pretrained to a kdl checkpoint of an ImageClassifier of the same net"
+            )
+        super().__init__(**kwargs)
+        self.critic_optimizer_factory = critic_optimizer
+        self.automatic_optimization = False
+        for hp in (self._hparams, self._hparams_initial):  # a callable, like `optimizer` (see BaseTask)
+            hp.pop("critic_optimizer", None)
+
+    # ------------------------------------------------------------------ template hooks
+    def configure_models(self) -> None:
+        super().configure_models()
+        hp = self.hparams
+        self.guide: FrozenTeacher | None = self._load_pretrained(hp.pretrained) if hp.pretrained else None
+        self.critic = LogitCritic(hp.num_classes, tuple(hp.critic_hidden)) if hp.adversarial_weight > 0 else None
+        self.store = PredictionStore(hp.num_classes)
+        fill = torch.as_tensor(hp.mean or (0.5,), dtype=torch.float32)
+        self.mixer = BatchMixer(hp.mixing, hp.mix_alpha, hp.mix_prob, hp.cutout_size, fill=fill)
+
+    def _load_pretrained(self, path: str) -> FrozenTeacher:
+        hp = self.hparams
+        try:
+            load_checkpoint(path)  # a clear message for a missing or unreadable file, before anything else
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{type(self).__name__} needs the pre-trained model S_sup but {e}; train it first (e.g. "
+                "kdl fit --config recipes/cub200/teacher.yaml) or set model.init_args.pretrained"
+            ) from None
+        from kd_lightning.teachers.frozen import FrozenTeacher  # here: teachers import methods.base
+
+        guide = FrozenTeacher.from_checkpoint(path)
+        if guide.net_name != hp.net:
+            raise ConfigError(
+                f"S_sup {path!r} is a {guide.net_name!r} but the student is net={hp.net!r}; self-distillation "
+                "needs a pre-trained copy of the same architecture"
+            )
+        guide.check_compatible("classification", hp.num_classes, hp.in_channels, who=f"the student ({hp.net})")
+        return guide
+
+    def trainable_parameters(self) -> Iterable[torch.Tensor]:
+        return (p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("critic."))
+
+    def configure_optimizers(self) -> Any:
+        student = self.optimizer_factory(self.trainable_parameters())
+        optimizers = [student]
+        if self.critic is not None:
+            optimizers.append(self.critic_optimizer_factory(self.critic.parameters()))
+        if self.lr_scheduler_factory is None:
+            return optimizers
+        return optimizers, [{"scheduler": self.lr_scheduler_factory(student), "interval": "epoch"}]
+
+    # ------------------------------------------------------------------ loss
+    def progressive_weight_now(self) -> float:
+        """a_P at the current epoch (PS-KD ramp: ``a_P (epoch + 1) / max_epochs``)."""
+        a_p = float(self.hparams.progressive_weight)
+        if not self.hparams.progressive_ramp or self._trainer is None:
+            return a_p
+        max_epochs = self.trainer.max_epochs or 1
+        if max_epochs < 1:
+            return a_p
+        return a_p * min(1.0, (self.current_epoch + 1) / max_epochs)
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of every part at the current epoch (``ce`` = 1 - a_P(t) - a_G)."""
+        hp = self.hparams
+        a_p = self.progressive_weight_now()
+        return {
+            "ce": 1.0 - a_p - hp.guide_weight,
+            "progressive": a_p,
+            "guide": float(hp.guide_weight),
+            "class_wise": float(hp.class_wise_weight),
+            "adv": float(hp.adversarial_weight),
+        }
+
+    def student_parts(
+        self,
+        logits: torch.Tensor,
+        batch: MixedBatch,
+        progressive_target: torch.Tensor | None = None,
+        guide_logits: torch.Tensor | None = None,
+        pair_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unweighted loss parts of the student (the KL parts include their ``T^2``)."""
+        hp = self.hparams
+        parts = {"ce": batch.cross_entropy(logits, hp.label_smoothing)}
+        if progressive_target is not None:
+            tau = hp.progressive_temperature
+            parts["progressive"] = kl_to_probs(logits, progressive_target, tau) * (tau * tau)
+        if guide_logits is not None and hp.guide_weight > 0:
+            parts["guide"] = kd_kl(logits, guide_logits, hp.guide_temperature)
+        if pair_logits is not None:
+            parts["class_wise"] = kd_kl(logits, pair_logits.detach(), hp.class_wise_temperature)
+        if self.critic is not None:
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                parts["adv"] = -self.critic(logits.float()).mean()
+        return parts
+
+    def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_k weight_k * part_k`` with :meth:`loss_weights`."""
+        weights = self.loss_weights()
+        return sum(weights[k] * v for k, v in parts.items())  # type: ignore[return-value]
+
+    def critic_parts(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * GP`` (fp32, autocast off)."""
+        assert self.critic is not None
+        with torch.autocast(device_type=real.device.type, enabled=False):
+            real, fake = real.detach().float(), fake.detach().float()
+            wasserstein = self.critic(real).mean() - self.critic(fake).mean()
+            gp = gradient_penalty(self.critic, real, fake)
+            return {"critic": -wasserstein + self.hparams.gp_weight * gp, "wasserstein": wasserstein, "gp": gp}
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        student_opt = optimizers[0]
+        label, index = batch["label"], batch["index"]
+        pair = batch.get("pair_image")
+        if hp.class_wise_weight > 0 and pair is None:
+            raise ConfigError(
+                f"class_wise_weight={hp.class_wise_weight} needs same-class partners in the batch: set "
+                "data.init_args.class_pairs: true"
+            )
+        mixed = self.mixer(batch["image"], label, pair if hp.class_wise_weight > 0 else None)
+        a_p = self.progressive_weight_now()
+
+        with torch.no_grad():
+            guide_logits = self.guide(mixed.image) if self.guide is not None else None
+            progressive_target = None
+            if a_p > 0:
+                progressive_target = mixed.mix_targets(self.store.targets(index, label, hp.progressive_temperature))
+            pair_logits = self(mixed.pair_image) if mixed.pair_image is not None else None
+        logits = self(mixed.image)
+
+        if self.critic is not None:  # critic step on detached student logits vs S_sup's logits
+            critic_opt = optimizers[1]
+            assert guide_logits is not None
+            with self.toggled_optimizer(critic_opt):
+                c_parts = self.critic_parts(guide_logits, logits.detach())
+                self.log_dict({f"train/{k}": v.detach() for k, v in c_parts.items()}, on_step=True, on_epoch=True)
+                critic_opt.zero_grad()
+                self.manual_backward(c_parts["critic"])
+                critic_opt.step()
+
+        with self.toggled_optimizer(student_opt):
+            parts = self.student_parts(logits, mixed, progressive_target, guide_logits, pair_logits)
+            loss = self.combine(parts)
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+            self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, on_step=True, on_epoch=True)
+            if hp.progressive_ramp:
+                self.log("train/progressive_weight", a_p, on_step=False, on_epoch=True)
+            student_opt.zero_grad()
+            self.manual_backward(loss)
+            student_opt.step()
+
+        if hp.progressive_weight > 0:
+            self.remember(index, self._clean_logits(batch["image"]) if mixed.mixed else logits)
+        self.train_metrics.update(logits.detach(), label)
+        self.log_metrics("train", self.train_metrics)
+        self._step_schedulers_at_epoch_end(batch_idx)
+        return loss.detach()
+
+    @torch.no_grad()
+    def _clean_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """The student's eval-mode logits on un-mixed images (for the store under Mixup/CutMix)."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return self(image)
+        finally:
+            self.net.train(was_training)
+
+    def remember(self, index: torch.Tensor, logits: torch.Tensor) -> None:
+        """Store this step's logits under their sample indices, gathered from every rank under DDP."""
+        index, logits = index.detach(), logits.detach().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            index = self.all_gather(index).reshape(-1)
+            logits = self.all_gather(logits).reshape(-1, logits.shape[-1])
+        self.store.update(index, logits)
+
+    def _step_schedulers_at_epoch_end(self, batch_idx: int) -> None:
+        """Step the epoch schedulers after the epoch's last batch, before validation and its checkpoint,
+        where Lightning steps them in automatic optimisation (so a resumed run has the same learning rates)."""
+        if not (self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches):
+            return
+        scheduler = self.lr_schedulers()
+        for s in scheduler if isinstance(scheduler, list) else [scheduler]:
+            if s is not None:
+                s.step()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[STORE_KEY] = self.store.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if STORE_KEY in checkpoint:
+            self.store.load_state_dict(checkpoint[STORE_KEY])
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if (
+            stage == "fit"
+            and self.hparams.class_wise_weight > 0
+            and dm is not None
+            and not getattr(dm, "class_pairs", False)
+        ):
+            raise ConfigError(
+                f"class_wise_weight={self.hparams.class_wise_weight} (CS-KD) needs same-class partners: set "
+                f"data.init_args.class_pairs: true ({type(dm).__name__} has class_pairs off)"
+            )
+
+
+class AIKD(SelfKD):
+    """AI-KD: guide from S_sup, progressive from the last epoch, WGAN-GP critic (paper defaults).
+
+    Args:
+        pretrained: ``kdl`` checkpoint of S_sup (same net and classes).
+        guide_weight: a_G (0.1). guide_temperature: tau_G (3).
+        progressive_weight: a_P (0.3). progressive_temperature: tau_P (1).
+        adversarial_weight: w (0.1).
+        **kwargs: see :class:`SelfKD`.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        guide_weight: float = 0.1,
+        guide_temperature: float = 3.0,
+        progressive_weight: float = 0.3,
+        progressive_temperature: float = 1.0,
+        adversarial_weight: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            pretrained=pretrained,
+            guide_weight=guide_weight,
+            guide_temperature=guide_temperature,
+            progressive_weight=progressive_weight,
+            progressive_temperature=progressive_temperature,
+            adversarial_weight=adversarial_weight,
+            **kwargs,
+        )
+
+
+class PSKD(SelfKD):
+    """PS-KD (Kim et al. 2021): targets ``(1 - a_t) y + a_t p_{t-1}``, ``a_t = 0.8 (t + 1) / max_epochs``.
+
+    Its soft-target cross-entropy equals ``(1 - a_t) CE + a_t KL(p_{t-1} || p_t)`` plus a constant,
+    so it is :class:`SelfKD` with a ramped progressive term at tau_P = 1.
+
+    Args:
+        progressive_weight: alpha_T (0.8). progressive_ramp: the linear ramp (on).
+        **kwargs: see :class:`SelfKD`.
+    """
+
+    def __init__(self, progressive_weight: float = 0.8, progressive_ramp: bool = True, **kwargs: Any) -> None:
+        super().__init__(progressive_weight=progressive_weight, progressive_ramp=progressive_ramp, **kwargs)
+
+
+class CSKD(SelfKD):
+    """CS-KD (Yun et al. 2020): ``CE + lambda T^2 KL(p(x') || p(x))`` with x' of the same class.
+
+    Needs ``data.init_args.class_pairs: true``. As in the official code, the partners' predictions
+    come from a no-gradient forward pass in training mode and CE is on the anchors only.
+
+    Args:
+        class_wise_weight: lambda (1). class_wise_temperature: T (4).
+        **kwargs: see :class:`SelfKD`.
+    """
+
+    def __init__(self, class_wise_weight: float = 1.0, class_wise_temperature: float = 4.0, **kwargs: Any) -> None:
+        super().__init__(class_wise_weight=class_wise_weight, class_wise_temperature=class_wise_temperature, **kwargs)
+
+
+class TFKD(SelfKD):
+    """TF-KD self-training (Yuan et al. 2020): ``(1 - a) CE + a T^2 KL(p_pre || p_t)`` from a pre-trained copy.
+
+    Defaults a = 0.95, T = 6 (the official ResNet-18 self-teacher setting). The official code's KL
+    averages over classes too and multiplies by 50; here the KL is the usual batch mean.
+
+    Args:
+        pretrained: ``kdl`` checkpoint of the pre-trained copy (same net and classes).
+        guide_weight: a (0.95). guide_temperature: T (6).
+        **kwargs: see :class:`SelfKD`.
+    """
+
+    def __init__(
+        self, pretrained: str | None = None, guide_weight: float = 0.95, guide_temperature: float = 6.0, **kwargs: Any
+    ) -> None:
+        super().__init__(
+            pretrained=pretrained, guide_weight=guide_weight, guide_temperature=guide_temperature, **kwargs
+        )
+
+
+__all__ = [
+    "AIKD",
+    "CSKD",
+    "PSKD",
+    "TFKD",
+    "LogitCritic",
+    "PredictionStore",
+    "SelfKD",
+    "default_critic_optimizer",
+    "gradient_penalty",
+]

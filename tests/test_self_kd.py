@@ -1,0 +1,519 @@
+"""AI-KD and the self-KD baselines: critic penalty, prediction store, class pairs, loss weights, mixing,
+S_sup checks, exact resume, and a fast_dev_run of every self-KD recipe (fake CUB files, fake Fashion-MNIST
+files, digits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kd_lightning.cli as cli
+from kd_lightning.checkpoints import load_checkpoint
+from kd_lightning.data.mixing import BatchMixer
+from kd_lightning.data.pairs import ClassPairSampler, PairedDataset
+from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.methods import AIKD, CSKD, PSKD, ImageClassifier, SelfKD
+from kd_lightning.methods.self_kd import STORE_KEY, LogitCritic, PredictionStore, gradient_penalty
+from tests.conftest import RECIPES
+from tests.fake_datasets import write_cub
+
+SELF_KD_RECIPES = {
+    "aikd_cub": RECIPES / "aikd_cub.yaml",
+    "cub_pskd": RECIPES / "cub200/pskd.yaml",
+    "cub_cskd": RECIPES / "cub200/cskd.yaml",
+    "cub_tfkd": RECIPES / "cub200/tfkd.yaml",
+    "fmnist_aikd": RECIPES / "fashion_mnist/aikd.yaml",
+    "fmnist_pskd": RECIPES / "fashion_mnist/pskd.yaml",
+    "fmnist_cskd": RECIPES / "fashion_mnist/cskd.yaml",
+    "fmnist_tfkd": RECIPES / "fashion_mnist/tfkd.yaml",
+}
+QUIET = [
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
+
+
+def write_ssup(
+    path: Path,
+    net: str,
+    num_classes: int,
+    in_channels: int,
+    mean: tuple[float, ...] = (0.5,),
+    std: tuple[float, ...] = (0.5,),
+) -> Path:
+    """A kdl-style checkpoint of an (untrained) ImageClassifier, as S_sup."""
+    model = ImageClassifier(net=net, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    hp = {**dict(model.hparams), "_class_path": "kd_lightning.methods.supervised.ImageClassifier"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ critic
+def test_critic_layout() -> None:
+    critic = LogitCritic(7)
+    kinds = [type(m).__name__ for m in critic.layers]
+    assert kinds == ["Linear", "BatchNorm1d", "LeakyReLU", "Linear", "LeakyReLU", "Linear"]
+    assert [m.out_features for m in critic.layers if isinstance(m, torch.nn.Linear)] == [64, 32, 1]
+    assert critic(torch.randn(5, 7)).shape == (5,)
+
+
+def test_gradient_penalty_equals_an_independent_computation() -> None:
+    torch.manual_seed(3)
+    critic = LogitCritic(4, hidden=(6, 5))
+    real, fake = torch.randn(8, 4) * 3, torch.randn(8, 4)
+    eps = torch.linspace(0.05, 0.95, 8)
+    gp = gradient_penalty(critic, real, fake, eps)
+
+    # plainly: central finite differences of sum_n D(x_hat)_n (BN in training mode couples the rows) in float64
+    d64 = LogitCritic(4, hidden=(6, 5)).double()
+    d64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in critic.state_dict().items()})
+    x_hat = eps[:, None].double() * real.double() + (1 - eps[:, None].double()) * fake.double()
+    h = 1e-6
+    grad = torch.zeros_like(x_hat)
+    with torch.no_grad():
+        for i in range(x_hat.shape[0]):
+            for j in range(x_hat.shape[1]):
+                up, down = x_hat.clone(), x_hat.clone()
+                up[i, j] += h
+                down[i, j] -= h
+                grad[i, j] = (d64(up).sum() - d64(down).sum()) / (2 * h)
+    norms = [float(sum(float(g) ** 2 for g in row) ** 0.5) for row in grad]
+    expected = sum((n - 1.0) ** 2 for n in norms) / len(norms)
+    assert float(gp.detach()) == pytest.approx(expected, rel=1e-4)
+
+    # the same value under bf16 autocast: the penalty is computed in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gp_amp = gradient_penalty(critic, real.bfloat16(), fake.bfloat16(), eps)
+    assert gp_amp.dtype == torch.float32
+    assert float(gp_amp.detach()) == pytest.approx(
+        float(gradient_penalty(critic, real.bfloat16().float(), fake.bfloat16().float(), eps)), rel=1e-6
+    )
+
+
+def test_critic_loss_is_wgan_gp(tmp_path: Path) -> None:
+    ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 3, 1)
+    model = AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1)
+    torch.manual_seed(0)
+    real, fake = torch.randn(6, 3), torch.randn(6, 3)
+    torch.manual_seed(1)
+    parts = model.critic_parts(real, fake)
+    torch.manual_seed(1)
+    d_real, d_fake = model.critic(real).mean(), model.critic(fake).mean()
+    gp = gradient_penalty(model.critic, real, fake)
+    assert float(parts["critic"]) == pytest.approx(float(d_fake - d_real + 10.0 * gp), rel=1e-5)
+    assert float(parts["gp"]) == pytest.approx(float(gp), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ store
+def test_prediction_store_returns_last_predictions_by_index() -> None:
+    store = PredictionStore(3)
+    store.update(torch.tensor([5, 2]), torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    store.update(torch.tensor([5]), torch.tensor([[7.0, 8.0, 9.0]]))  # a later prediction replaces the old one
+    logits, seen = store.lookup(torch.tensor([2, 5, 7]))
+    assert logits.tolist() == [[4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [0.0, 0.0, 0.0]]
+    assert seen.tolist() == [True, True, False]
+    target = store.targets(torch.tensor([2, 7]), torch.tensor([0, 1]), temperature=2.0)
+    assert torch.allclose(target[0], F.softmax(torch.tensor([4.0, 5.0, 6.0]) / 2, -1))
+    assert target[1].tolist() == [0.0, 1.0, 0.0]  # no prediction yet: the one-hot label
+    restored = PredictionStore(3)
+    restored.load_state_dict(store.state_dict())
+    assert torch.equal(restored.lookup(torch.tensor([2, 5]))[0], logits[:2])
+    with pytest.raises(CheckpointError, match="num_classes=4"):
+        PredictionStore(4).load_state_dict(store.state_dict())
+
+
+class RecordLogits(L.Callback):
+    """Record, per sample index, the logits the training step computed (epoch 0), and what the store
+    returns for each batch at the start of epoch 1."""
+
+    def __init__(self) -> None:
+        self.epoch0: dict[int, torch.Tensor] = {}
+        self.looked_up: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+        self._handle: Any = None
+
+    def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+        self._handle = pl_module.net.register_forward_hook(self._keep)
+        self._last: torch.Tensor | None = None
+
+    def _keep(self, module, inputs, output):  # noqa: ANN001, ANN201
+        if module.training and torch.is_grad_enabled():
+            self._last = output.detach().clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+        if trainer.current_epoch == 1:
+            logits, seen = pl_module.store.lookup(batch["index"])
+            self.looked_up.append((batch["index"].tolist(), logits.clone(), seen.clone()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+        if trainer.current_epoch == 0:
+            for i, row in zip(batch["index"].tolist(), self._last):
+                self.epoch0[i] = row
+
+
+def test_store_holds_last_epochs_predictions_during_training(tmp_path: Path) -> None:
+    from kd_lightning.data import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=32, train_size=96, num_workers=0)
+    model = PSKD(net="tinynet", num_classes=10, in_channels=1, image_size=8)
+    rec = RecordLogits()
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[rec],
+        limit_val_batches=0,
+    )
+    trainer.fit(model, dm)
+    assert len(rec.epoch0) >= 90 and rec.looked_up  # (a stratified 96 may round up; drop_last skips the rest)
+    checked = 0
+    for indices, logits, seen in rec.looked_up:
+        for i, row, was_seen in zip(indices, logits, seen.tolist()):
+            assert was_seen == (i in rec.epoch0)  # trained on in epoch 0 <=> stored
+            if was_seen:
+                assert torch.allclose(row, rec.epoch0[i], atol=1e-6)
+                checked += 1
+    assert checked >= 80
+
+
+# ------------------------------------------------------------------------------------------ pairs
+def test_class_pair_sampler_yields_same_class_pairs_and_resumes() -> None:
+    labels = torch.tensor([0, 1, 2, 0, 1, 0, 2, 2, 1, 0, 3])  # class 3 has one sample: paired with itself
+    data = list(range(len(labels)))
+    s = ClassPairSampler(data, labels, seed=4)
+    s.set_epoch(1)
+    pairs = list(s)
+    assert sorted(i for i, _ in pairs) == data
+    for i, j in pairs:
+        assert labels[i] == labels[j]
+        assert j != i or i == 10
+    again = ClassPairSampler(data, labels, seed=4)
+    again.set_epoch(1)
+    assert list(again) == pairs  # a function of (seed, epoch)
+    other = ClassPairSampler(data, labels, seed=4)
+    other.set_epoch(2)
+    assert list(other) != pairs
+    resumed = ClassPairSampler(data, labels, seed=4)
+    resumed.load_state_dict(s.state_dict(consumed=4))
+    assert list(resumed) == pairs[4:]
+    # the paired dataset serves both samples
+    base = [{"image": torch.full((1, 2, 2), float(i)), "label": labels[i], "index": i} for i in data]
+    item = PairedDataset(base)[(0, 3)]  # type: ignore[arg-type]
+    assert item["index"] == 0 and item["pair_index"] == 3 and float(item["pair_image"].mean()) == 3.0
+
+
+def test_cskd_without_class_pairs_is_a_clear_error(fake_mnist: Path, kdl, capsys) -> None:  # noqa: ANN001
+    rc = kdl(
+        "fit",
+        "--config",
+        str(RECIPES / "fashion_mnist/cskd.yaml"),
+        "--data.init_args.root",
+        str(fake_mnist),
+        "--data.init_args.class_pairs",
+        "false",
+        "--trainer.fast_dev_run",
+        "1",
+        *QUIET,
+    )
+    assert rc == 2 and "class_pairs" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ loss
+def plain_kl(p: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
+    q = F.softmax(logits / t, -1)
+    return (p * (p.clamp_min(1e-30).log() - q.log())).sum(-1).mean()
+
+
+def test_loss_parts_combine_with_the_documented_weights(tmp_path: Path) -> None:
+    ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 4, 1)
+    model = AIKD(
+        pretrained=str(ssup),
+        net="tinynet",
+        num_classes=4,
+        in_channels=1,
+        guide_weight=0.2,
+        progressive_weight=0.3,
+        guide_temperature=3.0,
+        progressive_temperature=2.0,
+        adversarial_weight=0.5,
+    )
+    torch.manual_seed(0)
+    logits, guide, prev = torch.randn(6, 4), torch.randn(6, 4), torch.randn(6, 4)
+    label = torch.tensor([0, 1, 2, 3, 0, 1])
+    prev_p = F.softmax(prev / 2.0, -1)
+    from kd_lightning.data.mixing import MixedBatch
+
+    parts = model.student_parts(logits, MixedBatch(logits, label), prev_p, guide)
+    ce = F.cross_entropy(logits, label)
+    prog = 4.0 * plain_kl(prev_p, logits, 2.0)
+    guide_kl = 9.0 * plain_kl(F.softmax(guide / 3.0, -1), logits, 3.0)
+    adv = -model.critic(logits).mean()
+    for name, value in (("ce", ce), ("progressive", prog), ("guide", guide_kl), ("adv", adv)):
+        assert float(parts[name]) == pytest.approx(float(value), rel=1e-5), name
+    total = (1 - 0.3 - 0.2) * ce + 0.3 * prog + 0.2 * guide_kl + 0.5 * adv
+    assert float(model.combine(parts)) == pytest.approx(float(total), rel=1e-5)
+
+
+def test_pskd_ramp_and_weight_validation() -> None:
+    model = PSKD(net="tinynet", num_classes=3, in_channels=1)
+    trainer = L.Trainer(max_epochs=10, logger=False)
+    model.trainer = trainer
+    trainer.fit_loop.epoch_progress.current.completed = 4  # epoch 4 of 10 -> a_t = 0.8 * 5 / 10
+    assert model.progressive_weight_now() == pytest.approx(0.4)
+    assert model.loss_weights()["ce"] == pytest.approx(0.6)
+    with pytest.raises(ConfigError, match="negative"):
+        SelfKD(net="tinynet", num_classes=3, in_channels=1, guide_weight=0.6, progressive_weight=0.5, pretrained="x")
+    with pytest.raises(ConfigError, match="pretrained"):
+        AIKD(net="tinynet", num_classes=3, in_channels=1)
+    with pytest.raises(ConfigError, match="temperature"):
+        CSKD(net="tinynet", num_classes=3, in_channels=1, class_wise_temperature=0)
+
+
+# ------------------------------------------------------------------------------------------ mixing
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mixing_mixes_images_labels_and_targets_alike(mode: str) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 8, 8)
+    pair = torch.rand(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = BatchMixer(mode, alpha=1.0)(x, y, pair)
+    assert out.mixed and 0.0 <= out.lam <= 1.0
+    if mode == "mixup":
+        assert torch.allclose(out.image, out.lam * x + (1 - out.lam) * x[out.perm])
+        assert torch.allclose(out.pair_image, out.lam * pair + (1 - out.lam) * pair[out.perm])
+    else:  # the pasted area is 1 - lam of the image, in both batches
+        pasted = (out.image != x).float().mean() if out.lam < 1 else torch.tensor(0.0)
+        assert float(pasted) <= 1 - out.lam + 1e-6
+    logits = torch.randn(6, 3)
+    ce = out.cross_entropy(logits)
+    expected = out.lam * F.cross_entropy(logits, y) + (1 - out.lam) * F.cross_entropy(logits, y[out.perm])
+    assert float(ce) == pytest.approx(float(expected), rel=1e-6)
+    q = F.softmax(torch.randn(6, 3), -1)
+    assert torch.allclose(out.mix_targets(q), out.lam * q + (1 - out.lam) * q[out.perm])
+
+
+def test_cutout_blanks_one_square_per_image() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(5, 1, 16, 16)
+    out = BatchMixer("cutout", cutout_size=4, fill=0.0)(x, torch.zeros(5, dtype=torch.long))
+    assert not out.mixed and torch.equal(out.label, torch.zeros(5, dtype=torch.long))
+    blanked = (out.image == 0).flatten(1).sum(1)
+    assert (blanked > 0).all() and (blanked <= 16).all()
+
+
+# ------------------------------------------------------------------------------------------ S_sup
+def test_ssup_of_another_architecture_or_class_count_is_refused(tmp_path: Path) -> None:
+    other_net = write_ssup(tmp_path / "a.ckpt", "resnet8", 4, 1)
+    with pytest.raises(ConfigError, match="'resnet8'.*net='tinynet'"):
+        AIKD(pretrained=str(other_net), net="tinynet", num_classes=4, in_channels=1)
+    other_classes = write_ssup(tmp_path / "b.ckpt", "tinynet", 5, 1)
+    with pytest.raises(ConfigError, match="num_classes=5.*num_classes=4"):
+        AIKD(pretrained=str(other_classes), net="tinynet", num_classes=4, in_channels=1)
+
+
+def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:  # noqa: ANN001
+    root = write_cub(tmp_path / "cub", num_classes=3, per_class=3, size=16)
+    rc = kdl(
+        "fit",
+        "--config",
+        str(RECIPES / "aikd_cub.yaml"),
+        "--data.init_args.root",
+        str(root),
+        "--trainer.fast_dev_run",
+        "1",
+        *QUIET,
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "runs/cub200/teacher/checkpoints/best.ckpt" in err and "does not exist" in err
+    assert "recipes/cub200/teacher.yaml" in err
+
+
+# ------------------------------------------------------------------------------------------ recipes
+@pytest.mark.parametrize("name", list(SELF_KD_RECIPES))
+def test_self_kd_recipe_fast_dev_run(name: str, kdl, tmp_path: Path, fake_mnist: Path) -> None:  # noqa: ANN001
+    recipe = SELF_KD_RECIPES[name]
+    text = recipe.read_text()
+    if "CUB200DataModule" in text:
+        root = write_cub(tmp_path / "cub", num_classes=4, per_class=5, size=32)
+        data = ["--data.init_args.root", str(root), "--data.init_args.image_size", "32"]
+        ssup = ("resnet18", 4, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    else:
+        data = ["--data.init_args.root", str(fake_mnist)]
+        ssup = ("resnet8", 10, 1, (0.2860,), (0.3530,))
+    extra = []
+    if "pretrained:" in text:
+        extra = ["--model.init_args.pretrained", str(write_ssup(tmp_path / "ssup.ckpt", *ssup))]
+    assert kdl("fit", "--config", str(recipe), *data, *extra, "--trainer.fast_dev_run", "1", *QUIET) == 0
+
+
+@pytest.mark.parametrize("mixing", ["cutmix", "mixup", "cutout"])
+def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+    ssup = write_ssup(tmp_path / "ssup.ckpt", "resnet8", 10, 1, (0.3053,), (0.3760,))
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(RECIPES / "fashion_mnist/aikd.yaml"),
+            "--data",
+            "DigitsDataModule",
+            "--data.init_args.batch_size",
+            "32",
+            "--model.init_args.pretrained",
+            str(ssup),
+            "--model.init_args.mixing",
+            mixing,
+            "--trainer.fast_dev_run",
+            "2",
+            *QUIET,
+        )
+        == 0
+    )
+
+
+def test_cskd_with_cutmix_on_digits(kdl) -> None:  # noqa: ANN001
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(RECIPES / "fashion_mnist/cskd.yaml"),
+            "--data",
+            "DigitsDataModule",
+            "--data.init_args.class_pairs",
+            "true",
+            "--data.init_args.batch_size",
+            "32",
+            "--model.init_args.mixing",
+            "cutmix",
+            "--trainer.fast_dev_run",
+            "1",
+            *QUIET,
+        )
+        == 0
+    )
+
+
+# ------------------------------------------------------------------------------------------ resume
+RESUME_ARGS = [
+    "--data",
+    "DigitsDataModule",
+    "--data.init_args.train_size",
+    "128",
+    "--data.init_args.batch_size",
+    "32",
+    "--model.init_args.net",
+    "tinynet",
+    "--trainer.max_epochs",
+    "3",
+    "--model.init_args.lr_scheduler.init_args.T_max",
+    "3",
+    *QUIET,
+]
+
+
+class CrashAtEpoch(L.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("injected crash")
+
+
+def test_aikd_resume_restores_the_store_exactly(kdl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    ssup = write_ssup(tmp_path / "ssup.ckpt", "tinynet", 10, 1, (0.3053,), (0.3760,))
+    args = [
+        "fit",
+        "--config",
+        str(RECIPES / "fashion_mnist/aikd.yaml"),
+        *RESUME_ARGS,
+        "--model.init_args.pretrained",
+        str(ssup),
+    ]
+    assert kdl(*args, "--trainer.default_root_dir", "ref") == 0
+    extra: list[L.Callback] = []
+    original = cli.KDLCLI.after_instantiate_classes
+
+    def with_extra(self: Any) -> None:
+        original(self)
+        self.trainer.callbacks[:0] = extra
+
+    monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_extra)
+    extra[:] = [CrashAtEpoch(2)]
+    with pytest.raises(RuntimeError, match="injected crash"):
+        kdl(*args, "--trainer.default_root_dir", "run")
+    interrupted = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
+    assert interrupted["epoch"] == 1 and int(interrupted[STORE_KEY]["seen"].sum()) == 128
+
+    restored: dict[str, torch.Tensor] = {}
+
+    class CheckStore(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+            restored.update(pl_module.store.state_dict())
+
+    extra[:] = [CheckStore()]
+    assert kdl(*args, "--trainer.default_root_dir", "run", "--ckpt_path", "last") == 0
+    assert torch.equal(restored["logits"], interrupted[STORE_KEY]["logits"])
+    ref, res = (
+        load_checkpoint(tmp_path / "ref/checkpoints/last.ckpt"),
+        load_checkpoint(tmp_path / "run/checkpoints/last.ckpt"),
+    )
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(value, res["state_dict"][key]), key
+    assert torch.equal(ref[STORE_KEY]["logits"], res[STORE_KEY]["logits"])
+    assert [s["state"] for s in ref["optimizer_states"]].__len__() == 2  # student and critic optimisers
+
+
+@pytest.mark.slow
+def test_store_is_complete_under_ddp(tmp_path: Path) -> None:
+    """Two gloo ranks each train on half of every epoch; both halves must reach the (rank-0) checkpoint's store."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    ssup = write_ssup(tmp_path / "ssup.ckpt", "tinynet", 10, 1, (0.3053,), (0.3760,))
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    args = [
+        "fit",
+        "--config",
+        str(RECIPES / "fashion_mnist/aikd.yaml"),
+        *RESUME_ARGS,
+        "--trainer.max_epochs",
+        "1",
+        "--model.init_args.pretrained",
+        str(ssup),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp_find_unused_parameters_true",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_lightning.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    store = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")[STORE_KEY]
+    # 128 images, 64 per rank, 2 steps of 32 per rank: all 128 stored (one rank alone would hold 64)
+    assert int(store["seen"].sum()) == 128
