@@ -66,3 +66,19 @@ def kdl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             return int(e.code or 0)
 
     return run
+
+
+@pytest.fixture
+def kdl_callbacks(monkeypatch: pytest.MonkeyPatch) -> list:
+    """A list whose callbacks every in-process ``kdl`` run of the test gets first (fill or clear it between runs)."""
+    import kd_lightning.cli as cli
+
+    extra: list = []
+    original = cli.KDLCLI.after_instantiate_classes
+
+    def with_extra(self) -> None:  # noqa: ANN001
+        original(self)
+        self.trainer.callbacks[:0] = extra
+
+    monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_extra)
+    return extra

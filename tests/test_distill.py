@@ -244,24 +244,16 @@ def test_crd_banks_are_checkpointed_and_reload(digits_teacher: Path, tmp_path: P
 
 
 def test_distill_resume_is_bit_exact(
-    kdl, digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kdl, kdl_callbacks, digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001
     """SIGTERM mid-epoch, resume: same weights, connectors, CRD banks and optimiser state as one run."""
-    import kd_lightning.cli as cli
     from kd_lightning.callbacks import EXIT_SIGTERM
     from tests.conftest import RECIPES
     from tests.test_resume import BASE, STEPS_PER_EPOCH, Interrupt, assert_same, final_state
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    extra: list[L.Callback] = []
-    original = cli.KDLCLI.after_instantiate_classes
-
-    def with_extra(self) -> None:  # noqa: ANN001
-        original(self)
-        self.trainer.callbacks[:0] = extra
-
-    monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_extra)
+    extra = kdl_callbacks
     args = [
         "fit",
         "--config",

@@ -436,25 +436,17 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_gan_resume_is_exact_and_sample_command_writes_counts(kdl, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    import kd_lightning.cli as cli
+def test_gan_resume_is_exact_and_sample_command_writes_counts(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     from kd_lightning.callbacks import EXIT_SIGTERM
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     args = [*GAN_ARGS, "--trainer.max_steps", "12"]
     assert kdl("fit", *args, "--trainer.default_root_dir", "ref") == 0
-    extra: list[L.Callback] = [SigtermAt(3)]
-    original = cli.KDLCLI.after_instantiate_classes
-
-    def with_extra(self: Any) -> None:
-        original(self)
-        self.trainer.callbacks[:0] = extra
-
-    monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_extra)
+    kdl_callbacks[:] = [SigtermAt(3)]
     assert kdl("fit", *args, "--trainer.default_root_dir", "run") == EXIT_SIGTERM
     assert load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")["global_step"] == 8  # 4 batches x (D + G)
-    extra.clear()
+    kdl_callbacks.clear()
     assert kdl("fit", *args, "--trainer.default_root_dir", "run", "--ckpt_path", "last") == 0
     ref, res = (load_checkpoint(tmp_path / f"{r}/checkpoints/last.ckpt") for r in ("ref", "run"))
     assert ref["global_step"] == res["global_step"] == 12

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
@@ -57,18 +56,11 @@ class Interrupt(L.Callback):
 
 
 @pytest.fixture
-def fit(kdl, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def fit(kdl, kdl_callbacks, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """``fit(root, *args, callback=None)`` runs ``kdl fit`` on one thread, optionally with an extra callback."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    extra: list[L.Callback] = []
-    original = cli.KDLCLI.after_instantiate_classes
-
-    def with_extra(self: Any) -> None:
-        original(self)
-        self.trainer.callbacks[:0] = extra
-
-    monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_extra)
+    extra = kdl_callbacks
 
     def run(root: str, *args: str, callback: L.Callback | None = None) -> int:
         extra[:] = [callback] if callback else []

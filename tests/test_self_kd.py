@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kd_lightning.cli as cli
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.data.mixing import BatchMixer
 from kd_lightning.data.pairs import ClassPairSampler, PairedDataset
@@ -431,7 +430,7 @@ class CrashAtEpoch(L.Callback):
             raise RuntimeError("injected crash")
 
 
-def test_aikd_resume_restores_the_store_exactly(kdl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     ssup = write_ssup(tmp_path / "ssup.ckpt", "tinynet", 10, 1, (0.3053,), (0.3760,))
@@ -444,14 +443,7 @@ def test_aikd_resume_restores_the_store_exactly(kdl, tmp_path: Path, monkeypatch
         str(ssup),
     ]
     assert kdl(*args, "--trainer.default_root_dir", "ref") == 0
-    extra: list[L.Callback] = []
-    original = cli.KDLCLI.after_instantiate_classes
-
-    def with_extra(self: Any) -> None:
-        original(self)
-        self.trainer.callbacks[:0] = extra
-
-    monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_extra)
+    extra = kdl_callbacks
     extra[:] = [CrashAtEpoch(2)]
     with pytest.raises(RuntimeError, match="injected crash"):
         kdl(*args, "--trainer.default_root_dir", "run")
