@@ -209,6 +209,9 @@ def test_regression_distils_with_feature_losses_and_refuses_logit_losses(value_t
     assert {f"{k}_epoch" for k in parts} <= set(trainer.callback_metrics)
     res = trainer.test(model, dm, verbose=False)[0]
     assert res["test/mae"] < 0.75 * 2.5  # in digit units; the best constant predictor is ~2.5
+    trainer.save_checkpoint(tmp_path / "student.ckpt")  # a distilled regressor can teach in turn
+    again = FrozenTeacher.from_checkpoint(tmp_path / "student.ckpt")
+    assert again.task == "regression" and again.num_classes is None
 
 
 def test_mismatched_teacher_is_named(digits_teacher: Path) -> None:

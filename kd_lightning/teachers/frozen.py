@@ -10,10 +10,8 @@ parent module never puts the teacher's BatchNorm/Dropout into training mode.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -66,10 +64,10 @@ class FrozenTeacher(nn.Module):
                 f"checkpoint {str(path)!r} holds no 'net' hyper-parameter: it was not written by a "
                 "kd_lightning model with a registered net (e.g. ImageClassifier)"
             )
-        task = _task_of(hp)
+        state = ckpt["state_dict"]
+        task = _task_of(name, state)
         num_classes = hp.get("num_classes") if task == "classification" else None
         net = create_net(name, num_classes=num_classes or 1, in_channels=int(hp.get("in_channels", 3)), task=task)
-        state = ckpt["state_dict"]
         net_state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
         _load_strict(net, net_state, str(path))
         normalize = Normalize(hp.get("mean") or (0.5,), hp.get("std") or (0.5,), int(hp.get("in_channels", 3)))
@@ -143,20 +141,14 @@ class FrozenTeacher(nn.Module):
             )
 
 
-def _task_of(hp: dict[str, Any]) -> Task:
-    """The task of the module class that wrote the checkpoint (``_class_path``), else guessed from label_range."""
-    class_path = hp.get("_class_path")
-    if class_path:
-        module_name, _, cls_name = str(class_path).rpartition(".")
-        try:
-            task = getattr(getattr(importlib.import_module(module_name), cls_name), "task", None)
-        except (ImportError, AttributeError):
-            task = None
-        if hp.get("task") in ("classification", "regression"):  # modules whose task is an argument
-            task = hp["task"]
-        if task in ("classification", "regression"):
-            return task
-    return "regression" if hp.get("label_range") is not None else "classification"
+def _task_of(net: str, state: dict[str, torch.Tensor]) -> Task:
+    """Regression when the net's head has a single output (a classifier has >= 2 classes), from the weights alone.
+
+    This holds for every checkpoint with a registered net, whichever module wrote it (a supervised model, a
+    distilled or self-distilled student).
+    """
+    head = state.get(f"net.{net_info(net).head}.weight")
+    return "regression" if head is not None and head.shape[0] == 1 else "classification"
 
 
 def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
