@@ -97,17 +97,16 @@ def main() -> int:
                 print(f"{kind}: {rates[kind][-1]:.0f} img/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     lines = [
-        f"Student {args.student}, teacher {Path(args.teacher).name}, Fashion-MNIST {args.train_size} images, batch 128, "
-        f"epochs 2-{args.epochs} timed, median of {args.repeats} alternated runs:",
+        f"Student {args.student}, teacher {Path(args.teacher).name}, Fashion-MNIST {args.train_size} images, "
+        f"batch 128, epochs 2-{args.epochs} timed, median of {args.repeats} alternated runs:",
         "",
         "| run | train img/s | vs NOKD |",
         "|---|---:|---:|",
     ]
     for kind in kinds:
         lines.append(f"| {kind} | {med[kind]:.0f} | {med[kind] / med['nokd']:.2f}x |")
-    lines.append(
-        f"\nBLKD step cost with the teacher every step / with the cache: {med['cached'] / med['teacher_every_step']:.2f}x"
-    )
+    speedup = med["cached"] / med["teacher_every_step"]
+    lines.append(f"\nBLKD step cost with the teacher every step / with the cache: {speedup:.2f}x")
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:

@@ -50,8 +50,9 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self.starts: list[tuple[int, float]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.starts.append((trainer.current_epoch, time.perf_counter()))
 
 
@@ -63,13 +64,31 @@ def steady_rate(starts: list[tuple[int, float]], batch: int, warmup: int) -> flo
 
 def run_kdl(args: argparse.Namespace, lean: bool) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--config", str(RECIPE), "--model.init_args.net", args.net, "--trainer.max_epochs",
-                str(args.epochs), "--data.init_args.image_size", str(args.image_size), "--data.init_args.batch_size",
-                str(args.batch), "--trainer.default_root_dir", tmp,
-                "--model.init_args.lr_scheduler.init_args.T_max", str(args.epochs)]
+        argv = [
+            "--config",
+            str(RECIPE),
+            "--model.init_args.net",
+            args.net,
+            "--trainer.max_epochs",
+            str(args.epochs),
+            "--data.init_args.image_size",
+            str(args.image_size),
+            "--data.init_args.batch_size",
+            str(args.batch),
+            "--trainer.default_root_dir",
+            tmp,
+            "--model.init_args.lr_scheduler.init_args.T_max",
+            str(args.epochs),
+        ]
         if lean:
-            argv += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                     "--trainer.enable_model_summary", "false"]
+            argv += [
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+            ]
             argv += ["--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
         cli = build_cli(argv, run=False)
         timer = StepTimer()
@@ -82,8 +101,14 @@ def run_plain(args: argparse.Namespace) -> float:
     """The same net, data, augmentation, loss and optimiser in a hand-written loop."""
     dm = DigitsDataModule(batch_size=args.batch, image_size=args.image_size)
     dm.setup("fit")
-    loader = DataLoader(dm.train_dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                        num_workers=dm.num_workers, persistent_workers=dm.num_workers > 0)
+    loader = DataLoader(
+        dm.train_dataset,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=dm.num_workers,
+        persistent_workers=dm.num_workers > 0,
+    )
     net = create_net(args.net, num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
     normalize = Normalize(dm.mean, dm.std, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)

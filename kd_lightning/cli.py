@@ -56,12 +56,28 @@ class KDCheckpoint(ModelCheckpoint):
     ``<trainer.default_root_dir>/checkpoints``, a stable place that later stages can name.
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "best", monitor: str | None = None,
-                 mode: str | None = None, save_last: bool = True, save_top_k: int = 1,
-                 enable_version_counter: bool = False, **kwargs: Any) -> None:
-        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode or "min",
-                         save_last=save_last, save_top_k=save_top_k, auto_insert_metric_name=False,
-                         enable_version_counter=enable_version_counter, **kwargs)
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "best",
+        monitor: str | None = None,
+        mode: str | None = None,
+        save_last: bool = True,
+        save_top_k: int = 1,
+        enable_version_counter: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            mode=mode or "min",
+            save_last=save_last,
+            save_top_k=save_top_k,
+            auto_insert_metric_name=False,
+            enable_version_counter=enable_version_counter,
+            **kwargs,
+        )
         self._mode_given = mode is not None
         self._last_saved_at: int | None = None
 
@@ -72,8 +88,11 @@ class KDCheckpoint(ModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def _would_save_last(self, trainer: L.Trainer, on_train_epoch_end: bool) -> bool:
-        return bool(self.save_last) and not self._should_skip_saving_checkpoint(trainer) and (
-            self._should_save_on_train_epoch_end(trainer) == on_train_epoch_end)
+        return (
+            bool(self.save_last)
+            and not self._should_skip_saving_checkpoint(trainer)
+            and (self._should_save_on_train_epoch_end(trainer) == on_train_epoch_end)
+        )
 
     def _ensure_last(self, trainer: L.Trainer, eligible: bool) -> None:
         if eligible and self._last_saved_at != trainer.global_step:
@@ -122,8 +141,12 @@ class KDLCLI(LightningCLI):
         parser.add_lightning_class_args(KDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GracefulStop, "graceful_stop")
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
-        parser.add_argument("--allow_resume_mismatch", type=bool, default=False,
-                            help="resume even when the recipe's model/data differ from the checkpoint's")
+        parser.add_argument(
+            "--allow_resume_mismatch",
+            type=bool,
+            default=False,
+            help="resume even when the recipe's model/data differ from the checkpoint's",
+        )
         for key in LINKED_DATA_FACTS:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
@@ -134,8 +157,10 @@ class KDLCLI(LightningCLI):
         except Exception as e:  # noqa: BLE001
             sub = self.config.get("subcommand")
             path = self.config[sub].get("ckpt_path") if sub else None
-            raise CheckpointError(f"checkpoint {path!r} cannot be read as a kdl checkpoint "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+            raise CheckpointError(
+                f"checkpoint {path!r} cannot be read as a kdl checkpoint "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
 
     def before_instantiate_classes(self) -> None:
         trainer = self._subcommand_config().get("trainer", {}) or {}
@@ -144,7 +169,9 @@ class KDLCLI(LightningCLI):
         if "bf16" in precision and on_cpu and not cpu_has_fast_bf16():
             warnings.warn(
                 f"trainer.precision={precision!r} on a CPU without AMX: bf16 autocast was measured ~15x slower "
-                "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs", stacklevel=1)
+                "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
+                stacklevel=1,
+            )
 
     def _subcommand_config(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -180,8 +207,10 @@ class KDLCLI(LightningCLI):
         diffs = config_differences(saved, self.recipe())
         if diffs:
             lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
-            raise ConfigError(f"refusing to resume from {path!r}: the recipe differs from the checkpoint's in "
-                              f"{len(diffs)} key(s):\n{lines}\npass --allow_resume_mismatch true to resume anyway")
+            raise ConfigError(
+                f"refusing to resume from {path!r}: the recipe differs from the checkpoint's in "
+                f"{len(diffs)} key(s):\n{lines}\npass --allow_resume_mismatch true to resume anyway"
+            )
 
 
 def resolve_ckpt_path(ckpt_path: Any, trainer: L.Trainer) -> str | None:
@@ -242,8 +271,10 @@ def _quiet_lightning() -> None:
         handler.addFilter(_DropTips())
 
 
-_NOISE = (r"Expected a <class 'NoneType'>|^Given value|NestedArg|^Errors:|^Subtypes:"
-          r"|Does not validate against any of the Union")
+_NOISE = (
+    r"Expected a <class 'NoneType'>|^Given value|NestedArg|^Errors:|^Subtypes:"
+    r"|Does not validate against any of the Union"
+)
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
@@ -259,8 +290,7 @@ def _user_error(exc: BaseException) -> BaseException | None:
 
 def _short_parse_error(msg: str) -> str:
     """jsonargparse reports every union member it tried; keep the lines that name the problem."""
-    keep = [ln.strip() for ln in msg.splitlines()
-            if ln.strip() and not re.search(_NOISE, ln.strip())]
+    keep = [ln.strip() for ln in msg.splitlines() if ln.strip() and not re.search(_NOISE, ln.strip())]
     return "\n  ".join(keep[:6]) if keep else msg
 
 
@@ -289,8 +319,11 @@ def main(args: list[str] | None = None) -> int:
     except ArgumentError as e:
         if debug:
             raise
-        print(f"kdl: error: {_short_parse_error(str(e))}\n(see `kdl {argv[0] if argv else ''} --help`; "
-              "KDL_DEBUG=1 shows the full message)", file=sys.stderr)
+        print(
+            f"kdl: error: {_short_parse_error(str(e))}\n(see `kdl {argv[0] if argv else ''} --help`; "
+            "KDL_DEBUG=1 shows the full message)",
+            file=sys.stderr,
+        )
         return 2
     except Exception as e:
         user_error = _user_error(e)

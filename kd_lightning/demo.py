@@ -33,14 +33,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_stage(name: str, recipe: Path, net: str, args: argparse.Namespace, data_args: list[str],
-              model_args: tuple[str, ...] = ()) -> dict[str, float]:
+def run_stage(
+    name: str, recipe: Path, net: str, args: argparse.Namespace, data_args: list[str], model_args: tuple[str, ...] = ()
+) -> dict[str, float]:
     """Fit ``recipe`` with ``net``, then test its best checkpoint; return the table row."""
     root_dir = str(Path(args.out) / name)
-    common = ["--config", str(recipe), "--model.init_args.net", net, "--trainer.default_root_dir", root_dir,
-              "--seed_everything", str(args.seed), *data_args, *model_args]
-    fit_args = [*common, "--trainer.max_epochs", str(args.epochs),
-                "--model.init_args.lr_scheduler.init_args.T_max", str(args.epochs)]
+    common = [
+        "--config",
+        str(recipe),
+        "--model.init_args.net",
+        net,
+        "--trainer.default_root_dir",
+        root_dir,
+        "--seed_everything",
+        str(args.seed),
+        *data_args,
+        *model_args,
+    ]
+    fit_args = [
+        *common,
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--model.init_args.lr_scheduler.init_args.T_max",
+        str(args.epochs),
+    ]
     meter = TrainThroughput()
     print(f"\n=== {name}: {net} ({recipe.relative_to(RECIPES.parent)}) ===", flush=True)
     t0 = time.perf_counter()
@@ -53,22 +69,33 @@ def run_stage(name: str, recipe: Path, net: str, args: argparse.Namespace, data_
     test = build_cli(["test", *common, "--ckpt_path", str(best)])
     m = test.trainer.callback_metrics
     return {
-        "name": name, "net": net, "params": sum(p.numel() for p in cli.model.net.parameters()),
-        "val_acc1": val_acc, "test_acc1": float(m["test/acc1"]), "test_f1": float(m["test/f1"]),
-        "test_ece": float(m["test/ece"]), "img_s": meter.images_per_second,
-        "n_train": len(cli.datamodule.train_dataset), "fit_min": fit_s / 60, "ckpt": str(best),
+        "name": name,
+        "net": net,
+        "params": sum(p.numel() for p in cli.model.net.parameters()),
+        "val_acc1": val_acc,
+        "test_acc1": float(m["test/acc1"]),
+        "test_f1": float(m["test/f1"]),
+        "test_ece": float(m["test/ece"]),
+        "img_s": meter.images_per_second,
+        "n_train": len(cli.datamodule.train_dataset),
+        "fit_min": fit_s / 60,
+        "ckpt": str(best),
     }
 
 
 def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> None:
-    print(f"\nResults on {dataset} (held-out test split; checkpoint chosen on validation top-1), "
-          f"{args.epochs} epochs, {rows[0]['n_train']} training images, seed {args.seed}:\n")
+    print(
+        f"\nResults on {dataset} (held-out test split; checkpoint chosen on validation top-1), "
+        f"{args.epochs} epochs, {rows[0]['n_train']} training images, seed {args.seed}:\n"
+    )
     print("| run | net | params | val top-1 | test top-1 | test macro-F1 | test ECE | train img/s | fit min |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['name']} | {r['net']} | {r['params'] / 1e6:.2f}M | {100 * r['val_acc1']:.2f}% | "
-              f"{100 * r['test_acc1']:.2f}% | {100 * r['test_f1']:.2f}% | {100 * r['test_ece']:.2f}% | "
-              f"{r['img_s']:.0f} | {r['fit_min']:.1f} |")
+        print(
+            f"| {r['name']} | {r['net']} | {r['params'] / 1e6:.2f}M | {100 * r['val_acc1']:.2f}% | "
+            f"{100 * r['test_acc1']:.2f}% | {100 * r['test_f1']:.2f}% | {100 * r['test_ece']:.2f}% | "
+            f"{r['img_s']:.0f} | {r['fit_min']:.1f} |"
+        )
     print("\nCheckpoints:")
     for r in rows:
         print(f"  {r['name']}: {r['ckpt']}")
@@ -81,22 +108,33 @@ def main(argv: list[str] | None = None) -> int:
     cpu_defaults()
     os.environ.setdefault("KDL_DEMO", "1")
     fashion = Path(args.root)
-    if all((fashion / f"{s}.gz").is_file() or (fashion / s).is_file()
-           for s in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")):
+    if all(
+        (fashion / f"{s}.gz").is_file() or (fashion / s).is_file()
+        for s in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
+    ):
         dataset, folder = f"Fashion-MNIST ({fashion})", "fashion_mnist"
         data_args = ["--data.init_args.root", str(fashion)]
         if args.train_size:
             data_args += ["--data.init_args.train_size", str(args.train_size)]
     else:
-        print(f"Fashion-MNIST not found under {fashion}: using scikit-learn's digits instead.\n"
-              "(Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist)", file=sys.stderr)
+        print(
+            f"Fashion-MNIST not found under {fashion}: using scikit-learn's digits instead.\n"
+            "(Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist)",
+            file=sys.stderr,
+        )
         dataset, folder, data_args = "scikit-learn digits", "digits", []
     teacher = run_stage("teacher", RECIPES / folder / "teacher.yaml", args.teacher, args, data_args)
     rows = [
         teacher,
         run_stage("student_nokd", RECIPES / folder / "student.yaml", args.student, args, data_args),
-        run_stage("student_blkd", RECIPES / folder / "blkd.yaml", args.student, args, data_args,
-                  ("--model.init_args.teacher", teacher["ckpt"])),
+        run_stage(
+            "student_blkd",
+            RECIPES / folder / "blkd.yaml",
+            args.student,
+            args,
+            data_args,
+            ("--model.init_args.teacher", teacher["ckpt"]),
+        ),
     ]
     print_table(rows, dataset, args)
     return 0

@@ -48,17 +48,33 @@ def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.Captur
 
 
 def test_wandb_fragment_stacks_onto_a_recipe(kdl, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
-    assert kdl("fit", "--config", str(RECIPES / "digits/student.yaml"), "--config",
-               str(RECIPES / "fragments/wandb.yaml"), "--print_config") == 0
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(RECIPES / "digits/student.yaml"),
+            "--config",
+            str(RECIPES / "fragments/wandb.yaml"),
+            "--print_config",
+        )
+        == 0
+    )
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["trainer"]["logger"]["class_path"].endswith("WandbLogger")
     assert cfg["model"]["init_args"]["net"] == "resnet8"
 
 
 @pytest.mark.parametrize(  # recipes needing a trained model run elsewhere: test_distill_recipes.py, test_self_kd.py
-    "recipe", [r for r in ALL_RECIPES if recipe_data_class(r) in (*MNIST_FORMAT, "DigitsDataModule")
-               and recipe_model_class(r) not in NEEDS_TEACHER and "pretrained:" not in r.read_text()],
-    ids=lambda p: str(p.relative_to(RECIPES)))
+    "recipe",
+    [
+        r
+        for r in ALL_RECIPES
+        if recipe_data_class(r) in (*MNIST_FORMAT, "DigitsDataModule")
+        and recipe_model_class(r) not in NEEDS_TEACHER
+        and "pretrained:" not in r.read_text()
+    ],
+    ids=lambda p: str(p.relative_to(RECIPES)),
+)
 def test_recipe_fast_dev_run(recipe: Path, kdl, fake_mnist: Path) -> None:  # noqa: ANN001
     extra = ["--data.init_args.root", str(fake_mnist)] if recipe_data_class(recipe) in MNIST_FORMAT else []
     assert kdl("fit", "--config", str(recipe), "--trainer.fast_dev_run", "1", *extra) == 0
@@ -66,8 +82,9 @@ def test_recipe_fast_dev_run(recipe: Path, kdl, fake_mnist: Path) -> None:  # no
 
 def test_data_facts_are_linked_into_the_model(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist)],
-                    run=False)
+    cli = build_cli(
+        ["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist)], run=False
+    )
     hp = cli.model.hparams
     assert (hp.num_classes, hp.in_channels, hp.image_size) == (10, 1, 32)
     assert hp.mean == pytest.approx((0.2860,)) and hp.std == pytest.approx((0.3530,))
@@ -76,8 +93,19 @@ def test_data_facts_are_linked_into_the_model(fake_mnist: Path, tmp_path: Path, 
 
 
 def test_fit_writes_last_and_best_checkpoints_and_can_rerun(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    args = ["fit", "--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist),
-            "--trainer.default_root_dir", "run", "--model.init_args.net", "tinynet", "--trainer.max_epochs", "2"]
+    args = [
+        "fit",
+        "--config",
+        str(RECIPES / "fashion_mnist/student.yaml"),
+        "--data.init_args.root",
+        str(fake_mnist),
+        "--trainer.default_root_dir",
+        "run",
+        "--model.init_args.net",
+        "tinynet",
+        "--trainer.max_epochs",
+        "2",
+    ]
     assert kdl(*args) == 0
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
@@ -93,8 +121,16 @@ def test_fit_writes_last_and_best_checkpoints_and_can_rerun(kdl, fake_mnist: Pat
 
 
 def test_test_subcommand_reports_metrics(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    common = ["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist),
-              "--trainer.default_root_dir", "run", "--model.init_args.net", "tinynet"]
+    common = [
+        "--config",
+        str(RECIPES / "fashion_mnist/student.yaml"),
+        "--data.init_args.root",
+        str(fake_mnist),
+        "--trainer.default_root_dir",
+        "run",
+        "--model.init_args.net",
+        "tinynet",
+    ]
     assert kdl("fit", *common, "--trainer.max_epochs", "1") == 0
     assert kdl("test", *common, "--ckpt_path", "run/checkpoints/best.ckpt") == 0
     metrics = sorted(tmp_path.glob("run/lightning_logs/version_*/metrics.csv"))[-1].read_text()
@@ -103,40 +139,65 @@ def test_test_subcommand_reports_metrics(kdl, fake_mnist: Path, tmp_path: Path) 
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kd_lightning.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_missing_data_root_is_one_clear_message(tmp_path: Path) -> None:
-    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"),
-                  "--data.init_args.root", "/does/not/exist", cwd=tmp_path)
+    res = run_cli(
+        "fit",
+        "--config",
+        str(RECIPES / "fashion_mnist/teacher.yaml"),
+        "--data.init_args.root",
+        "/does/not/exist",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
-    message = res.stderr[res.stderr.index("kdl: error:"):]
+    message = res.stderr[res.stderr.index("kdl: error:") :]
     assert "/does/not/exist" in message.splitlines()[0] and len(message.splitlines()) <= 2
 
 
 def test_typo_key_and_bad_values_are_named(tmp_path: Path) -> None:
-    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--model.init_args.nett", "x",
-                  cwd=tmp_path)
+    res = run_cli(
+        "fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--model.init_args.nett", "x", cwd=tmp_path
+    )
     assert res.returncode == 2 and "nett" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--trainer.max_epohs", "3",
-                  cwd=tmp_path)
+    res = run_cli(
+        "fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--trainer.max_epohs", "3", cwd=tmp_path
+    )
     assert res.returncode == 2 and "max_epohs" in res.stderr
-    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--model.init_args.net", "resnet9",
-                  cwd=tmp_path)
+    res = run_cli(
+        "fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"), "--model.init_args.net", "resnet9", cwd=tmp_path
+    )
     assert res.returncode == 2 and "resnet9" in res.stderr and "resnet8" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
-    res = run_cli("fit", "--config", str(RECIPES / "fashion_mnist/teacher.yaml"),
-                  "--data.init_args.root", "/does/not/exist", "--debug", cwd=tmp_path)
+    res = run_cli(
+        "fit",
+        "--config",
+        str(RECIPES / "fashion_mnist/teacher.yaml"),
+        "--data.init_args.root",
+        "/does/not/exist",
+        "--debug",
+        cwd=tmp_path,
+    )
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
 def test_wrong_checkpoint_is_refused_clearly(kdl, fake_mnist: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    base = ["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist),
-            "--trainer.default_root_dir", "run", "--model.init_args.net", "tinynet"]
+    base = [
+        "--config",
+        str(RECIPES / "fashion_mnist/student.yaml"),
+        "--data.init_args.root",
+        str(fake_mnist),
+        "--trainer.default_root_dir",
+        "run",
+        "--model.init_args.net",
+        "tinynet",
+    ]
     assert kdl("fit", *base, "--trainer.max_epochs", "1") == 0
     # a checkpoint for another number of classes
     with pytest.raises(CheckpointError, match="checkpoint does not fit.*shape differs: net.fc"):
@@ -153,5 +214,16 @@ def test_wrong_checkpoint_is_refused_clearly(kdl, fake_mnist: Path, tmp_path: Pa
 def test_bf16_on_slow_cpu_warns(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="bf16"):
-        build_cli(["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--trainer.accelerator", "cpu",
-                   "--trainer.precision", "bf16-mixed", "--data.init_args.root", str(fake_mnist)], run=False)
+        build_cli(
+            [
+                "--config",
+                str(RECIPES / "fashion_mnist/student.yaml"),
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.precision",
+                "bf16-mixed",
+                "--data.init_args.root",
+                str(fake_mnist),
+            ],
+            run=False,
+        )

@@ -98,7 +98,7 @@ def test_batch_format_index_and_padding() -> None:
     assert set(batch) == {"image", "label", "index"}
     x, y, idx = batch["image"], batch["label"], batch["index"]
     assert x.shape == (8, 1, 16, 16) and x.dtype == torch.float32
-    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= 0.0 and x.max() <= 1.0
     assert y.dtype == torch.int64
     base = dm.train_dataset.dataset.base
     for i in range(8):  # the index points at the very sample in the underlying set

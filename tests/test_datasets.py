@@ -9,16 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.fake_datasets import (
-    corrupt,
-    write_cifar,
-    write_cub,
-    write_image_folder,
-    write_rc49,
-    write_steering,
-    write_tiny_imagenet,
-    write_utkface,
-)
 
 from kd_lightning.data import (
     CIFAR10DataModule,
@@ -34,6 +24,16 @@ from kd_lightning.data.image_files import ImageFileDataset
 from kd_lightning.data.rotated import RotatedDataset, inscribed_side
 from kd_lightning.data.steering import angle_intervals
 from kd_lightning.errors import DataNotFoundError
+from tests.fake_datasets import (
+    corrupt,
+    write_cifar,
+    write_cub,
+    write_image_folder,
+    write_rc49,
+    write_steering,
+    write_tiny_imagenet,
+    write_utkface,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 HAS_H5PY = importlib.util.find_spec("h5py") is not None

@@ -20,16 +20,32 @@ from kd_lightning.checkpoints import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "digits" / "student.yaml"
 EPOCHS = 6
-COMMON = ["--config", str(RECIPE), "--trainer.max_epochs", str(EPOCHS), "--trainer.accelerator", "cpu",
-          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-          "--model.init_args.lr_scheduler.init_args.T_max", str(EPOCHS)]
+COMMON = [
+    "--config",
+    str(RECIPE),
+    "--trainer.max_epochs",
+    str(EPOCHS),
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--model.init_args.lr_scheduler.init_args.T_max",
+    str(EPOCHS),
+]
 
 
 def run_kdl(root: Path, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kd_lightning.cli", "fit", *COMMON,
-                           "--trainer.default_root_dir", str(root), *args],
-                          cwd=root.parent, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_lightning.cli", "fit", *COMMON, "--trainer.default_root_dir", str(root), *args],
+        cwd=root.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = load_checkpoint(root / "checkpoints" / "last.ckpt")
     state = next(v for k, v in ckpt["callbacks"].items() if "KDCheckpoint" in k)
@@ -39,8 +55,9 @@ def run_kdl(root: Path, *args: str) -> dict:
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
     single = run_kdl(tmp_path / "single", "--trainer.devices", "1", "--data.init_args.batch_size", "64")
-    ddp = run_kdl(tmp_path / "ddp", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                  "--data.init_args.batch_size", "32")
+    ddp = run_kdl(
+        tmp_path / "ddp", "--trainer.strategy", "ddp", "--trainer.devices", "2", "--data.init_args.batch_size", "32"
+    )
     # 1,298 training images: 20 steps of 64 per epoch in one process; 649 per rank -> 20 steps of 32 under DDP
     assert single["global_step"] == ddp["global_step"] == EPOCHS * 20
     assert single["best"] > 0.85

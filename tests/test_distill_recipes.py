@@ -25,7 +25,7 @@ DATA = {
 def write_teacher(
     path: Path, num_classes: int | None, in_channels: int, image_size: int, mean: tuple, std: tuple
 ) -> Path:
-    """A (random) tinynet classifier, or regressor when ``num_classes`` is None, saved with the keys a kdl run writes."""
+    """A random tinynet classifier (regressor when ``num_classes`` is None) saved with the keys a kdl run writes."""
     cls = ImageClassifier if num_classes else ImageRegressor
     extra = {"num_classes": num_classes} if num_classes else {"label_range": (0.0, 1.0)}
     model = cls(net="tinynet", in_channels=in_channels, image_size=image_size, mean=mean, std=std, **extra)

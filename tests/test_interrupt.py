@@ -26,9 +26,20 @@ from kd_lightning.methods import ImageClassifier
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "digits" / "student.yaml"
 STEPS_PER_EPOCH = 6  # 200 images, batch 32
-ARGS = ["--model.init_args.net", "tinynet", "--data.init_args.train_size", "200",
-        "--data.init_args.batch_size", "32", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false"]
+ARGS = [
+    "--model.init_args.net",
+    "tinynet",
+    "--data.init_args.train_size",
+    "200",
+    "--data.init_args.batch_size",
+    "32",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 def kdl_process(root: Path, *args: str, prelude: str = "") -> subprocess.Popen:
@@ -70,8 +81,21 @@ def test_sigterm_saves_last_and_exits_143_then_resumes(kdl, monkeypatch: pytest.
     # (or one more epoch when it stopped at an epoch end)
     target_epochs = stopped_at // STEPS_PER_EPOCH + 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert kdl("fit", "--config", str(RECIPE), *ARGS, "--trainer.default_root_dir", str(tmp_path / "run"),
-               "--trainer.max_epochs", str(target_epochs), "--ckpt_path", "last") == 0
+    assert (
+        kdl(
+            "fit",
+            "--config",
+            str(RECIPE),
+            *ARGS,
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.max_epochs",
+            str(target_epochs),
+            "--ckpt_path",
+            "last",
+        )
+        == 0
+    )
     assert load_checkpoint(last)["global_step"] == target_epochs * STEPS_PER_EPOCH
 
 
@@ -131,8 +155,16 @@ def test_nan_guard_stops_kdl_and_keeps_last_good_checkpoint(kdl, monkeypatch, tm
         self.trainer.callbacks.insert(0, PoisonBatch(epoch=1, batch=2))
 
     monkeypatch.setattr(cli.KDLCLI, "after_instantiate_classes", with_poison)
-    code = kdl("fit", "--config", str(RECIPE), *ARGS, "--trainer.max_epochs", "2",
-               "--trainer.default_root_dir", str(tmp_path / "run"))
+    code = kdl(
+        "fit",
+        "--config",
+        str(RECIPE),
+        *ARGS,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    )
     err = capsys.readouterr().err
     assert code == 2
     step = STEPS_PER_EPOCH + 2
@@ -158,8 +190,15 @@ def test_nan_guard_names_the_bad_part(tmp_path: Path) -> None:
     torch.manual_seed(0)
     dm = DigitsDataModule(train_size=100, batch_size=20)
     model = TwoPartLoss(net="tinynet", num_classes=10, in_channels=1, image_size=8)
-    trainer = L.Trainer(max_epochs=2, callbacks=[NaNGuard()], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=2,
+        callbacks=[NaNGuard()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     before = None
 
     class Snapshot(L.Callback):

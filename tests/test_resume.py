@@ -23,9 +23,24 @@ from kd_lightning.data.sampler import ResumableDataLoader, ResumableSampler
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digits" / "student.yaml"
 # 200 training images, batch 32 -> 6 steps per epoch; 3 epochs = 18 steps
-BASE = ["--model.init_args.net", "tinynet", "--trainer.max_epochs", "3", "--data.init_args.train_size", "200",
-        "--data.init_args.batch_size", "32", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--model.init_args.lr_scheduler.init_args.T_max", "3"]
+BASE = [
+    "--model.init_args.net",
+    "tinynet",
+    "--trainer.max_epochs",
+    "3",
+    "--data.init_args.train_size",
+    "200",
+    "--data.init_args.batch_size",
+    "32",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--model.init_args.lr_scheduler.init_args.T_max",
+    "3",
+]
 STEPS_PER_EPOCH = 6
 
 
@@ -194,14 +209,35 @@ def test_config_differences_lists_keys() -> None:
 def test_mismatched_resume_is_refused(fit, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert fit("run", "--trainer.max_epochs", "1") == 0
     capsys.readouterr()
-    code = fit("run", "--ckpt_path", "last", "--data.init_args.batch_size", "16", "--model.init_args.label_smoothing",
-               "0.1", "--trainer.max_epochs", "2")
+    code = fit(
+        "run",
+        "--ckpt_path",
+        "last",
+        "--data.init_args.batch_size",
+        "16",
+        "--model.init_args.label_smoothing",
+        "0.1",
+        "--trainer.max_epochs",
+        "2",
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "data.init_args.batch_size: checkpoint=32 now=16" in err
     assert "model.init_args.label_smoothing: checkpoint=0.0 now=0.1" in err
     assert "--allow_resume_mismatch" in err
     # a longer schedule is not a mismatch (trainer settings may change), and the flag overrides
-    assert fit("run", "--ckpt_path", "last", "--model.init_args.label_smoothing", "0.1", "--trainer.max_epochs", "2",
-               "--allow_resume_mismatch", "true") == 0
+    assert (
+        fit(
+            "run",
+            "--ckpt_path",
+            "last",
+            "--model.init_args.label_smoothing",
+            "0.1",
+            "--trainer.max_epochs",
+            "2",
+            "--allow_resume_mismatch",
+            "true",
+        )
+        == 0
+    )
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2 * STEPS_PER_EPOCH

@@ -88,8 +88,9 @@ class GracefulStop(L.Callback):
         except Exception:  # noqa: BLE001 - private API: assume the common case (validation at epoch end only)
             return False
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.requested or trainer.world_size > 1 or self._followed_by_validation_or_epoch_end(trainer):
             return
         path = last_checkpoint_path(trainer)
@@ -99,8 +100,13 @@ class GracefulStop(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # DDP: Lightning raised on every rank at the start of the same training step (state complete)
-        if (isinstance(exception, SIGTERMException) and trainer.world_size > 1 and self._trainer is not None
-                and not trainer.validating and not trainer.sanity_checking):
+        if (
+            isinstance(exception, SIGTERMException)
+            and trainer.world_size > 1
+            and self._trainer is not None
+            and not trainer.validating
+            and not trainer.sanity_checking
+        ):
             trainer.save_checkpoint(last_checkpoint_path(trainer))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -41,7 +41,8 @@ class NaNGuard(L.Callback):
             f"non-finite loss at step {trainer.global_step} (epoch {trainer.current_epoch}, batch "
             f"{trainer.fit_loop.epoch_loop.batch_idx}): {named}. Training stopped before the optimiser step; "
             "the last good checkpoint is kept. Lower the learning rate, enable gradient clipping, or check the "
-            "named loss part")
+            "named loss part"
+        )
 
 
 def non_finite_logged(trainer: L.Trainer) -> dict[str, float]:

@@ -99,8 +99,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any],
-                       ignore: tuple[str, ...] = RESUME_IGNORED_KEYS) -> list[tuple[str, Any, Any]]:
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = RESUME_IGNORED_KEYS
+) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` for every recipe key that differs (``<missing>`` if absent)."""
     a, b = flatten(saved), flatten(current)
     missing = "<missing>"

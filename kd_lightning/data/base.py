@@ -269,8 +269,9 @@ class ImageDataModule(L.LightningDataModule):
         dist_kwargs = (getattr(trainer, "distributed_sampler_kwargs", None) or {}) if trainer is not None else {}
         replicas, rank = int(dist_kwargs.get("num_replicas", 1)), int(dist_kwargs.get("rank", 0))
         per_rank = len(ds) // replicas  # type: ignore[arg-type]
-        sampler_kwargs = dict(seed=self.shuffle_seed(), shuffle=True, num_replicas=replicas, rank=rank,
-                              drop_last=replicas > 1)
+        sampler_kwargs = dict(
+            seed=self.shuffle_seed(), shuffle=True, num_replicas=replicas, rank=rank, drop_last=replicas > 1
+        )
         if self.class_pairs:
             from kd_lightning.data.pairs import ClassPairSampler, PairedDataset, dataset_labels
 

@@ -39,10 +39,23 @@ class ResumableSampler(DistributedSampler):
             repeating the start of the permutation, like ``DistributedSampler``).
     """
 
-    def __init__(self, data_source: Sized, seed: int = 0, shuffle: bool = True, num_replicas: int = 1,
-                 rank: int = 0, drop_last: bool = False) -> None:
-        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,  # type: ignore[arg-type]
-                         drop_last=drop_last)
+    def __init__(
+        self,
+        data_source: Sized,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            data_source,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,  # type: ignore[arg-type]
+            drop_last=drop_last,
+        )
         self._start = 0  # samples of this rank's share of ``self.epoch`` to skip on the next iteration
 
     def permutation(self, epoch: int) -> list[int]:
@@ -76,24 +89,38 @@ class ResumableSampler(DistributedSampler):
 
     def state_dict(self, consumed: int = 0) -> dict[str, Any]:
         """The resumable state after ``consumed`` samples of this rank's share of the current epoch."""
-        return {"seed": self.seed, "epoch": self.epoch, "consumed": consumed, "num_replicas": self.num_replicas,
-                "num_samples": self.num_samples, "dataset_size": len(self.dataset)}  # type: ignore[arg-type]
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "consumed": consumed,
+            "num_replicas": self.num_replicas,
+            "num_samples": self.num_samples,
+            "dataset_size": len(self.dataset),
+        }  # type: ignore[arg-type]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at the saved epoch and position (rescaled when the number of ranks changed)."""
         size = len(self.dataset)  # type: ignore[arg-type]
         if state["dataset_size"] != size:
-            raise CheckpointError(f"the checkpoint's training set has {state['dataset_size']} samples but this "
-                                  f"run's has {size}; resume with the same data (or start a new run)")
+            raise CheckpointError(
+                f"the checkpoint's training set has {state['dataset_size']} samples but this "
+                f"run's has {size}; resume with the same data (or start a new run)"
+            )
         if state["seed"] != self.seed:
-            warnings.warn(f"resuming with shuffle seed {self.seed} but the checkpoint used {state['seed']}; "
-                          "the order of later epochs will differ", stacklevel=2)
+            warnings.warn(
+                f"resuming with shuffle seed {self.seed} but the checkpoint used {state['seed']}; "
+                "the order of later epochs will differ",
+                stacklevel=2,
+            )
         consumed = int(state["consumed"])
         if state["num_replicas"] != self.num_replicas:
             # same global number of samples seen, spread over the new number of ranks (approximate)
             consumed = (consumed * int(state["num_replicas"])) // self.num_replicas
-            warnings.warn(f"resuming on {self.num_replicas} ranks from a checkpoint of {state['num_replicas']}: "
-                          "the rest of the interrupted epoch is re-sharded, so resumption is not exact", stacklevel=2)
+            warnings.warn(
+                f"resuming on {self.num_replicas} ranks from a checkpoint of {state['num_replicas']}: "
+                "the rest of the interrupted epoch is re-sharded, so resumption is not exact",
+                stacklevel=2,
+            )
         self.epoch = int(state["epoch"])
         self._start = min(consumed, self.num_samples)
 

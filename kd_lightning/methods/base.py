@@ -103,13 +103,18 @@ class BaseTask(L.LightningModule):
         if missing or unexpected or reshaped:
             hp = checkpoint.get("hyper_parameters", {})
             made_by = ", ".join(f"{k}={hp[k]!r}" for k in ("net", "num_classes", "in_channels") if k in hp)
-            parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                     for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
-                     if keys]
+            parts = [
+                f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
+                if keys
+            ]
+            ours_hp = ", ".join(
+                f"{k}={self.hparams[k]!r}" for k in ("net", "num_classes", "in_channels") if k in self.hparams
+            )
             raise CheckpointError(
-                f"checkpoint does not fit {type(self).__name__}"
-                f"({', '.join(f'{k}={self.hparams[k]!r}' for k in ('net', 'num_classes', 'in_channels') if k in self.hparams)})"
-                f"; it was saved by a model with {made_by or 'other hyper-parameters'} ({'; '.join(parts)})")
+                f"checkpoint does not fit {type(self).__name__}({ours_hp})"
+                f"; it was saved by a model with {made_by or 'other hyper-parameters'} ({'; '.join(parts)})"
+            )
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -120,7 +125,9 @@ class BaseTask(L.LightningModule):
         """Fail early, naming both values, when the data does not fit this model."""
         dm_task = getattr(dm, "task", self.task)
         if dm_task != self.task:
-            raise ConfigError(f"{type(self).__name__} is a {self.task} model but {type(dm).__name__} is a {dm_task} dataset")
+            raise ConfigError(
+                f"{type(self).__name__} is a {self.task} model but {type(dm).__name__} is a {dm_task} dataset"
+            )
         for key in ("num_classes", "in_channels"):
             ours, theirs = self.hparams.get(key), getattr(dm, key, None)
             if self.task == "regression" and key == "num_classes":

@@ -23,7 +23,9 @@ class NetTask(BaseTask):
         **kwargs: see :class:`~kd_lightning.methods.base.BaseTask`.
     """
 
-    def __init__(self, net: str = "resnet20", net_weights: str | None = None, channels_last: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, net: str = "resnet20", net_weights: str | None = None, channels_last: bool = True, **kwargs: Any
+    ) -> None:
         net_info(net)  # unknown name -> clear error before anything is built
         self.channels_last = channels_last
         super().__init__(**kwargs)
@@ -151,7 +153,11 @@ class ImageRegressor(NetTask):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         pred = self(batch["image"])
-        return {"index": batch["index"], "prediction": self.denormalize(pred), "label": self.denormalize(batch["label"].float())}
+        return {
+            "index": batch["index"],
+            "prediction": self.denormalize(pred),
+            "label": self.denormalize(batch["label"].float()),
+        }
 
 
 __all__ = ["ImageClassifier", "ImageRegressor", "NetTask"]

@@ -34,9 +34,7 @@ class VGG(nn.Module):
     def __init__(self, cfg: list[list[int]], num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         chans = [in_channels] + [c[-1] for c in cfg]
-        self.block0, self.block1, self.block2, self.block3, self.block4 = (
-            _block(chans[i], cfg[i]) for i in range(5)
-        )
+        self.block0, self.block1, self.block2, self.block3, self.block4 = (_block(chans[i], cfg[i]) for i in range(5))
         self.pool = nn.MaxPool2d(2, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
