@@ -11,9 +11,9 @@ import torch
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses import AT, BLKD, CRD, RKD, FitNet, get_loss, list_losses
-from kd_lightning.methods import DistillModule, ImageClassifier, ImageRegressor
+from kd_lightning.methods import DistillModule, ImageClassifier
 from kd_lightning.teachers import FrozenTeacher
-from tests.test_supervised import DigitValue, quiet_trainer
+from tests.test_supervised import DigitValue, digit_value_regressor, digits_classifier, quiet_trainer
 
 
 def fit_and_save(model: L.LightningModule, dm: L.LightningDataModule, path: Path, **trainer_kw) -> Path:  # noqa: ANN003
@@ -26,30 +26,14 @@ def fit_and_save(model: L.LightningModule, dm: L.LightningDataModule, path: Path
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     L.seed_everything(0)
-    dm = DigitsDataModule(batch_size=64, augment=False)
-    model = ImageClassifier(
-        net="tinynet",
-        num_classes=10,
-        in_channels=1,
-        mean=dm.mean,
-        std=dm.std,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-    )
+    model, dm = digits_classifier()
     return fit_and_save(model, dm, tmp_path_factory.mktemp("teacher") / "teacher.ckpt", max_epochs=3)
 
 
 @pytest.fixture(scope="module")
 def value_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     L.seed_everything(0)
-    dm = DigitValue(batch_size=64, augment=False)
-    model = ImageRegressor(
-        net="tinynet",
-        in_channels=1,
-        mean=dm.mean,
-        std=dm.std,
-        label_range=dm.label_range,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-    )
+    model, dm = digit_value_regressor()
     return fit_and_save(model, dm, tmp_path_factory.mktemp("regressor") / "regressor.ckpt", max_epochs=2)
 
 

@@ -102,15 +102,7 @@ class DigitValue(ImageDataModule):
 
 def test_regressor_trains_on_normalised_labels_and_reports_original_units(tmp_path: Path) -> None:
     L.seed_everything(0)
-    dm = DigitValue(batch_size=64, augment=False)
-    model = ImageRegressor(
-        net="tinynet",
-        in_channels=1,
-        mean=dm.mean,
-        std=dm.std,
-        label_range=dm.label_range,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-    )
+    model, dm = digit_value_regressor()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["label"].dtype == torch.float32 and batch["label"].min() >= 0 and batch["label"].max() <= 1
@@ -145,3 +137,16 @@ def test_bad_arguments_name_the_value() -> None:
         ImageClassifier(net="tinynet")
     with pytest.raises(ConfigError, match="mean=.*in_channels=3"):
         ImageClassifier(net="tinynet", num_classes=10, in_channels=3, mean=(0.1, 0.2), std=(1.0, 1.0))
+
+
+def digit_value_regressor() -> tuple[ImageRegressor, DigitValue]:
+    dm = DigitValue(batch_size=64, augment=False)
+    model = ImageRegressor(
+        net="tinynet",
+        in_channels=1,
+        mean=dm.mean,
+        std=dm.std,
+        label_range=dm.label_range,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
+    return model, dm
