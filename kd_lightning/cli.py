@@ -294,13 +294,31 @@ def _short_parse_error(msg: str) -> str:
     return "\n  ".join(keep[:6]) if keep else msg
 
 
+#: kdl's commands that are not Trainer subcommands: name -> ("module:function", one-line help).
+#: Each function takes the remaining argv and returns an exit status; modules load only when used.
+TOOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("kd_lightning.sample:main", "write GAN samples (N per class or label value) to a file or folder"),
+    "generate": ("kd_lightning.sampling.generate:main", "build a cGAN-KD sample store (subsample, filter, relabel)"),
+    "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
+    "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
+}
+
+
+def run_tool_command(name: str, argv: list[str]) -> int:
+    """Run one of :data:`TOOL_COMMANDS` on ``argv``."""
+    import importlib
+
+    target, _ = TOOL_COMMANDS[name]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(argv) or 0)
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``kdl``; returns the exit status."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] == ["sample"]:  # not a Trainer subcommand: write samples from a GAN checkpoint
-        from kd_lightning.sample import main as sample_main
-
-        return sample_main(argv[1:])
+    if argv[:1] and argv[0] in TOOL_COMMANDS:  # not a Trainer subcommand
+        return run_tool_command(argv[0], argv[1:])
     debug = os.environ.get("KDL_DEBUG", "") not in ("", "0")
     if "--debug" in argv:
         argv.remove("--debug")
