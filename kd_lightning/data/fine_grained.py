@@ -60,6 +60,9 @@ def read_lines(path: Path, what: str) -> list[tuple[int, str]]:
 class FineGrainedDataModule(ImageDataModule):
     """Base of the image-file fine-grained sets: 224 px, ImageNet statistics, images resized on load.
 
+    The shared recipes under ``recipes/finegrained/`` name this class with the settings common to the
+    three sets; each dataset's override replaces it with the concrete DataModule.
+
     Args:
         root: dataset folder (each subclass documents its layout).
         verify: decode every image once at setup (corrupt files always fail when loaded).
@@ -74,6 +77,11 @@ class FineGrainedDataModule(ImageDataModule):
     layout = ""
 
     def __init__(self, root: str | None = None, verify: bool = False, image_size: int | None = None, **kwargs) -> None:  # noqa: ANN003
+        if type(self) is FineGrainedDataModule:
+            raise ConfigError(
+                "FineGrainedDataModule is the shared base of the fine-grained recipes; stack a dataset's override on "
+                "it, e.g. --config recipes/finegrained/aikd.yaml --config recipes/stanford_dogs/aikd.yaml"
+            )
         super().__init__(root=root, image_size=image_size, **kwargs)
         self.native_size = self.image_size  # images are resized to image_size on load
         self.verify = verify
