@@ -75,6 +75,7 @@ class FineGrainedDataModule(ImageDataModule):
     std = (0.229, 0.224, 0.225)
     name = "dataset"
     layout = ""
+    class_dir: str | None = None  # folder under root whose sub-folders are the classes, if any
 
     def __init__(self, root: str | None = None, verify: bool = False, image_size: int | None = None, **kwargs) -> None:  # noqa: ANN003
         if type(self) is FineGrainedDataModule:
@@ -99,7 +100,10 @@ class FineGrainedDataModule(ImageDataModule):
 
     def _classes_if_present(self) -> list[str] | None:
         """The class names when the files are there (so ``num_classes`` fits a fake or partial copy)."""
-        return None
+        if self.root is None or self.class_dir is None:
+            return None
+        folder = Path(self.root) / self.class_dir
+        return class_folders(folder) if folder.is_dir() else None
 
     def _dataset(self, paths: list[Path], labels: list[int]) -> Dataset:
         return ImageFileDataset(paths, labels, size=self.native_size, verify=self.verify)
@@ -111,10 +115,7 @@ class StanfordDogsDataModule(FineGrainedDataModule):
     num_classes = 120
     name = "Stanford Dogs"
     layout = "Images/<breed folder>/*.jpg and lists/{train,test}_list.mat"
-
-    def _classes_if_present(self) -> list[str] | None:
-        images = Path(self.root) / "Images" if self.root is not None else None
-        return class_folders(images) if images is not None and images.is_dir() else None
+    class_dir = "Images"
 
     def _list_file(self, split: Split) -> Path:
         root = self._root()
@@ -155,11 +156,8 @@ class MIT67DataModule(FineGrainedDataModule):
     num_classes = 67
     name = "MIT67"
     layout = "Images/<category>/*.jpg, TrainImages.txt and TestImages.txt"
+    class_dir = "Images"
     list_files = {"train": "TrainImages.txt", "test": "TestImages.txt"}
-
-    def _classes_if_present(self) -> list[str] | None:
-        images = Path(self.root) / "Images" if self.root is not None else None
-        return class_folders(images) if images is not None and images.is_dir() else None
 
     def build_dataset(self, split: Split) -> Dataset:
         root = self._root()

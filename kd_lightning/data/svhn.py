@@ -39,8 +39,9 @@ def read_svhn_mat(path: str | os.PathLike, what: str = "SVHN file") -> tuple[tor
     labels[labels == 10] = 0
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DataNotFoundError(f"{str(path)!r}: labels span [{labels.min()}, {labels.max()}]; expected 1..10 or 0..9")
-    images = np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # H x W x C x N -> N x C x H x W
-    return torch.from_numpy(images), torch.from_numpy(labels)
+    # H x W x C x N -> N x C x H x W as a view: loadmat returns MATLAB's column-major array, in which every
+    # image is one contiguous block already, so no copy of the (up to 1.6 GB) array is made
+    return torch.from_numpy(x).permute(3, 2, 0, 1), torch.from_numpy(labels)
 
 
 class SVHNDataModule(ImageDataModule):
@@ -76,6 +77,8 @@ class SVHNDataModule(ImageDataModule):
 
     def build_dataset(self, split: Split) -> Dataset:
         parts = [read_svhn_mat(p, f"{self.name} {split} file") for p in self._files(split)]
+        if len(parts) == 1:
+            return TensorDataset(*parts[0])
         return TensorDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
