@@ -280,6 +280,28 @@ def test_imagenet100_custom_list_and_errors(tmp_path: Path) -> None:
         ImageNet100DataModule(root=str(root), class_list=str(listing)).build_dataset("test")
 
 
+def test_imagenet100_holdout_test_split_is_fixed_and_disjoint(tmp_path: Path) -> None:
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    root = write_imagenet(tmp_path / "imagenet", wnids, n_train=10, n_val=1, size=8)
+    shutil.rmtree(root / "val")  # cGAN-KD's protocol needs no val folder
+    listing = tmp_path / "classes.txt"
+    listing.write_text("\n".join(wnids) + "\n")
+    dms = [ImageNet100DataModule(root=str(root), class_list=str(listing), test_split="holdout", holdout_size=7,
+                                 image_size=8, seed=s) for s in (0, 1)]  # fmt: skip
+    train, test = dms[0].build_dataset("train"), dms[0].build_dataset("test")
+    assert len(test) == 7 and len(train) == 23 and not set(train.paths) & set(test.paths)
+    assert sorted(train.paths + test.paths) == sorted(str(p) for p in (root / "train").rglob("*.JPEG"))
+    for paths, targets in ((train.paths, train.targets), (test.paths, test.targets)):
+        assert [wnids.index(Path(p).parent.name) for p in paths] == targets.tolist()
+    assert dms[1].build_dataset("test").paths == test.paths  # independent of the run's seed
+    with pytest.raises(DataNotFoundError, match="holdout_size=30 but .* holds only 30 images"):
+        ImageNet100DataModule(
+            root=str(root), class_list=str(listing), test_split="holdout", holdout_size=30
+        ).build_dataset("test")
+    with pytest.raises(ConfigError, match="test_split='train'"):
+        ImageNet100DataModule(root=str(root), test_split="train")  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------------------------- recipes
 def write_imagenet_small(root: Path) -> tuple[Path, Path]:
     wnids = ["n01440764", "n01443537", "n01484850"]
@@ -291,7 +313,8 @@ def write_imagenet_small(root: Path) -> tuple[Path, Path]:
 
 def _imagenet_args(root: Path) -> tuple[str, ...]:
     root, listing = write_imagenet_small(root)
-    return ("--data.init_args.root", str(root), "--data.init_args.class_list", str(listing))
+    return ("--data.init_args.root", str(root), "--data.init_args.class_list", str(listing),
+            "--data.init_args.holdout_size", "4")  # fmt: skip
 
 
 SIZE32 = ("--data.init_args.image_size", "32")

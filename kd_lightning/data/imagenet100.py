@@ -16,9 +16,15 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
+import torch
+from torch.utils.data import Dataset
+
+from kd_lightning.data.base import Split
+from kd_lightning.data.image_files import ImageFileDataset
 from kd_lightning.data.image_folder import ImageFolderDataModule
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import ConfigError, DataNotFoundError
 
 #: class lists shipped with the package, by name
 CLASS_LISTS = {"cmc": "imagenet100_cmc.txt"}
@@ -61,9 +67,15 @@ class ImageNet100DataModule(ImageFolderDataModule):
         class_list: ``"cmc"`` (shipped, the default) or the path of a file with one wnid per line.
         train_dir: training folder under ``root``.
         test_dir: test folder under ``root`` (ImageNet's labelled validation set).
+        test_split: ``"val"`` tests on ``test_dir``; ``"holdout"`` tests on a fixed random ``holdout_size``
+            of the training images instead, as cGAN-KD splits its ImageNet-100 (10,000 test images).
+        holdout_size: number of training images held out as the test set with ``test_split="holdout"``.
         image_size: side of the square images (cGAN-KD uses 128; default 224).
         **kwargs: see :class:`~kd_lightning.data.ImageFolderDataModule` (``verify``, ``batch_size``, ...).
     """
+
+    #: seed of the ``test_split="holdout"`` split: fixed, so the test set never depends on the run's seed
+    HOLDOUT_SEED = 2017
 
     def __init__(
         self,
@@ -71,9 +83,34 @@ class ImageNet100DataModule(ImageFolderDataModule):
         class_list: str = "cmc",
         train_dir: str = "train",
         test_dir: str = "val",
+        test_split: Literal["val", "holdout"] = "val",
+        holdout_size: int = 10000,
         **kwargs,
     ) -> None:  # noqa: ANN003
+        if test_split not in ("val", "holdout"):
+            raise ConfigError(f"test_split={test_split!r}; expected 'val' or 'holdout'")
+        if holdout_size < 1:
+            raise ConfigError(f"holdout_size={holdout_size}; expected a positive number of images")
         wnids = sorted(read_class_list(class_list))
         super().__init__(root=root, train_dir=train_dir, test_dir=test_dir, classes=wnids, **kwargs)
-        self.class_list = class_list
+        self.class_list, self.test_split, self.holdout_size = class_list, test_split, holdout_size
         self.num_classes = len(wnids)  # also when the folders are missing (reported by setup())
+
+    def build_dataset(self, split: Split) -> Dataset:
+        """``test_split="val"``: ImageNet's train and val folders. ``"holdout"`` (cGAN-KD's protocol): a fixed
+        random ``holdout_size`` of the training images is the test set, the rest the training set."""
+        if self.test_split == "val":
+            return super().build_dataset(split)
+        full = super().build_dataset("train")
+        n = len(full)
+        if self.holdout_size >= n:
+            raise DataNotFoundError(
+                f"holdout_size={self.holdout_size} but {str(Path(self.root) / self.train_dir)!r} holds only {n} "
+                "images of the listed classes; expected more training images than the held-out test set"
+            )
+        held = torch.zeros(n, dtype=torch.bool)
+        held[torch.randperm(n, generator=torch.Generator().manual_seed(self.HOLDOUT_SEED))[: self.holdout_size]] = True
+        keep = held if split == "test" else ~held
+        paths = [p for p, k in zip(full.paths, keep.tolist()) if k]
+        mode = "L" if self.in_channels == 1 else "RGB"
+        return ImageFileDataset(paths, full.targets[keep], size=self.image_size, mode=mode, verify=self.verify)
