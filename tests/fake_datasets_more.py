@@ -50,6 +50,21 @@ def write_syn_digits(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
     return root
 
 
+def write_syn_digits_torch(root: Path, n_train: int = 30, n_test: int = 10, nested: bool = False) -> Path:
+    """The re-pack MEKD's code downloads: ``synth_{train,test}.pt``, each ``torch.save((images, labels))`` with
+    images N x 32 x 32 x 3 uint8; ``nested`` puts them in ``SyntheticDigits/processed/`` as that code does."""
+    import torch
+
+    rng = np.random.default_rng(13)
+    folder = root / "SyntheticDigits" / "processed" if nested else root
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        labels = [i % 10 for i in range(n)]
+        images = torch.from_numpy(np.stack([pattern(y, 32, rng) for y in labels]))
+        torch.save((images, torch.tensor(labels)), folder / f"synth_{name}.pt")
+    return root
+
+
 def write_stanford_dogs(
     root: Path, num_classes: int = 4, n_train: int = 4, n_test: int = 2, size: int = 40, flat_lists: bool = False
 ) -> Path:

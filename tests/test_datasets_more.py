@@ -37,6 +37,7 @@ from tests.fake_datasets_more import (
     write_stanford_dogs,
     write_svhn,
     write_syn_digits,
+    write_syn_digits_torch,
 )
 from tests.test_self_kd import write_ssup
 
@@ -78,6 +79,28 @@ def test_syn_digits_reads_ganins_mat_release(tmp_path: Path) -> None:
     assert len(train) == 30 and len(test) == 10
     assert test.labels.tolist() == list(range(10))  # stored 0..9, unchanged
     assert dm.num_classes == 10 and not dm.hflip and not dm.extra
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_syn_digits_reads_mekds_torch_repack(nested: bool, tmp_path: Path) -> None:
+    root = write_syn_digits_torch(tmp_path, n_train=30, n_test=10, nested=nested)
+    folder = root / "SyntheticDigits" / "processed" if nested else root
+    raw_images, raw_labels = torch.load(folder / "synth_test.pt")
+    test = SynDigitsDataModule(root=str(root)).build_dataset("test")
+    assert test.images.shape == (10, 3, 32, 32) and test.labels.tolist() == raw_labels.tolist()
+    assert torch.equal(test.images[4], raw_images[4].permute(2, 0, 1))  # H x W x C -> C x H x W
+    assert len(SynDigitsDataModule(root=str(root)).build_dataset("train")) == 30
+    truncate(folder / "synth_test.pt", 0.5)
+    with pytest.raises(DataNotFoundError, match="synth_test.pt' is corrupt or truncated"):
+        SynDigitsDataModule(root=str(root)).build_dataset("test")
+    torch.save({"data": raw_images}, folder / "synth_test.pt")
+    with pytest.raises(DataNotFoundError, match="holds dict; expected a torch.save'd pair"):
+        SynDigitsDataModule(root=str(root)).build_dataset("test")
+    (folder / "synth_test.pt").unlink()
+    with pytest.raises(
+        DataNotFoundError, match="expected synth_test_32x32.mat .Ganin's .mat release. or synth_test.pt"
+    ):
+        SynDigitsDataModule(root=str(root)).build_dataset("test")
 
 
 def _svhn_damage(root: Path, how: str) -> Path:

@@ -11,6 +11,11 @@ Synthetic Digits (SynNumbers, Ganin & Lempitsky, 2015), Ganin's own release in t
     <root>/synth_train_32x32.mat   X: 32 x 32 x 3 x 479,400 uint8, y: 479,400 x 1
     <root>/synth_test_32x32.mat    9,553 images
 
+or, when those are absent, the PyTorch re-pack that MEKD's official code downloads (liyxi/synthetic-digits,
+``synth_{train,test}.pt.gz`` extracted; each a saved ``(images N x 32 x 32 x 3 uint8, labels N)`` pair)::
+
+    <root>/synth_train.pt, synth_test.pt      (or <root>/SyntheticDigits/processed/synth_*.pt)
+
 Label 10 is mapped to 0 in both (SVHN stores the digit 0 as 10), so class ``k`` is the digit ``k``.
 """
 
@@ -82,8 +87,33 @@ class SVHNDataModule(ImageDataModule):
         return TensorDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
+def read_torch_digits(path: str | os.PathLike, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (uint8 N x 3 x 32 x 32) and labels (int64 0..9) of a saved ``(images N x 32 x 32 x 3, labels)`` pair."""
+    path = Path(path)
+    expected = "a torch.save'd pair (uint8 images N x 32 x 32 x 3, labels N)"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        raise DataNotFoundError(
+            f"{what}: {str(path)!r} is corrupt or truncated ({type(e).__name__}); expected {expected}"
+        ) from None
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
+        raise DataNotFoundError(f"{what}: {str(path)!r} holds {type(obj).__name__}; expected {expected}")
+    images, labels = obj
+    if images.ndim != 4 or tuple(images.shape[1:]) != (32, 32, 3) or images.dtype != torch.uint8:
+        raise DataNotFoundError(
+            f"{what}: {str(path)!r} images are {tuple(images.shape)} {images.dtype}; expected {expected}"
+        )
+    labels = mat_labels(labels.numpy(), path, "labels", count=len(images))
+    labels[labels == 10] = 0
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataNotFoundError(f"{str(path)!r}: labels span [{labels.min()}, {labels.max()}]; expected 0..9")
+    return images.permute(0, 3, 1, 2), torch.from_numpy(labels)
+
+
 class SynDigitsDataModule(SVHNDataModule):
-    """Synthetic Digits (SynNumbers): ~480k rendered 32x32 digits, Ganin's ``synth_*_32x32.mat`` release.
+    """Synthetic Digits (SynNumbers): ~480k rendered 32x32 digits, Ganin's ``synth_*_32x32.mat`` release
+    (or, when it is absent, the ``synth_*.pt`` re-pack that MEKD's official code reads).
 
     MEKD's out-of-domain setting trains the teacher here and distils a student on SVHN. Normalisation
     constants are nominal (0.5 / 0.25), not measured on the release.
@@ -93,6 +123,20 @@ class SynDigitsDataModule(SVHNDataModule):
     std = (0.25, 0.25, 0.25)
     name = "Synthetic Digits"
     files = {"train": ("synth_train_32x32.mat",), "test": ("synth_test_32x32.mat",)}
+    torch_files = {"train": "synth_train.pt", "test": "synth_test.pt"}
 
     def __init__(self, root: str | None = None, **kwargs) -> None:  # noqa: ANN003
         super().__init__(root=root, extra=False, **kwargs)
+
+    def build_dataset(self, split: Split) -> Dataset:
+        (mat,) = self._files(split)
+        if mat.is_file():
+            return super().build_dataset(split)
+        name = self.torch_files[split]
+        for pt in (mat.parent / name, mat.parent / "SyntheticDigits" / "processed" / name):
+            if pt.is_file():
+                return TensorDataset(*read_torch_digits(pt, f"{self.name} {split} file"))
+        raise DataNotFoundError(
+            f"{self.name} {split} split not found under root={str(mat.parent)!r}: expected {mat.name} (Ganin's .mat "
+            f"release) or {name} (the re-pack MEKD's code reads, also under SyntheticDigits/processed/)"
+        )
