@@ -79,6 +79,9 @@ def test_syn_digits_reads_ganins_mat_release(tmp_path: Path) -> None:
     assert len(train) == 30 and len(test) == 10
     assert test.labels.tolist() == list(range(10))  # stored 0..9, unchanged
     assert dm.num_classes == 10 and not dm.hflip and not dm.extra
+    truncate(root / "synth_train_32x32.mat", 0.5)
+    with pytest.raises(DataNotFoundError, match="synth_train_32x32.mat' is corrupt or truncated"):
+        dm.build_dataset("train")
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -297,8 +300,13 @@ def test_imagenet100_custom_list_and_errors(tmp_path: Path) -> None:
         ImageNet100DataModule(root=str(root), class_list="imagenet1k")
     with pytest.raises(DataNotFoundError, match="have no folder"):
         ImageNet100DataModule(root=str(root))  # the CMC classes are not all there
-    shutil.rmtree(root / "val" / "n01484850")
     listing.write_text("n01440764\nn01484850\n")
+    bad = truncate(next((root / "val" / "n01440764").iterdir()), 0.3)
+    ds = ImageNet100DataModule(root=str(root), class_list=str(listing), image_size=8).build_dataset("test")
+    with pytest.raises(DataNotFoundError, match="corrupt or truncated") as e:
+        ds[0]
+    assert str(bad) in str(e.value)
+    shutil.rmtree(root / "val" / "n01484850")
     with pytest.raises(DataNotFoundError, match="class 'n01484850'"):
         ImageNet100DataModule(root=str(root), class_list=str(listing)).build_dataset("test")
 
