@@ -513,7 +513,7 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     """
     import importlib
 
-    from kd_lightning.checkpoints import load_checkpoint
+    from kd_lightning.checkpoints import load_checkpoint, trusted
 
     ckpt = load_checkpoint(path)
     hp = ckpt.get("hyper_parameters", {})
@@ -529,7 +529,7 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
             "(ConditionalGAN, CcGAN or DCGAN)"
         )
     overrides: dict[str, Any] = {"embedding_checkpoint": None} if issubclass(cls, CcGAN) else {}
-    task = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False, **overrides)
+    task = cls.load_from_checkpoint(path, map_location=map_location, weights_only=not trusted(), **overrides)
     return task.eval()
 
 
