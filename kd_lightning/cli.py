@@ -25,6 +25,7 @@ import signal
 import sys
 import traceback
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -182,6 +183,7 @@ class KDLCLI(LightningCLI):
             load_checkpoint(path, mmap=True)
 
     def before_instantiate_classes(self) -> None:
+        self.name_wandb_run()
         trainer = self._subcommand_config().get("trainer", {}) or {}
         precision, accelerator = str(trainer.get("precision") or ""), str(trainer.get("accelerator") or "auto")
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
@@ -191,6 +193,23 @@ class KDLCLI(LightningCLI):
                 "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
                 stacklevel=1,
             )
+
+    def name_wandb_run(self) -> None:
+        """A W&B logger without a name/group gets ``<method>-seed<N>`` and the recipe, so W&B groups seeds."""
+        from kd_lightning.report import method_name
+
+        cfg = self._subcommand_config()
+        loggers = cfg.get("trainer", {}).get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+                continue
+            method, seed = method_name(_plain(cfg.get("model")) or {}), cfg.get("seed_everything")
+            recipes = [Path(str(p)) for p in cfg.get("config") or []]
+            recipe = f"{recipes[0].parent.name}/{recipes[0].stem}" if recipes else method
+            defaults = {"name": f"{method}-seed{seed}", "group": recipe, "tags": [method, f"seed{seed}", recipe]}
+            for key, value in defaults.items():  # wandb.init's own arguments, which jsonargparse exposes
+                if logger.init_args.get(key) is None:
+                    logger.init_args[key] = value
 
     def _subcommand_config(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -209,9 +228,19 @@ class KDLCLI(LightningCLI):
             trainer.callbacks.insert(0, ResumeState(self.recipe()))  # type: ignore[attr-defined]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":  # the whole resolved recipe, not only the model's hparams
+                full = _plain(self._subcommand_config())
+                full.pop("config", None)
+                logger.log_hyperparams({"kdl": full})
 
     def before_fit(self) -> None:
         self.check_checkpoint_matches(with_data=True)
+
+    def after_fit(self) -> None:
+        finish_wandb_run(self.trainer)
+
+    after_validate = after_test = after_predict = after_fit
 
     def before_validate(self) -> None:
         self.check_checkpoint_matches(with_data=False)
@@ -243,6 +272,15 @@ class KDLCLI(LightningCLI):
                 f"refusing to resume from {path!r}: the recipe differs from the checkpoint's in "
                 f"{len(diffs)} key(s):\n{lines}\npass --allow_resume_mismatch true to resume anyway"
             )
+
+
+def finish_wandb_run(trainer: L.Trainer) -> None:
+    """Close this command's W&B run, so the next command in the same process starts its own."""
+    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish()
 
 
 def known_options(parser: Any) -> list[str]:

@@ -48,12 +48,15 @@ class Run:
         return self.config.get("seed_everything")
 
     def method(self) -> str:
-        """The model class, with its KD losses for a distiller (``DistillModule[BLKD+CRD]``)."""
-        model = self.config.get("model") or {}
-        name = str(model.get("class_path", "?")).rsplit(".", 1)[-1]
-        losses = (model.get("init_args") or {}).get("kd_losses") or []
-        names = [str(x.get("class_path", x)).rsplit(".", 1)[-1] for x in losses if isinstance(x, dict)]
-        return f"{name}[{'+'.join(names)}]" if names else name
+        return method_name(self.config.get("model") or {})
+
+
+def method_name(model: dict[str, Any]) -> str:
+    """A model section's class, with its KD losses for a distiller (``DistillModule[BLKD+CRD]``)."""
+    name = str(model.get("class_path", "?")).rsplit(".", 1)[-1]
+    losses = (model.get("init_args") or {}).get("kd_losses") or []
+    names = [str(x.get("class_path", x)).rsplit(".", 1)[-1] for x in losses if isinstance(x, dict)]
+    return f"{name}[{'+'.join(names)}]" if names else name
 
 
 def _float(text: str) -> float | None:

@@ -224,7 +224,7 @@ class DistillModule(NetTask):
     # ------------------------------------------------------------------ steps
     def _task_loss(self, raw: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.task == "regression":
-            pred, label = raw.squeeze(-1), label.float()
+            pred, label = (raw.squeeze(-1) if raw.ndim > 1 else raw), label.float()
             return self.criterion(pred, label), pred
         return self.criterion(raw, label), raw
 
@@ -257,7 +257,7 @@ class DistillModule(NetTask):
         return total
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        loss, pred = self._task_loss(NetTask.forward(self, batch["image"]), batch["label"])
+        loss, pred = self._task_loss(self(batch["image"]), batch["label"])  # through __call__: hooks see it
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
         self._update_metrics(stage, pred, batch["label"])
 
