@@ -17,7 +17,14 @@ from kd_lightning.data.mixing import BatchMixer
 from kd_lightning.data.pairs import ClassPairSampler, PairedDataset
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.methods import AIKD, CSKD, PSKD, ImageClassifier, SelfKD
-from kd_lightning.methods.self_kd import STORE_KEY, LogitCritic, PredictionStore, gradient_penalty
+from kd_lightning.methods.self_kd import (
+    STORE_KEY,
+    LogitCritic,
+    PredictionStore,
+    adversarial_loss,
+    gradient_penalty,
+    wgan_gp_critic_parts,
+)
 from tests.conftest import RECIPES
 from tests.fake_datasets import write_cub
 
@@ -101,9 +108,10 @@ def test_gradient_penalty_equals_an_independent_computation() -> None:
 
 def test_critic_loss_is_wgan_gp(tmp_path: Path) -> None:
     ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 3, 1)
-    model = AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1)
     torch.manual_seed(0)
     real, fake = torch.randn(6, 3), torch.randn(6, 3)
+    # critic_norm "separate": real, fake and the penalty's mix are three batches (the behaviour before the fix)
+    model = AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1, critic_norm="separate")
     torch.manual_seed(1)
     parts = model.critic_parts(real, fake)
     torch.manual_seed(1)
@@ -111,6 +119,54 @@ def test_critic_loss_is_wgan_gp(tmp_path: Path) -> None:
     gp = gradient_penalty(model.critic, real, fake)
     assert float(parts["critic"]) == pytest.approx(float(d_fake - d_real + 10.0 * gp), rel=1e-5)
     assert float(parts["gp"]) == pytest.approx(float(gp), rel=1e-5)
+
+    # default "joint": one batch [real; fake; x_hat] through the critic, the penalty's gradient from that pass
+    model = AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1)
+    assert model.hparams.critic_norm == "joint"
+    eps = torch.linspace(0.1, 0.9, 6)[:, None]
+    torch.manual_seed(1)
+    parts = model.critic_parts(real, fake)
+    torch.manual_seed(1)
+    drawn = torch.rand(6, 1)
+    x_hat = (drawn * real + (1 - drawn) * fake).requires_grad_(True)
+    scores = model.critic(torch.cat([real, fake, x_hat]))
+    (grad,) = torch.autograd.grad(scores[12:].sum(), x_hat)
+    gp = ((grad.norm(dim=1) - 1) ** 2).mean()
+    wasserstein = scores[:6].mean() - scores[6:12].mean()
+    assert float(parts["wasserstein"]) == pytest.approx(float(wasserstein), rel=1e-5)
+    assert float(parts["gp"]) == pytest.approx(float(gp), rel=1e-5)
+    assert float(parts["critic"]) == pytest.approx(float(-wasserstein + 10 * gp), rel=1e-5)
+    assert not torch.allclose(parts["gp"], wgan_gp_critic_parts(model.critic, real, fake, joint=False, eps=eps)["gp"])
+
+
+@pytest.mark.parametrize("kind", ["shift", "scale"])
+@pytest.mark.parametrize("norm", ["joint", "none", "separate"])
+def test_critic_sees_a_logit_shift_or_scale(kind: str, norm: str) -> None:
+    """S_sup's logits vs student logits that differ only by an offset (x + 1.5) or a confidence (2x + 0.5).
+    With BN on each set alone (``separate``) the critic is blind: D(x) = D(x + c) = D(2x + c) row by row,
+    so the student gets no gradient toward S_sup; ``joint`` (default) and ``none`` separate them."""
+    torch.manual_seed(0)
+    real = torch.randn(64, 10)
+    fake = real + 1.5 if kind == "shift" else 2 * real + 0.5
+    critic = LogitCritic(10, batch_norm=norm != "none")
+    joint = norm == "joint"
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    for _ in range(150):
+        parts = wgan_gp_critic_parts(critic, real, fake, joint=joint)
+        opt.zero_grad()
+        parts["critic"].backward()
+        opt.step()
+    wasserstein = float(wgan_gp_critic_parts(critic, real, fake, joint=joint)["wasserstein"])
+    # the student's gradient from L_A: a descent step on fake must move it toward real
+    student = fake.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(adversarial_loss(critic, student, real, joint=joint), student)
+    toward_real = float((-grad * (real - fake)).sum())
+    if norm == "separate":
+        assert abs(wasserstein) < 1e-4
+        assert abs(toward_real) < 1e-4
+    else:
+        assert wasserstein > 0.5
+        assert toward_real > 1e-3
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -257,7 +313,7 @@ def test_loss_parts_combine_with_the_documented_weights(tmp_path: Path) -> None:
     ce = F.cross_entropy(logits, label)
     prog = 4.0 * plain_kl(prev_p, logits, 2.0)
     guide_kl = 9.0 * plain_kl(F.softmax(guide / 3.0, -1), logits, 3.0)
-    adv = -model.critic(logits).mean()
+    adv = -model.critic(torch.cat([guide, logits]))[6:].mean()  # joint batch with S_sup's logits
     for name, value in (("ce", ce), ("progressive", prog), ("guide", guide_kl), ("adv", adv)):
         assert float(parts[name]) == pytest.approx(float(value), rel=1e-5), name
     total = (1 - 0.3 - 0.2) * ce + 0.3 * prog + 0.2 * guide_kl + 0.5 * adv

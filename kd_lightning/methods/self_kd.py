@@ -9,7 +9,12 @@
       + w L_A,  L_A = -E[D(S_t(x))]                            adversarial: a WGAN-GP critic D on logits
 
 and the critic D (FC(C->64)-BN1d-LeakyReLU-FC(64->32)-LeakyReLU-FC(32->1), Adam lr 1e-4) minimises
-``E[D(S_t(x))] - E[D(S_sup(x))] + 10 * GP`` against S_sup's logits. The named subclasses only set
+``E[D(S_t(x))] - E[D(S_sup(x))] + 10 * GP`` against S_sup's logits. ``critic_norm`` says how the BN sees the
+logits: ``joint`` (default) passes S_sup's, the student's and the penalty's mixed logits through the critic as ONE
+batch, so they share the BN statistics and the critic can tell logits apart that differ only by an offset or a
+scale; ``none`` drops the BN (WGAN-GP's advice for critics); ``separate`` passes each set as its own batch, which
+normalises each by its own statistics, so ``D(x) = D(x + c) = D(2x + c)`` and the student gets no gradient toward
+S_sup's offset or confidence (kept only to reproduce runs made before the fix). The named subclasses only set
 defaults: :class:`AIKD` (a_G 0.1, a_P 0.3, tau_G 3, tau_P 1, w 0.1), :class:`PSKD` (a_P ramped
 linearly to 0.8), :class:`CSKD` (lambda 1, T 4, needs ``data.class_pairs``), :class:`TFKD`
 (self-training: a_G 0.95, tau_G 6 from a pre-trained copy). The paper's ablations are settings:
@@ -37,7 +42,7 @@ the student's parameters).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +59,8 @@ if TYPE_CHECKING:
     from kd_lightning.teachers.frozen import FrozenTeacher
 
 STORE_KEY = "kdl_self_kd_store"
+CriticNorm = Literal["joint", "none", "separate"]
+CRITIC_NORMS: tuple[str, ...] = ("joint", "none", "separate")
 
 
 def default_critic_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -67,14 +74,21 @@ class LogitCritic(nn.Module):
 
     The paper names FC 64 and FC 32 with one BN1d and LeakyReLU between them; the scalar output
     layer is implied by the WGAN critic, the LeakyReLU slope (0.2, the usual GAN value) is not given.
+    ``batch_norm=False`` leaves the BN out (WGAN-GP's advice; see :func:`critic_scores`).
     """
 
-    def __init__(self, num_classes: int, hidden: tuple[int, int] = (64, 32), negative_slope: float = 0.2) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        hidden: tuple[int, int] = (64, 32),
+        negative_slope: float = 0.2,
+        batch_norm: bool = True,
+    ) -> None:
         super().__init__()
         h1, h2 = hidden
         self.layers = nn.Sequential(
             nn.Linear(num_classes, h1),
-            nn.BatchNorm1d(h1),
+            nn.BatchNorm1d(h1) if batch_norm else nn.Identity(),
             nn.LeakyReLU(negative_slope),
             nn.Linear(h1, h2),
             nn.LeakyReLU(negative_slope),
@@ -84,6 +98,53 @@ class LogitCritic(nn.Module):
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """N x C logits -> N critic scores."""
         return self.layers(logits).squeeze(-1)
+
+
+def critic_scores(critic: nn.Module, *batches: torch.Tensor, joint: bool = True) -> list[torch.Tensor]:
+    """The critic's scores of each batch: one forward pass on all of them concatenated (``joint``), so a
+    BatchNorm in the critic normalises them with shared statistics, or one pass per batch."""
+    if joint:
+        return list(critic(torch.cat(batches)).split([len(b) for b in batches]))
+    return [critic(b) for b in batches]
+
+
+def wgan_gp_critic_parts(
+    critic: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    gp_weight: float = 10.0,
+    joint: bool = True,
+    eps: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * E[(||grad D(x_hat)||_2 - 1)^2]``.
+
+    ``x_hat = eps real + (1 - eps) fake`` with ``eps`` (N, uniform in [0, 1], drawn from torch's global
+    generator unless given). With ``joint`` real, fake and x_hat go through the critic as one batch; else as three
+    (then the penalty equals :func:`gradient_penalty`). fp32 with autocast off. Returns ``critic`` (the loss),
+    ``wasserstein`` (``E[D(real)] - E[D(fake)]``) and ``gp``.
+    """
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        real, fake = real.detach().float(), fake.detach().float()
+        if eps is None:
+            eps = torch.rand(real.shape[0], 1).to(real.device)
+        eps = eps.reshape(-1, 1).float().to(real.device)
+        x_hat = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
+        d_real, d_fake, d_hat = critic_scores(critic, real, fake, x_hat, joint=joint)
+        (grad,) = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
+        gp = ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
+        wasserstein = d_real.mean() - d_fake.mean()
+        return {"critic": -wasserstein + gp_weight * gp, "wasserstein": wasserstein, "gp": gp}
+
+
+def adversarial_loss(critic: nn.Module, fake: torch.Tensor, real: torch.Tensor, joint: bool = True) -> torch.Tensor:
+    """The student's ``L_A = -E[D(fake)]`` (fp32, autocast off); with ``joint`` the critic scores ``fake`` in one
+    batch with the (detached) ``real`` logits, as in its own step, so its BN statistics include both."""
+    with torch.autocast(device_type=fake.device.type, enabled=False):
+        if joint:
+            _, d_fake = critic_scores(critic, real.detach().float(), fake.float(), joint=True)
+        else:
+            d_fake = critic(fake.float())
+        return -d_fake.mean()
 
 
 def gradient_penalty(
@@ -175,6 +236,9 @@ class SelfKD(ImageClassifier):
         progressive_ramp: PS-KD's schedule ``a_P(t) = a_P (t + 1) / max_epochs``; else constant.
         adversarial_weight: w, weight of ``L_A = -E[D(S_t(x))]``; 0 builds no critic.
         critic_hidden: widths of the critic's two hidden FC layers.
+        critic_norm: ``joint`` (default): the paper's BN1d, with S_sup's and the student's logits (and the
+            penalty's mix) normalised as one batch; ``none``: no BN in the critic; ``separate``: the BN sees each
+            set alone, which makes the critic blind to a logit offset or scale (the behaviour before this option).
         critic_optimizer: builds the critic's optimiser (default Adam lr 1e-4).
         gp_weight: weight of the critic's gradient penalty.
         class_wise_weight: lambda of CS-KD's ``T^2 KL(p(x') || p(x))`` to a same-class partner x'
@@ -205,6 +269,7 @@ class SelfKD(ImageClassifier):
         progressive_ramp: bool = False,
         adversarial_weight: float = 0.0,
         critic_hidden: tuple[int, int] = (64, 32),
+        critic_norm: CriticNorm = "joint",
         critic_optimizer: OptimizerCallable = default_critic_optimizer,
         gp_weight: float = 10.0,
         class_wise_weight: float = 0.0,
@@ -231,6 +296,8 @@ class SelfKD(ImageClassifier):
         ):
             if value <= 0:
                 raise ConfigError(f"{name}={value}; expected a temperature > 0")
+        if critic_norm not in CRITIC_NORMS:
+            raise ConfigError(f"critic_norm={critic_norm!r}; expected one of {', '.join(CRITIC_NORMS)}")
         if guide_weight + progressive_weight > 1.0:
             raise ConfigError(
                 f"guide_weight + progressive_weight = {guide_weight} + {progressive_weight} > 1: the cross-entropy "
@@ -252,7 +319,11 @@ class SelfKD(ImageClassifier):
         super().configure_models()
         hp = self.hparams
         self.guide: FrozenTeacher | None = self._load_pretrained(hp.pretrained) if hp.pretrained else None
-        self.critic = LogitCritic(hp.num_classes, tuple(hp.critic_hidden)) if hp.adversarial_weight > 0 else None
+        self.critic = (
+            LogitCritic(hp.num_classes, tuple(hp.critic_hidden), batch_norm=hp.critic_norm != "none")
+            if hp.adversarial_weight > 0
+            else None
+        )
         self.store = PredictionStore(hp.num_classes)
         fill = torch.as_tensor(hp.mean or (0.5,), dtype=torch.float32)
         self.mixer = BatchMixer(hp.mixing, hp.mix_alpha, hp.mix_prob, hp.cutout_size, fill=fill)
@@ -331,8 +402,8 @@ class SelfKD(ImageClassifier):
         if pair_logits is not None:
             parts["class_wise"] = kd_kl(logits, pair_logits.detach(), hp.class_wise_temperature)
         if self.critic is not None:
-            with torch.autocast(device_type=logits.device.type, enabled=False):
-                parts["adv"] = -self.critic(logits.float()).mean()
+            assert guide_logits is not None
+            parts["adv"] = adversarial_loss(self.critic, logits, guide_logits, joint=hp.critic_norm == "joint")
         return parts
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -341,13 +412,10 @@ class SelfKD(ImageClassifier):
         return sum(weights[k] * v for k, v in parts.items())  # type: ignore[return-value]
 
     def critic_parts(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        """WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * GP`` (fp32, autocast off)."""
+        """WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * GP`` (:func:`wgan_gp_critic_parts`)."""
         assert self.critic is not None
-        with torch.autocast(device_type=real.device.type, enabled=False):
-            real, fake = real.detach().float(), fake.detach().float()
-            wasserstein = self.critic(real).mean() - self.critic(fake).mean()
-            gp = gradient_penalty(self.critic, real, fake)
-            return {"critic": -wasserstein + self.hparams.gp_weight * gp, "wasserstein": wasserstein, "gp": gp}
+        hp = self.hparams
+        return wgan_gp_critic_parts(self.critic, real, fake, hp.gp_weight, joint=hp.critic_norm == "joint")
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -543,6 +611,9 @@ __all__ = [
     "LogitCritic",
     "PredictionStore",
     "SelfKD",
+    "adversarial_loss",
+    "critic_scores",
     "default_critic_optimizer",
     "gradient_penalty",
+    "wgan_gp_critic_parts",
 ]
