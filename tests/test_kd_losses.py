@@ -173,7 +173,8 @@ def test_pkt_golden_value() -> None:
 
     ps, pt = conditional(s), conditional(t)
     eps = 1e-7
-    ref = sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(3) for j in range(3)) / 3
+    # RepDistiller's scale: the mean over all 3 x 3 entries
+    ref = sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(3) for j in range(3)) / 9
     loss = PKT()(
         out(torch.zeros(3, 2), penultimate=torch.tensor(s)),
         out(torch.zeros(3, 2), penultimate=torch.tensor(t)),
@@ -391,3 +392,61 @@ def test_sskd_golden_value() -> None:
     assert parts["tf"].item() == pytest.approx(2.7 * tf, rel=1e-4)
     assert parts["ss"].item() == pytest.approx(10.0 * ss, rel=1e-4)
     assert parts["ss_teacher"].item() == pytest.approx(teacher_ce, rel=1e-4)
+
+
+def test_sskd_heads_are_the_authors_and_bn_is_an_option() -> None:
+    loss = SSKD()
+    loss.setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(6,)), 3))
+    assert [type(m).__name__ for m in loss.student_head.mlp] == ["Linear", "Identity", "ReLU", "Linear"]
+    assert loss.teacher_head.mlp[0].in_features == 6
+    with_bn = SSKD(head_batch_norm=True)
+    with_bn.setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(4,)), 3))
+    assert [type(m).__name__ for m in with_bn.teacher_head.mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+
+
+def test_sskd_reference_schedule_loads_a_frozen_teacher_head(tmp_path) -> None:  # noqa: ANN001
+    from kd_lightning.errors import CheckpointError
+    from kd_lightning.losses import StepContext
+    from kd_lightning.methods import SSKDTeacherHead
+    from tests.test_distill_recipes import write_teacher
+
+    teacher = write_teacher(tmp_path / "t.ckpt", 3, 1, 8, (0.5,), (0.5,))
+    stage = SSKDTeacherHead(teacher=str(teacher), num_classes=3, in_channels=1, image_size=8)
+    # stage 1's loss: CE over cosine similarities of rotated vs normal embeddings, source image as the class
+    x = torch.rand(4, 1, 8, 8)
+    loss_value = stage.model_step({"image": x, "label": torch.zeros(4, dtype=torch.long)}, "train")
+    with torch.no_grad():
+        f = stage.teacher.forward_features(torch.cat([x, rotations(x)]), ["penultimate"])[1]["penultimate"]
+        e = stage.head(f)
+        sim = torch.nn.functional.cosine_similarity(e[4:, None], e[None, :4], dim=2)
+    expected = torch.nn.functional.cross_entropy(sim, torch.arange(4).repeat_interleave(3))
+    assert float(loss_value) == pytest.approx(float(expected), rel=1e-5)
+    assert {n for n, _ in stage.named_parameters() if _.requires_grad} == {
+        "head.mlp.0.weight",
+        "head.mlp.0.bias",
+        "head.mlp.3.weight",
+        "head.mlp.3.bias",
+    }
+    path = tmp_path / "head.ckpt"
+    torch.save({"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}, path)
+
+    dim = stage.head.mlp[0].in_features
+    loss = SSKD(teacher_head=str(path), teacher_epochs=5)
+    loss.setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(dim,)), 3))
+    assert torch.equal(loss.teacher_head.mlp[0].weight, stage.head.mlp[0].weight)
+    assert not any(p.requires_grad for p in loss.teacher_head.parameters())
+    student_net, teacher_net = nn.Linear(4, 3), nn.Linear(dim, 3)
+
+    def run(net: nn.Module, z: torch.Tensor, d: int) -> Outputs:
+        f = z.flatten(1)[:, :d]
+        return Outputs(net(f), {"penultimate": f})
+
+    x = torch.rand(4, 1, 8, 8)
+    ctx = StepContext(lambda z: run(student_net, z, 4), lambda z: run(teacher_net, z, dim), epoch=0)
+    parts = loss(
+        run(student_net, x, 4), run(teacher_net, x, dim), {"image": x, "label": torch.tensor([0, 1, 2, 0])}, ctx
+    )
+    assert set(parts) == {"kd", "tf", "ss"}  # no teacher-head training, ss on from epoch 0 despite teacher_epochs
+    assert parts["ss"].item() > 0
+    with pytest.raises(CheckpointError, match="SS module"):
+        SSKD(teacher_head=str(path)).setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(dim + 1,)), 3))
