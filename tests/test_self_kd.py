@@ -33,6 +33,7 @@ SELF_KD_RECIPES = {
     "cub_pskd": RECIPES / "cub200/pskd.yaml",
     "cub_cskd": RECIPES / "cub200/cskd.yaml",
     "cub_tfkd": RECIPES / "cub200/tfkd.yaml",
+    "cub_tfkd_reg": RECIPES / "cub200/tfkd_reg.yaml",
     "fmnist_aikd": RECIPES / "fashion_mnist/aikd.yaml",
     "fmnist_pskd": RECIPES / "fashion_mnist/pskd.yaml",
     "fmnist_cskd": RECIPES / "fashion_mnist/cskd.yaml",
@@ -318,6 +319,56 @@ def test_loss_parts_combine_with_the_documented_weights(tmp_path: Path) -> None:
         assert float(parts[name]) == pytest.approx(float(value), rel=1e-5), name
     total = (1 - 0.3 - 0.2) * ce + 0.3 * prog + 0.2 * guide_kl + 0.5 * adv
     assert float(model.combine(parts)) == pytest.approx(float(total), rel=1e-5)
+
+
+def test_tfkd_variants_and_the_official_kl_scale(tmp_path: Path) -> None:
+    from kd_lightning.data.mixing import MixedBatch
+    from kd_lightning.methods import TFKD
+
+    torch.manual_seed(0)
+    logits, guide = torch.randn(5, 4), torch.randn(5, 4)
+    label = torch.tensor([0, 3, 1, 2, 3])
+    batch = MixedBatch(logits, label)
+    ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 4, 1)
+    tf_self = TFKD(pretrained=str(ssup), net="tinynet", num_classes=4, in_channels=1)
+    assert (tf_self.hparams.guide_weight, tf_self.hparams.guide_temperature) == (0.95, 6.0)
+    expected = 36.0 * plain_kl(F.softmax(guide / 6.0, -1), logits, 6.0)
+    assert float(tf_self.student_parts(logits, batch, guide_logits=guide)["guide"]) == pytest.approx(
+        float(expected), rel=1e-4
+    )
+    # the official scale: nn.KLDivLoss() (mean over batch AND classes) x T^2 x multiplier 50
+    official = TFKD(
+        pretrained=str(ssup), net="tinynet", num_classes=4, in_channels=1, guide_reduction="mean", guide_multiplier=50
+    )
+    p = F.softmax(guide / 6.0, -1)
+    kl_mean = (p * (p.log() - F.log_softmax(logits / 6.0, -1))).mean()
+    got = official.student_parts(logits, batch, guide_logits=guide)["guide"]
+    assert float(got) == pytest.approx(float(kl_mean * 36.0 * 50), rel=1e-5)
+
+    # regularisation: the designed teacher p^d (0.99 on the true class), softened by softmax(p^d / T); no S_sup
+    reg = TFKD(variant="regularization", net="tinynet", num_classes=4, in_channels=1)
+    assert (reg.hparams.guide_weight, reg.hparams.guide_temperature, reg.guide) == (0.1, 20.0, None)
+    p_d = torch.full((5, 4), 0.01 / 3)
+    p_d[torch.arange(5), label] = 0.99
+    target = F.softmax(p_d / 20.0, -1)
+    paper = (target * (target.log() - F.log_softmax(logits / 20.0, -1))).sum(1).mean()  # p_tau of the student, no T^2
+    assert float(reg.student_parts(logits, batch)["guide"]) == pytest.approx(float(paper), rel=1e-4)
+    code = TFKD(
+        variant="regularization",
+        net="tinynet",
+        num_classes=4,
+        in_channels=1,
+        designed_tempered_student=False,
+        guide_reduction="mean",
+        guide_multiplier=100,
+    )
+    as_coded = (target * (target.log() - F.log_softmax(logits, -1))).mean() * 100
+    assert float(code.student_parts(logits, batch)["guide"]) == pytest.approx(float(as_coded), rel=1e-5)
+    assert float(code.combine(code.student_parts(logits, batch))) == pytest.approx(
+        float(0.9 * F.cross_entropy(logits, label) + 0.1 * as_coded), rel=1e-5
+    )
+    with pytest.raises(ConfigError, match="variant='teacher'"):
+        TFKD(variant="teacher", net="tinynet", num_classes=4, in_channels=1)  # type: ignore[arg-type]
 
 
 def test_pskd_ramp_and_weight_validation() -> None:

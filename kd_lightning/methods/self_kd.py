@@ -17,7 +17,8 @@ normalises each by its own statistics, so ``D(x) = D(x + c) = D(2x + c)`` and th
 S_sup's offset or confidence (kept only to reproduce runs made before the fix). The named subclasses only set
 defaults: :class:`AIKD` (a_G 0.1, a_P 0.3, tau_G 3, tau_P 1, w 0.1), :class:`PSKD` (a_P ramped
 linearly to 0.8), :class:`CSKD` (lambda 1, T 4, needs ``data.class_pairs``), :class:`TFKD`
-(self-training: a_G 0.95, tau_G 6 from a pre-trained copy). The paper's ablations are settings:
+(self-training: a_G 0.95, tau_G 6 from a pre-trained copy; or ``variant: regularization``, the manually designed
+teacher, ``guide_target: designed``). The paper's ablations are settings:
 "No Adv" ``adversarial_weight: 0``, "Only Progressive" ``guide_weight: 0, adversarial_weight: 0``,
 "Only Guide" ``progressive_weight: 0, adversarial_weight: 0``.
 
@@ -61,6 +62,17 @@ if TYPE_CHECKING:
 STORE_KEY = "kdl_self_kd_store"
 CriticNorm = Literal["joint", "none", "separate"]
 CRITIC_NORMS: tuple[str, ...] = ("joint", "none", "separate")
+GuideTarget = Literal["pretrained", "designed"]
+KLReduction = Literal["batchmean", "mean"]
+
+
+def designed_teacher(label: torch.Tensor, num_classes: int, correct_prob: float, temperature: float) -> torch.Tensor:
+    """TF-KD_reg's manually designed teacher at temperature tau: ``softmax(p^d / tau)`` with ``p^d(k) = a`` for
+    the true class and ``(1 - a) / (K - 1)`` for the others (the official code softens p^d, a probability
+    vector, with the softmax at tau)."""
+    p_d = torch.full((len(label), num_classes), (1.0 - correct_prob) / (num_classes - 1), device=label.device)
+    p_d.scatter_(1, label.long().view(-1, 1), correct_prob)
+    return F.softmax(p_d / temperature, dim=-1)
 
 
 def default_critic_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -231,6 +243,16 @@ class SelfKD(ImageClassifier):
             the guide and adversarial terms.
         guide_weight: a_G, weight of ``tau_G^2 KL(p_sup || p_t)``.
         guide_temperature: tau_G.
+        guide_target: ``pretrained`` (S_sup, as above) or ``designed``: TF-KD_reg's manually designed teacher
+            (:func:`designed_teacher`), whose term is ``KL(p^d_tau || p_t(x; tau))`` without ``tau^2`` (TF-KD
+            Eq. 9 and its code); needs no ``pretrained``.
+        designed_correct_prob: a of the designed teacher (0.99, the official code's).
+        designed_tempered_student: the student at tau_G in the designed term (the paper's ``p_tau``); the official
+            code compares with the student's plain ``log_softmax`` (false).
+        guide_reduction: ``batchmean`` (KL summed over classes, averaged over the batch) or ``mean`` (also
+            averaged over classes: ``nn.KLDivLoss()``'s default, which TF-KD's official code uses).
+        guide_multiplier: factor on the guide term (TF-KD's ``multiplier``: 50 for its self-teacher runs, 100 for
+            its regularisation runs, with ``guide_reduction: mean``).
         progressive_weight: a_P, weight of ``tau_P^2 KL(p_{t-1} || p_t)`` (its final value when ramped).
         progressive_temperature: tau_P.
         progressive_ramp: PS-KD's schedule ``a_P(t) = a_P (t + 1) / max_epochs``; else constant.
@@ -264,6 +286,11 @@ class SelfKD(ImageClassifier):
         pretrained: str | None = None,
         guide_weight: float = 0.0,
         guide_temperature: float = 3.0,
+        guide_target: GuideTarget = "pretrained",
+        designed_correct_prob: float = 0.99,
+        designed_tempered_student: bool = True,
+        guide_reduction: KLReduction = "batchmean",
+        guide_multiplier: float = 1.0,
         progressive_weight: float = 0.0,
         progressive_temperature: float = 1.0,
         progressive_ramp: bool = False,
@@ -286,6 +313,7 @@ class SelfKD(ImageClassifier):
             ("adversarial_weight", adversarial_weight),
             ("class_wise_weight", class_wise_weight),
             ("gp_weight", gp_weight),
+            ("guide_multiplier", guide_multiplier),
         ):
             if value < 0:
                 raise ConfigError(f"{name}={value}; expected a weight >= 0")
@@ -296,6 +324,12 @@ class SelfKD(ImageClassifier):
         ):
             if value <= 0:
                 raise ConfigError(f"{name}={value}; expected a temperature > 0")
+        if guide_target not in ("pretrained", "designed"):
+            raise ConfigError(f"guide_target={guide_target!r}; expected 'pretrained' or 'designed'")
+        if guide_reduction not in ("batchmean", "mean"):
+            raise ConfigError(f"guide_reduction={guide_reduction!r}; expected 'batchmean' or 'mean'")
+        if not 0.0 < designed_correct_prob < 1.0:
+            raise ConfigError(f"designed_correct_prob={designed_correct_prob}; expected a probability in (0, 1)")
         if critic_norm not in CRITIC_NORMS:
             raise ConfigError(f"critic_norm={critic_norm!r}; expected one of {', '.join(CRITIC_NORMS)}")
         if guide_weight + progressive_weight > 1.0:
@@ -303,7 +337,8 @@ class SelfKD(ImageClassifier):
                 f"guide_weight + progressive_weight = {guide_weight} + {progressive_weight} > 1: the cross-entropy "
                 "weight 1 - a_P - a_G would be negative"
             )
-        if (guide_weight > 0 or adversarial_weight > 0) and not pretrained:
+        needs_ssup = (guide_weight > 0 and guide_target == "pretrained") or adversarial_weight > 0
+        if needs_ssup and not pretrained:
             raise ConfigError(
                 f"guide_weight={guide_weight} / adversarial_weight={adversarial_weight} need the pre-trained model "
                 "S_sup: set model.init_args.pretrained to a kdl checkpoint of an ImageClassifier of the same net"
@@ -397,14 +432,29 @@ class SelfKD(ImageClassifier):
         if progressive_target is not None:
             tau = hp.progressive_temperature
             parts["progressive"] = kl_to_probs(logits, progressive_target, tau) * (tau * tau)
-        if guide_logits is not None and hp.guide_weight > 0:
-            parts["guide"] = kd_kl(logits, guide_logits, hp.guide_temperature)
+        if hp.guide_weight > 0 and (guide_logits is not None or hp.guide_target == "designed"):
+            parts["guide"] = self.guide_part(logits, batch, guide_logits)
         if pair_logits is not None:
             parts["class_wise"] = kd_kl(logits, pair_logits.detach(), hp.class_wise_temperature)
         if self.critic is not None:
             assert guide_logits is not None
             parts["adv"] = adversarial_loss(self.critic, logits, guide_logits, joint=hp.critic_norm == "joint")
         return parts
+
+    def guide_part(self, logits: torch.Tensor, batch: MixedBatch, guide_logits: torch.Tensor | None) -> torch.Tensor:
+        """The unweighted guide term: ``tau^2 KL(p_sup || p_t)`` at tau_G, or TF-KD_reg's ``KL(p^d_tau || p_t)``;
+        times ``guide_multiplier``, divided by C under ``guide_reduction: mean``."""
+        hp = self.hparams
+        tau = hp.guide_temperature
+        if hp.guide_target == "designed":
+            target = batch.mix_targets(designed_teacher(batch.label, logits.shape[-1], hp.designed_correct_prob, tau))
+            value = kl_to_probs(logits, target, tau if hp.designed_tempered_student else 1.0)
+        else:
+            assert guide_logits is not None
+            value = kd_kl(logits, guide_logits, tau)
+        if hp.guide_reduction == "mean":
+            value = value / logits.shape[-1]
+        return value * hp.guide_multiplier
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum_k weight_k * part_k`` with :meth:`loss_weights`."""
@@ -584,20 +634,41 @@ class CSKD(SelfKD):
 
 
 class TFKD(SelfKD):
-    """TF-KD self-training (Yuan et al. 2020): ``(1 - a) CE + a T^2 KL(p_pre || p_t)`` from a pre-trained copy.
+    """TF-KD (Yuan et al. 2020), both variants of the official code:
 
-    Defaults a = 0.95, T = 6 (the official ResNet-18 self-teacher setting). The official code's KL
-    averages over classes too and multiplies by 50; here the KL is the usual batch mean.
+    - ``self`` (self-training): ``(1 - a) CE + a T^2 KL(p_pre || p_t)`` from a pre-trained copy; defaults a = 0.95,
+      T = 6 (the official ResNet-18 self-teacher setting; DenseNet-121's is a = 0.9, T = 20).
+    - ``regularization`` (TF-KD_reg): ``(1 - a) CE + a KL(p^d_T || p_t(T))`` with the manually designed teacher
+      ``p^d`` (true class 0.99, the rest uniform; :func:`designed_teacher`); defaults a = 0.1, T = 20 (the
+      official ResNet-18 setting); needs no pre-trained copy.
+
+    The KL is the usual batch mean by default; the official code's scale is ``guide_reduction: mean`` (also
+    averaged over classes) with ``guide_multiplier`` 50 (self) or 100 (regularization), i.e. the official KD term
+    is multiplier / C times ours (C = number of classes).
 
     Args:
-        pretrained: ``kdl`` checkpoint of the pre-trained copy (same net and classes).
-        guide_weight: a (0.95). guide_temperature: T (6).
+        pretrained: ``kdl`` checkpoint of the pre-trained copy (same net and classes; ``self`` only).
+        variant: ``self`` or ``regularization``.
+        guide_weight: a (default 0.95 for ``self``, 0.1 for ``regularization``).
+        guide_temperature: T (default 6 for ``self``, 20 for ``regularization``).
         **kwargs: see :class:`SelfKD`.
     """
 
     def __init__(
-        self, pretrained: str | None = None, guide_weight: float = 0.95, guide_temperature: float = 6.0, **kwargs: Any
+        self,
+        pretrained: str | None = None,
+        variant: Literal["self", "regularization"] = "self",
+        guide_weight: float | None = None,
+        guide_temperature: float | None = None,
+        **kwargs: Any,
     ) -> None:
+        if variant not in ("self", "regularization"):
+            raise ConfigError(f"TFKD variant={variant!r}; expected 'self' or 'regularization'")
+        reg = variant == "regularization"
+        kwargs["guide_target"] = "designed" if reg else kwargs.get("guide_target", "pretrained")
+        # rebound here, not only passed on: save_hyperparameters reads this frame's values too
+        guide_weight = (0.1 if reg else 0.95) if guide_weight is None else guide_weight
+        guide_temperature = (20.0 if reg else 6.0) if guide_temperature is None else guide_temperature
         super().__init__(
             pretrained=pretrained, guide_weight=guide_weight, guide_temperature=guide_temperature, **kwargs
         )
@@ -614,6 +685,7 @@ __all__ = [
     "adversarial_loss",
     "critic_scores",
     "default_critic_optimizer",
+    "designed_teacher",
     "gradient_penalty",
     "wgan_gp_critic_parts",
 ]
