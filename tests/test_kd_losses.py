@@ -450,3 +450,45 @@ def test_sskd_reference_schedule_loads_a_frozen_teacher_head(tmp_path) -> None: 
     assert parts["ss"].item() > 0
     with pytest.raises(CheckpointError, match="SS module"):
         SSKD(teacher_head=str(path)).setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(dim + 1,)), 3))
+
+
+def test_crd_exact_negatives_are_other_classes_without_replacement() -> None:
+    torch.manual_seed(0)
+    n = 40
+    labels = torch.arange(n) % 4
+    labels[[5, 6]] = -1  # not training samples (e.g. the validation split): never drawn
+    loss = CRD(nce_k=12, negatives="exact")
+    assert loss.uses_labels
+    loss.setup_labels(labels)
+    idx = torch.tensor([0, 1, 2, 3, 9])
+    contrast = loss.draw_contrast(idx, labels[idx], n, 12)
+    assert contrast.shape == (5, 13) and contrast[:, 0].tolist() == idx.tolist()
+    for row, i in zip(contrast, idx):
+        neg = row[1:]
+        assert len(set(neg.tolist())) == 12  # without replacement
+        assert (labels[neg] != labels[i]).all() and (labels[neg] >= 0).all()
+    # more negatives than a class has: drawn with replacement, still other classes only
+    many = loss.draw_contrast(idx, labels[idx], n, 50)
+    assert (labels[many[:, 1:]] != labels[idx].view(-1, 1)).all() and (labels[many[:, 1:]] >= 0).all()
+    with pytest.raises(ConfigError, match="setup_labels"):
+        CRD(negatives="exact").draw_contrast(idx, labels[idx], n, 4)
+    with pytest.raises(ConfigError, match="negatives='all'"):
+        CRD(negatives="all")  # type: ignore[arg-type]
+
+
+def test_training_labels_by_index_follow_the_split() -> None:
+    from kd_lightning.data import DigitsDataModule
+    from kd_lightning.methods.distill import train_labels_by_index
+
+    dm = DigitsDataModule(val_fraction=0.2, train_size=300, batch_size=16)
+    dm.setup("fit")
+    from kd_lightning.data.pairs import dataset_labels
+
+    n = len(dm.train_dataset.dataset)
+    by_index = train_labels_by_index(dm, n)
+    base_labels = dataset_labels(dm.train_dataset.dataset)
+    train = torch.as_tensor(dm.train_dataset.indices)
+    assert torch.equal(by_index[train], base_labels[train])
+    assert int((by_index >= 0).sum()) == len(train) > 250  # about train_size (stratified)
+    val = torch.as_tensor(dm.val_dataset.indices)
+    assert (by_index[val] == -1).all()
