@@ -329,11 +329,14 @@ def test_sskd_is_the_authors_student_loss(b: int) -> None:
 
 # ------------------------------------------------------------------------------------- self-KD
 def self_kd_model(cls_name: str, tmp_path, **kw):  # noqa: ANN001, ANN201
-    from kd_lightning.methods import self_kd
-    from tests.test_self_kd import write_ssup
+    """A self-KD module of tinynet; ``ssup=True`` writes an (untrained) S_sup checkpoint for it."""
+    from kd_lightning.methods import ImageClassifier, self_kd
 
     if kw.pop("ssup", False):
-        kw["pretrained"] = str(write_ssup(tmp_path / "s.ckpt", "tinynet", C, 1))
+        guide = ImageClassifier(net="tinynet", num_classes=C, in_channels=1)
+        hp = {**dict(guide.hparams), "_class_path": "kd_lightning.methods.supervised.ImageClassifier"}
+        torch.save({"state_dict": guide.state_dict(), "hyper_parameters": hp}, tmp_path / "s.ckpt")
+        kw["pretrained"] = str(tmp_path / "s.ckpt")
     return getattr(self_kd, cls_name)(net="tinynet", num_classes=C, in_channels=1, **kw)
 
 
