@@ -138,6 +138,14 @@ def test_critic_loss_is_wgan_gp(tmp_path: Path) -> None:
     assert float(parts["gp"]) == pytest.approx(float(gp), rel=1e-5)
     assert float(parts["critic"]) == pytest.approx(float(-wasserstein + 10 * gp), rel=1e-5)
     assert not torch.allclose(parts["gp"], wgan_gp_critic_parts(model.critic, real, fake, joint=False, eps=eps)["gp"])
+    assert [
+        type(m).__name__
+        for m in AIKD(
+            pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1, critic_norm="none"
+        ).critic.layers
+    ][1] == "Identity"
+    with pytest.raises(ConfigError, match="critic_norm='batch'"):
+        AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1, critic_norm="batch")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", ["shift", "scale"])
