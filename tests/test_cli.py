@@ -34,7 +34,7 @@ def recipe_model_class(path: Path) -> str:
 
 
 #: models that load a trained teacher: their recipes run in tests/test_distill_recipes.py with a tiny one
-NEEDS_TEACHER = ("DistillModule",)
+NEEDS_TEACHER = ("DistillModule", "SSKDTeacherHead")
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None:  # noqa: ANN001
