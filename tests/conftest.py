@@ -14,6 +14,15 @@ from kd_lightning.cli import main as kdl_main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+#: command-line arguments for a quiet in-process ``kdl`` run (no logger files, no progress bar, no summary)
+QUIET_TRAINER = [
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 @pytest.fixture(autouse=True)

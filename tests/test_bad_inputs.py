@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint
-from tests.conftest import RECIPES, REPO
+from tests.conftest import QUIET_TRAINER, RECIPES, REPO
 
 STUDENT = str(RECIPES / "digits/student.yaml")
 BLKD = str(RECIPES / "digits/blkd.yaml")
@@ -33,12 +33,7 @@ TINY = [
     "1",
     "--trainer.limit_val_batches",
     "1",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
+    *QUIET_TRAINER,
     "--trainer.default_root_dir",
     "run",
 ]
