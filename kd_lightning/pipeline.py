@@ -642,8 +642,8 @@ class Runner:
 
     # ------------------------------------------------------------------ display
     def _line(self, step: Step, state: str, detail: str = "", final: bool = True) -> None:
-        width = max(len(s.name) for s in self.steps)
-        text = f"[{step.index + 1}/{len(self.steps)}] {step.name:<{width}}  {state:<11} {detail}".rstrip()
+        width, n = max(len(s.name) for s in self.steps), len(self.steps)
+        text = f"[{step.index + 1:>{len(str(n))}}/{n}] {step.name:<{width}}  {state:<11} {detail}".rstrip()
         if self.tty:
             self.out.write("\r\033[K" + text + ("\n" if final else ""))
         elif final:
