@@ -753,7 +753,34 @@ class Runner:
             self._line(self.by_name[name], "stopped", f"background ({_describe_status(proc.returncode)})")
         self.background.clear()
 
+    @contextlib.contextmanager
+    def _lock(self, step: Step) -> Any:
+        """One process at a time per stage: a second pipeline running the same stage stops with a clear error."""
+        import fcntl
+
+        os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
+        with open(step.state_path.removesuffix(".json") + ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                raise StageFailed(
+                    step, 2, f"stage {step.name!r} is being run by another process (pid {holder}); {f.name}"
+                ) from None
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def run_step(self, step: Step, decision: Decision) -> None:
+        with self._lock(step):
+            self._run_step(step, decision)
+
+    def _run_step(self, step: Step, decision: Decision) -> None:
         rec = self.records.get(step.name) or {}
         resume = decision.action == "resume"
         extra = ["--ckpt_path", "last"] if resume else []
@@ -879,11 +906,16 @@ def build_parser() -> Any:
         exit_on_error=False,
     )
     p.add_argument("--config", action=ActionConfigFile, help="the pipeline YAML (vars and stages)")
-    p.add_argument("--vars", type=dict[str, Any], default={}, help="pipeline variables, used as ${name}")
+    p.add_argument(
+        "--vars",
+        type=dict[str, Any],
+        default={},
+        help="pipeline variables, used as ${name}; one at a time: --vars.NAME VALUE",
+    )
     p.add_argument("--stages", type=list[Stage], default=[], help="the stages, in order")
     p.add_argument("--dry-run", action="store_true", help="print the plan (each stage: skip or run, and why)")
-    p.add_argument("--only", type=str | None, default=None, help="run only these stages (comma-separated)")
-    p.add_argument("--from", dest="from_stage", type=str | None, default=None, help="start at this stage")
+    p.add_argument("--only", type=str | None, default=None, metavar="STAGE[,STAGE]", help="run only these stages")
+    p.add_argument("--from", dest="from_stage", type=str | None, default=None, metavar="STAGE", help="start here")
     p.add_argument("--force", action="store_true", help="rerun the selected stages even when done")
     return p
 

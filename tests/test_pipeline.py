@@ -208,6 +208,20 @@ def test_a_failing_stage_stops_the_pipeline_with_its_name_status_and_log(fake, c
     assert "previous run failed (exit status 3)" in capsys.readouterr().out
 
 
+def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:  # noqa: ANN001
+    import fcntl
+
+    Path("runs/a/pipeline").mkdir(parents=True)
+    with open("runs/a/pipeline/a.lock", "w") as held:  # another pipeline is running stage a
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        assert main(["--config", "pipe.yaml"]) == 2
+    assert "stage 'a' is being run by another process (pid 4242)" in capsys.readouterr().err
+    assert fake() == []
+    assert main(["--config", "pipe.yaml", "--only", "a"]) == 0  # released: it runs
+
+
 def test_a_killed_pipeline_continues_where_it_stopped(fake, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
     """SIGKILL the pipeline during b: b's kdl gets SIGTERM (parent-death signal) and stops; the rerun skips a,
     resumes b with --ckpt_path last from its saved epoch, and runs the rest."""
