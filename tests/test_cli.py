@@ -16,7 +16,9 @@ from kd_lightning.methods import ImageClassifier
 from tests.conftest import RECIPES
 
 FRAGMENTS = sorted((RECIPES / "fragments").glob("*.yaml"))  # partial configs stacked onto a recipe
-ALL_RECIPES = sorted(set(RECIPES.rglob("*.yaml")) - set(FRAGMENTS))
+# kdl pipeline files (a list of stages) are tested in tests/test_pipeline.py
+PIPELINES = {p for p in RECIPES.rglob("*.yaml") if "stages" in (yaml.safe_load(p.read_text()) or {})}
+ALL_RECIPES = sorted(set(RECIPES.rglob("*.yaml")) - set(FRAGMENTS) - PIPELINES)
 MNIST_FORMAT = ("FashionMNISTDataModule", "MNISTDataModule")
 
 
