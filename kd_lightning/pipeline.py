@@ -583,7 +583,13 @@ class Runner:
             if k in step.refs:
                 name, attr = k.split(".", 1)
                 what = self.by_name[name].artifacts[attr]
-                return Decision("blocked", f"input {k} ({what}) does not exist; run stage {name!r} first", k)
+                done = (self.records.get(name) or {}).get("status") == "done"
+                hint = (
+                    f"stage {name!r} is done but left no such file (rerun it: --only {name} --force)"
+                    if done
+                    else f"run stage {name!r} first"
+                )
+                return Decision("blocked", f"input {k} ({what}) does not exist; {hint}", k)
             return Decision("blocked", f"input {k} does not exist", k)
         rec = self.records.get(step.name)
         if self.force:

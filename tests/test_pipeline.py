@@ -185,6 +185,9 @@ def test_only_from_force_and_a_missing_input(fake, capsys) -> None:  # noqa: ANN
     n = len(fake())
     assert main(["--config", "pipe.yaml", "--from", "d", "--force"]) == 0
     assert ran(fake()[n:]) == ["runs/d", "runs/b:test"]
+    Path("runs/a/checkpoints/best.ckpt").unlink()  # a is done, its best.ckpt is gone
+    assert main(["--config", "pipe.yaml", "--only", "b", "--force"]) == 2
+    assert "stage 'a' is done but left no such file (rerun it: --only a --force)" in capsys.readouterr().err
     assert main(["--config", "pipe.yaml", "--only", "x"]) == 2
     assert "--only x: no stage named 'x' (stages: a, b, c, d, t)" in capsys.readouterr().err
     assert main(["--config", "pipe.yaml", "--from", "nope"]) == 2
