@@ -498,7 +498,11 @@ def _exit_status(returncode: int) -> int:
 
 def _describe_status(returncode: int) -> str:
     if returncode < 0:
-        return f"exit status {128 - returncode} (killed by {signal.Signals(-returncode).name})"
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"exit status {128 - returncode} (killed by {name})"
     return f"exit status {returncode}"
 
 

@@ -506,6 +506,7 @@ def test_shipped_digits_pipeline_resolves(tmp_path: Path, monkeypatch) -> None: 
     assert [s.name for s in steps] == ["teacher", "student", "blkd", "test"]
     assert steps[2].refs == ["teacher.best"] and steps[3].refs == ["blkd.best", "teacher.best"]
     assert steps[2].spec["config"]["model"]["init_args"]["teacher"] == str(tmp_path / "r/teacher/checkpoints/best.ckpt")
+    assert steps[2].dir == str(tmp_path / "r/seed0/blkd") and steps[2].spec["config"]["seed_everything"] == 0
 
 
 SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml") if "stages" in (yaml.safe_load(p.read_text()) or {}))
@@ -563,10 +564,13 @@ def test_digits_pipeline_runs_then_skips_everything(tmp_path: Path, monkeypatch,
     args = [*_digits_pipeline_args(tmp_path / "r"), "--vars.epochs", "2", "--vars.train_size", "300"]
     assert main(args) == 0
     assert set(lines(capsys.readouterr().out).values()) == {"done"}
-    assert "test/acc1" in (tmp_path / "r/blkd/pipeline/test.log").read_text()
+    assert "test/acc1" in (tmp_path / "r/seed0/blkd/pipeline/test.log").read_text()
     assert main(args) == 0
     out = capsys.readouterr().out
     assert set(lines(out).values()) == {"skipped"} and "0 stage(s) run, 4 skipped" in out
+    # another seed: new student folders, the same teacher
+    assert main([*args, "--vars.seed", "1", "--dry-run"]) == 0
+    assert lines(capsys.readouterr().out) == {"teacher": "skip", "student": "run", "blkd": "run", "test": "run"}
 
 
 @pytest.mark.slow
