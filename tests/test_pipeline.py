@@ -8,6 +8,7 @@ ones run the shipped digits pipeline and kill a real training stage.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import multiprocessing
@@ -112,8 +113,6 @@ def test_run_then_everything_is_skipped(fake, capsys: pytest.CaptureFixture[str]
     rec = json.loads(Path("runs/b/pipeline/b.json").read_text())
     assert rec["status"] == "done" and rec["attempts"] == 1
     a_best = Path("runs/a/checkpoints/best.ckpt").read_bytes()
-    import hashlib
-
     assert rec["inputs"] == {"a.best": hashlib.sha256(a_best).hexdigest()}
     assert (
         rec["outputs"]["last"]["sha256"]
@@ -419,6 +418,28 @@ def test_references_variables_and_types_resolve() -> None:
     assert srv.ready == Ready(url="http://127.0.0.1:8765/health") and srv.artifacts["url"] == srv.ready.url
     assert s.refs == ["gen.store", "srv.url"]
     assert s.state_path == "r/s/pipeline/s.json" and s.log_path == "r/s/pipeline/s.log"
+
+
+def test_folder_hashes_cover_every_file_but_the_pipeline_records(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    store = tmp_path / "store"
+    (store / "shards").mkdir(parents=True)
+    (store / "pipeline").mkdir()
+    (store / "manifest.json").write_bytes(b'{"n": 2}')
+    (store / "shards" / "0.bin").write_bytes(b"\x00\x01")
+    (store / "pipeline" / "generate.json").write_text("{}")
+    manifest, shard = hashlib.sha256(b'{"n": 2}').hexdigest(), hashlib.sha256(b"\x00\x01").hexdigest()
+    expected = hashlib.sha256(("manifest.json\0" + manifest + "\nshards/0.bin\0" + shard).encode()).hexdigest()
+    hashes = pipeline.Hashes()
+    assert hashes.sha(str(store)) == expected
+    (store / "pipeline" / "generate.json").write_text('{"status": "done"}')  # the record is not content
+    assert pipeline.Hashes().sha(str(store)) == expected
+    (store / "shards" / "0.bin").write_bytes(b"\x00\x02")
+    assert pipeline.Hashes().sha(str(store)) != expected
+    # an unchanged file (same size and mtime) is not read again
+    entry = hashes.entry(str(store / "manifest.json"))
+    monkeypatch.setattr(pipeline, "_file_sha", lambda path: pytest.fail(f"{path} was read again"))
+    assert hashes.entry(str(store / "manifest.json")) == entry
+    assert pipeline.Hashes().sha(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize(
