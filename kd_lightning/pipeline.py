@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,10 @@ class Stage:
         outputs: named outputs (files or folders) the stage must write; later stages use ``${name.<output>}``.
         inputs: files, folders or ``${stage.attr}`` references the stage consumes without passing them
             as arguments (they count in the stage's input hashes).
+        overwrite: delete the declared ``outputs`` before the stage runs anew because its config or
+            inputs changed (or ``--force``), for commands that refuse to write over an output made
+            with other settings (``kdl generate``'s store). A rerun of the same config keeps them, so
+            such a command still resumes its own work.
         background: start the command, wait for ``ready``, keep it running while the later stages run
             and stop it when the pipeline ends (a teacher server, for instance).
         ready: the readiness check of a background stage.
@@ -110,6 +115,7 @@ class Stage:
     dir: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
+    overwrite: bool = False
     background: bool = False
     ready: Ready | None = None
 
@@ -120,6 +126,8 @@ class Stage:
             raise ConfigError(f"stage {self.name!r}: command {self.command!r} is not a kdl subcommand")
         if self.background and self.ready is None:
             raise ConfigError(f"background stage {self.name!r} needs ready: {{url: ...}} or {{file: ...}}")
+        if self.overwrite and (self.background or not self.outputs):
+            raise ConfigError(f"stage {self.name!r}: overwrite needs outputs (and no background)")
         if self.ready is not None and not self.background:
             raise ConfigError(f"stage {self.name!r}: ready is only for background stages (background: true)")
         for out in self.outputs:
@@ -144,6 +152,7 @@ class Step:
     required: list[str]  # outputs that must exist after a successful run
     refs: list[str]  # "stage.attr" consumed
     paths: list[str]  # plain input paths consumed
+    overwrite: bool = False
     background: bool = False
     ready: Ready | None = None
 
@@ -348,6 +357,12 @@ def resolve(
         for out, path in outputs.items():
             artifacts[out] = os.path.normpath(str(path))
             required.append(artifacts[out])
+            inside = os.path.commonpath([os.path.abspath(run_dir), os.path.abspath(artifacts[out])])
+            if stage.overwrite and inside == os.path.abspath(artifacts[out]):
+                raise ConfigError(
+                    f"{where}: output {out!r} ({artifacts[out]}) holds the run folder {run_dir!r}; with overwrite "
+                    "it would be deleted with the stage's record and log"
+                )
         ready = None
         if stage.ready is not None:
             ready = Ready(
@@ -383,6 +398,7 @@ def resolve(
             required=required,
             refs=list(dict.fromkeys(refs)),
             paths=paths,
+            overwrite=stage.overwrite,
             background=stage.background,
             ready=ready,
         )
@@ -458,6 +474,7 @@ class Decision:
     action: str  # skip | run | resume | blocked | start / idle (background) | off (not selected)
     reason: str
     missing: str | None = None  # blocked: the input that does not exist
+    anew: bool = False  # run: a different run than the recorded one (config or inputs changed, or forced)
 
 
 class StageFailed(KDLError):
@@ -579,7 +596,7 @@ class Runner:
         for ref in step.refs:
             producer = ref.split(".", 1)[0]
             if rebuilt and producer in rebuilt:
-                return Decision("run", f"input {ref} is rebuilt by stage {producer!r} first")
+                return Decision("run", f"input {ref} is rebuilt by stage {producer!r} first", anew=True)
         inputs = self.input_hashes(step)
         missing = [k for k, v in inputs.items() if v is None]
         if missing:
@@ -597,30 +614,29 @@ class Runner:
             return Decision("blocked", f"input {k} does not exist", k)
         rec = self.records.get(step.name)
         if self.force:
-            return Decision("run", "forced (--force)")
+            return Decision("run", "forced (--force)", anew=True)
         if rec is None:
             return Decision("run", "no previous run")
         if rec.get("config_hash") != step.config_hash:
-            return Decision("run", "config changed: " + self._config_diff(rec.get("spec") or {}, step.spec))
+            diff = self._config_diff(rec.get("spec") or {}, step.spec)
+            return Decision("run", f"config changed: {diff}", anew=True)
         old_inputs = rec.get("inputs") or {}
         changed = [k for k in inputs if old_inputs.get(k) != inputs[k]] + [k for k in old_inputs if k not in inputs]
         if changed:
-            return Decision(
-                "run", f"input {changed[0]} changed" + (f" (+{len(changed) - 1} more)" if changed[1:] else "")
-            )
+            more = f" (+{len(changed) - 1} more)" if changed[1:] else ""
+            return Decision("run", f"input {changed[0]} changed{more}", anew=True)
         status = rec.get("status")
         if status != "done":
             last = step.artifacts.get("last")
             started = float(rec.get("run_started") or 0)
             if step.command == "fit" and last and os.path.isfile(last) and os.path.getmtime(last) >= started - 1:
-                return Decision(
-                    "resume", f"{status} ({rec.get('finished') or rec.get('started')}); resumes from {last}"
-                )
-            return Decision(
-                "run",
-                f"previous run {status}"
-                + (f" ({_describe_status(rec['returncode'])})" if rec.get("returncode") else ""),
-            )
+                when = rec.get("finished") or rec.get("started")
+                return Decision("resume", f"{status} ({when}); resumes from {last}")
+            how = f" ({_describe_status(rec['returncode'])})" if rec.get("returncode") else ""
+            made_by = rec.get("made_by")  # the config and inputs of the last run that finished
+            other = bool(made_by) and made_by != {"config_hash": step.config_hash, "inputs": inputs}
+            made = "; the outputs there were made with another config or inputs" if other else ""
+            return Decision("run", f"previous run {status}{how}{made}", anew=other)
         recorded = [o["path"] for o in (rec.get("outputs") or {}).values() if isinstance(o, dict) and "path" in o]
         gone = [p for p in dict.fromkeys(step.required + recorded) if not os.path.exists(p)]
         if gone:
@@ -662,7 +678,7 @@ class Runner:
 
     def print_plan(self) -> None:
         for step, d in self.plan():
-            self._line(step, d.action, d.reason)
+            self._line(step, d.action, d.reason + "".join(f"; replaces {p}" for p in self._replaced(step, d)))
             if d.action in ("run", "resume", "start"):
                 extra = ["--ckpt_path", "last"] if d.action == "resume" else []
                 self.out.write(f"      $ {step.shown(extra)}\n")
@@ -790,8 +806,23 @@ class Runner:
         with self._lock(step):
             self._run_step(step, decision)
 
+    @staticmethod
+    def _replaced(step: Step, decision: Decision) -> list[str]:
+        """The outputs an ``overwrite`` stage deletes before this run (those that exist)."""
+        if not (step.overwrite and decision.action == "run" and decision.anew):
+            return []
+        return [step.artifacts[k] for k in step.spec["outputs"] if os.path.lexists(step.artifacts[k])]
+
     def _run_step(self, step: Step, decision: Decision) -> None:
         rec = self.records.get(step.name) or {}
+        made_by = rec.get("made_by")
+        for path in self._replaced(step, decision):
+            self.out.write(f"      removing {path} (overwrite: the stage runs anew)\n")
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            made_by = None
         resume = decision.action == "resume"
         extra = ["--ckpt_path", "last"] if resume else []
         inputs = self.input_hashes(step)
@@ -808,6 +839,7 @@ class Runner:
             "run_started": rec.get("run_started", attempt_start) if resume else attempt_start,
             "attempts": (int(rec.get("attempts", 0)) + 1) if resume else 1,
             "seconds": float(rec.get("seconds", 0.0)) if resume else 0.0,
+            "made_by": made_by,
         }
         self._write_record(step, rec)
         t0 = time.monotonic()
@@ -861,7 +893,7 @@ class Runner:
             raise StageFailed(
                 step, 1, f"stage {step.name!r} exited 0 but did not write {gone[0]}; log: {step.log_path}"
             )
-        rec.update(status="done", outputs=outputs)
+        rec.update(status="done", outputs=outputs, made_by={"config_hash": step.config_hash, "inputs": inputs})
         rec["fingerprint"] = _sha(
             json.dumps([step.config_hash, inputs, {k: v["sha256"] for k, v in outputs.items()}], sort_keys=True)
         )

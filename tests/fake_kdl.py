@@ -12,7 +12,8 @@ exactly which stages ran and how. Recipe keys under ``fake`` steer it:
   and on the bytes of every existing file the config names, so a changed input changes the output.
 - ``test``/``validate``/``predict``: prints a metric, writes nothing.
 - ``serve-teacher``: becomes ``python -m http.server --port <port>`` on 127.0.0.1.
-- any other command writes ``fake.out`` (a folder with one file) the same way as ``best.ckpt``.
+- any other command writes ``fake.out`` (a folder with one file) the same way as ``best.ckpt``; with
+  ``fake.refuse_other`` it refuses a folder written with other settings, as ``kdl generate`` does.
 - ``fake.fetch: URL`` first GETs the URL and prints its status (a stage that uses a background server).
 - ``fake.fail: N`` exits with status N after printing a message.
 
@@ -27,6 +28,7 @@ import os
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import yaml
 
@@ -119,7 +121,11 @@ def main(argv: list[str]) -> int:
     elif command in ("test", "validate", "predict"):
         print("test/acc1 0.5", flush=True)
     elif fake.get("out"):
-        write(os.path.join(fake["out"], "part-0.bin"), content(cfg))
+        part = os.path.join(fake["out"], "part-0.bin")
+        if fake.get("refuse_other") and os.path.isfile(part) and Path(part).read_bytes() != content(cfg):
+            print(f"kdl {command}: error: {fake['out']} was written with other settings; refusing", file=sys.stderr)
+            return 2
+        write(part, content(cfg))
     return 0
 
 

@@ -210,6 +210,51 @@ def test_a_failing_stage_stops_the_pipeline_with_its_name_status_and_log(fake, c
     assert "previous run failed (exit status 3)" in capsys.readouterr().out
 
 
+OVERWRITE = """
+vars: {rho: 0.9}
+stages:
+  - {name: a, command: fit, config: recipe.yaml, dir: runs/a}
+  - name: gen
+    command: generate
+    dir: runs/gen
+    args: {fake.out: runs/store, fake.refuse_other: true, teacher: "${a.best}", rho: "${rho}"}
+    outputs: {store: runs/store}
+    overwrite: true
+  - {name: s, command: fit, config: recipe.yaml, dir: runs/s, args: {data.store: "${gen.store}"}}
+"""
+
+
+def test_overwrite_replaces_outputs_only_when_the_stage_runs_anew(fake, capsys) -> None:  # noqa: ANN001
+    Path("pipe.yaml").write_text(OVERWRITE)
+    assert main(["--config", "pipe.yaml"]) == 0
+    marker = Path("runs/store/extra")
+    marker.write_text("made by the first run")
+    capsys.readouterr()
+    assert main(["--config", "pipe.yaml", "--vars.rho", "0.8", "--dry-run"]) == 0
+    assert "[2/3] gen  run         config changed: rho 0.9 -> 0.8; replaces runs/store" in capsys.readouterr().out
+    n = len(fake())
+    assert main(["--config", "pipe.yaml", "--vars.rho", "0.8"]) == 0
+    assert ran(fake()[n:]) == ["None", "runs/s"] and not marker.exists()
+    # an interrupted run of the same config keeps its outputs (the command resumes its own work)
+    rec_path = Path("runs/gen/pipeline/gen.json")
+    rec_path.write_text(json.dumps({**json.loads(rec_path.read_text()), "status": "interrupted"}))
+    marker.write_text("partial work")
+    assert main(["--config", "pipe.yaml", "--vars.rho", "0.8"]) == 0
+    assert marker.exists()
+    # without overwrite the command refuses a store made with other settings, and the pipeline says so
+    Path("pipe.yaml").write_text(OVERWRITE.replace("    overwrite: true\n", ""))
+    assert main(["--config", "pipe.yaml", "--vars.rho", "0.7"]) == 2
+    assert "runs/store was written with other settings; refusing" in capsys.readouterr().err
+    # with overwrite back, the failed attempt (rho 0.7) is known not to have made the store there (rho 0.8)
+    Path("pipe.yaml").write_text(OVERWRITE)
+    assert main(["--config", "pipe.yaml", "--vars.rho", "0.7", "--dry-run"]) == 0
+    assert "previous run failed (exit status 2); the outputs there were made with another config or inputs; " in (
+        capsys.readouterr().out
+    )
+    assert main(["--config", "pipe.yaml", "--vars.rho", "0.7"]) == 0
+    assert not marker.exists()
+
+
 def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:  # noqa: ANN001
     import fcntl
 
@@ -476,6 +521,12 @@ def test_folder_hashes_cover_every_file_but_the_pipeline_records(tmp_path: Path,
         ([{"name": "s", "command": "generate", "dir": "x", "background": True}], {}, "needs ready:"),
         ([{"name": "a", "command": "fit", "dir": "x", "outputs": {"best": "b"}}], {}, "reserved"),
         ([{"name": "a", "command": "fit", "dir": "${a}"}], {"a": 1}, "a variable has the same name"),
+        ([{"name": "g", "command": "generate", "dir": "x", "overwrite": True}], {}, "overwrite needs outputs"),
+        (
+            [{"name": "g", "command": "generate", "dir": "x/g", "overwrite": True, "outputs": {"o": "x"}}],
+            {},
+            "holds the run folder",
+        ),
         ([], {}, "no stages"),
     ],
 )
