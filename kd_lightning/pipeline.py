@@ -885,7 +885,7 @@ class Runner:
                 outputs[attr] = entry
         gone = [p for p in step.required if not os.path.exists(p)]
         if step.command == "fit" and "best" not in outputs and "last" not in outputs:
-            gone = [step.artifacts["last"]]
+            gone = gone or [step.artifacts["last"]]
         if gone:
             rec["status"] = "failed"
             self._write_record(step, rec)
