@@ -269,6 +269,13 @@ def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:  # noqa: 
     assert main(["--config", "pipe.yaml", "--only", "a"]) == 0  # released: it runs
 
 
+def test_a_stage_that_does_not_write_its_declared_output_fails(fake, capsys) -> None:  # noqa: ANN001
+    Path("pipe.yaml").write_text("stages: [{name: g, command: generate, dir: runs/g, outputs: {store: runs/store}}]")
+    assert main(["--config", "pipe.yaml"]) == 1
+    assert "stage 'g' exited 0 but did not write runs/store; log: runs/g/pipeline/g.log" in capsys.readouterr().err
+    assert json.loads(Path("runs/g/pipeline/g.json").read_text())["status"] == "failed"
+
+
 def test_a_killed_pipeline_continues_where_it_stopped(fake, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
     """SIGKILL the pipeline during b: b's kdl gets SIGTERM (parent-death signal) and stops; the rerun skips a,
     resumes b with --ckpt_path last from its saved epoch, and runs the rest."""
