@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.throughput import fp32_peak_flops  # noqa: E402
 from kd_lightning.callbacks.gan_quality import save_grid_png  # noqa: E402
+from kd_lightning.checkpoints import load_checkpoint  # noqa: E402
 from kd_lightning.data.mnist import FASHION_MNIST_DEBIAN_ROOT, load_mnist_split  # noqa: E402
 from kd_lightning.gans import labels_per_class  # noqa: E402
 from kd_lightning.methods.gan import load_gan  # noqa: E402
@@ -88,9 +89,9 @@ def main() -> None:
     args = p.parse_args()
 
     task = load_gan(args.gan)
-    ckpt_step = int(torch.load(args.gan, map_location="cpu", weights_only=False)["global_step"])
+    ckpt_step = int(load_checkpoint(args.gan)["global_step"])
     teacher = FrozenTeacher.from_checkpoint(args.teacher)
-    size = int(torch.load(args.teacher, map_location="cpu", weights_only=False)["hyper_parameters"]["image_size"])
+    size = int(load_checkpoint(args.teacher)["hyper_parameters"]["image_size"])
     feats = TeacherFeatures(teacher, size)
     images, labels = load_mnist_split(args.root, "test")
     real_a, real_b, y_real = halves(images.float() / 255, labels, args.per_class)

@@ -1,8 +1,17 @@
-"""Reading checkpoints and weight files with clear errors."""
+"""Reading checkpoints and weight files safely, with clear errors.
+
+Every file is read with ``torch.load(weights_only=True)``: tensors, containers and plain values only,
+so a checkpoint from someone else cannot run code when it is opened (a pickle can name any callable).
+kdl's own checkpoints hold nothing else. A file that needs more (an old or foreign checkpoint that
+pickled objects) is refused with a message; whoever trusts it opts in with Lightning's own
+``--weights_only false`` (``kdl fit|validate|test|predict``, ``kdl sample``), which sets
+:data:`TRUST_ENV` for the process, or by setting that variable.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +19,47 @@ import torch
 
 from kd_lightning.errors import CheckpointError
 
+#: set to 1 to read checkpoints with full unpickling (only for files you trust)
+TRUST_ENV = "KDL_TRUST_CHECKPOINTS"
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a Lightning checkpoint (on CPU); a clear error when missing or unreadable."""
+
+def trusted() -> bool:
+    """Whether the user opted in to full unpickling of checkpoints for this process."""
+    return os.environ.get(TRUST_ENV, "") not in ("", "0", "false", "False")
+
+
+def check_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """``path`` as a Path, or a clear error when it is missing or a folder."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {str(path)!r} is a folder; expected a file (e.g. <run>/checkpoints/best.ckpt)")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    return path
+
+
+def safe_load(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """``torch.load`` on CPU, refusing pickled code unless the user opted in (see the module docstring)."""
+    path = check_file(path, what)
+    trust = trusted()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})") from None
+        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if trust:
+            raise CheckpointError(f"{what} {str(path)!r} cannot be read (UnpicklingError: {e})") from None
+        detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "a Python object")
+        raise CheckpointError(
+            f"{what} {str(path)!r} holds more than tensors and plain values ({detail}); opening it could run "
+            f"arbitrary code. If you trust where it came from, pass --weights_only false (or set {TRUST_ENV}=1)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any other failure to read is the file's fault
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{what} {str(path)!r} cannot be read ({type(e).__name__}: {first})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint (on CPU); a clear error when missing, unreadable or unsafe."""
+    ckpt = safe_load(path, mmap=mmap)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' key)")
     return ckpt
@@ -27,13 +67,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a plain ``state_dict`` file, or the net's weights out of a ``kdl`` checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"weights file {str(path)!r} cannot be read ({type(e).__name__}: {e})") from None
+    obj = safe_load(path, what="weights file")
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = {k[len("net.") :]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
     if not isinstance(obj, dict) or not obj:

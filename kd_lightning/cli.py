@@ -16,16 +16,21 @@ unless ``--allow_resume_mismatch true`` is passed.
 
 from __future__ import annotations
 
+import difflib
 import glob
 import logging
 import os
 import re
+import signal
 import sys
+import traceback
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -35,14 +40,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 import kd_lightning.data  # noqa: F401  (register DataModules for short class names)
 import kd_lightning.methods  # noqa: F401  (register LightningModules for short class names)
 from kd_lightning.callbacks import (
-    EXIT_SIGTERM,
     AtomicCheckpointIO,
     GracefulStop,
     NaNGuard,
     ResumeState,
     config_differences,
+    exit_status_after_stop,
 )
-from kd_lightning.errors import CheckpointError, ConfigError, KDLError
+from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint
+from kd_lightning.errors import ConfigError, KDLError
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
@@ -137,6 +143,17 @@ def cpu_has_fast_bf16() -> bool:
 class KDLCLI(LightningCLI):
     """LightningCLI with kd_lightning's links, checkpoint defaults and CPU checks."""
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("allow_abbrev", False)  # a typo must fail, not silently match a longer key
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            e.kdl_options = known_options(parser)  # type: ignore[attr-defined]  (for "did you mean")
+            raise
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(KDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GracefulStop, "graceful_stop")
@@ -151,18 +168,22 @@ class KDLCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads the model's hyper-parameters from --ckpt_path; a bad file is the user's error
-        try:
-            super()._parse_ckpt_path()
-        except Exception as e:  # noqa: BLE001
-            sub = self.config.get("subcommand")
-            path = self.config[sub].get("ckpt_path") if sub else None
-            raise CheckpointError(
-                f"checkpoint {path!r} cannot be read as a kdl checkpoint "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            ) from e
+        """Check ``--ckpt_path`` (safely) without merging its hyper-parameters into the recipe.
+
+        Lightning's CLI would overwrite the recipe's model section with the checkpoint's; kdl keeps the
+        recipe as written, so that resuming compares like with like (:meth:`check_checkpoint_matches`).
+        ``--weights_only false`` is the user's opt-in to unpickle checkpoints they trust.
+        """
+        sub = self.config.get("subcommand")
+        cfg = self.config.get(sub, {}) if sub else {}
+        if cfg.get("weights_only") is False:
+            os.environ[TRUST_ENV] = "1"
+        path = cfg.get("ckpt_path")
+        if path and path not in ("last", "best", "hpc", "registry"):
+            load_checkpoint(path, mmap=True)
 
     def before_instantiate_classes(self) -> None:
+        self.name_wandb_run()
         trainer = self._subcommand_config().get("trainer", {}) or {}
         precision, accelerator = str(trainer.get("precision") or ""), str(trainer.get("accelerator") or "auto")
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
@@ -172,6 +193,23 @@ class KDLCLI(LightningCLI):
                 "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
                 stacklevel=1,
             )
+
+    def name_wandb_run(self) -> None:
+        """A W&B logger without a name/group gets ``<method>-seed<N>`` and the recipe, so W&B groups seeds."""
+        from kd_lightning.report import method_name
+
+        cfg = self._subcommand_config()
+        loggers = cfg.get("trainer", {}).get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+                continue
+            method, seed = method_name(_plain(cfg.get("model")) or {}), cfg.get("seed_everything")
+            recipes = [Path(str(p)) for p in cfg.get("config") or []]
+            recipe = f"{recipes[0].parent.name}/{recipes[0].stem}" if recipes else method
+            defaults = {"name": f"{method}-seed{seed}", "group": recipe, "tags": [method, f"seed{seed}", recipe]}
+            for key, value in defaults.items():  # wandb.init's own arguments, which jsonargparse exposes
+                if logger.init_args.get(key) is None:
+                    logger.init_args[key] = value
 
     def _subcommand_config(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -190,27 +228,68 @@ class KDLCLI(LightningCLI):
             trainer.callbacks.insert(0, ResumeState(self.recipe()))  # type: ignore[attr-defined]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":  # the whole resolved recipe, not only the model's hparams
+                full = _plain(self._subcommand_config())
+                full.pop("config", None)
+                logger.log_hyperparams({"kdl": full})
 
     def before_fit(self) -> None:
-        """Refuse to resume from a checkpoint whose recipe (model/data) differs from this one."""
+        self.check_checkpoint_matches(with_data=True)
+
+    def after_fit(self) -> None:
+        finish_wandb_run(self.trainer)
+
+    after_validate = after_test = after_predict = after_fit
+
+    def before_validate(self) -> None:
+        self.check_checkpoint_matches(with_data=False)
+
+    before_test = before_predict = before_validate
+
+    def check_checkpoint_matches(self, with_data: bool) -> None:
+        """Refuse a ``--ckpt_path`` whose net differs from the recipe's, and for ``fit`` (``with_data``) any
+        model or data key that differs, unless ``--allow_resume_mismatch true``: a net never, its weights
+        cannot load into another.
+        """
         cfg = self._subcommand_config()
         path = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
-        if path is None or cfg.get("allow_resume_mismatch"):
+        if path is None:
             return
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
-            raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from None
-        saved = ckpt.get("kdl_config") if isinstance(ckpt, dict) else None
-        if saved is None:
+        saved = load_checkpoint(path, mmap=True).get("kdl_config")
+        if not isinstance(saved, dict):
             return
-        diffs = config_differences(saved, self.recipe())
-        if diffs:
+        diffs = config_differences({k: saved.get(k) for k in ("model", "data")}, self.recipe())
+        net = next((d for d in diffs if d[0] == "model.init_args.net"), None)
+        if net is not None:
+            raise ConfigError(
+                f"checkpoint {path!r} holds a {net[1]!r} net, the recipe builds {net[2]!r}: its weights cannot "
+                "load into another net; use the checkpoint's recipe or start a new run"
+            )
+        if diffs and with_data and not cfg.get("allow_resume_mismatch"):
             lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
             raise ConfigError(
                 f"refusing to resume from {path!r}: the recipe differs from the checkpoint's in "
                 f"{len(diffs)} key(s):\n{lines}\npass --allow_resume_mismatch true to resume anyway"
             )
+
+
+def finish_wandb_run(trainer: L.Trainer) -> None:
+    """Close this command's W&B run, so the next command in the same process starts its own."""
+    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish()
+
+
+def known_options(parser: Any) -> list[str]:
+    """Every ``--option`` of ``parser`` and of its subcommands' parsers."""
+    options = [o for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
+    for action in getattr(parser, "_actions", []):
+        for sub in (getattr(action, "choices", None) or {}).values() if isinstance(action.choices, dict) else ():
+            options += known_options(sub)
+    return options
 
 
 def resolve_ckpt_path(ckpt_path: Any, trainer: L.Trainer) -> str | None:
@@ -264,7 +343,12 @@ class _DropTips(logging.Filter):
 
 def _quiet_lightning() -> None:
     """Silence advice that is noise for kdl users (cloud-logger tips, the tensorboardX notice)."""
-    for msg in (".*tensorboardX.*", ".*does not have many workers.*"):
+    for msg in (
+        ".*tensorboardX.*",
+        ".*does not have many workers.*",
+        "LightningCLI's args parameter is intended to run from within Python.*",  # kdl passes its argv on purpose
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own use of torch's pytree
+    ):
         warnings.filterwarnings("ignore", message=msg)
     logging.getLogger("lightning.pytorch").addFilter(_DropTips())
     for handler in logging.getLogger("lightning.pytorch").handlers:
@@ -272,7 +356,7 @@ def _quiet_lightning() -> None:
 
 
 _NOISE = (
-    r"Expected a <class 'NoneType'>|^Given value|NestedArg|^Errors:|^Subtypes:"
+    r"Expected a <class 'NoneType'>|^Given value type|^Given value: [\[{]|NestedArg|^Errors:|^Subtypes:"
     r"|Does not validate against any of the Union"
 )
 
@@ -301,6 +385,8 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kd_lightning.sampling.generate:main", "build a cGAN-KD sample store (subsample, filter, relabel)"),
     "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
     "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
+    "report": ("kd_lightning.report:main", "a table of runs (mean ± std over seeds) and learning curves"),
+    "sweep": ("kd_lightning.sweep:main", "check a W&B sweep file and run its command lines here (W&B offline)"),
 }
 
 
@@ -314,40 +400,123 @@ def run_tool_command(name: str, argv: list[str]) -> int:
     return int(func(argv) or 0)
 
 
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def usage() -> str:
+    """The list of kdl's commands, for ``kdl`` alone and the end of ``kdl --help``."""
+    lines = ["kdl commands:"]
+    lines += [f"  kdl {name:<14} Lightning's {name} on a recipe (--config RECIPE.yaml)" for name in TRAINER_COMMANDS]
+    lines += [f"  kdl {name:<14} {helptext}" for name, (_, helptext) in TOOL_COMMANDS.items()]
+    lines.append("`kdl COMMAND --help` shows a command's options.")
+    return "\n".join(lines)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Every ``--config``/``-c`` file must exist and hold a YAML mapping of sections; name the file if not."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if os.path.isdir(path):
+            raise ConfigError(f"--config {path!r} is a folder; expected a YAML recipe file")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path!r} does not exist")
+        try:
+            with open(path) as f:
+                content = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"--config {path!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        if content is None:
+            raise ConfigError(f"--config {path!r} is empty; expected a mapping of sections (trainer, model, data)")
+        if not isinstance(content, dict):
+            kind = type(content).__name__
+            raise ConfigError(
+                f"--config {path!r} holds a {kind}; expected a mapping of sections (trainer, model, data)"
+            )
+
+
+def _suggestion(message: str, options: list[str]) -> str:
+    """ "did you mean ...?" for the first unrecognised ``--key`` in a parse error, when one is close."""
+    found = re.search(r"[Uu]nrecognized arguments:\s*(--[\w.\-]+)", message)
+    if not found or not options:
+        return ""
+    close = difflib.get_close_matches(found.group(1), options, n=1, cutoff=0.8)
+    return f"\ndid you mean {close[0]}?" if close else ""
+
+
+def _class_hint(message: str) -> str:
+    """For an unknown class name in a recipe, the names that would have worked (KD losses, for now)."""
+    found = re.search(r"Expected a dot import path string: (\S+)", message)
+    if not found:
+        return ""
+    if "kd_losses" in message:
+        from kd_lightning.losses import list_losses
+
+        return f"unknown KD loss {found.group(1)!r}; known losses: {', '.join(list_losses())}"
+    return ""
+
+
+def _optimizer_error(exc: BaseException) -> str | None:
+    """The message of a ValueError/TypeError raised while building an optimiser or LR scheduler."""
+    if not isinstance(exc, (ValueError, TypeError)):
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(f"{os.sep}torch{os.sep}optim{os.sep}" in frame.filename for frame in frames):
+        return (
+            f"the optimiser or LR scheduler rejected its settings: {exc} "
+            "(see model.init_args.optimizer / model.init_args.lr_scheduler in the recipe)"
+        )
+    return None
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``kdl``; returns the exit status."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] and argv[0] in TOOL_COMMANDS:  # not a Trainer subcommand
         return run_tool_command(argv[0], argv[1:])
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
     debug = os.environ.get("KDL_DEBUG", "") not in ("", "0")
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
     _quiet_lightning()
     cpu_defaults()
+    command = argv[0] if argv[0] in TRAINER_COMMANDS else None
     try:
-        if args is None:  # keep sys.argv as the CLI's source (minus our own --debug flag)
-            sys.argv = sys.argv[:1] + argv
-            build_cli(None)
+        check_config_files(argv)
+        if argv[0] in ("-h", "--help"):
+            try:
+                build_cli(argv)
+            finally:  # Lightning printed its help and exits: add kdl's other commands
+                print("\n" + usage())
         else:
             build_cli(argv)
     except SIGTERMException:
-        print(f"kdl: stopped by SIGTERM; resume with --ckpt_path last (exit {EXIT_SIGTERM})", file=sys.stderr)
-        return EXIT_SIGTERM
+        status = exit_status_after_stop()
+        name = signal.Signals(status - 128).name
+        print(f"kdl: stopped by {name} after saving; resume with --ckpt_path last (exit {status})", file=sys.stderr)
+        return status
     except ArgumentError as e:
         if debug:
             raise
-        print(
-            f"kdl: error: {_short_parse_error(str(e))}\n(see `kdl {argv[0] if argv else ''} --help`; "
-            "KDL_DEBUG=1 shows the full message)",
-            file=sys.stderr,
-        )
+        hint = f"kdl {command} --help" if command else "kdl --help"
+        message = _class_hint(str(e)) or _short_parse_error(str(e)) + _suggestion(str(e), getattr(e, "kdl_options", []))
+        print(f"kdl: error: {message}\n(see `{hint}`; KDL_DEBUG=1 shows the full message)", file=sys.stderr)
         return 2
     except Exception as e:
         user_error = _user_error(e)
-        if debug or user_error is None:
+        message = str(user_error) if user_error is not None else _optimizer_error(e)
+        if debug or message is None:
             raise
-        print(f"kdl: error: {user_error}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
+        print(f"kdl: error: {message}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         (fashion / f"{s}.gz").is_file() or (fashion / s).is_file()
         for s in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
     ):
-        dataset, folder = f"Fashion-MNIST ({fashion})", "fashion_mnist"
+        is_debian = fashion.resolve() == Path(FASHION_MNIST_DEBIAN_ROOT).resolve()
+        dataset = f"Fashion-MNIST ({fashion})" if is_debian else f"MNIST-format data from {fashion}"
+        folder = "fashion_mnist"
         data_args = ["--data.init_args.root", str(fashion)]
         if args.train_size:
             data_args += ["--data.init_args.train_size", str(args.train_size)]

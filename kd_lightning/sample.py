@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
-from kd_lightning.callbacks.gan_quality import atomic_write_bytes
+from kd_lightning.checkpoints import TRUST_ENV
 from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.fileio import atomic_write_bytes
 from kd_lightning.gans import labels_per_class
 
 
@@ -38,8 +39,8 @@ def sample_labels(
     """The label vector (or count) to sample for the generator's condition."""
     condition = task.generator.condition
     if condition == "class":
-        if per_class is None:
-            raise ConfigError("a class-conditional GAN needs --per_class N")
+        if per_class is None or per_class < 1:
+            raise ConfigError(f"--per_class {per_class}: a class-conditional GAN needs --per_class N with N >= 1")
         return labels_per_class(per_class, int(task.hparams.num_classes))
     if condition == "continuous":
         if per_label is None:
@@ -87,6 +88,19 @@ def write_samples(
         atomic_write_bytes(os.path.join(out, sub, f"{i:07d}.png"), buf.getvalue())
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; a CUDA device on a machine without one is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu (or auto)")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdl sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by kdl fit with a ConditionalGAN/CcGAN/DCGAN")
@@ -98,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="number of images (unconditional GANs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent codes")
     p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--weights_only",
+        type=lambda v: str(v).lower() not in ("false", "0", "no"),
+        default=True,
+        help="false: unpickle a checkpoint you trust that holds more than tensors and plain values",
+    )
     p.add_argument("--raw", action="store_true", help="use the raw generator instead of its EMA copy")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
@@ -106,14 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.weights_only:
+        os.environ[TRUST_ENV] = "1"
     try:
         from kd_lightning.methods.gan import load_gan
 
+        device = resolve_device(args.device)
         task = load_gan(args.ckpt)
         labels = sample_labels(task, args.per_class, args.per_label, args.label_values, args.n_label_values, args.n)
         gen = task.sampler_generator(ema=not args.raw)
         images = gen.sample(
-            labels, seed=args.seed, batch_size=args.batch_size, device=args.device, progress=not args.no_progress
+            labels, seed=args.seed, batch_size=args.batch_size, device=device, progress=not args.no_progress
         )
         meta = {"seed": args.seed, "ema": not args.raw, "checkpoint": os.path.abspath(args.ckpt)}
         write_samples(

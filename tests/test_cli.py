@@ -10,15 +10,18 @@ import pytest
 import torch
 import yaml
 
+import kd_lightning.methods
 from kd_lightning.cli import build_cli, cpu_has_fast_bf16
 from kd_lightning.errors import CheckpointError
 from kd_lightning.methods import ImageClassifier
 from tests.conftest import RECIPES
 
-FRAGMENTS = sorted((RECIPES / "fragments").glob("*.yaml"))  # partial configs stacked onto a recipe
-# kdl pipeline files (a list of stages) are tested in tests/test_pipeline.py
-PIPELINES = {p for p in RECIPES.rglob("*.yaml") if "stages" in (yaml.safe_load(p.read_text()) or {})}
-ALL_RECIPES = sorted(set(RECIPES.rglob("*.yaml")) - set(FRAGMENTS) - PIPELINES)
+# partial configs stacked onto a recipe (fragments/, the fine-grained sets' per-dataset overrides and data
+# files, tested in test_datasets_more.py): every full recipe sets seed_everything, a partial one does not
+FRAGMENTS = sorted(p for p in RECIPES.rglob("*.yaml") if "seed_everything" not in yaml.safe_load(p.read_text()))
+ALL_RECIPES = sorted(set(RECIPES.rglob("*.yaml")) - set(FRAGMENTS))
+#: model classes that recipes name ahead of their implementation (their recipes' tests skip until they exist)
+PENDING_MODELS = {"MEKD": "issue 14"}
 MNIST_FORMAT = ("FashionMNISTDataModule", "MNISTDataModule")
 
 
@@ -31,7 +34,7 @@ def recipe_model_class(path: Path) -> str:
 
 
 #: models that load a trained teacher: their recipes run in tests/test_distill_recipes.py with a tiny one
-NEEDS_TEACHER = ("DistillModule",)
+NEEDS_TEACHER = ("DistillModule", "SSKDTeacherHead")
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None:  # noqa: ANN001
@@ -43,6 +46,9 @@ def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None
 
 @pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    pending = recipe_model_class(recipe)
+    if pending in PENDING_MODELS and not hasattr(kd_lightning.methods, pending):
+        pytest.skip(f"{pending} is not in kd_lightning.methods yet ({PENDING_MODELS[pending]})")
     assert kdl("fit", "--config", str(recipe), "--print_config") == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["class_path"] and cfg["data"]["class_path"]

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from kd_lightning.checkpoints import TRUST_ENV
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses import AT, BLKD, CRD, RKD, FitNet, get_loss, list_losses
@@ -171,7 +172,9 @@ def test_teacher_cache_refuses_augmented_data(digits_teacher: Path, tmp_path: Pa
         quiet_trainer(tmp_path, max_steps=1).fit(model, DigitsDataModule(batch_size=32, augment=True))
 
 
-def test_regression_distils_with_feature_losses_and_refuses_logit_losses(value_teacher: Path, tmp_path: Path) -> None:
+def test_regression_distils_with_feature_losses_and_refuses_logit_losses(
+    value_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     L.seed_everything(0)
     dm = DigitValue(batch_size=64, augment=False)
     kw = dict(
@@ -194,6 +197,10 @@ def test_regression_distils_with_feature_losses_and_refuses_logit_losses(value_t
     res = trainer.test(model, dm, verbose=False)[0]
     assert res["test/mae"] < 0.75 * 2.5  # in digit units; the best constant predictor is ~2.5
     trainer.save_checkpoint(tmp_path / "student.ckpt")  # a distilled regressor can teach in turn
+    # built in Python, its hyper-parameters hold the loss objects: reading it back needs the user's trust
+    with pytest.raises(CheckpointError, match="holds more than tensors and plain values"):
+        FrozenTeacher.from_checkpoint(tmp_path / "student.ckpt")
+    monkeypatch.setenv(TRUST_ENV, "1")
     again = FrozenTeacher.from_checkpoint(tmp_path / "student.ckpt")
     assert again.task == "regression" and again.num_classes is None
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from kd_lightning.methods import ImageClassifier, ImageRegressor
+from kd_lightning.methods import ImageClassifier, ImageRegressor, SSKDTeacherHead
 from tests.conftest import RECIPES, make_fake_mnist
 from tests.fake_datasets import write_cifar, write_utkface
 from tests.test_cli import ALL_RECIPES, NEEDS_TEACHER, recipe_data_class, recipe_model_class
@@ -34,6 +35,23 @@ def write_teacher(
     return path
 
 
+def write_sskd_teacher_head(
+    path: Path, teacher: Path, num_classes: int, in_channels: int, image_size: int, mean: tuple, std: tuple
+) -> Path:
+    """An (untrained) SSKDTeacherHead of ``teacher`` saved with the keys a kdl run writes."""
+    model = SSKDTeacherHead(
+        teacher=str(teacher),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return path
+
+
 def test_every_distill_recipe_is_covered() -> None:
     assert len(DISTILL_RECIPES) >= 8
     assert {recipe_data_class(r) for r in DISTILL_RECIPES} <= set(DATA)
@@ -44,6 +62,10 @@ def test_distill_recipe_fast_dev_run(recipe: Path, kdl, tmp_path: Path) -> None:
     writer, classes, channels, size, mean, std = DATA[recipe_data_class(recipe)]
     data = ["--data.init_args.root", str(writer(tmp_path / "data"))] if writer else []
     teacher = write_teacher(tmp_path / "teacher.ckpt", classes, channels, size, mean, std)
+    for term in yaml.safe_load(recipe.read_text())["model"]["init_args"].get("kd_losses") or []:
+        head = (term.get("init_args") or {}).get("teacher_head")
+        if head:  # SSKD with the reference schedule: stage 1's SS module, at the recipe's (relative) path
+            write_sskd_teacher_head(tmp_path / head, teacher, classes, channels, size, mean, std)
     assert (
         kdl(
             "fit",

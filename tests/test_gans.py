@@ -110,6 +110,45 @@ def test_vicinal_sampler_draws_real_and_fake_labels_inside_the_window(kind: str)
     assert v.counts(t[:5]).tolist() == plain
 
 
+def test_ccgan_draws_targets_from_the_distinct_labels_like_the_official_code() -> None:
+    """improved_CcGAN draws y_j with np.random.choice(unique_train_labels): a label value seen 90 times is no
+    likelier than one seen 5 times. ``target_draw: batch`` keeps the batch's labels (frequency-weighted)."""
+    labels = torch.cat([torch.full((90,), 0.1), torch.full((5,), 0.5), torch.full((5,), 0.9)])
+    v = VicinalSampler(labels, "hard")
+    assert v.unique.tolist() == pytest.approx([0.1, 0.5, 0.9])
+    draws = v.draw_unique(6000, generator=torch.Generator().manual_seed(0))
+    shares = [float((draws == u).double().mean()) for u in v.unique]
+    assert shares == pytest.approx([1 / 3] * 3, abs=0.03)  # uniform over values, not 0.9/0.05/0.05
+
+    model = CcGAN(z_dim=8, g_ch=8, d_ch=8, in_channels=1, image_size=16, label_range=(0.0, 1.0))
+    assert model.hparams.target_draw == "unique" and not model.hparams.clamp_generator_targets
+    model.vicinal = v
+    batch = {"label": torch.full((4000,), 0.1)}
+    torch.manual_seed(1)
+    drawn = model.base_labels(batch)
+    assert 0.25 < float((drawn == 0.5).double().mean()) < 0.42  # the batch holds only 0.1
+    by_batch = CcGAN(z_dim=8, g_ch=8, d_ch=8, in_channels=1, image_size=16, target_draw="batch")
+    by_batch.vicinal = v
+    assert torch.equal(by_batch.base_labels(batch), batch["label"].double())
+
+    # the generator step's targets y_j + eps_j are not clamped (the reference); clamp_generator_targets clamps
+    for clamp in (False, True):
+        m = CcGAN(
+            z_dim=8, g_ch=8, d_ch=8, in_channels=1, image_size=16, target_draw="batch", clamp_generator_targets=clamp
+        )
+        m.vicinal = VicinalSampler(torch.rand(50), "hard", sigma=0.5)
+        m.generator.forward = lambda z, y: torch.zeros(len(z), 1, 16, 16)  # type: ignore[method-assign]
+        recorded: list[torch.Tensor] = []
+        m.d_logits = lambda x, c, rec=recorded: rec.append(c) or c.float()  # type: ignore[method-assign, misc]
+        torch.manual_seed(2)
+        m.generator_step_loss({"label": torch.ones(256)})
+        torch.manual_seed(2)
+        t = torch.ones(256, dtype=torch.float64) + 0.5 * torch.randn(256, dtype=torch.float64)
+        expected = t.clamp(0, 1) if clamp else t
+        assert torch.allclose(recorded[0].double(), expected, atol=1e-6)
+        assert (recorded[0].max() > 1) != clamp
+
+
 def test_vicinal_sampler_rejects_unnormalised_labels() -> None:
     with pytest.raises(ConfigError, match=r"normalised to \[0, 1\]"):
         VicinalSampler(torch.tensor([0.0, 45.0]))
@@ -288,6 +327,10 @@ def test_ccgan_trains_on_rotated_digits_with_hvdl_svdl_and_ili(tmp_path: Path) -
         default_root_dir=str(tmp_path),
     )
     trainer.fit(emb, datamodule=dm)
+    # the y2h phase draws its labels from the distinct training labels, as the official code
+    from kd_lightning.methods.gan import dataset_labels
+
+    assert torch.equal(emb._unique_labels, torch.unique(dataset_labels(dm.train_dataset).float().flatten()))
     ckpt = tmp_path / "emb.ckpt"
     trainer.save_checkpoint(ckpt)
     for vicinity, label_input in (("hard", "nli"), ("soft", "ili")):
@@ -636,3 +679,28 @@ def test_gan_quality_callback_logs_metrics_and_writes_grids(tmp_path: Path, regr
         tiny_trainer(tmp_path, 4).fit(plain, datamodule=DigitsDataModule(batch_size=32, image_size=16))
         ours = model.generator.state_dict()
         assert all(torch.equal(v, ours[k]) for k, v in plain.generator.state_dict().items())
+
+
+def test_ema_averages_the_whole_state_dict_like_biggan() -> None:
+    """BigGAN's ema.update averages every state-dict entry (BN running statistics included);
+    ``ema_buffers: copy`` averages the parameters only and copies the buffers."""
+    for mode in ("average", "copy"):
+        model = DCGAN(z_dim=4, g_ch=4, d_ch=4, in_channels=1, image_size=16, ema_decay=0.9, ema_buffers=mode)
+        model.g_steps += 1
+        before = {k: v.clone() for k, v in model.generator_ema.state_dict().items()}
+        with torch.no_grad():
+            for t in model.generator.state_dict().values():
+                t.add_(1) if t.is_floating_point() else t.add_(3)
+        source = model.generator.state_dict()
+        model.update_ema()
+        after = model.generator_ema.state_dict()
+        for k, v in after.items():
+            if not v.is_floating_point():  # num_batches_tracked: copied
+                assert torch.equal(v, source[k]), k
+            elif k in dict(model.generator_ema.named_parameters()) or mode == "average":
+                assert torch.allclose(v, 0.9 * before[k] + 0.1 * source[k], atol=1e-6), k
+            else:
+                assert torch.equal(v, source[k]), k
+        assert any("running_mean" in k for k in after)
+    with pytest.raises(ConfigError, match="ema_buffers='last'"):
+        DCGAN(in_channels=1, image_size=16, ema_buffers="last")  # type: ignore[arg-type]

@@ -173,7 +173,8 @@ def test_pkt_golden_value() -> None:
 
     ps, pt = conditional(s), conditional(t)
     eps = 1e-7
-    ref = sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(3) for j in range(3)) / 3
+    # RepDistiller's scale: the mean over all 3 x 3 entries
+    ref = sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(3) for j in range(3)) / 9
     loss = PKT()(
         out(torch.zeros(3, 2), penultimate=torch.tensor(s)),
         out(torch.zeros(3, 2), penultimate=torch.tensor(t)),
@@ -391,3 +392,103 @@ def test_sskd_golden_value() -> None:
     assert parts["tf"].item() == pytest.approx(2.7 * tf, rel=1e-4)
     assert parts["ss"].item() == pytest.approx(10.0 * ss, rel=1e-4)
     assert parts["ss_teacher"].item() == pytest.approx(teacher_ce, rel=1e-4)
+
+
+def test_sskd_heads_are_the_authors_and_bn_is_an_option() -> None:
+    loss = SSKD()
+    loss.setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(6,)), 3))
+    assert [type(m).__name__ for m in loss.student_head.mlp] == ["Linear", "Identity", "ReLU", "Linear"]
+    assert loss.teacher_head.mlp[0].in_features == 6
+    with_bn = SSKD(head_batch_norm=True)
+    with_bn.setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(4,)), 3))
+    assert [type(m).__name__ for m in with_bn.teacher_head.mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+
+
+def test_sskd_reference_schedule_loads_a_frozen_teacher_head(tmp_path) -> None:  # noqa: ANN001
+    from kd_lightning.errors import CheckpointError
+    from kd_lightning.losses import StepContext
+    from kd_lightning.methods import SSKDTeacherHead
+    from tests.test_distill_recipes import write_teacher
+
+    teacher = write_teacher(tmp_path / "t.ckpt", 3, 1, 8, (0.5,), (0.5,))
+    stage = SSKDTeacherHead(teacher=str(teacher), num_classes=3, in_channels=1, image_size=8)
+    # stage 1's loss: CE over cosine similarities of rotated vs normal embeddings, source image as the class
+    x = torch.rand(4, 1, 8, 8)
+    loss_value = stage.model_step({"image": x, "label": torch.zeros(4, dtype=torch.long)}, "train")
+    with torch.no_grad():
+        f = stage.teacher.forward_features(torch.cat([x, rotations(x)]), ["penultimate"])[1]["penultimate"]
+        e = stage.head(f)
+        sim = torch.nn.functional.cosine_similarity(e[4:, None], e[None, :4], dim=2)
+    expected = torch.nn.functional.cross_entropy(sim, torch.arange(4).repeat_interleave(3))
+    assert float(loss_value) == pytest.approx(float(expected), rel=1e-5)
+    assert {n for n, _ in stage.named_parameters() if _.requires_grad} == {
+        "head.mlp.0.weight",
+        "head.mlp.0.bias",
+        "head.mlp.3.weight",
+        "head.mlp.3.bias",
+    }
+    path = tmp_path / "head.ckpt"
+    torch.save({"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}, path)
+
+    dim = stage.head.mlp[0].in_features
+    loss = SSKD(teacher_head=str(path), teacher_epochs=5)
+    loss.setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(dim,)), 3))
+    assert torch.equal(loss.teacher_head.mlp[0].weight, stage.head.mlp[0].weight)
+    assert not any(p.requires_grad for p in loss.teacher_head.parameters())
+    student_net, teacher_net = nn.Linear(4, 3), nn.Linear(dim, 3)
+
+    def run(net: nn.Module, z: torch.Tensor, d: int) -> Outputs:
+        f = z.flatten(1)[:, :d]
+        return Outputs(net(f), {"penultimate": f})
+
+    x = torch.rand(4, 1, 8, 8)
+    ctx = StepContext(lambda z: run(student_net, z, 4), lambda z: run(teacher_net, z, dim), epoch=0)
+    parts = loss(
+        run(student_net, x, 4), run(teacher_net, x, dim), {"image": x, "label": torch.tensor([0, 1, 2, 0])}, ctx
+    )
+    assert set(parts) == {"kd", "tf", "ss"}  # no teacher-head training, ss on from epoch 0 despite teacher_epochs
+    assert parts["ss"].item() > 0
+    with pytest.raises(CheckpointError, match="SS module"):
+        SSKD(teacher_head=str(path)).setup(SetupInfo(shapes(penultimate=(4,)), shapes(penultimate=(dim + 1,)), 3))
+
+
+def test_crd_exact_negatives_are_other_classes_without_replacement() -> None:
+    torch.manual_seed(0)
+    n = 40
+    labels = torch.arange(n) % 4
+    labels[[5, 6]] = -1  # not training samples (e.g. the validation split): never drawn
+    loss = CRD(nce_k=12, negatives="exact")
+    assert loss.uses_labels
+    loss.setup_labels(labels)
+    idx = torch.tensor([0, 1, 2, 3, 9])
+    contrast = loss.draw_contrast(idx, labels[idx], n, 12)
+    assert contrast.shape == (5, 13) and contrast[:, 0].tolist() == idx.tolist()
+    for row, i in zip(contrast, idx):
+        neg = row[1:]
+        assert len(set(neg.tolist())) == 12  # without replacement
+        assert (labels[neg] != labels[i]).all() and (labels[neg] >= 0).all()
+    # more negatives than a class has: drawn with replacement, still other classes only
+    many = loss.draw_contrast(idx, labels[idx], n, 50)
+    assert (labels[many[:, 1:]] != labels[idx].view(-1, 1)).all() and (labels[many[:, 1:]] >= 0).all()
+    with pytest.raises(ConfigError, match="setup_labels"):
+        CRD(negatives="exact").draw_contrast(idx, labels[idx], n, 4)
+    with pytest.raises(ConfigError, match="negatives='all'"):
+        CRD(negatives="all")  # type: ignore[arg-type]
+
+
+def test_training_labels_by_index_follow_the_split() -> None:
+    from kd_lightning.data import DigitsDataModule
+    from kd_lightning.methods.distill import train_labels_by_index
+
+    dm = DigitsDataModule(val_fraction=0.2, train_size=300, batch_size=16)
+    dm.setup("fit")
+    from kd_lightning.data.pairs import dataset_labels
+
+    n = len(dm.train_dataset.dataset)
+    by_index = train_labels_by_index(dm, n)
+    base_labels = dataset_labels(dm.train_dataset.dataset)
+    train = torch.as_tensor(dm.train_dataset.indices)
+    assert torch.equal(by_index[train], base_labels[train])
+    assert int((by_index >= 0).sum()) == len(train) > 250  # about train_size (stratified)
+    val = torch.as_tensor(dm.val_dataset.indices)
+    assert (by_index[val] == -1).all()

@@ -17,7 +17,14 @@ from kd_lightning.data.mixing import BatchMixer
 from kd_lightning.data.pairs import ClassPairSampler, PairedDataset
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.methods import AIKD, CSKD, PSKD, ImageClassifier, SelfKD
-from kd_lightning.methods.self_kd import STORE_KEY, LogitCritic, PredictionStore, gradient_penalty
+from kd_lightning.methods.self_kd import (
+    STORE_KEY,
+    LogitCritic,
+    PredictionStore,
+    adversarial_loss,
+    gradient_penalty,
+    wgan_gp_critic_parts,
+)
 from tests.conftest import RECIPES
 from tests.fake_datasets import write_cub
 
@@ -26,6 +33,7 @@ SELF_KD_RECIPES = {
     "cub_pskd": RECIPES / "cub200/pskd.yaml",
     "cub_cskd": RECIPES / "cub200/cskd.yaml",
     "cub_tfkd": RECIPES / "cub200/tfkd.yaml",
+    "cub_tfkd_reg": RECIPES / "cub200/tfkd_reg.yaml",
     "fmnist_aikd": RECIPES / "fashion_mnist/aikd.yaml",
     "fmnist_pskd": RECIPES / "fashion_mnist/pskd.yaml",
     "fmnist_cskd": RECIPES / "fashion_mnist/cskd.yaml",
@@ -101,9 +109,10 @@ def test_gradient_penalty_equals_an_independent_computation() -> None:
 
 def test_critic_loss_is_wgan_gp(tmp_path: Path) -> None:
     ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 3, 1)
-    model = AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1)
     torch.manual_seed(0)
     real, fake = torch.randn(6, 3), torch.randn(6, 3)
+    # critic_norm "separate": real, fake and the penalty's mix are three batches (the behaviour before the fix)
+    model = AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1, critic_norm="separate")
     torch.manual_seed(1)
     parts = model.critic_parts(real, fake)
     torch.manual_seed(1)
@@ -111,6 +120,62 @@ def test_critic_loss_is_wgan_gp(tmp_path: Path) -> None:
     gp = gradient_penalty(model.critic, real, fake)
     assert float(parts["critic"]) == pytest.approx(float(d_fake - d_real + 10.0 * gp), rel=1e-5)
     assert float(parts["gp"]) == pytest.approx(float(gp), rel=1e-5)
+
+    # default "joint": one batch [real; fake; x_hat] through the critic, the penalty's gradient from that pass
+    model = AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1)
+    assert model.hparams.critic_norm == "joint"
+    eps = torch.linspace(0.1, 0.9, 6)[:, None]
+    torch.manual_seed(1)
+    parts = model.critic_parts(real, fake)
+    torch.manual_seed(1)
+    drawn = torch.rand(6, 1)
+    x_hat = (drawn * real + (1 - drawn) * fake).requires_grad_(True)
+    scores = model.critic(torch.cat([real, fake, x_hat]))
+    (grad,) = torch.autograd.grad(scores[12:].sum(), x_hat)
+    gp = ((grad.norm(dim=1) - 1) ** 2).mean()
+    wasserstein = scores[:6].mean() - scores[6:12].mean()
+    assert float(parts["wasserstein"]) == pytest.approx(float(wasserstein), rel=1e-5)
+    assert float(parts["gp"]) == pytest.approx(float(gp), rel=1e-5)
+    assert float(parts["critic"]) == pytest.approx(float(-wasserstein + 10 * gp), rel=1e-5)
+    assert not torch.allclose(parts["gp"], wgan_gp_critic_parts(model.critic, real, fake, joint=False, eps=eps)["gp"])
+    assert [
+        type(m).__name__
+        for m in AIKD(
+            pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1, critic_norm="none"
+        ).critic.layers
+    ][1] == "Identity"
+    with pytest.raises(ConfigError, match="critic_norm='batch'"):
+        AIKD(pretrained=str(ssup), net="tinynet", num_classes=3, in_channels=1, critic_norm="batch")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["shift", "scale"])
+@pytest.mark.parametrize("norm", ["joint", "none", "separate"])
+def test_critic_sees_a_logit_shift_or_scale(kind: str, norm: str) -> None:
+    """S_sup's logits vs student logits that differ only by an offset (x + 1.5) or a confidence (2x + 0.5).
+    With BN on each set alone (``separate``) the critic is blind: D(x) = D(x + c) = D(2x + c) row by row,
+    so the student gets no gradient toward S_sup; ``joint`` (default) and ``none`` separate them."""
+    torch.manual_seed(0)
+    real = torch.randn(64, 10)
+    fake = real + 1.5 if kind == "shift" else 2 * real + 0.5
+    critic = LogitCritic(10, batch_norm=norm != "none")
+    joint = norm == "joint"
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    for _ in range(150):
+        parts = wgan_gp_critic_parts(critic, real, fake, joint=joint)
+        opt.zero_grad()
+        parts["critic"].backward()
+        opt.step()
+    wasserstein = float(wgan_gp_critic_parts(critic, real, fake, joint=joint)["wasserstein"])
+    # the student's gradient from L_A: a descent step on fake must move it toward real
+    student = fake.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(adversarial_loss(critic, student, real, joint=joint), student)
+    toward_real = float((-grad * (real - fake)).sum())
+    if norm == "separate":
+        assert abs(wasserstein) < 1e-4
+        assert abs(toward_real) < 1e-4
+    else:
+        assert wasserstein > 0.5
+        assert toward_real > 1e-3
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -257,11 +322,61 @@ def test_loss_parts_combine_with_the_documented_weights(tmp_path: Path) -> None:
     ce = F.cross_entropy(logits, label)
     prog = 4.0 * plain_kl(prev_p, logits, 2.0)
     guide_kl = 9.0 * plain_kl(F.softmax(guide / 3.0, -1), logits, 3.0)
-    adv = -model.critic(logits).mean()
+    adv = -model.critic(torch.cat([guide, logits]))[6:].mean()  # joint batch with S_sup's logits
     for name, value in (("ce", ce), ("progressive", prog), ("guide", guide_kl), ("adv", adv)):
         assert float(parts[name]) == pytest.approx(float(value), rel=1e-5), name
     total = (1 - 0.3 - 0.2) * ce + 0.3 * prog + 0.2 * guide_kl + 0.5 * adv
     assert float(model.combine(parts)) == pytest.approx(float(total), rel=1e-5)
+
+
+def test_tfkd_variants_and_the_official_kl_scale(tmp_path: Path) -> None:
+    from kd_lightning.data.mixing import MixedBatch
+    from kd_lightning.methods import TFKD
+
+    torch.manual_seed(0)
+    logits, guide = torch.randn(5, 4), torch.randn(5, 4)
+    label = torch.tensor([0, 3, 1, 2, 3])
+    batch = MixedBatch(logits, label)
+    ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 4, 1)
+    tf_self = TFKD(pretrained=str(ssup), net="tinynet", num_classes=4, in_channels=1)
+    assert (tf_self.hparams.guide_weight, tf_self.hparams.guide_temperature) == (0.95, 6.0)
+    expected = 36.0 * plain_kl(F.softmax(guide / 6.0, -1), logits, 6.0)
+    assert float(tf_self.student_parts(logits, batch, guide_logits=guide)["guide"]) == pytest.approx(
+        float(expected), rel=1e-4
+    )
+    # the official scale: nn.KLDivLoss() (mean over batch AND classes) x T^2 x multiplier 50
+    official = TFKD(
+        pretrained=str(ssup), net="tinynet", num_classes=4, in_channels=1, guide_reduction="mean", guide_multiplier=50
+    )
+    p = F.softmax(guide / 6.0, -1)
+    kl_mean = (p * (p.log() - F.log_softmax(logits / 6.0, -1))).mean()
+    got = official.student_parts(logits, batch, guide_logits=guide)["guide"]
+    assert float(got) == pytest.approx(float(kl_mean * 36.0 * 50), rel=1e-5)
+
+    # regularisation: the designed teacher p^d (0.99 on the true class), softened by softmax(p^d / T); no S_sup
+    reg = TFKD(variant="regularization", net="tinynet", num_classes=4, in_channels=1)
+    assert (reg.hparams.guide_weight, reg.hparams.guide_temperature, reg.guide) == (0.1, 20.0, None)
+    p_d = torch.full((5, 4), 0.01 / 3)
+    p_d[torch.arange(5), label] = 0.99
+    target = F.softmax(p_d / 20.0, -1)
+    paper = (target * (target.log() - F.log_softmax(logits / 20.0, -1))).sum(1).mean()  # p_tau of the student, no T^2
+    assert float(reg.student_parts(logits, batch)["guide"]) == pytest.approx(float(paper), rel=1e-4)
+    code = TFKD(
+        variant="regularization",
+        net="tinynet",
+        num_classes=4,
+        in_channels=1,
+        designed_tempered_student=False,
+        guide_reduction="mean",
+        guide_multiplier=100,
+    )
+    as_coded = (target * (target.log() - F.log_softmax(logits, -1))).mean() * 100
+    assert float(code.student_parts(logits, batch)["guide"]) == pytest.approx(float(as_coded), rel=1e-5)
+    assert float(code.combine(code.student_parts(logits, batch))) == pytest.approx(
+        float(0.9 * F.cross_entropy(logits, label) + 0.1 * as_coded), rel=1e-5
+    )
+    with pytest.raises(ConfigError, match="variant='teacher'"):
+        TFKD(variant="teacher", net="tinynet", num_classes=4, in_channels=1)  # type: ignore[arg-type]
 
 
 def test_pskd_ramp_and_weight_validation() -> None:

@@ -4,13 +4,14 @@ fit), training throughput, GAN sample quality, and temperature scaling with cali
 from kd_lightning.callbacks.calibration import TemperatureScaling
 from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
 from kd_lightning.callbacks.gan_quality import GANQuality
-from kd_lightning.callbacks.interrupt import EXIT_SIGTERM, GracefulStop, last_checkpoint_path
+from kd_lightning.callbacks.interrupt import EXIT_SIGTERM, GracefulStop, exit_status_after_stop, last_checkpoint_path
 from kd_lightning.callbacks.nan_guard import NaNGuard, NonFiniteLossError
 from kd_lightning.callbacks.resume import ResumeState, config_differences, rng_states, set_rng_states
 from kd_lightning.callbacks.throughput import TrainThroughput
 
 __all__ = [
     "EXIT_SIGTERM",
+    "exit_status_after_stop",
     "AtomicCheckpointIO",
     "GANQuality",
     "GracefulStop",

@@ -123,6 +123,11 @@ class TemperatureScaling(L.Callback):
             out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "calibration.json").write_text(json.dumps(r, indent=2) + "\n")
+            rows = per_class_accuracy(logits, labels)
+            (out / "per_class_accuracy.csv").write_text(
+                "class,accuracy,n\n" + "".join(f"{c},{a:.6f},{n}\n" for c, a, n in rows)
+            )
+            self._log_table(trainer, rows)
             print(f"calibration ({out / 'calibration.json'}): {report_lines(r)}")
             if self.plot:
                 png = plot_reliability_diagram(
@@ -141,6 +146,14 @@ class TemperatureScaling(L.Callback):
             self._hook = None
 
     @staticmethod
+    def _log_table(trainer: L.Trainer, rows: list[tuple[int, float, int]]) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_table(  # type: ignore[attr-defined]
+                    key="test/per_class_accuracy", columns=["class", "accuracy", "n"], data=[list(r) for r in rows]
+                )
+
+    @staticmethod
     def _log_image(trainer: L.Trainer, png: Path) -> None:
         try:
             from lightning.pytorch.loggers import WandbLogger
@@ -151,4 +164,13 @@ class TemperatureScaling(L.Callback):
                 logger.log_image(key="test/reliability", images=[str(png)])
 
 
-__all__ = ["TemperatureScaling"]
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, float, int]]:
+    """``(class, top-1 accuracy, test images)`` for every class present in ``labels``."""
+    correct = logits.argmax(1) == labels
+    return [
+        (int(c), float(correct[labels == c].float().mean()), int((labels == c).sum()))
+        for c in labels.unique().sort()[0]
+    ]
+
+
+__all__ = ["TemperatureScaling", "per_class_accuracy"]

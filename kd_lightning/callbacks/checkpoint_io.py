@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from kd_lightning.errors import KDLError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -29,9 +32,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             self._write(checkpoint, tmp)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+            if _is_disk_full(e):
+                name = os.path.basename(path)
+                kept = f"the previous {name} is intact" if os.path.exists(path) else f"no {name} was written"
+                raise DiskFullError(f"no space left on device while writing {path!r}; {kept}") from None
             raise
         _fsync_dir(os.path.dirname(path) or ".")
 
@@ -41,6 +48,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+class DiskFullError(KDLError, OSError):
+    """The disk filled up while a checkpoint was written (the previous file is untouched)."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain (torch's writer reports it as a RuntimeError from C++)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "unexpected pos" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _fsync_dir(folder: str) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from typing import Any
 
 import lightning as L
@@ -29,6 +28,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.fileio import atomic_write_bytes
 from kd_lightning.gans import labels_per_class
 from kd_lightning.metrics.gan import (
     TeacherFeatures,
@@ -37,23 +37,6 @@ from kd_lightning.metrics.gan import (
     label_consistency,
     per_class_take,
 )
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_grid_png(images: torch.Tensor, path: str, nrow: int) -> None:

@@ -1,4 +1,4 @@
-"""Clean interruption: on SIGTERM finish the current step, write ``last.ckpt``, exit with 143.
+"""Clean interruption: on SIGTERM (or Ctrl-C) finish the current step, write ``last.ckpt``, exit 143 (130).
 
 Lightning's own SIGTERM handling stops after the current batch but writes no checkpoint, and a
 signal during validation stops mid-validation. :class:`GracefulStop` takes the signal over once
@@ -9,8 +9,9 @@ training has started and picks a point where the run's state is complete:
 - otherwise (a batch right before validation/epoch end, or during validation): it lets validation
   and the epoch end run, so the checkpoint callback writes ``last.ckpt`` as usual.
 
-It then asks Lightning to stop (its ``SIGTERMException``), which ``kdl`` turns into exit code 143
-(128 + SIGTERM). Resume with ``kdl fit ... --ckpt_path last``.
+It then asks Lightning to stop (its ``SIGTERMException``), which ``kdl`` turns into exit code 128 +
+the signal's number: 143 for SIGTERM, 130 for Ctrl-C (SIGINT; a second Ctrl-C aborts at once without
+saving). Resume with ``kdl fit ... --ckpt_path last``.
 Under DDP the signal is passed on to Lightning's handler, which makes every rank stop at the start
 of the same training step; all ranks then write ``last.ckpt`` together (rank 0 writes the file) from
 ``on_exception``. A signal during DDP validation stops without a new checkpoint (the previous one stays).
@@ -31,14 +32,22 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 EXIT_SIGTERM = 128 + int(signal.SIGTERM)
 
 
+def exit_status_after_stop() -> int:
+    """128 + the number of the signal that stopped the last run (SIGTERM unless it was Ctrl-C)."""
+    return 128 + (GracefulStop.last_signal or int(signal.SIGTERM))
+
+
 class GracefulStop(L.Callback):
-    """Turn SIGTERM (and optionally SIGINT) into "finish the step, save ``last.ckpt``, stop".
+    """Turn SIGTERM and SIGINT (Ctrl-C) into "finish the step, save ``last.ckpt``, stop".
 
     Args:
-        signals: signal names to handle (``SIGTERM``; add ``SIGINT`` to treat Ctrl-C the same way).
+        signals: signal names to handle.
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM",)) -> None:
+    #: the signal that stopped the latest run of this process (read by ``kdl`` for its exit status)
+    last_signal: int | None = None
+
+    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGINT")) -> None:
         super().__init__()
         self.signals = tuple(signals)
         self.requested = False
@@ -48,10 +57,13 @@ class GracefulStop(L.Callback):
     # ------------------------------------------------------------------ signal plumbing
     def _handler(self, signum: int, frame: Any) -> None:
         first = not self.requested
+        if not first and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         self.requested = True
         if first:
+            GracefulStop.last_signal = signum
             name = signal.Signals(signum).name
-            rank_zero_info(f"kdl: received {name}; finishing the current step and saving last.ckpt")
+            rank_zero_info(f"kdl: received {name}; finishing the step and saving last.ckpt (Ctrl-C again aborts)")
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             previous = self._previous.get(signum)
@@ -62,6 +74,7 @@ class GracefulStop(L.Callback):
         # after Lightning registered its own handler (which we replace, and call under DDP)
         self._trainer = trainer
         self.requested = False
+        GracefulStop.last_signal = None
         for name in self.signals:
             signum = int(getattr(signal, name))
             self._previous[signum] = signal.getsignal(signum)

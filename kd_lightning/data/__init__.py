@@ -4,12 +4,15 @@ from kd_lightning.data.base import ImageDataModule, IndexedDataset, TensorDatase
 from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, read_cifar_batch
 from kd_lightning.data.cub import CUB200DataModule
 from kd_lightning.data.digits import DigitsDataModule
+from kd_lightning.data.fine_grained import FGVCAircraftDataModule, MIT67DataModule, StanfordDogsDataModule
 from kd_lightning.data.image_files import ImageFileDataset, load_image
 from kd_lightning.data.image_folder import ImageFolderDataModule
+from kd_lightning.data.imagenet100 import ImageNet100DataModule
 from kd_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule, load_mnist_split, read_idx
 from kd_lightning.data.rc49 import RC49DataModule
 from kd_lightning.data.rotated import RotatedDataModule
 from kd_lightning.data.steering import SteeringAngleDataModule
+from kd_lightning.data.svhn import SVHNDataModule, SynDigitsDataModule
 from kd_lightning.data.tiny_imagenet import TinyImageNetDataModule
 from kd_lightning.data.utkface import UTKFaceDataModule
 
@@ -18,15 +21,21 @@ __all__ = [
     "CIFAR10DataModule",
     "CUB200DataModule",
     "DigitsDataModule",
+    "FGVCAircraftDataModule",
     "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageFileDataset",
     "ImageFolderDataModule",
+    "ImageNet100DataModule",
     "IndexedDataset",
+    "MIT67DataModule",
     "MNISTDataModule",
     "RC49DataModule",
     "RotatedDataModule",
+    "SVHNDataModule",
+    "StanfordDogsDataModule",
     "SteeringAngleDataModule",
+    "SynDigitsDataModule",
     "TensorDataset",
     "TinyImageNetDataModule",
     "UTKFaceDataModule",

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
@@ -219,6 +220,11 @@ class ImageDataModule(L.LightningDataModule):
         perm = torch.randperm(n, generator=g)
         n_val = int(round(self.val_fraction * n))
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+        if self.train_size is not None and self.train_size >= len(train_idx):
+            rank_zero_warn(
+                f"train_size={self.train_size} but {type(self).__name__} has {len(train_idx)} training samples "
+                f"after the validation split (val_fraction={self.val_fraction}): using all {len(train_idx)}"
+            )
         if self.train_size is not None and self.train_size < len(train_idx):
             labels = _labels_of(base, train_idx)
             keep = stratified_subset(labels, self.train_size, g)
@@ -230,6 +236,11 @@ class ImageDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", None) and self.train_dataset is None:
             base = self.build_dataset("train")
             train_idx, val_idx = self._split_indices(base)
+            if self.val_fraction == 0 and stage in ("fit", None):
+                rank_zero_warn(
+                    "val_fraction=0: no validation split, so no validation metrics and no best.ckpt (nothing to "
+                    "select on); checkpoints/last.ckpt is written and is the model to use"
+                )
             self.train_dataset = Subset(IndexedDataset(base, self.train_transform(), tt), train_idx.tolist())
             self.val_dataset = Subset(IndexedDataset(base, self.eval_transform(), tt), val_idx.tolist())
         if stage in ("test", "predict", None) and self.test_dataset is None:

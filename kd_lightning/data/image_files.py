@@ -63,14 +63,18 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder; else an error saying whether it is missing or a file."""
     if not path.is_dir():
-        raise DataNotFoundError(f"{what}: folder {str(path)!r} does not exist")
+        state = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataNotFoundError(f"{what}: folder {str(path)!r} {state}")
     return path
 
 
 def require_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file; else an error saying whether it is missing or a folder."""
     if not path.is_file():
-        raise DataNotFoundError(f"{what}: file {str(path)!r} does not exist")
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataNotFoundError(f"{what}: file {str(path)!r} {state}")
     return path
 
 

@@ -1,7 +1,8 @@
 """Classification from a folder per class: ``<root>/<train_dir>/<class>/*.jpg`` and a test folder.
 
-Covers ImageNet-style datasets kept as folders (ImageNet-100 as a class subset of ImageNet,
-Stanford Dogs, MIT67, FGVC-Aircraft after sorting their images into class folders).
+Covers any dataset kept as class folders. ImageNet-100, Stanford Dogs, MIT67 and FGVC-Aircraft have
+their own loaders that read their distributed formats (:mod:`kd_lightning.data.imagenet100`,
+:mod:`kd_lightning.data.fine_grained`).
 """
 
 from __future__ import annotations

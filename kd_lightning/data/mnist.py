@@ -67,8 +67,9 @@ def load_mnist_split(root: str | os.PathLike, split: Split) -> tuple[torch.Tenso
     """Images (uint8 N x 1 x H x W) and labels (int64) of one split of an MNIST-format folder."""
     root = Path(root)
     if not root.is_dir():
+        state = "is a file" if root.exists() else "does not exist"
         raise DataNotFoundError(
-            f"dataset root {str(root)!r} does not exist; expected a folder holding the four MNIST-format idx files"
+            f"dataset root {str(root)!r} {state}; expected a folder holding the four MNIST-format idx files"
         )
     img_path, lbl_path = (find_idx_file(root, s) for s in _FILES[split])
     images, labels = read_idx(img_path), read_idx(lbl_path)

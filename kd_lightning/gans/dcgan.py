@@ -1,9 +1,10 @@
 """DCGAN (Radford et al., 2016) with the latent dimension as a parameter.
 
-MEKD sets ``z_dim`` to the teacher's number of classes (z ~ N(0, I)) so that the generator can later
-be fed logits. Generator: linear -> BN -> (up-sample, conv, BN, LeakyReLU) x k -> conv -> tanh, the
-generator of the MEKD/DAFL code; discriminator: strided convs with LeakyReLU and BatchNorm, a linear
-logit. Unconditional: ``forward(z, y=None)``.
+A MEKD-like deprivatisation sets ``z_dim`` to the teacher's number of classes (z ~ N(0, I)) so that the
+generator can later be fed logits. Generator: linear -> BN -> (up-sample, conv, BN, LeakyReLU) x k -> conv
+-> tanh, a DCGAN/DAFL-style generator (DAFL's layout, with as many up-samplings as the image size needs);
+discriminator: strided convs with LeakyReLU and BatchNorm, a linear logit. Unconditional: ``forward(z, y=None)``.
+This is NOT the layout of MEKD's own ``DCGAN.py`` (two up-samplings at width 128, 3x3 convolutions, dropout).
 """
 
 from __future__ import annotations

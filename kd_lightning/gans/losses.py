@@ -122,6 +122,7 @@ class VicinalSampler:
             raise ConfigError(f"soft_threshold={soft_threshold}; expected a number in (0, 1)")
         self.labels = y
         self.sorted, self.order = torch.sort(y)
+        self.unique = torch.unique(y)
         self.vicinity = vicinity
         self.sigma = rule_of_thumb_sigma(y) if sigma is None else float(sigma)
         base = kappa_base(y) * kappa_multiplier if (kappa is None or nu is None) else 0.0
@@ -130,6 +131,12 @@ class VicinalSampler:
         self.soft_threshold = soft_threshold
         # half-width of the label window: where real images are taken and fake labels drawn
         self.radius = self.kappa if vicinity == "hard" else math.sqrt(-math.log(soft_threshold) / self.nu)
+
+    def draw_unique(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` labels drawn uniformly, with replacement, from the DISTINCT training labels (the official code's
+        ``np.random.choice(unique_train_labels, size=n, replace=True)``): every label value is equally likely,
+        whatever its frequency."""
+        return self.unique[torch.randint(len(self.unique), (n,), generator=generator)]
 
     def targets(
         self, base_labels: torch.Tensor, generator: torch.Generator | None = None, tries: int = 100

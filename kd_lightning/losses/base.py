@@ -74,6 +74,8 @@ class KDLoss(nn.Module):
     uses_logits: bool = False
     #: needs the sample indices of the batch (``batch["index"]``) and the size of their range
     uses_indices: bool = False
+    #: needs the class of every training index (:meth:`setup_labels`)
+    uses_labels: bool = False
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -91,6 +93,9 @@ class KDLoss(nn.Module):
 
     def setup_data(self, num_indices: int) -> None:
         """Called before training with the size of the training set's index range (``uses_indices``)."""
+
+    def setup_labels(self, labels: torch.Tensor) -> None:
+        """Called before training (``uses_labels``) with the class of every index (-1: not a training sample)."""
 
     def resize_for_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         """Before a checkpoint is loaded: give data-sized buffers the checkpoint's shapes (``prefix`` = our keys')."""

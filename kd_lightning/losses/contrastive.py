@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,14 @@ class CRD(KDLoss):
     symmetrically. Scores ``exp(v . m / tau) / Z`` (``Z`` fixed from the first batch as the
     estimate of the partition function) feed the NCE loss; banks are updated with momentum 0.5.
     Paper defaults: 128-d, ``K = 16384`` (capped at the number of samples - 1), ``tau = 0.07``,
-    weight 0.8 (with BLKD 0.9 and CE 1 in its best setting).
+    weight 0.8. RepDistiller's and cGAN-KD's CRD runs (``--distill crd -a 1 -b 0.8``) stack it with BLKD
+    weight 1 (T 4) and CE weight 1: ``task_weight: 1`` plus ``BLKD(weight=1.0)`` and ``CRD(weight=0.8)``.
+
+    Negatives (``negatives``): ``uniform`` draws the K indices uniformly, with replacement, from the whole
+    index range (the paper's noise distribution; it can draw the positive itself and same-class samples);
+    ``exact`` is RepDistiller's default mode: K training samples of OTHER classes, without replacement
+    (with replacement only when a class has fewer than K negatives); it needs the training labels, which
+    :class:`~kd_lightning.methods.DistillModule` passes in through :meth:`setup_labels`.
 
     The banks are buffers sized by the training index range, saved in checkpoints (so resume is
     exact). Under DDP each process keeps its own banks, updated with its own samples.
@@ -58,6 +65,7 @@ class CRD(KDLoss):
         nce_k: number of negatives per sample.
         nce_t: temperature.
         momentum: momentum of the bank update.
+        negatives: ``uniform`` (the paper) or ``exact`` (RepDistiller: other classes, without replacement).
         student_feature / teacher_feature: features to embed (default the penultimate vectors).
         weight: factor in the total loss.
     """
@@ -70,11 +78,17 @@ class CRD(KDLoss):
         nce_k: int = 16384,
         nce_t: float = 0.07,
         momentum: float = 0.5,
+        negatives: Literal["uniform", "exact"] = "uniform",
         student_feature: str = "penultimate",
         teacher_feature: str = "penultimate",
         weight: float = 0.8,
     ) -> None:
         super().__init__(weight)
+        if negatives not in ("uniform", "exact"):
+            raise ConfigError(f"CRD: negatives={negatives!r}; expected 'uniform' or 'exact'")
+        self.negatives = negatives
+        self.uses_labels = negatives == "exact"
+        self.labels: torch.Tensor | None = None  # class of every index (-1: not a training sample), for "exact"
         if nce_k < 1 or feat_dim < 1 or nce_t <= 0 or not 0 <= momentum < 1:
             raise ConfigError(
                 f"CRD: feat_dim={feat_dim}, nce_k={nce_k}, nce_t={nce_t}, momentum={momentum}; expected "
@@ -104,6 +118,36 @@ class CRD(KDLoss):
         self.z_s.fill_(-1.0)
         self.z_t.fill_(-1.0)
 
+    def setup_labels(self, labels: torch.Tensor) -> None:
+        """The class of every index of the training range (-1 for indices that are not training samples)."""
+        self.labels = labels.long().flatten()
+
+    def draw_contrast(self, idx: torch.Tensor, label: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
+        """``B x (K+1)`` bank indices: column 0 the positive (the sample itself), then K negatives."""
+        if self.negatives == "uniform":
+            contrast = torch.randint(0, n, (len(idx), k + 1), device=idx.device)
+        else:
+            if self.labels is None or len(self.labels) != n:
+                raise ConfigError(
+                    "CRD negatives='exact' needs the training labels of every index: setup_labels(labels) was not "
+                    f"called for this index range ({n}); DistillModule does it when fit starts with a DataModule"
+                )
+            labels = self.labels.to(idx.device)
+            if label is None:
+                label = labels[idx]
+            eligible = (labels.unsqueeze(0) >= 0) & (labels.unsqueeze(0) != label.view(-1, 1))  # B x n
+            fewest = int(eligible.sum(1).min())
+            if fewest == 0:
+                raise ConfigError("CRD negatives='exact': a batch sample has no training sample of another class")
+            if k <= fewest:  # a uniform random K-subset of each row's negatives: the K smallest random keys
+                keys = torch.rand(eligible.shape, device=idx.device).masked_fill(~eligible, 2.0)
+                negatives = keys.topk(k, dim=1, largest=False).indices
+            else:
+                negatives = torch.multinomial(eligible.float(), k, replacement=True)
+            contrast = torch.cat([idx.view(-1, 1), negatives], dim=1)
+        contrast[:, 0] = idx
+        return contrast
+
     def resize_for_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         """Allocate the banks at the size stored in a checkpoint before it is loaded."""
         bank = state.get(prefix + "memory_s")
@@ -124,8 +168,8 @@ class CRD(KDLoss):
         v_s = self.embed_s(student.features[self.student_features[0]])
         v_t = self.embed_t(teacher.features[self.teacher_features[0]])
         k = min(self.nce_k, n - 1)
-        contrast = torch.randint(0, n, (len(idx), k + 1), device=idx.device)
-        contrast[:, 0] = idx
+        label = batch.get("label")
+        contrast = self.draw_contrast(idx, None if label is None else label.long(), n, k)
         # student embedding against teacher-bank entries, and the reverse
         w_t = self.memory_t[contrast].detach()
         w_s = self.memory_s[contrast].detach()

@@ -16,8 +16,10 @@ class PKT(KDLoss):
     """Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer" (ECCV 2018).
 
     Cosine similarities between the L2-normalised features of a batch, mapped to [0, 1] and
-    normalised per row into conditional probabilities; the loss is ``KL(teacher || student)``
-    summed over each row and averaged over rows. Default weight 30000 (the CIFAR benchmarks').
+    normalised per row into conditional probabilities ``p_ij``; the loss is the mean over all B x B
+    entries of ``p^t_ij log((p^t_ij + eps) / (p^s_ij + eps))``, i.e. the row-wise KL(teacher || student)
+    averaged over rows and divided by B, as RepDistiller computes it. The default weight 30000 (the CIFAR
+    benchmarks') was tuned for that mean; a per-row sum would make the effective weight B times larger.
 
     Args:
         student_feature: student feature (default the penultimate vector).
@@ -50,7 +52,7 @@ class PKT(KDLoss):
     ) -> torch.Tensor:
         p_s = self._conditional(student.features[self.student_features[0]])
         p_t = self._conditional(teacher.features[self.teacher_features[0]])
-        return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).sum(1).mean()
+        return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
 
 
 @register_loss

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
 from kd_lightning.losses.functional import kd_kl
 
@@ -36,11 +36,13 @@ def keep_by_rank(scores: torch.Tensor, target: torch.Tensor, ratio: float) -> to
 
 
 class ProjectionHead(nn.Module):
-    """SSKD's SS module: Linear - BN - ReLU - Linear on the penultimate feature."""
+    """SSKD's SS module on the penultimate feature: Linear - ReLU - Linear, as the authors' code builds it
+    (``batch_norm=True`` adds a BatchNorm1d after the first Linear)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, batch_norm: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        norm: nn.Module = nn.BatchNorm1d(dim) if batch_norm else nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), norm, nn.ReLU(inplace=True), nn.Linear(dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x.flatten(1).float())
@@ -56,20 +58,28 @@ class SSKD(KDLoss):
     (T = 4, weight 2.7, ratio 1.0); ``ss``: KL between the student's and the teacher's
     rotated-vs-normal similarity matrices of their SS-module embeddings, keeping rows ranked
     correctly by the teacher plus ``ss_ratio`` of the rest (T = 0.5, weight 10, ratio 0.75).
-    Use it with the task loss weighted 1 (the paper's CE weight).
+    Use it with the task loss weighted 0.1 (``task_weight: 0.1``): the authors' default ``--ce-weight``,
+    also cGAN-KD's copy.
 
-    The teacher's SS module is trained first, as in the paper: on the frozen teacher backbone, to
-    pick out each rotated view's source image among the normal ones (cross-entropy on the
-    similarities). Here that happens inside the same run: during the first ``teacher_epochs``
-    epochs only the teacher's SS module learns from the ``ss`` data (the student still learns from
-    the other terms); afterwards it keeps training at the same rate, and the student's ``ss`` term
-    is switched on. Its loss is reported as ``ss_teacher`` (it touches no student weight).
+    The teacher's SS module is trained first, on the frozen teacher backbone, to pick out each rotated
+    view's source image among the normal ones (cross-entropy on the similarities). Two schedules:
+
+    - the reference's (``teacher_head``): a separate stage, :class:`~kd_lightning.methods.SSKDTeacherHead`
+      (60 epochs, SGD lr 0.05 decayed x0.1 at 30 and 45 in ``recipes/cifar100/sskd_teacher_head.yaml``), whose
+      checkpoint is loaded here and kept frozen; the student's ``ss`` term is on from the first step.
+    - in-run (no ``teacher_head``): during the first ``teacher_epochs`` epochs only the teacher's SS module
+      learns from the ``ss`` data (the student still learns from the other terms); afterwards it keeps
+      training with the student's optimiser, and the student's ``ss`` term is switched on. Its loss is
+      reported as ``ss_teacher`` (it touches no student weight).
 
     Args:
         kd_T, tf_T, ss_T: temperatures of the three terms.
         kd_weight, tf_weight, ss_weight: their weights.
         tf_ratio, ss_ratio: share of wrongly ranked samples kept.
-        teacher_epochs: epochs that train only the teacher's SS module before ``ss`` is switched on.
+        teacher_epochs: in-run schedule: epochs that train only the teacher's SS module before ``ss`` is on.
+        teacher_head: ``kdl`` checkpoint of :class:`~kd_lightning.methods.SSKDTeacherHead` (the reference
+            schedule): the teacher's SS module is loaded from it and frozen.
+        head_batch_norm: a BatchNorm1d in both SS modules (Linear-BN-ReLU-Linear); the authors' is without.
         weight: factor of the sum in the total loss.
     """
 
@@ -88,6 +98,8 @@ class SSKD(KDLoss):
         tf_ratio: float = 1.0,
         ss_ratio: float = 0.75,
         teacher_epochs: int = 1,
+        teacher_head: str | None = None,
+        head_batch_norm: bool = False,
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight)
@@ -99,14 +111,20 @@ class SSKD(KDLoss):
         self.kd_T, self.tf_T, self.ss_T = kd_T, tf_T, ss_T
         self.kd_weight, self.tf_weight, self.ss_weight = kd_weight, tf_weight, ss_weight
         self.tf_ratio, self.ss_ratio, self.teacher_epochs = tf_ratio, ss_ratio, teacher_epochs
+        self.teacher_head_path, self.head_batch_norm = teacher_head, head_batch_norm
+
+    @property
+    def frozen_teacher_head(self) -> bool:
+        return self.teacher_head_path is not None
 
     def setup(self, info: SetupInfo) -> None:
-        self.student_head = ProjectionHead(
-            math.prod(require_shape(self, "student", info.student_shapes, "penultimate", 1))
-        )
-        self.teacher_head = ProjectionHead(
-            math.prod(require_shape(self, "teacher", info.teacher_shapes, "penultimate", 1))
-        )
+        s_dim = math.prod(require_shape(self, "student", info.student_shapes, "penultimate", 1))
+        t_dim = math.prod(require_shape(self, "teacher", info.teacher_shapes, "penultimate", 1))
+        self.student_head = ProjectionHead(s_dim, self.head_batch_norm)
+        self.teacher_head = ProjectionHead(t_dim, self.head_batch_norm)
+        if self.teacher_head_path is not None:
+            load_teacher_head(self.teacher_head, self.teacher_head_path)
+            self.teacher_head.requires_grad_(False)
 
     def forward(
         self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
@@ -124,18 +142,27 @@ class SSKD(KDLoss):
         keep_tf = keep_by_rank(t_rot.logits.float(), y_rot, self.tf_ratio)
         tf = kd_kl(s_rot.logits[keep_tf], t_rot.logits[keep_tf], self.tf_T)
         # ss: which normal image does each rotated view come from, by SS-module embeddings
-        t_sim = rotation_similarity(
-            self.teacher_head(t_rot.features["penultimate"].detach()),
-            self.teacher_head(teacher.features["penultimate"].detach()),
-        )
         source = torch.arange(n, device=x.device).repeat_interleave(3)
-        ss_teacher = F.cross_entropy(t_sim, source)
+        if self.frozen_teacher_head:
+            self.teacher_head.eval()  # a frozen module: BN (if any) on its running statistics
+            with torch.no_grad():
+                t_sim = rotation_similarity(
+                    self.teacher_head(t_rot.features["penultimate"]), self.teacher_head(teacher.features["penultimate"])
+                )
+        else:
+            t_sim = rotation_similarity(
+                self.teacher_head(t_rot.features["penultimate"].detach()),
+                self.teacher_head(teacher.features["penultimate"].detach()),
+            )
+            ss_teacher = F.cross_entropy(t_sim, source)
         s_sim = rotation_similarity(
             self.student_head(s_rot.features["penultimate"]), self.student_head(student.features["penultimate"])
         )
         t_sim = t_sim.detach()
         keep_ss = keep_by_rank(t_sim, source, self.ss_ratio)
         ss = kd_kl(s_sim[keep_ss], t_sim[keep_ss], self.ss_T)
+        if self.frozen_teacher_head:
+            return {"kd": self.kd_weight * kd, "tf": self.tf_weight * tf, "ss": self.ss_weight * ss}
         ss_on = float(ctx.epoch >= self.teacher_epochs)
         return {
             "kd": self.kd_weight * kd,
@@ -143,3 +170,19 @@ class SSKD(KDLoss):
             "ss": ss_on * self.ss_weight * ss,
             "ss_teacher": ss_teacher,
         }
+
+
+def load_teacher_head(head: ProjectionHead, path: str) -> None:
+    """Load the SS module trained by :class:`~kd_lightning.methods.SSKDTeacherHead` (its ``head.*`` weights)."""
+    from kd_lightning.checkpoints import load_checkpoint
+
+    state = {k[len("head.") :]: v for k, v in load_checkpoint(path)["state_dict"].items() if k.startswith("head.")}
+    ours = head.state_dict()
+    if set(state) != set(ours) or any(state[k].shape != ours[k].shape for k in ours):
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        want = {k: tuple(v.shape) for k, v in ours.items()}
+        raise CheckpointError(
+            f"SSKD teacher_head {path!r} holds an SS module {got or 'of no kind (no head.* weights)'}; the teacher's "
+            f"needs {want} (same teacher net and head_batch_norm; train it with SSKDTeacherHead)"
+        )
+    head.load_state_dict(state)

@@ -5,6 +5,7 @@ from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
 from kd_lightning.methods.distill import DistillModule
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask, LabelEmbedding
 from kd_lightning.methods.self_kd import AIKD, CSKD, PSKD, TFKD, SelfKD
+from kd_lightning.methods.sskd_head import SSKDTeacherHead
 from kd_lightning.methods.supervised import ImageClassifier, ImageRegressor, NetTask
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "CSKD",
     "DCGAN",
     "PSKD",
+    "SSKDTeacherHead",
     "TFKD",
     "BaseTask",
     "CcGAN",

@@ -167,6 +167,8 @@ class DistillModule(NetTask):
             for term in self.kd_terms:
                 if term.uses_indices:
                     term.setup_data(n)
+                if term.uses_labels:
+                    term.setup_labels(train_labels_by_index(dm, n))
             # cache rows are given out on first sight of an index; at most len(train_dataset) are needed
             self._slots = torch.full((n,), -1, dtype=torch.long)
             self._capacity, self._cache, self._n_cached = len(dm.train_dataset), {}, 0
@@ -224,7 +226,7 @@ class DistillModule(NetTask):
     # ------------------------------------------------------------------ steps
     def _task_loss(self, raw: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.task == "regression":
-            pred, label = raw.squeeze(-1), label.float()
+            pred, label = (raw.squeeze(-1) if raw.ndim > 1 else raw), label.float()
             return self.criterion(pred, label), pred
         return self.criterion(raw, label), raw
 
@@ -257,7 +259,7 @@ class DistillModule(NetTask):
         return total
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        loss, pred = self._task_loss(NetTask.forward(self, batch["image"]), batch["label"])
+        loss, pred = self._task_loss(self(batch["image"]), batch["label"])  # through __call__: hooks see it
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
         self._update_metrics(stage, pred, batch["label"])
 
@@ -287,6 +289,24 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+def train_labels_by_index(dm: Any, n: int) -> torch.Tensor:
+    """The class of every index of the training range (``batch["index"]``: the position in the un-split
+    dataset); -1 for the indices that are not training samples (e.g. the validation split)."""
+    ds: Dataset | None = getattr(dm, "train_dataset", None)
+    if ds is None:
+        raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot read its labels")
+    from kd_lightning.data.pairs import dataset_labels
+
+    labels = dataset_labels(ds)
+    positions = torch.arange(len(ds))  # type: ignore[arg-type]
+    while isinstance(ds, Subset):
+        positions = torch.as_tensor(ds.indices, dtype=torch.long)[positions]
+        ds = ds.dataset
+    out = torch.full((n,), -1, dtype=torch.long)
+    out[positions] = labels.long()
+    return out
+
+
 def num_indices(dm: Any) -> int:
     """Size of the range of ``batch["index"]`` in the training data (the DataModule may say it itself)."""
     given = getattr(dm, "num_train_indices", None)
@@ -300,4 +320,4 @@ def num_indices(dm: Any) -> int:
     return len(ds)  # type: ignore[arg-type]
 
 
-__all__ = ["DistillModule", "num_indices"]
+__all__ = ["DistillModule", "num_indices", "train_labels_by_index"]

@@ -16,7 +16,8 @@ Three subclasses choose the nets and the losses:
 - :class:`ConditionalGAN` — SNGAN/BigGAN-style ResNets, shared class embedding, projection
   discriminator, hinge loss (cGAN-KD's classification GAN);
 - :class:`CcGAN` — continuous labels in [0, 1] with HVDL/SVDL and NLI/ILI (cGAN-KD's regression GAN);
-- :class:`DCGAN` — unconditional, latent dimension a parameter (MEKD's generator, ``z_dim`` = classes).
+- :class:`DCGAN` — unconditional DCGAN/DAFL-style nets, latent dimension a parameter (for a MEKD-like
+  deprivatisation, ``z_dim`` = classes; not the layout of MEKD's own DCGAN.py).
 
 Images are in [0, 1] in batches and in :meth:`Generator.sample`; the nets work in [-1, 1].
 """
@@ -74,6 +75,9 @@ class GANTask(BaseTask):
         n_gen: generator steps per generator phase.
         ema_decay: decay of the EMA generator (0 disables averaging: the EMA copy follows the generator).
         ema_start: generator steps before averaging starts (the EMA copy is the generator until then).
+        ema_buffers: ``average`` (BigGAN's ``ema.update``: the whole state dict is averaged, BN running
+            statistics included; integer buffers such as ``num_batches_tracked`` are copied) or ``copy`` (only
+            the parameters are averaged, buffers are copied from the generator).
         diffaugment: DiffAugment policy, e.g. ``"color,translation,cutout"``; ``""`` disables it.
         gradient_clip_val: clip each net's gradient norm to this value (manual optimisation
             cannot use the Trainer's ``gradient_clip_val``); ``None`` disables clipping.
@@ -97,6 +101,7 @@ class GANTask(BaseTask):
         n_gen: int = 1,
         ema_decay: float = 0.999,
         ema_start: int = 0,
+        ema_buffers: Literal["average", "copy"] = "average",
         diffaugment: str = "",
         gradient_clip_val: float | None = None,
         generator_optimizer: OptimizerCallable = generator_adam,
@@ -110,6 +115,8 @@ class GANTask(BaseTask):
             raise ConfigError(f"ema_decay={ema_decay}; expected a number in [0, 1)")
         if loss not in ("hinge", "vanilla"):
             raise ConfigError(f"loss={loss!r}; expected 'hinge' or 'vanilla'")
+        if ema_buffers not in ("average", "copy"):
+            raise ConfigError(f"ema_buffers={ema_buffers!r}; expected 'average' (BigGAN) or 'copy'")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ConfigError(f"gradient_clip_val={gradient_clip_val}; expected a positive number or null")
         if kwargs.get("lr_scheduler") is not None:
@@ -164,12 +171,17 @@ class GANTask(BaseTask):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """EMA of the generator's parameters; buffers (BN statistics) are copied."""
+        """EMA of the generator: its parameters, and its float buffers (BN statistics) under ``ema_buffers:
+        average`` as BigGAN averages the whole state dict; other buffers are copied."""
         decay = self.hparams.ema_decay if int(self.g_steps) > self.hparams.ema_start else 0.0
         for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
             pe.lerp_(p.detach(), 1.0 - decay)
+        average_buffers = self.hparams.get("ema_buffers", "average") == "average"
         for be, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
-            be.copy_(b)
+            if average_buffers and be.is_floating_point():
+                be.lerp_(b, 1.0 - decay)
+            else:
+                be.copy_(b)
 
     # ------------------------------------------------------------------ losses (subclasses)
     def discriminator_step_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -254,7 +266,8 @@ class ConditionalGAN(GANTask):
 
 
 class DCGAN(GANTask):
-    """Unconditional DCGAN; ``z_dim`` is the latent dimension (MEKD: the number of classes). Labels are ignored.
+    """Unconditional DCGAN with DCGAN/DAFL-style nets; ``z_dim`` is the latent dimension (e.g. the number of
+    classes, as MEKD's deprivatisation sets it; MEKD's own DCGAN.py layout differs). Labels are ignored.
 
     Args:
         **kwargs: see :class:`GANTask` (defaults here: non-saturating loss, Adam betas (0.5, 0.999)
@@ -312,12 +325,15 @@ def dataset_labels(ds: Dataset) -> torch.Tensor:
 class CcGAN(GANTask):
     """Continuous conditional GAN (Ding et al., 2021) on labels normalised to [0, 1].
 
-    Each discriminator step follows the paper's Algorithm 1: the batch's labels are the draws
-    ``y_j`` from the training labels; targets are ``t_j = y_j + eps_j``; the real image at ``t_j`` is
-    drawn from the training set among those with labels in the vicinity of ``t_j`` (so real images
-    are fetched from the training dataset by index, not taken from the batch); the fake one is
-    generated at a label drawn uniformly in that vicinity; the HVDL/SVDL weights multiply the
-    losses. The generator step generates at ``clamp(y_j + eps_j, 0, 1)``.
+    Each discriminator step follows the paper's Algorithm 1 as the official code (improved_CcGAN, and
+    cGAN-KD's copy) runs it: ``y_j`` are drawn uniformly, with replacement, from the DISTINCT training labels
+    (``target_draw: unique``; ``batch`` takes the batch's labels instead, i.e. weighted by frequency);
+    targets are ``t_j = y_j + eps_j``; the real image at ``t_j`` is drawn from the training set among those
+    with labels in the vicinity of ``t_j`` (so real images are fetched from the training dataset by index,
+    and the batch only paces the steps); the fake one is generated at a label drawn uniformly in that
+    vicinity; the HVDL/SVDL weights multiply the losses. The generator step draws its own ``y_j`` the same
+    way and generates at ``y_j + eps_j``, unclamped as in the reference (``clamp_generator_targets`` clamps
+    it to [0, 1]).
 
     Args:
         vicinity: ``"hard"`` (HVDL) or ``"soft"`` (SVDL).
@@ -328,6 +344,8 @@ class CcGAN(GANTask):
         soft_threshold: SVDL's smallest weight kept (the official code's 1e-3).
         label_input: ``"nli"`` (naive: the label itself) or ``"ili"`` (improved: the label's
             embedding from a :class:`LabelEmbedding` stage).
+        target_draw: ``unique`` (the official code) or ``batch`` (the batch's labels, by frequency).
+        clamp_generator_targets: clamp the generator step's ``y_j + eps_j`` to [0, 1] (not in the reference).
         embedding_checkpoint: the :class:`LabelEmbedding` checkpoint for ILI (needed to start
             training; a CcGAN checkpoint already holds the embedding net).
         embed_dim: width of the ILI embedding (must match the embedding checkpoint).
@@ -346,6 +364,8 @@ class CcGAN(GANTask):
         kappa_multiplier: float = 1.0,
         soft_threshold: float = 1e-3,
         label_input: Literal["nli", "ili"] = "nli",
+        target_draw: Literal["unique", "batch"] = "unique",
+        clamp_generator_targets: bool = False,
         embedding_checkpoint: str | None = None,
         embed_dim: int = 128,
         loss: LossType = "vanilla",
@@ -355,6 +375,8 @@ class CcGAN(GANTask):
             raise ConfigError(f"vicinity={vicinity!r}; expected 'hard' (HVDL) or 'soft' (SVDL)")
         if label_input not in ("nli", "ili"):
             raise ConfigError(f"label_input={label_input!r}; expected 'nli' or 'ili'")
+        if target_draw not in ("unique", "batch"):
+            raise ConfigError(f"target_draw={target_draw!r}; expected 'unique' (official) or 'batch'")
         if kappa_multiplier <= 0:
             raise ConfigError(f"kappa_multiplier={kappa_multiplier}; expected a positive number")
         for name, value in (("kernel_sigma", kernel_sigma), ("kappa", kappa), ("nu", nu)):
@@ -420,7 +442,7 @@ class CcGAN(GANTask):
         v = self.vicinal
         if v is None:
             raise RuntimeError("CcGAN.on_train_start has not run")
-        t = v.targets(batch["label"].detach().cpu())
+        t = v.targets(self.base_labels(batch))
         idx = v.real_indices(t)
         y_real, y_fake = v.labels[idx], v.fake_labels(t)
         w_real, w_fake = v.weights(y_real, t).to(self.device), v.weights(y_fake, t).to(self.device)
@@ -431,10 +453,21 @@ class CcGAN(GANTask):
         real_d, fake_d = d_loss_parts(self.d_logits(real, c), self.d_logits(fake, c), self.hparams.loss, w_real, w_fake)
         return {"real": real_d, "fake": fake_d}
 
+    def base_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The y_j of a step: drawn from the distinct training labels (``unique``) or the batch's (``batch``)."""
+        if self.hparams.target_draw == "batch":
+            return batch["label"].detach().cpu().double()
+        assert self.vicinal is not None
+        return self.vicinal.draw_unique(len(batch["label"]))
+
     def generator_step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         v = self.vicinal
-        y = batch["label"].detach().cpu().double()
-        t = (y + v.sigma * torch.randn(len(y), dtype=torch.float64)).clamp(0.0, 1.0).float().to(self.device)  # type: ignore[union-attr]
+        assert v is not None
+        y = self.base_labels(batch)
+        t = y + v.sigma * torch.randn(len(y), dtype=torch.float64)
+        if self.hparams.clamp_generator_targets:
+            t = t.clamp(0.0, 1.0)
+        t = t.float().to(self.device)
         return g_loss(self.d_logits(self.generator(self.noise(len(t)), t), self.cond(t)), self.hparams.loss)
 
 
@@ -460,14 +493,17 @@ class LabelEmbedding(BaseTask):
     Epochs ``[0, embed_epochs)`` train :class:`~kd_lightning.gans.EmbeddingRegressor` (MSE on the
     normalised label); the remaining epochs train :class:`~kd_lightning.gans.LabelToEmbedding` so
     that the frozen last layer ``h2y`` maps its output back to the label, with labels perturbed by
-    N(0, ``label_noise``^2) and clamped to [0, 1] (the official code's 0.2). The CcGAN then loads
-    ``y2h`` from this checkpoint (``embedding_checkpoint``).
+    N(0, ``label_noise``^2) and clamped to [0, 1] (the official code's 0.2). As in the official code, the
+    second phase's labels are drawn uniformly from the DISTINCT training labels (``label_draw: unique``;
+    ``batch`` uses the batch's labels, weighted by frequency). The CcGAN then loads ``y2h`` from this
+    checkpoint (``embedding_checkpoint``).
 
     Args:
         net: registered backbone of the embedding regressor.
         embed_dim: embedding width.
         embed_epochs: epochs of the first phase (the rest of ``max_epochs`` trains ``y2h``).
         label_noise: std of the label perturbation in the second phase.
+        label_draw: where the second phase's labels come from: ``unique`` (official) or ``batch``.
         **kwargs: see :class:`~kd_lightning.methods.base.BaseTask`.
     """
 
@@ -481,11 +517,22 @@ class LabelEmbedding(BaseTask):
         embed_dim: int = 128,
         embed_epochs: int = 10,
         label_noise: float = 0.2,
+        label_draw: Literal["unique", "batch"] = "unique",
         **kwargs: Any,
     ) -> None:
         if embed_epochs < 1:
             raise ConfigError(f"embed_epochs={embed_epochs}; expected a positive integer")
+        if label_draw not in ("unique", "batch"):
+            raise ConfigError(f"label_draw={label_draw!r}; expected 'unique' (official) or 'batch'")
         super().__init__(**kwargs)
+        self._unique_labels: torch.Tensor | None = None
+
+    def on_train_start(self) -> None:
+        """The distinct training labels, for the second phase's draws."""
+        dm = getattr(self.trainer, "datamodule", None)
+        ds = getattr(dm, "train_dataset", None)
+        if ds is not None:
+            self._unique_labels = torch.unique(dataset_labels(ds).float().flatten())
 
     def configure_models(self) -> None:
         hp = self.hparams
@@ -498,6 +545,10 @@ class LabelEmbedding(BaseTask):
             loss = F.mse_loss(self.embedder(self.normalize(batch["image"])), y)
             self.log("train/embed_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
             return loss
+        if self.hparams.label_draw == "unique":
+            if self._unique_labels is None:
+                raise ConfigError("LabelEmbedding label_draw='unique' needs a DataModule with a train_dataset")
+            y = self._unique_labels[torch.randint(len(self._unique_labels), (len(y),))].to(y.device)
         y = (y + self.hparams.label_noise * torch.randn_like(y)).clamp(0.0, 1.0)
         lin = self.embedder.h2y[0]
         pred = F.relu(F.linear(self.y2h(y), lin.weight.detach(), lin.bias.detach())).squeeze(1)
@@ -513,7 +564,7 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     """
     import importlib
 
-    from kd_lightning.checkpoints import load_checkpoint
+    from kd_lightning.checkpoints import load_checkpoint, trusted
 
     ckpt = load_checkpoint(path)
     hp = ckpt.get("hyper_parameters", {})
@@ -529,7 +580,7 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
             "(ConditionalGAN, CcGAN or DCGAN)"
         )
     overrides: dict[str, Any] = {"embedding_checkpoint": None} if issubclass(cls, CcGAN) else {}
-    task = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False, **overrides)
+    task = cls.load_from_checkpoint(path, map_location=map_location, weights_only=not trusted(), **overrides)
     return task.eval()
 
 

@@ -9,10 +9,16 @@
       + w L_A,  L_A = -E[D(S_t(x))]                            adversarial: a WGAN-GP critic D on logits
 
 and the critic D (FC(C->64)-BN1d-LeakyReLU-FC(64->32)-LeakyReLU-FC(32->1), Adam lr 1e-4) minimises
-``E[D(S_t(x))] - E[D(S_sup(x))] + 10 * GP`` against S_sup's logits. The named subclasses only set
+``E[D(S_t(x))] - E[D(S_sup(x))] + 10 * GP`` against S_sup's logits. ``critic_norm`` says how the BN sees the
+logits: ``joint`` (default) passes S_sup's, the student's and the penalty's mixed logits through the critic as ONE
+batch, so they share the BN statistics and the critic can tell logits apart that differ only by an offset or a
+scale; ``none`` drops the BN (WGAN-GP's advice for critics); ``separate`` passes each set as its own batch, which
+normalises each by its own statistics, so ``D(x) = D(x + c) = D(2x + c)`` and the student gets no gradient toward
+S_sup's offset or confidence (kept only to reproduce runs made before the fix). The named subclasses only set
 defaults: :class:`AIKD` (a_G 0.1, a_P 0.3, tau_G 3, tau_P 1, w 0.1), :class:`PSKD` (a_P ramped
 linearly to 0.8), :class:`CSKD` (lambda 1, T 4, needs ``data.class_pairs``), :class:`TFKD`
-(self-training: a_G 0.95, tau_G 6 from a pre-trained copy). The paper's ablations are settings:
+(self-training: a_G 0.95, tau_G 6 from a pre-trained copy; or ``variant: regularization``, the manually designed
+teacher, ``guide_target: designed``). The paper's ablations are settings:
 "No Adv" ``adversarial_weight: 0``, "Only Progressive" ``guide_weight: 0, adversarial_weight: 0``,
 "Only Guide" ``progressive_weight: 0, adversarial_weight: 0``.
 
@@ -37,7 +43,7 @@ the student's parameters).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +60,19 @@ if TYPE_CHECKING:
     from kd_lightning.teachers.frozen import FrozenTeacher
 
 STORE_KEY = "kdl_self_kd_store"
+CriticNorm = Literal["joint", "none", "separate"]
+CRITIC_NORMS: tuple[str, ...] = ("joint", "none", "separate")
+GuideTarget = Literal["pretrained", "designed"]
+KLReduction = Literal["batchmean", "mean"]
+
+
+def designed_teacher(label: torch.Tensor, num_classes: int, correct_prob: float, temperature: float) -> torch.Tensor:
+    """TF-KD_reg's manually designed teacher at temperature tau: ``softmax(p^d / tau)`` with ``p^d(k) = a`` for
+    the true class and ``(1 - a) / (K - 1)`` for the others (the official code softens p^d, a probability
+    vector, with the softmax at tau)."""
+    p_d = torch.full((len(label), num_classes), (1.0 - correct_prob) / (num_classes - 1), device=label.device)
+    p_d.scatter_(1, label.long().view(-1, 1), correct_prob)
+    return F.softmax(p_d / temperature, dim=-1)
 
 
 def default_critic_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -67,14 +86,21 @@ class LogitCritic(nn.Module):
 
     The paper names FC 64 and FC 32 with one BN1d and LeakyReLU between them; the scalar output
     layer is implied by the WGAN critic, the LeakyReLU slope (0.2, the usual GAN value) is not given.
+    ``batch_norm=False`` leaves the BN out (WGAN-GP's advice; see :func:`critic_scores`).
     """
 
-    def __init__(self, num_classes: int, hidden: tuple[int, int] = (64, 32), negative_slope: float = 0.2) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        hidden: tuple[int, int] = (64, 32),
+        negative_slope: float = 0.2,
+        batch_norm: bool = True,
+    ) -> None:
         super().__init__()
         h1, h2 = hidden
         self.layers = nn.Sequential(
             nn.Linear(num_classes, h1),
-            nn.BatchNorm1d(h1),
+            nn.BatchNorm1d(h1) if batch_norm else nn.Identity(),
             nn.LeakyReLU(negative_slope),
             nn.Linear(h1, h2),
             nn.LeakyReLU(negative_slope),
@@ -84,6 +110,53 @@ class LogitCritic(nn.Module):
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """N x C logits -> N critic scores."""
         return self.layers(logits).squeeze(-1)
+
+
+def critic_scores(critic: nn.Module, *batches: torch.Tensor, joint: bool = True) -> list[torch.Tensor]:
+    """The critic's scores of each batch: one forward pass on all of them concatenated (``joint``), so a
+    BatchNorm in the critic normalises them with shared statistics, or one pass per batch."""
+    if joint:
+        return list(critic(torch.cat(batches)).split([len(b) for b in batches]))
+    return [critic(b) for b in batches]
+
+
+def wgan_gp_critic_parts(
+    critic: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    gp_weight: float = 10.0,
+    joint: bool = True,
+    eps: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * E[(||grad D(x_hat)||_2 - 1)^2]``.
+
+    ``x_hat = eps real + (1 - eps) fake`` with ``eps`` (N, uniform in [0, 1], drawn from torch's global
+    generator unless given). With ``joint`` real, fake and x_hat go through the critic as one batch; else as three
+    (then the penalty equals :func:`gradient_penalty`). fp32 with autocast off. Returns ``critic`` (the loss),
+    ``wasserstein`` (``E[D(real)] - E[D(fake)]``) and ``gp``.
+    """
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        real, fake = real.detach().float(), fake.detach().float()
+        if eps is None:
+            eps = torch.rand(real.shape[0], 1).to(real.device)
+        eps = eps.reshape(-1, 1).float().to(real.device)
+        x_hat = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
+        d_real, d_fake, d_hat = critic_scores(critic, real, fake, x_hat, joint=joint)
+        (grad,) = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
+        gp = ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
+        wasserstein = d_real.mean() - d_fake.mean()
+        return {"critic": -wasserstein + gp_weight * gp, "wasserstein": wasserstein, "gp": gp}
+
+
+def adversarial_loss(critic: nn.Module, fake: torch.Tensor, real: torch.Tensor, joint: bool = True) -> torch.Tensor:
+    """The student's ``L_A = -E[D(fake)]`` (fp32, autocast off); with ``joint`` the critic scores ``fake`` in one
+    batch with the (detached) ``real`` logits, as in its own step, so its BN statistics include both."""
+    with torch.autocast(device_type=fake.device.type, enabled=False):
+        if joint:
+            _, d_fake = critic_scores(critic, real.detach().float(), fake.float(), joint=True)
+        else:
+            d_fake = critic(fake.float())
+        return -d_fake.mean()
 
 
 def gradient_penalty(
@@ -170,11 +243,24 @@ class SelfKD(ImageClassifier):
             the guide and adversarial terms.
         guide_weight: a_G, weight of ``tau_G^2 KL(p_sup || p_t)``.
         guide_temperature: tau_G.
+        guide_target: ``pretrained`` (S_sup, as above) or ``designed``: TF-KD_reg's manually designed teacher
+            (:func:`designed_teacher`), whose term is ``KL(p^d_tau || p_t(x; tau))`` without ``tau^2`` (TF-KD
+            Eq. 9 and its code); needs no ``pretrained``.
+        designed_correct_prob: a of the designed teacher (0.99, the official code's).
+        designed_tempered_student: the student at tau_G in the designed term (the paper's ``p_tau``); the official
+            code compares with the student's plain ``log_softmax`` (false).
+        guide_reduction: ``batchmean`` (KL summed over classes, averaged over the batch) or ``mean`` (also
+            averaged over classes: ``nn.KLDivLoss()``'s default, which TF-KD's official code uses).
+        guide_multiplier: factor on the guide term (TF-KD's ``multiplier``: 50 for its self-teacher runs, 100 for
+            its regularisation runs, with ``guide_reduction: mean``).
         progressive_weight: a_P, weight of ``tau_P^2 KL(p_{t-1} || p_t)`` (its final value when ramped).
         progressive_temperature: tau_P.
         progressive_ramp: PS-KD's schedule ``a_P(t) = a_P (t + 1) / max_epochs``; else constant.
         adversarial_weight: w, weight of ``L_A = -E[D(S_t(x))]``; 0 builds no critic.
         critic_hidden: widths of the critic's two hidden FC layers.
+        critic_norm: ``joint`` (default): the paper's BN1d, with S_sup's and the student's logits (and the
+            penalty's mix) normalised as one batch; ``none``: no BN in the critic; ``separate``: the BN sees each
+            set alone, which makes the critic blind to a logit offset or scale (the behaviour before this option).
         critic_optimizer: builds the critic's optimiser (default Adam lr 1e-4).
         gp_weight: weight of the critic's gradient penalty.
         class_wise_weight: lambda of CS-KD's ``T^2 KL(p(x') || p(x))`` to a same-class partner x'
@@ -200,11 +286,17 @@ class SelfKD(ImageClassifier):
         pretrained: str | None = None,
         guide_weight: float = 0.0,
         guide_temperature: float = 3.0,
+        guide_target: GuideTarget = "pretrained",
+        designed_correct_prob: float = 0.99,
+        designed_tempered_student: bool = True,
+        guide_reduction: KLReduction = "batchmean",
+        guide_multiplier: float = 1.0,
         progressive_weight: float = 0.0,
         progressive_temperature: float = 1.0,
         progressive_ramp: bool = False,
         adversarial_weight: float = 0.0,
         critic_hidden: tuple[int, int] = (64, 32),
+        critic_norm: CriticNorm = "joint",
         critic_optimizer: OptimizerCallable = default_critic_optimizer,
         gp_weight: float = 10.0,
         class_wise_weight: float = 0.0,
@@ -221,6 +313,7 @@ class SelfKD(ImageClassifier):
             ("adversarial_weight", adversarial_weight),
             ("class_wise_weight", class_wise_weight),
             ("gp_weight", gp_weight),
+            ("guide_multiplier", guide_multiplier),
         ):
             if value < 0:
                 raise ConfigError(f"{name}={value}; expected a weight >= 0")
@@ -231,12 +324,21 @@ class SelfKD(ImageClassifier):
         ):
             if value <= 0:
                 raise ConfigError(f"{name}={value}; expected a temperature > 0")
+        if guide_target not in ("pretrained", "designed"):
+            raise ConfigError(f"guide_target={guide_target!r}; expected 'pretrained' or 'designed'")
+        if guide_reduction not in ("batchmean", "mean"):
+            raise ConfigError(f"guide_reduction={guide_reduction!r}; expected 'batchmean' or 'mean'")
+        if not 0.0 < designed_correct_prob < 1.0:
+            raise ConfigError(f"designed_correct_prob={designed_correct_prob}; expected a probability in (0, 1)")
+        if critic_norm not in CRITIC_NORMS:
+            raise ConfigError(f"critic_norm={critic_norm!r}; expected one of {', '.join(CRITIC_NORMS)}")
         if guide_weight + progressive_weight > 1.0:
             raise ConfigError(
                 f"guide_weight + progressive_weight = {guide_weight} + {progressive_weight} > 1: the cross-entropy "
                 "weight 1 - a_P - a_G would be negative"
             )
-        if (guide_weight > 0 or adversarial_weight > 0) and not pretrained:
+        needs_ssup = (guide_weight > 0 and guide_target == "pretrained") or adversarial_weight > 0
+        if needs_ssup and not pretrained:
             raise ConfigError(
                 f"guide_weight={guide_weight} / adversarial_weight={adversarial_weight} need the pre-trained model "
                 "S_sup: set model.init_args.pretrained to a kdl checkpoint of an ImageClassifier of the same net"
@@ -252,7 +354,11 @@ class SelfKD(ImageClassifier):
         super().configure_models()
         hp = self.hparams
         self.guide: FrozenTeacher | None = self._load_pretrained(hp.pretrained) if hp.pretrained else None
-        self.critic = LogitCritic(hp.num_classes, tuple(hp.critic_hidden)) if hp.adversarial_weight > 0 else None
+        self.critic = (
+            LogitCritic(hp.num_classes, tuple(hp.critic_hidden), batch_norm=hp.critic_norm != "none")
+            if hp.adversarial_weight > 0
+            else None
+        )
         self.store = PredictionStore(hp.num_classes)
         fill = torch.as_tensor(hp.mean or (0.5,), dtype=torch.float32)
         self.mixer = BatchMixer(hp.mixing, hp.mix_alpha, hp.mix_prob, hp.cutout_size, fill=fill)
@@ -326,14 +432,29 @@ class SelfKD(ImageClassifier):
         if progressive_target is not None:
             tau = hp.progressive_temperature
             parts["progressive"] = kl_to_probs(logits, progressive_target, tau) * (tau * tau)
-        if guide_logits is not None and hp.guide_weight > 0:
-            parts["guide"] = kd_kl(logits, guide_logits, hp.guide_temperature)
+        if hp.guide_weight > 0 and (guide_logits is not None or hp.guide_target == "designed"):
+            parts["guide"] = self.guide_part(logits, batch, guide_logits)
         if pair_logits is not None:
             parts["class_wise"] = kd_kl(logits, pair_logits.detach(), hp.class_wise_temperature)
         if self.critic is not None:
-            with torch.autocast(device_type=logits.device.type, enabled=False):
-                parts["adv"] = -self.critic(logits.float()).mean()
+            assert guide_logits is not None
+            parts["adv"] = adversarial_loss(self.critic, logits, guide_logits, joint=hp.critic_norm == "joint")
         return parts
+
+    def guide_part(self, logits: torch.Tensor, batch: MixedBatch, guide_logits: torch.Tensor | None) -> torch.Tensor:
+        """The unweighted guide term: ``tau^2 KL(p_sup || p_t)`` at tau_G, or TF-KD_reg's ``KL(p^d_tau || p_t)``;
+        times ``guide_multiplier``, divided by C under ``guide_reduction: mean``."""
+        hp = self.hparams
+        tau = hp.guide_temperature
+        if hp.guide_target == "designed":
+            target = batch.mix_targets(designed_teacher(batch.label, logits.shape[-1], hp.designed_correct_prob, tau))
+            value = kl_to_probs(logits, target, tau if hp.designed_tempered_student else 1.0)
+        else:
+            assert guide_logits is not None
+            value = kd_kl(logits, guide_logits, tau)
+        if hp.guide_reduction == "mean":
+            value = value / logits.shape[-1]
+        return value * hp.guide_multiplier
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum_k weight_k * part_k`` with :meth:`loss_weights`."""
@@ -341,13 +462,10 @@ class SelfKD(ImageClassifier):
         return sum(weights[k] * v for k, v in parts.items())  # type: ignore[return-value]
 
     def critic_parts(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        """WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * GP`` (fp32, autocast off)."""
+        """WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * GP`` (:func:`wgan_gp_critic_parts`)."""
         assert self.critic is not None
-        with torch.autocast(device_type=real.device.type, enabled=False):
-            real, fake = real.detach().float(), fake.detach().float()
-            wasserstein = self.critic(real).mean() - self.critic(fake).mean()
-            gp = gradient_penalty(self.critic, real, fake)
-            return {"critic": -wasserstein + self.hparams.gp_weight * gp, "wasserstein": wasserstein, "gp": gp}
+        hp = self.hparams
+        return wgan_gp_critic_parts(self.critic, real, fake, hp.gp_weight, joint=hp.critic_norm == "joint")
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -516,20 +634,41 @@ class CSKD(SelfKD):
 
 
 class TFKD(SelfKD):
-    """TF-KD self-training (Yuan et al. 2020): ``(1 - a) CE + a T^2 KL(p_pre || p_t)`` from a pre-trained copy.
+    """TF-KD (Yuan et al. 2020), both variants of the official code:
 
-    Defaults a = 0.95, T = 6 (the official ResNet-18 self-teacher setting). The official code's KL
-    averages over classes too and multiplies by 50; here the KL is the usual batch mean.
+    - ``self`` (self-training): ``(1 - a) CE + a T^2 KL(p_pre || p_t)`` from a pre-trained copy; defaults a = 0.95,
+      T = 6 (the official ResNet-18 self-teacher setting; DenseNet-121's is a = 0.9, T = 20).
+    - ``regularization`` (TF-KD_reg): ``(1 - a) CE + a KL(p^d_T || p_t(T))`` with the manually designed teacher
+      ``p^d`` (true class 0.99, the rest uniform; :func:`designed_teacher`); defaults a = 0.1, T = 20 (the
+      official ResNet-18 setting); needs no pre-trained copy.
+
+    The KL is the usual batch mean by default; the official code's scale is ``guide_reduction: mean`` (also
+    averaged over classes) with ``guide_multiplier`` 50 (self) or 100 (regularization), i.e. the official KD term
+    is multiplier / C times ours (C = number of classes).
 
     Args:
-        pretrained: ``kdl`` checkpoint of the pre-trained copy (same net and classes).
-        guide_weight: a (0.95). guide_temperature: T (6).
+        pretrained: ``kdl`` checkpoint of the pre-trained copy (same net and classes; ``self`` only).
+        variant: ``self`` or ``regularization``.
+        guide_weight: a (default 0.95 for ``self``, 0.1 for ``regularization``).
+        guide_temperature: T (default 6 for ``self``, 20 for ``regularization``).
         **kwargs: see :class:`SelfKD`.
     """
 
     def __init__(
-        self, pretrained: str | None = None, guide_weight: float = 0.95, guide_temperature: float = 6.0, **kwargs: Any
+        self,
+        pretrained: str | None = None,
+        variant: Literal["self", "regularization"] = "self",
+        guide_weight: float | None = None,
+        guide_temperature: float | None = None,
+        **kwargs: Any,
     ) -> None:
+        if variant not in ("self", "regularization"):
+            raise ConfigError(f"TFKD variant={variant!r}; expected 'self' or 'regularization'")
+        reg = variant == "regularization"
+        kwargs["guide_target"] = "designed" if reg else kwargs.get("guide_target", "pretrained")
+        # rebound here, not only passed on: save_hyperparameters reads this frame's values too
+        guide_weight = (0.1 if reg else 0.95) if guide_weight is None else guide_weight
+        guide_temperature = (20.0 if reg else 6.0) if guide_temperature is None else guide_temperature
         super().__init__(
             pretrained=pretrained, guide_weight=guide_weight, guide_temperature=guide_temperature, **kwargs
         )
@@ -543,6 +682,10 @@ __all__ = [
     "LogitCritic",
     "PredictionStore",
     "SelfKD",
+    "adversarial_loss",
+    "critic_scores",
     "default_critic_optimizer",
+    "designed_teacher",
     "gradient_penalty",
+    "wgan_gp_critic_parts",
 ]

@@ -1,0 +1,91 @@
+"""``kdl report``: run folders in, a table of mean ± std over seeds and learning curves out."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_lightning.report import read_run
+
+
+def fake_run(folder: Path, seed: int, val_acc: list[float], test_acc: float, losses: tuple[str, ...] = ()) -> Path:
+    """A run folder as ``kdl fit`` + ``kdl test`` leave it: a fit version with curves, a test version."""
+    config = {
+        "seed_everything": seed,
+        "model": {
+            "class_path": "kd_lightning.methods.DistillModule" if losses else "kd_lightning.methods.ImageClassifier",
+            "init_args": {
+                "net": "resnet8",
+                "kd_losses": [{"class_path": f"kd_lightning.losses.{n}"} for n in losses or []],
+            },
+        },
+    }
+    fit = folder / "lightning_logs" / "version_0"
+    fit.mkdir(parents=True)
+    (fit / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = ["epoch,step,train/loss_epoch,val/acc1,val/loss"]
+    for epoch, acc in enumerate(val_acc):
+        rows.append(f"{epoch},{10 * epoch + 9},,{acc},{1 - acc}")
+        rows.append(f"{epoch},{10 * epoch + 9},0.5,,")
+    (fit / "metrics.csv").write_text("\n".join(rows) + "\n")
+    test = folder / "lightning_logs" / "version_1"
+    test.mkdir(parents=True)
+    (test / "config.yaml").write_text(yaml.safe_dump(config))
+    (test / "metrics.csv").write_text(f"epoch,step,test/acc1,test/loss\n0,0,{test_acc},0.3\n")
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> dict[str, list[Path]]:
+    return {
+        "NOKD": [
+            fake_run(tmp_path / "NOKD" / f"seed{s}", s, [0.5, 0.8 + s / 100, 0.7], t)
+            for s, t in enumerate((0.80, 0.82, 0.81))
+        ],
+        "BLKD": [
+            fake_run(tmp_path / "BLKD" / f"seed{s}", s, [0.6, 0.7, 0.9 - s / 100], t, ("BLKD",))
+            for s, t in enumerate((0.85, 0.86))
+        ],
+    }
+
+
+def test_the_selected_epoch_is_the_best_validation_one(runs: dict[str, list[Path]]) -> None:
+    run = read_run(runs["NOKD"][1])
+    assert run.selected["val/epoch"] == 1 and run.selected["val/acc1"] == pytest.approx(0.81)
+    assert run.selected["val/loss"] == pytest.approx(0.19)  # the loss of the same epoch, not its own best
+    assert run.test == {"test/acc1": pytest.approx(0.82), "test/loss": pytest.approx(0.3)}
+    assert run.seed == 1 and run.method() == "ImageClassifier"
+    assert read_run(runs["BLKD"][0]).method() == "DistillModule[BLKD]"
+
+
+def test_report_table_is_mean_and_std_over_seeds(kdl, runs, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    folders = [str(p) for ps in runs.values() for p in ps]
+    out = tmp_path / "report" / "table.md"
+    assert kdl("report", *folders, "--group-by", "parent", "--out", str(out), "--quiet", "true") == 0
+    text = out.read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    nokd = [80.0, 82.0, 81.0]
+    expected = f"{statistics.mean(nokd):.2f} ± {statistics.stdev(nokd):.2f}"
+    assert expected in rows["NOKD"] and "| 3 | 0, 1, 2 |" in rows["NOKD"]
+    blkd_val = [90.0, 89.0]
+    assert f"{statistics.mean(blkd_val):.2f} ± {statistics.stdev(blkd_val):.2f}" in rows["BLKD"]
+    assert (out.parent / "table_val_acc1.png").stat().st_size > 1000
+    assert "![val/acc1 per epoch](table_val_acc1.png)" in text
+    assert capsys.readouterr().out.strip().startswith("| group")
+    # grouping by method or by a config key
+    assert kdl("report", *folders, "--metrics", "test/acc1", "--quiet", "true") == 0
+    printed = capsys.readouterr().out
+    assert "DistillModule[BLKD]" in printed and "ImageClassifier" in printed and "val/acc1" not in printed
+    assert kdl("report", *folders, "--group-by", "model.init_args.net", "--quiet", "true") == 0
+    assert "| resnet8 | 5 |" in capsys.readouterr().out
+
+
+def test_report_errors_name_the_folder(kdl, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert kdl("report", str(tmp_path / "nope")) == 2
+    assert "'" + str(tmp_path / "nope") + "' does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert kdl("report", str(tmp_path / "empty")) == 2
+    assert "has no lightning_logs/version_*/metrics.csv" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""Every sweep file is a valid W&B sweep, and every key it sweeps exists in its recipe."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.sweep import command_line, load_sweep, parameter_sets
+from tests.conftest import RECIPES, REPO
+
+SWEEPS = sorted((RECIPES / "sweeps").glob("*.yaml"))
+
+
+def lookup(config: dict[str, Any], dotted: str) -> Any:
+    """A value of the printed config by its command-line key (the last list element for ``kd_losses.x``)."""
+    value: Any = config
+    for part in dotted.split("."):
+        if isinstance(value, list):
+            value = value[-1]
+        value = value[part]
+    return value
+
+
+def test_there_are_sweeps() -> None:
+    assert {p.stem for p in SWEEPS} >= {"aikd", "blkd"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_is_valid_and_every_swept_key_exists(path: Path, kdl, capsys, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(REPO)  # sweep commands name recipes relative to the repository, as wandb agent runs them
+    config = load_sweep(path)
+    values = parameter_sets(config, count=1)[0]
+    assert set(values) == set(config["parameters"])
+    line = command_line(config, values)
+    assert line[:2] == ["kdl", "fit"] and all(f"--{k}={v}" in line for k, v in values.items())
+    capsys.readouterr()
+    assert kdl(*line[1:], "--print_config") == 0, capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in values.items():
+        assert lookup(printed, key) == pytest.approx(value), key
+
+
+def test_grid_is_the_full_product(tmp_path: Path) -> None:
+    config = load_sweep(RECIPES / "sweeps" / "blkd.yaml")
+    sets = parameter_sets(config)
+    assert len(sets) == math.prod(len(p["values"]) for p in config["parameters"].values())
+    assert len({tuple(sorted(s.items())) for s in sets}) == len(sets)
+
+
+def test_invalid_sweeps_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"method": "gridd", "parameters": {"x": {"values": [1]}}, "command": ["${args}"]}))
+    with pytest.raises(ConfigError, match="'gridd' is not one of"):
+        load_sweep(bad)
+    bad.write_text(yaml.safe_dump({"method": "grid", "parameters": {"x": {"values": [1]}}, "command": ["kdl"]}))
+    with pytest.raises(ConfigError, match=r"must pass \$\{args\}"):
+        load_sweep(bad)
+    random = {"method": "random", "parameters": {"x": {"values": [1, 2]}}, "command": ["kdl", "${args}"]}
+    with pytest.raises(ConfigError, match="give --count"):
+        parameter_sets(random)
+
+
+def test_dry_run_prints_every_command(kdl, capsys, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(REPO)
+    assert kdl("sweep", "recipes/sweeps/blkd.yaml", "--dry-run", "true") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 16 and lines[0].startswith("[1/16] kdl fit --config recipes/fashion_mnist/blkd.yaml")
