@@ -48,6 +48,7 @@ from kd_lightning.callbacks import (
     exit_status_after_stop,
 )
 from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint
+from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
 from kd_lightning.errors import ConfigError, KDLError
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
@@ -376,28 +377,6 @@ def _short_parse_error(msg: str) -> str:
     """jsonargparse reports every union member it tried; keep the lines that name the problem."""
     keep = [ln.strip() for ln in msg.splitlines() if ln.strip() and not re.search(_NOISE, ln.strip())]
     return "\n  ".join(keep[:6]) if keep else msg
-
-
-#: kdl's commands that are not Trainer subcommands: name -> ("module:function", one-line help).
-#: Each function takes the remaining argv and returns an exit status; modules load only when used.
-TOOL_COMMANDS: dict[str, tuple[str, str]] = {
-    "sample": ("kd_lightning.sample:main", "write GAN samples (N per class or label value) to a file or folder"),
-    "generate": ("kd_lightning.sampling.generate:main", "build a cGAN-KD sample store (subsample, filter, relabel)"),
-    "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
-    "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
-    "report": ("kd_lightning.report:main", "a table of runs (mean ± std over seeds) and learning curves"),
-    "sweep": ("kd_lightning.sweep:main", "check a W&B sweep file and run its command lines here (W&B offline)"),
-}
-
-
-def run_tool_command(name: str, argv: list[str]) -> int:
-    """Run one of :data:`TOOL_COMMANDS` on ``argv``."""
-    import importlib
-
-    target, _ = TOOL_COMMANDS[name]
-    module_name, func_name = target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(argv) or 0)
 
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")

@@ -290,7 +290,7 @@ def resolve(
 ) -> list[Step]:
     """Check a pipeline and resolve every stage (reads the recipe files; runs nothing)."""
     if tool_commands is None:
-        from kd_lightning.cli import TOOL_COMMANDS
+        from kd_lightning.commands import TOOL_COMMANDS
 
         tool_commands = tuple(n for n in TOOL_COMMANDS if n != "pipeline")
     resolved_vars: dict[str, Any] = {}

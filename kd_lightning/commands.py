@@ -1,0 +1,40 @@
+"""kdl's entry point: the commands that need no Trainer start without importing torch or Lightning.
+
+``kdl pipeline`` with every stage cached, ``kdl report`` or ``kdl sweep --dry-run`` then answer in a
+fraction of a second; ``fit``/``validate``/``test``/``predict`` go on to :mod:`kd_lightning.cli`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+#: kdl's commands that are not Trainer subcommands: name -> ("module:function", one-line help).
+#: Each function takes the remaining argv and returns an exit status; modules load only when used.
+TOOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("kd_lightning.sample:main", "write GAN samples (N per class or label value) to a file or folder"),
+    "generate": ("kd_lightning.sampling.generate:main", "build a cGAN-KD sample store (subsample, filter, relabel)"),
+    "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
+    "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
+    "report": ("kd_lightning.report:main", "a table of runs (mean ± std over seeds) and learning curves"),
+    "sweep": ("kd_lightning.sweep:main", "check a W&B sweep file and run its command lines here (W&B offline)"),
+}
+
+
+def run_tool_command(name: str, argv: list[str]) -> int:
+    """Run one of :data:`TOOL_COMMANDS` on ``argv``."""
+    import importlib
+
+    target, _ = TOOL_COMMANDS[name]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(argv) or 0)
+
+
+def entrypoint() -> None:
+    """The ``kdl`` console script."""
+    argv = sys.argv[1:]
+    if argv[:1] and argv[0] in TOOL_COMMANDS:
+        sys.exit(run_tool_command(argv[0], argv[1:]))
+    from kd_lightning.cli import entrypoint as trainer_entrypoint
+
+    trainer_entrypoint()
