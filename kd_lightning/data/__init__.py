@@ -7,6 +7,7 @@ from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.image_files import ImageFileDataset, load_image
 from kd_lightning.data.image_folder import ImageFolderDataModule
 from kd_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule, load_mnist_split, read_idx
+from kd_lightning.data.query import DigitsEdgeCloud, EdgeCloudSplit, FashionMNISTEdgeCloud, QueryPoolDataModule
 from kd_lightning.data.rc49 import RC49DataModule
 from kd_lightning.data.rotated import RotatedDataModule
 from kd_lightning.data.steering import SteeringAngleDataModule
@@ -18,12 +19,16 @@ __all__ = [
     "CIFAR10DataModule",
     "CUB200DataModule",
     "DigitsDataModule",
+    "DigitsEdgeCloud",
+    "EdgeCloudSplit",
+    "FashionMNISTEdgeCloud",
     "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageFileDataset",
     "ImageFolderDataModule",
     "IndexedDataset",
     "MNISTDataModule",
+    "QueryPoolDataModule",
     "RC49DataModule",
     "RotatedDataModule",
     "SteeringAngleDataModule",
