@@ -126,7 +126,7 @@ class MEKDDeprivatization(DCGAN):
         token: bearer token for a URL teacher (``None``: env ``KDL_TEACHER_TOKEN``).
         timeout: seconds per HTTP request.
         wire_dtype: how images travel (``"uint8"``, ``"float16"``, ``"float32"``).
-        **kwargs: see :class:`~kd_lightning.methods.gan.DCGAN` (``z_dim`` defaults to ``num_classes``).
+        **kwargs: see :class:`~kd_lightning.methods.gan.DCGAN` (``z_dim`` defaults to ``num_classes`` here).
     """
 
     def __init__(
@@ -153,13 +153,18 @@ class MEKDDeprivatization(DCGAN):
                 f"alpha={alpha}, im_interval={im_interval}, im_batch_size={im_batch_size}; expected alpha >= 0, "
                 "im_interval >= 1 and im_batch_size >= 1 or null"
             )
-        num_classes = kwargs.get("num_classes")
-        if z_dim is None:
-            if num_classes is None:
+        if z_dim is None:  # MEKD: the latent has as many dimensions as there are classes
+            if kwargs.get("num_classes") is None:
                 raise ConfigError("MEKDDeprivatization needs num_classes (kdl links it) or z_dim")
-            z_dim = int(num_classes)
+            z_dim = int(kwargs["num_classes"])
         super().__init__(z_dim=z_dim, **kwargs)
         self.link = TeacherLink(self)
+
+    def configure_models(self) -> None:
+        if self.hparams.get("z_dim") is None:  # kdl's CLI records the config's null; resolve it here too
+            for hp in (self.hparams, getattr(self, "_hparams_initial", {})):
+                hp["z_dim"] = int(self.hparams.num_classes)
+        super().configure_models()
 
     def build_nets(self) -> tuple[Generator, nn.Module]:
         hp = self.hparams
