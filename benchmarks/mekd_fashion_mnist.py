@@ -26,22 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "mekd" / "fashion_mnist"
 
 
-def jobs(budgets: list[int], seeds: list[int], extra_seed_budget: int) -> list[str]:
-    out = ["gan_soft", "gan_hard", "ref_s0"]
-    for b in budgets:
-        for r in ("soft", "hard"):
-            out.append(f"kd_{r}_B{b}_s0")
-    out += [f"ml_soft_B{extra_seed_budget}_s0", f"dkd_soft_B{extra_seed_budget}_s0"]
-    for b in budgets:
-        for r in ("soft", "hard"):
-            out.append(f"mekd_{r}_B{b}_s0")
+def jobs(budgets: list[int], seeds: list[int], top: int) -> list[str]:
+    """Most important first: the largest budget with every seed, then the other budgets, then ML/DKD."""
+    out = ["gan_soft", "gan_hard"]
     for s in seeds:
-        if s == 0:
-            continue
+        out += [f"{m}_{r}_B{top}_s{s}" for m in ("mekd", "kd") for r in ("soft", "hard")]
         out.append(f"ref_s{s}")
-        for m in ("mekd", "kd"):
-            for r in ("soft", "hard"):
-                out.append(f"{m}_{r}_B{extra_seed_budget}_s{s}")
+    for b in sorted(budgets, reverse=True):
+        if b != top:
+            out += [f"{m}_{r}_B{b}_s0" for m in ("mekd", "kd") for r in ("soft", "hard")]
+    out += [f"ml_soft_B{top}_s0", f"dkd_soft_B{top}_s0"]
     return out
 
 
@@ -57,6 +51,8 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
         r = name.split("_")[1]
         cfg = ["--config", str(RECIPES / f"deprivatize_{r}.yaml"), "--model.init_args.teacher", args.teacher]
         cfg += ["--trainer.default_root_dir", str(out), "--data.init_args.root", args.root]
+        cfg += ["--trainer.max_steps", str(2 * args.gan_steps), "--model.init_args.im_interval", str(args.im_interval)]
+        cfg += ["--model.init_args.im_batch_size", str(args.im_batch)]
         t0 = time.perf_counter()
         build_cli(["fit", *cfg, *quiet])
         stats = json.loads((out / "queries" / "stats.json").read_text())
@@ -66,8 +62,10 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
     method, rest = name.split("_", 1)
     seed = int(name.rsplit("_s", 1)[1])
     common = ["--seed_everything", str(seed), "--trainer.default_root_dir", str(out)]
+    common += ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(max(1, args.steps // 5))]
     if method == "ref":
         common = ["--config", str(RECIPES / "reference_true_labels.yaml"), *common, "--data.init_args.root", args.root]
+        common += ["--data.init_args.batch_size", str(args.batch)]
         resp, budget = "-", 0
     else:
         resp, b = rest.split("_")[0], rest.split("_")[1]
@@ -92,6 +90,8 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
             str(seed),
             "--data.init_args.local.init_args.root",
             args.root,
+            "--data.init_args.batch_size",
+            str(args.batch),
         ]
     t0 = time.perf_counter()
     cli = build_cli(["fit", *common, *quiet])
@@ -146,6 +146,8 @@ def schedule(args: argparse.Namespace) -> None:
                 continue
             log = open(out / f"{name}.log", "w")  # noqa: SIM115
             cmd = [sys.executable, __file__, "--job", name, "--out", args.out, "--teacher", args.teacher]
+            cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--gan-steps", str(args.gan_steps)]
+            cmd += ["--im-interval", str(args.im_interval), "--im-batch", str(args.im_batch)]
             running[name] = subprocess.Popen([*cmd, "--root", args.root], stdout=log, stderr=subprocess.STDOUT, env=env)
             print(f"{time.strftime('%H:%M:%S')} start {name}", flush=True)
         time.sleep(2)
@@ -227,6 +229,11 @@ def main() -> int:
     p.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--out", default="runs/mekd/fashion_mnist/evidence")
     p.add_argument("--budgets", type=int, nargs="+", default=[10_000, 30_000, 50_000])
+    p.add_argument("--steps", type=int, default=400, help="training steps of every student")
+    p.add_argument("--batch", type=int, default=128, help="batch size of every student")
+    p.add_argument("--gan-steps", type=int, default=800, help="generator steps of the deprivatization stage")
+    p.add_argument("--im-interval", type=int, default=25, help="query every this many generator steps")
+    p.add_argument("--im-batch", type=int, default=48, help="images queried per L_IM step")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--job", default=None, help="run one job (used by the scheduler)")

@@ -21,8 +21,7 @@ route and worker processes, which this CPU teacher does not need and which would
 details the accounting depends on.
 """
 
-from __future__ import annotations
-
+# no "from __future__ import annotations": FastAPI reads the endpoint annotations at definition time
 import argparse
 import ipaddress
 import os

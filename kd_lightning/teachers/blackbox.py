@@ -331,6 +331,7 @@ class QueryClient:
         self._memory: dict[bytes, np.ndarray] = {}
         self._memory_spent = 0
         self._settled = False
+        self.sleep = time.sleep  # how backoff waits (tests record it)
 
     # ------------------------------------------------------------------ subclass hooks
     def _post(self, request_id: str, body: bytes) -> _Reply:  # pragma: no cover - abstract
@@ -479,7 +480,7 @@ class QueryClient:
         from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
         initial, longest, jitter = self.backoff
-        backoff = wait_exponential_jitter(initial=initial, max=longest, jitter=jitter)
+        backoff = wait_exponential_jitter(multiplier=initial, max=longest, jitter=jitter)
 
         def wait(state: Any) -> float:
             exc = state.outcome.exception() if state.outcome is not None else None
@@ -495,6 +496,7 @@ class QueryClient:
             wait=wait,
             stop=stop_after_attempt(self.max_retries + 1),
             before_sleep=count_retry,
+            sleep=lambda seconds: self.sleep(seconds),
             reraise=True,
         )
         try:
