@@ -52,7 +52,8 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
         cfg = ["--config", str(RECIPES / f"deprivatize_{r}.yaml"), "--model.init_args.teacher", args.teacher]
         cfg += ["--trainer.default_root_dir", str(out), "--data.init_args.root", args.root]
         cfg += ["--trainer.max_steps", str(2 * args.gan_steps), "--model.init_args.im_interval", str(args.im_interval)]
-        cfg += ["--model.init_args.im_batch_size", str(args.im_batch)]
+        cfg += ["--model.init_args.im_batch_size", str(args.im_batch), "--model.init_args.ema_decay", str(args.ema)]
+        cfg += ["--model.init_args.ema_start", str(args.gan_steps // 4)]
         t0 = time.perf_counter()
         build_cli(["fit", *cfg, *quiet])
         stats = json.loads((out / "queries" / "stats.json").read_text())
@@ -147,7 +148,7 @@ def schedule(args: argparse.Namespace) -> None:
             log = open(out / f"{name}.log", "w")  # noqa: SIM115
             cmd = [sys.executable, __file__, "--job", name, "--out", args.out, "--teacher", args.teacher]
             cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--gan-steps", str(args.gan_steps)]
-            cmd += ["--im-interval", str(args.im_interval), "--im-batch", str(args.im_batch)]
+            cmd += ["--im-interval", str(args.im_interval), "--im-batch", str(args.im_batch), "--ema", str(args.ema)]
             running[name] = subprocess.Popen([*cmd, "--root", args.root], stdout=log, stderr=subprocess.STDOUT, env=env)
             print(f"{time.strftime('%H:%M:%S')} start {name}", flush=True)
         time.sleep(2)
@@ -234,6 +235,9 @@ def main() -> int:
     p.add_argument("--gan-steps", type=int, default=800, help="generator steps of the deprivatization stage")
     p.add_argument("--im-interval", type=int, default=25, help="query every this many generator steps")
     p.add_argument("--im-batch", type=int, default=48, help="images queried per L_IM step")
+    p.add_argument(
+        "--ema", type=float, default=0.999, help="EMA decay of the generator (averaging from 1/4 of the steps)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--job", default=None, help="run one job (used by the scheduler)")

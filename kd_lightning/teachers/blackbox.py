@@ -249,10 +249,15 @@ class QueryJournal:
 # ---------------------------------------------------------------------------- the client core
 @dataclass
 class QueryStats:
-    """What this client exchanged with the teacher (this process; ``journal_*`` include earlier runs)."""
+    """What this client exchanged with the teacher (this process; ``journal_*`` include earlier runs).
+
+    ``images_paid`` counts images sent for the first time (reserved against the budget); ``replays`` counts
+    requests the server answered from its idempotency record (a retry of a request it had already charged).
+    """
 
     images_paid: int = 0
     images_from_journal: int = 0
+    replays: int = 0
     requests: int = 0
     retries: int = 0
     bytes_up: int = 0
@@ -294,7 +299,7 @@ class QueryClient:
         backoff_jitter: maximum random jitter added to each backoff, seconds.
     """
 
-    fingerprint_source = "teacher"
+    source = "teacher"
 
     def __init__(
         self,
@@ -338,7 +343,7 @@ class QueryClient:
         raise NotImplementedError
 
     def describe(self) -> str:
-        return f"{self.fingerprint_source} ({self.responses})"
+        return f"{self.source} ({self.responses})"
 
     # ------------------------------------------------------------------ public API
     @property
@@ -417,7 +422,8 @@ class QueryClient:
 
     # ------------------------------------------------------------------ internals
     def fingerprint(self) -> str:
-        return f"{self.fingerprint_source}|{self.responses}|{self.wire_dtype}"
+        """What a journal must agree on: the answer type and the wire format (not the address, which may move)."""
+        return f"{self.responses}|{self.wire_dtype}"
 
     def _ensure_open(self) -> None:
         if self._journal is None and self._journal_path is not None:
@@ -438,6 +444,7 @@ class QueryClient:
         return self._journal.answers if self._journal is not None else self._memory
 
     def _reserve(self, rid: bytes, hashes: list[bytes], body: bytes) -> None:
+        self.stats.images_paid += len(hashes)
         if self._journal is not None:
             self._journal.add_intent(rid, hashes, body)
         else:
@@ -448,8 +455,8 @@ class QueryClient:
         reply = self._post_with_retries(uuid.UUID(bytes=rid).hex, body)
         answers = self._check_answers(reply.body, len(hashes))
         with self._locked():
-            if reply.headers.get("x-replayed", "false") != "true":
-                self.stats.images_paid += len(hashes)
+            if reply.headers.get("x-replayed", "false") == "true":
+                self.stats.replays += 1
             if self._journal is not None:
                 up, down = self.stats.bytes_up - up0, self.stats.bytes_down - down0
                 self._journal.add_answer(rid, hashes, answers, up, down)
@@ -572,7 +579,7 @@ class LocalTeacher(QueryClient):
         responses = kwargs.pop("responses", "soft")
         self.service = TeacherService.from_checkpoint(ckpt, responses=responses, max_batch=10**9)
         kwargs.setdefault("num_classes", self.service.num_classes)
-        self.fingerprint_source = f"local:{os.path.abspath(ckpt)}"
+        self.source = f"local:{os.path.abspath(ckpt)}"
         super().__init__(responses=responses, **kwargs)
 
     def _post(self, request_id: str, body: bytes) -> _Reply:
@@ -596,7 +603,7 @@ class HTTPTeacher(QueryClient):
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"teacher url={url!r}; expected http://HOST:PORT or https://...")
         self.url = url.rstrip("/")
-        self.fingerprint_source = f"http:{self.url}"
+        self.source = f"http:{self.url}"
         token = token if token is not None else os.environ.get("KDL_TEACHER_TOKEN") or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
