@@ -27,14 +27,16 @@ RECIPES = REPO / "recipes" / "mekd" / "fashion_mnist"
 
 
 def jobs(budgets: list[int], seeds: list[int], top: int) -> list[str]:
-    """Most important first: the largest budget with every seed, then the other budgets, then ML/DKD."""
+    """Most important first: every budget with seed 0, then the other seeds at the largest budget, then ML/DKD."""
     out = ["gan_soft", "gan_hard"]
-    for s in seeds:
-        out += [f"{m}_{r}_B{top}_s{s}" for m in ("mekd", "kd") for r in ("soft", "hard")]
-        out.append(f"ref_s{s}")
     for b in sorted(budgets, reverse=True):
-        if b != top:
-            out += [f"{m}_{r}_B{b}_s0" for m in ("mekd", "kd") for r in ("soft", "hard")]
+        out += [f"{m}_{r}_B{b}_s0" for m in ("mekd", "kd") for r in ("soft", "hard")]
+        if b == top:
+            out.append("ref_s0")
+    for s in seeds:
+        if s:
+            out += [f"{m}_{r}_B{top}_s{s}" for m in ("mekd", "kd") for r in ("soft", "hard")]
+            out.append(f"ref_s{s}")
     out += [f"ml_soft_B{top}_s0", f"dkd_soft_B{top}_s0"]
     return out
 
