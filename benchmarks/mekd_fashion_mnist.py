@@ -74,11 +74,14 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
         resp, b = rest.split("_")[0], rest.split("_")[1]
         budget = int(b[1:])
         recipe = {"mekd": f"mekd_{resp}.yaml", "kd": f"kd_{resp}.yaml", "ml": "ml_soft.yaml", "dkd": "dkd_soft.yaml"}
+        recipe["mekdtau2"] = recipe["mekd"]  # MEKD with Hinton's tau^2 on the KL (kl_scale: tau2)
         pool = budget
-        if method == "mekd":
+        if method.startswith("mekd"):
             gan = json.loads((Path(args.out) / f"gan_{resp}" / "result.json").read_text())
             pool = budget - int(gan["queries"]["journal_spent"])
             common += ["--model.init_args.generator", str(Path(args.out) / f"gan_{resp}" / "checkpoints" / "last.ckpt")]
+        if method == "mekdtau2":
+            common += ["--model.init_args.kl_scale", "tau2"]
         common = [
             "--config",
             str(RECIPES / recipe[method]),
@@ -121,7 +124,7 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
 
 
 def schedule(args: argparse.Namespace) -> None:
-    todo = jobs(args.budgets, args.seeds, max(args.budgets))
+    todo = args.jobs or jobs(args.budgets, args.seeds, max(args.budgets))
     running: dict[str, subprocess.Popen] = {}
     failed: set[str] = set()
     out = Path(args.out)
@@ -137,7 +140,7 @@ def schedule(args: argparse.Namespace) -> None:
         for name in list(todo):
             if len(running) >= args.workers:
                 break
-            if name.startswith("mekd_"):
+            if name.startswith("mekd"):
                 gan = f"gan_{name.split('_')[1]}"
                 if gan in failed:
                     todo.remove(name)
@@ -243,6 +246,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--job", default=None, help="run one job (used by the scheduler)")
+    p.add_argument("--jobs", nargs="+", default=None, help="schedule these jobs instead of the default list")
     p.add_argument("--report", default=None, help="write the budget curve PNG here (with --summary)")
     p.add_argument("--summary", action="store_true", help="print the table of finished runs")
     args = p.parse_args()
