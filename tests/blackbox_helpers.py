@@ -49,7 +49,7 @@ def serve_teacher(ckpt: Path, log: Path, responses: str = "soft", token: str | N
             proc.wait()
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:

@@ -1,6 +1,8 @@
 """The black-box teacher against a live ``kdl serve-teacher`` on 127.0.0.1: answers, auth, limits, budget, faults.
 
-The server runs as a subprocess (the real ``kdl`` entry point); clients that are killed run in forked processes.
+The server runs as a subprocess (``kdl serve-teacher``'s module; hard answers, token required); clients that are
+killed run in forked processes (no server thread in this process then). Soft answers come from the same app run by
+uvicorn in a thread, started and stopped inside their test.
 Paid answers are counted from the server's own log (one JSON line per answered request, with image hashes).
 """
 
@@ -31,20 +33,21 @@ from kd_lightning.teachers import (
 )
 from kd_lightning.teachers.blackbox import encode_array, image_hashes, to_wire
 from kd_lightning.teachers.frozen import FrozenTeacher
-from tests.blackbox_helpers import digits8_teacher, fault_proxy, serve_teacher  # noqa: F401
+from tests.blackbox_helpers import digits8_teacher, fault_proxy, serve_in_thread, serve_teacher  # noqa: F401
 
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def servers(digits8_teacher: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
-    """A soft and a hard server (token required on the soft one), each with its own log."""
-    d = tmp_path_factory.mktemp("servers")
-    with (
-        serve_teacher(digits8_teacher, d / "soft.log", "soft", token=TOKEN) as soft,
-        serve_teacher(digits8_teacher, d / "hard.log", "hard") as hard,
-    ):
-        yield {"soft": (soft, d / "soft.log"), "hard": (hard, d / "hard.log")}
+def server(digits8_teacher: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    """A real ``kdl serve-teacher`` process answering hard labels, token required; yields (url, its log)."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serve_teacher(digits8_teacher, log, "hard", token=TOKEN) as url:
+        yield url, log
+
+
+def hard(url: str, **kw) -> HTTPTeacher:  # noqa: ANN003
+    return HTTPTeacher(url, token=TOKEN, responses="hard", **kw)
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -62,12 +65,19 @@ def charged(log: Path) -> Counter:
 
 
 # ---------------------------------------------------------------------------- answers and the HTTP surface
-def test_soft_and_hard_answers_have_the_right_shapes_types_and_values(servers: dict, digits8_teacher: Path) -> None:  # noqa: F811
+def test_soft_and_hard_answers_have_the_right_shapes_types_and_values(
+    server: tuple,
+    digits8_teacher: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     x = images(12)
-    soft = HTTPTeacher(servers["soft"][0], token=TOKEN, responses="soft")
-    hard = HTTPTeacher(servers["hard"][0], responses="hard")
-    assert isinstance(soft, BlackBoxTeacher) and isinstance(hard, BlackBoxTeacher)
-    p, y = soft.query(x), hard.query(x)
+    with serve_in_thread(digits8_teacher, tmp_path / "soft.log", "soft") as soft_url:
+        soft = HTTPTeacher(soft_url, responses="soft")
+        p = soft.query(x)
+        soft.close()
+    hard_client = hard(server[0])
+    y = hard_client.query(x)
+    assert isinstance(soft, BlackBoxTeacher) and isinstance(hard_client, BlackBoxTeacher)
     assert p.shape == (12, 10) and p.dtype == torch.float32
     assert y.shape == (12,) and y.dtype == torch.int64
     torch.testing.assert_close(p.sum(-1), torch.ones(12))
@@ -82,13 +92,14 @@ def test_soft_and_hard_answers_have_the_right_shapes_types_and_values(servers: d
     # bytes: 12 uint8 8x8 images up (plus the .npy header), 12 x 10 float32 down
     assert soft.stats.bytes_up == len(encode_array(to_wire(x, "uint8"))) and soft.stats.bytes_up > 12 * 64
     assert soft.stats.bytes_down == len(encode_array(np.zeros((12, 10), np.float32)))
-    soft.close(), hard.close()
+    assert hard_client.stats.bytes_down == len(encode_array(np.zeros(12, np.int64)))
+    hard_client.close()
 
 
-def test_health_auth_limits_and_malformed_input(servers: dict) -> None:
-    url = servers["soft"][0]
+def test_health_auth_limits_and_malformed_input(server: tuple) -> None:
+    url = server[0]
     h = httpx.get(f"{url}/health")
-    assert h.status_code == 200 and h.json()["num_classes"] == 10 and h.json()["responses"] == "soft"
+    assert h.status_code == 200 and h.json()["num_classes"] == 10 and h.json()["responses"] == "hard"
     body = encode_array(np.zeros((2, 1, 8, 8), np.uint8))
     npy = {"Content-Type": "application/x-npy"}
     auth = {**npy, "Authorization": f"Bearer {TOKEN}"}
@@ -96,7 +107,7 @@ def test_health_auth_limits_and_malformed_input(servers: dict) -> None:
     assert httpx.post(f"{url}/query", content=body, headers={**npy, "Authorization": "Bearer nope"}).status_code == 401
     assert httpx.post(f"{url}/query", content=body, headers=auth).status_code == 200
     with pytest.raises(TeacherAPIError, match="401"):
-        HTTPTeacher(url, token="", responses="soft").query(images(2))
+        HTTPTeacher(url, token="", responses="hard").query(images(2))
 
     def post(content: bytes, **headers: str) -> httpx.Response:
         return httpx.post(f"{url}/query", content=content, headers={**auth, **headers})
@@ -114,17 +125,21 @@ def test_health_auth_limits_and_malformed_input(servers: dict) -> None:
     assert post(encode_array(np.zeros((2, 1, 8, 8), np.int32))).status_code == 422
     assert post(body, **{"Content-Type": "application/json"}).status_code == 415
     # a client stops at once on such a 4xx, with the server's message
-    client = HTTPTeacher(url, token=TOKEN, responses="soft", wire_dtype="float32")
+    client = hard(url, wire_dtype="float32")
     client.sleep = lambda s: pytest.fail("a 4xx must not be retried")
     with pytest.raises(TeacherAPIError, match="channels"):
         client.query(torch.rand(2, 3, 8, 8))
 
 
-def test_request_id_replays_without_charging_and_refuses_other_images(servers: dict) -> None:
-    url, log = servers["hard"]
+def test_request_id_replays_without_charging_and_refuses_other_images(server: tuple) -> None:
+    url, log = server
     body = encode_array(to_wire(images(3, seed=5), "uint8"))
     other = encode_array(to_wire(images(3, seed=6), "uint8"))
-    headers = {"Content-Type": "application/x-npy", "X-Request-Id": "rid-replay-test"}
+    headers = {
+        "Content-Type": "application/x-npy",
+        "X-Request-Id": "rid-replay-test",
+        "Authorization": f"Bearer {TOKEN}",
+    }
     first = httpx.post(f"{url}/query", content=body, headers=headers)
     again = httpx.post(f"{url}/query", content=body, headers=headers)
     assert first.headers["x-replayed"] == "false" and again.headers["x-replayed"] == "true"
@@ -135,10 +150,10 @@ def test_request_id_replays_without_charging_and_refuses_other_images(servers: d
 
 
 # ---------------------------------------------------------------------------- budget
-def test_budget_is_checked_before_sending(servers: dict, tmp_path: Path) -> None:
-    url, log = servers["hard"]
+def test_budget_is_checked_before_sending(server: tuple, tmp_path: Path) -> None:
+    url, log = server
     before = sum(charged(log).values())
-    client = HTTPTeacher(url, responses="hard", query_budget=10, journal=tmp_path / "j.bin")
+    client = hard(url, query_budget=10, journal=tmp_path / "j.bin")
     client.query(images(8, seed=11))
     with pytest.raises(QueryBudgetExceeded, match="query_budget=10"):
         client.query(images(3, seed=12))  # 8 + 3 > 10: nothing sent
@@ -148,7 +163,7 @@ def test_budget_is_checked_before_sending(servers: dict, tmp_path: Path) -> None
 
 
 def _spend(url: str, journal: str, budget: int, seed: int) -> None:
-    client = HTTPTeacher(url, responses="hard", query_budget=budget, journal=journal)
+    client = hard(url, query_budget=budget, journal=journal)
     for i in range(100):
         try:
             client.query(images(7, seed=1000 * seed + i))
@@ -158,8 +173,8 @@ def _spend(url: str, journal: str, budget: int, seed: int) -> None:
     os._exit(0)
 
 
-def test_budget_never_exceeded_by_four_concurrent_clients(servers: dict, tmp_path: Path) -> None:
-    url, log = servers["hard"]
+def test_budget_never_exceeded_by_four_concurrent_clients(server: tuple, tmp_path: Path) -> None:
+    url, log = server
     before = charged(log)
     journal, budget = str(tmp_path / "shared.bin"), 100
     ctx = mp.get_context("fork")
@@ -172,10 +187,10 @@ def test_budget_never_exceeded_by_four_concurrent_clients(servers: dict, tmp_pat
     new = charged(log) - before
     assert sum(new.values()) <= budget
     assert sum(new.values()) > budget - 7 * 4  # they did spend it (each stops only when 7 more would not fit)
-    j = QueryJournal(journal, HTTPTeacher(url, responses="hard").fingerprint())
+    j = QueryJournal(journal, hard(url).fingerprint())
     assert j.spent == sum(new.values()) and not j.pending
     # threads sharing one client obey it too
-    client = HTTPTeacher(url, responses="hard", query_budget=30, journal=tmp_path / "threads.bin")
+    client = hard(url, query_budget=30, journal=tmp_path / "threads.bin")
     errors: list[Exception] = []
 
     def spend(seed: int) -> None:
@@ -199,15 +214,15 @@ SEQUENCE = [(i, 6) for i in range(60)]  # 60 batches of 6 distinct images
 
 
 def _run_sequence(url: str, journal: str) -> None:
-    client = HTTPTeacher(url, responses="hard", journal=journal, max_batch=6)
+    client = hard(url, journal=journal, max_batch=6)
     for seed, n in SEQUENCE:
         client.query(images(n, seed=70_000 + seed))
     client.close()
     os._exit(0)
 
 
-def test_killed_runs_resume_without_losing_or_double_paying(servers: dict, tmp_path: Path) -> None:
-    url, log = servers["hard"]
+def test_killed_runs_resume_without_losing_or_double_paying(server: tuple, tmp_path: Path) -> None:
+    url, log = server
     before = charged(log)
     journal = str(tmp_path / "crash.bin")
     ctx = mp.get_context("fork")
@@ -227,7 +242,7 @@ def test_killed_runs_resume_without_losing_or_double_paying(servers: dict, tmp_p
     wanted = {h.hex() for seed, n in SEQUENCE for h in image_hashes(to_wire(images(n, seed=70_000 + seed), "uint8"))}
     assert set(paid) == wanted  # every image paid for ...
     assert max(paid.values()) == 1  # ... exactly once
-    j = QueryJournal(journal, HTTPTeacher(url, responses="hard").fingerprint())
+    j = QueryJournal(journal, hard(url).fingerprint())
     assert {h.hex() for h in j.answers} == wanted and not j.pending  # and no paid answer lost
     assert j.spent == len(wanted)
 
@@ -249,12 +264,12 @@ def test_torn_journal_tail_is_cut_and_a_foreign_journal_refused(tmp_path: Path, 
 
 
 # ---------------------------------------------------------------------------- faults
-def test_injected_faults_are_survived_without_paying_twice(servers: dict, tmp_path: Path) -> None:
-    url, log = servers["hard"]
+def test_injected_faults_are_survived_without_paying_twice(server: tuple, tmp_path: Path) -> None:
+    url, log = server
     before = charged(log)
     plan = ["503", "429", "timeout", "drop_before", "drop_after", "ok", "503", "drop_after"]
     with fault_proxy(url, plan, retry_after=0.3, hold=1.5) as proxy:
-        client = HTTPTeacher(proxy.url, responses="hard", timeout=0.5, journal=tmp_path / "f.bin", max_retries=10)
+        client = hard(proxy.url, timeout=0.5, journal=tmp_path / "f.bin", max_retries=10)
         client.num_classes = 10  # skip /health so that every fault lands on /query
         waits: list[float] = []
         client.sleep = waits.append
@@ -262,7 +277,7 @@ def test_injected_faults_are_survived_without_paying_twice(servers: dict, tmp_pa
         y1, y2 = client.query(x1), client.query(x2)
     paid = charged(log) - before
     assert sum(paid.values()) == 12 and max(paid.values()) == 1  # drop_after's answers were replayed, not re-charged
-    direct = HTTPTeacher(url, responses="hard")
+    direct = hard(url)
     assert torch.equal(y1, direct.query(x1)) and torch.equal(y2, direct.query(x2))
     assert proxy.applied[: len(plan)] == plan
     # query 1: 503, 429, timeout, drop_before, drop_after (charged, answer lost), ok (a replay); query 2: 503,
@@ -272,16 +287,16 @@ def test_injected_faults_are_survived_without_paying_twice(servers: dict, tmp_pa
     assert waits[1] >= 0.3  # the 429's Retry-After was honoured
 
 
-def test_a_teacher_that_stays_down_fails_clearly_and_keeps_the_intent(servers: dict, tmp_path: Path) -> None:
-    url, log = servers["hard"]
+def test_a_teacher_that_stays_down_fails_clearly_and_keeps_the_intent(server: tuple, tmp_path: Path) -> None:
+    url, log = server
     before = charged(log)
     with fault_proxy(url, ["503"] * 3) as proxy:
-        client = HTTPTeacher(proxy.url, responses="hard", journal=tmp_path / "d.bin", max_retries=2)
+        client = hard(proxy.url, journal=tmp_path / "d.bin", max_retries=2)
         client.num_classes, client.sleep = 10, lambda s: None
         with pytest.raises(TeacherAPIError, match="after 2 retries"):
             client.query(images(4, seed=31))
         client.close()
-    resumed = HTTPTeacher(url, responses="hard", journal=tmp_path / "d.bin")
+    resumed = hard(url, journal=tmp_path / "d.bin")
     assert resumed.settle_pending() == 1 and resumed.spent == 4
     resumed.query(images(4, seed=31))
     assert resumed.stats.images_paid == 0 and resumed.stats.images_from_journal == 4
