@@ -179,7 +179,7 @@ def report(args: argparse.Namespace) -> None:
 
         q = rs[0].get("queries") or {}
         up, down = q.get("journal_bytes_up", 0), q.get("journal_bytes_down", 0)
-        if m == "mekd":
+        if m.startswith("mekd"):
             g = gans[f"gan_{resp}"]["queries"]
             up, down = up + g["journal_bytes_up"], down + g["journal_bytes_down"]
         fit = statistics.mean(r["fit_s"] for r in rs) / 60
