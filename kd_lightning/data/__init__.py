@@ -9,6 +9,7 @@ from kd_lightning.data.image_files import ImageFileDataset, load_image
 from kd_lightning.data.image_folder import ImageFolderDataModule
 from kd_lightning.data.imagenet100 import ImageNet100DataModule
 from kd_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule, load_mnist_split, read_idx
+from kd_lightning.data.query import DigitsEdgeCloud, EdgeCloudSplit, FashionMNISTEdgeCloud, QueryPoolDataModule
 from kd_lightning.data.rc49 import RC49DataModule
 from kd_lightning.data.rotated import RotatedDataModule
 from kd_lightning.data.steering import SteeringAngleDataModule
@@ -22,6 +23,9 @@ __all__ = [
     "CUB200DataModule",
     "DigitsDataModule",
     "FGVCAircraftDataModule",
+    "DigitsEdgeCloud",
+    "EdgeCloudSplit",
+    "FashionMNISTEdgeCloud",
     "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageFileDataset",
@@ -30,6 +34,7 @@ __all__ = [
     "IndexedDataset",
     "MIT67DataModule",
     "MNISTDataModule",
+    "QueryPoolDataModule",
     "RC49DataModule",
     "RotatedDataModule",
     "SVHNDataModule",

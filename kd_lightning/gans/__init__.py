@@ -12,6 +12,7 @@ from kd_lightning.gans.losses import (
     rule_of_thumb_sigma,
     vicinal_weights,
 )
+from kd_lightning.gans.mekd import MEKDDiscriminator, MEKDGenerator
 from kd_lightning.gans.resnet import ResNetDiscriminator, ResNetGenerator
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "EmbeddingRegressor",
     "Generator",
     "LabelToEmbedding",
+    "MEKDDiscriminator",
+    "MEKDGenerator",
     "ResNetDiscriminator",
     "ResNetGenerator",
     "VicinalSampler",

@@ -4,6 +4,7 @@ import kd_lightning.losses  # noqa: F401  (register KD losses for short class na
 from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
 from kd_lightning.methods.distill import DistillModule
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask, LabelEmbedding
+from kd_lightning.methods.mekd import MEKD, BlackBoxKD, BlackBoxStudent, MEKDDeprivatization
 from kd_lightning.methods.self_kd import AIKD, CSKD, PSKD, TFKD, SelfKD
 from kd_lightning.methods.sskd_head import SSKDTeacherHead
 from kd_lightning.methods.supervised import ImageClassifier, ImageRegressor, NetTask
@@ -16,6 +17,8 @@ __all__ = [
     "SSKDTeacherHead",
     "TFKD",
     "BaseTask",
+    "BlackBoxKD",
+    "BlackBoxStudent",
     "CcGAN",
     "ConditionalGAN",
     "DistillModule",
@@ -23,6 +26,8 @@ __all__ = [
     "ImageClassifier",
     "ImageRegressor",
     "LabelEmbedding",
+    "MEKD",
+    "MEKDDeprivatization",
     "NetTask",
     "Normalize",
     "SelfKD",

@@ -1,5 +1,26 @@
-"""Teachers: frozen white-box models (black-box APIs come with MEKD)."""
+"""Teachers: frozen white-box models, and black-box teachers seen only through their answers."""
 
+from kd_lightning.teachers.blackbox import (
+    BlackBoxTeacher,
+    HTTPTeacher,
+    LocalTeacher,
+    QueryBudgetExceeded,
+    QueryClient,
+    QueryJournal,
+    TeacherAPIError,
+    connect_teacher,
+)
 from kd_lightning.teachers.frozen import FrozenTeacher, load_teacher
 
-__all__ = ["FrozenTeacher", "load_teacher"]
+__all__ = [
+    "BlackBoxTeacher",
+    "FrozenTeacher",
+    "HTTPTeacher",
+    "LocalTeacher",
+    "QueryBudgetExceeded",
+    "QueryClient",
+    "QueryJournal",
+    "TeacherAPIError",
+    "connect_teacher",
+    "load_teacher",
+]

@@ -1,0 +1,132 @@
+"""``kdl serve-teacher``: serve a classifier checkpoint as a black-box teacher (FastAPI + uvicorn).
+
+    kdl serve-teacher --ckpt runs/mekd/fashion_mnist/teacher/checkpoints/best.ckpt --responses soft \\
+        [--host 127.0.0.1] [--port 8765] [--token SECRET | env KDL_TEACHER_TOKEN] [--max-batch 1024] [--log FILE]
+
+Endpoints:
+
+- ``GET /health``: 200 and ``{"status": "ok", "responses", "num_classes", "in_channels", "image_size",
+  "max_batch", "dtypes"}`` once the model is loaded (no token needed).
+- ``POST /query``: body = a ``.npy`` array of images (``Content-Type: application/x-npy``), N x C x H x W,
+  uint8 (0..255) or float16/float32 in [0, 1]; optional ``X-Request-Id`` (idempotency key: a retry with the same
+  id is replayed, not charged). Answer: ``.npy`` float32 ``N x classes`` probabilities (soft) or int64 ``N`` class
+  ids (hard), headers ``X-Charged`` and ``X-Replayed``. Errors: 401 without the bearer token (when one is set),
+  413 above ``--max-batch`` images or ``--max-body-mb``, 415 for another content type, 400/422 for a body that is
+  not a .npy image batch of the teacher's shape and range, 409 for a reused request id with other images.
+
+Why FastAPI + uvicorn rather than LitServe: the protocol is a raw binary body with our own status codes
+(401/409/413/415/422), an idempotency header and a health answer with the model's facts. FastAPI gives these
+directly; LitServe (built on FastAPI) is made for dynamic batching on accelerators behind its own ``/predict``
+route and worker processes, which this CPU teacher does not need and which would hide the request/response
+details the accounting depends on.
+"""
+
+# no "from __future__ import annotations": FastAPI reads the endpoint annotations at definition time
+import argparse
+import ipaddress
+import os
+import secrets
+import sys
+from typing import Any
+
+from kd_lightning.errors import KDLError
+
+TOKEN_ENV = "KDL_TEACHER_TOKEN"
+_CONTENT_TYPES = ("application/x-npy", "application/octet-stream")
+
+
+def create_app(service: Any, token: str | None = None, max_body_bytes: int = 256 * 2**20) -> Any:
+    """The FastAPI app around a :class:`~kd_lightning.serve.service.TeacherService`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="kd_lightning black-box teacher", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def refused(status: int, detail: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return service.info()
+
+    @app.post("/query")
+    async def query(request: Request) -> Response:
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return refused(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        if ctype not in _CONTENT_TYPES:
+            return refused(415, f"Content-Type {ctype or '(none)'!r}; expected application/x-npy")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            return refused(413, f"body of {length} bytes; the limit is {max_body_bytes}")
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            return refused(413, f"body of {len(body)} bytes; the limit is {max_body_bytes}")
+        status, out, headers = await run_in_threadpool(service.handle, body, request.headers.get("x-request-id"))
+        media = headers.pop("Content-Type", "application/x-npy")
+        return Response(out, status_code=status, media_type=media, headers=headers)
+
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdl serve-teacher", description="Serve a classifier checkpoint as a black box.")
+    p.add_argument("--ckpt", required=True, help="the teacher's kdl checkpoint")
+    p.add_argument("--responses", choices=("soft", "hard"), default="soft", help="probabilities or class ids")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token", default=None, help=f"bearer token required on /query (default: ${TOKEN_ENV}, or none)")
+    p.add_argument("--max-batch", type=int, default=1024, help="most images per request (more: 413)")
+    p.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body in MiB (more: 413)")
+    p.add_argument("--log", default=None, help="JSON-lines log of every answered request (what was charged)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for inference")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kdl serve-teacher``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    import torch
+    import uvicorn
+
+    from kd_lightning.serve.service import TeacherService
+
+    torch.set_num_threads(max(1, args.threads))
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if args.max_batch < 1:
+        print(f"kdl serve-teacher: --max-batch {args.max_batch}; expected a positive integer", file=sys.stderr)
+        return 2
+    try:
+        service = TeacherService.from_checkpoint(
+            args.ckpt, responses=args.responses, max_batch=args.max_batch, log_path=args.log
+        )
+    except (KDLError, ValueError) as e:
+        print(f"kdl serve-teacher: {e}", file=sys.stderr)
+        return 2
+    if not _is_loopback(args.host) and token is None:
+        print(f"kdl serve-teacher: warning: serving on {args.host} without a token", file=sys.stderr)
+    app = create_app(service, token, int(args.max_body_mb * 2**20))
+    print(
+        f"kdl serve-teacher: {service.teacher.describe()} answering {args.responses} on "
+        f"http://{args.host}:{args.port} (token {'required' if token else 'not required'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The teacher's side of the black-box protocol, without HTTP: validate a batch, answer it, log what was charged.
+
+A request carries a ``.npy`` array of images (uint8 in 0..255, or float16/float32 in [0, 1]; N x C x H x W with
+the teacher's channels and size) and optionally a request id. A request id seen before is an idempotent
+retry: its answers are replayed (``X-Replayed: true``) and not charged again; the same id with other images
+is a 409. Concurrent requests with one id wait for the first. Every answered request is one JSON line in the
+server's log (``charged`` true or false, the SHA-256 of every image, bytes in and out): the server's own
+record of what it was paid for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd_lightning.teachers.blackbox import Responses, decode_array, encode_array, from_wire, image_hashes
+from kd_lightning.teachers.frozen import FrozenTeacher
+
+_DTYPES = ("uint8", "float16", "float32")
+
+
+class TeacherService:
+    """Answers image batches with a frozen classifier's probabilities (soft) or class ids (hard).
+
+    Args:
+        teacher: the frozen classifier.
+        responses: ``"soft"`` or ``"hard"``.
+        image_size: expected image side (``None``: any).
+        max_batch: most images per request (more: 413).
+        log_path: JSON-lines log of every answered request (``None``: no log).
+        idempotency_window: how many recent request ids are remembered for replays.
+    """
+
+    def __init__(
+        self,
+        teacher: FrozenTeacher,
+        responses: Responses = "soft",
+        image_size: int | None = None,
+        max_batch: int = 1024,
+        log_path: str | os.PathLike | None = None,
+        idempotency_window: int = 100_000,
+    ) -> None:
+        if teacher.task != "classification" or not teacher.num_classes:
+            raise ValueError(f"{teacher.describe()} is not a classifier; only classifiers can be served")
+        if responses not in ("soft", "hard"):
+            raise ValueError(f"responses={responses!r}; expected 'soft' or 'hard'")
+        self.teacher = teacher
+        self.responses = responses
+        self.num_classes = int(teacher.num_classes)
+        self.in_channels = int(teacher.normalize.mean.shape[1])
+        self.image_size = image_size
+        self.max_batch = max_batch
+        self.log_path = log_path
+        self.window = idempotency_window
+        self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self._done: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # request id -> (content digest, answer)
+        self._running: dict[str, threading.Event] = {}
+        self.images_charged = 0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | os.PathLike, **kwargs: Any) -> TeacherService:
+        from kd_lightning.checkpoints import load_checkpoint
+
+        hp = load_checkpoint(ckpt).get("hyper_parameters", {})
+        kwargs.setdefault("image_size", hp.get("image_size"))
+        return cls(FrozenTeacher.from_checkpoint(ckpt), **kwargs)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "responses": self.responses,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "max_batch": self.max_batch,
+            "dtypes": list(_DTYPES),
+        }
+
+    # ------------------------------------------------------------------ one request
+    def handle(self, body: bytes, request_id: str | None = None) -> tuple[int, bytes, dict[str, str]]:
+        """``(status, body, headers)``: 200 with ``.npy`` answers, or a 4xx with a JSON ``{"detail": ...}``."""
+        try:
+            images = decode_array(body)
+        except ValueError as e:
+            return _error(400, f"the body must be a .npy array of images: {e}")
+        problem = self._check(images)
+        if problem is not None:
+            return problem
+        if request_id is not None and not (0 < len(request_id) <= 128 and request_id.isprintable()):
+            return _error(400, "X-Request-Id must be 1 to 128 printable characters")
+        digest = hashlib.sha256(body).hexdigest()
+        if request_id is None:
+            return self._answer(images, body, None, digest)
+        while True:
+            with self._lock:
+                done = self._done.get(request_id)
+                if done is not None:
+                    if done[0] != digest:
+                        return _error(409, f"request id {request_id} was already used for other images")
+                    self._log(request_id, images, False, len(body), len(done[1]))
+                    return 200, done[1], {"X-Replayed": "true", "X-Charged": "0"}
+                running = self._running.get(request_id)
+                if running is None:
+                    self._running[request_id] = threading.Event()
+                    break
+            running.wait()  # the same request is being answered (a client retry after a timeout): replay it
+        try:
+            return self._answer(images, body, request_id, digest)
+        finally:
+            with self._lock:
+                self._running.pop(request_id).set()
+
+    def _check(self, images: np.ndarray) -> tuple[int, bytes, dict[str, str]] | None:
+        if images.dtype.name not in _DTYPES:
+            return _error(422, f"images have dtype {images.dtype}; expected one of {', '.join(_DTYPES)}")
+        if images.ndim != 4:
+            return _error(422, f"images have shape {images.shape}; expected N x C x H x W")
+        n, c, h, w = images.shape
+        if n == 0:
+            return _error(422, "the batch is empty")
+        if n > self.max_batch:
+            return _error(413, f"{n} images in one request; the maximum batch is {self.max_batch}")
+        if c != self.in_channels:
+            return _error(422, f"images have {c} channels; the teacher takes {self.in_channels}")
+        if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
+            return _error(422, f"images are {h}x{w}; the teacher takes {self.image_size}x{self.image_size}")
+        if images.dtype != np.uint8:
+            if not np.isfinite(images).all():
+                return _error(422, "images hold NaN or infinite values")
+            if images.min() < 0 or images.max() > 1:
+                return _error(422, f"float images must be in [0, 1]; got [{images.min():.4g}, {images.max():.4g}]")
+        return None
+
+    def _answer(
+        self, images: np.ndarray, body: bytes, request_id: str | None, digest: str
+    ) -> tuple[int, bytes, dict[str, str]]:
+        with torch.inference_mode():
+            logits = self.teacher(from_wire(images))
+        if self.responses == "soft":
+            out = torch.softmax(logits.float(), dim=-1).numpy().astype(np.float32)
+        else:
+            out = logits.argmax(-1).numpy().astype(np.int64)
+        payload = encode_array(out)
+        with self._lock:
+            self.images_charged += len(images)
+            if request_id is not None:
+                self._done[request_id] = (digest, payload)
+                while len(self._done) > self.window:
+                    self._done.popitem(last=False)
+        self._log(request_id, images, True, len(body), len(payload))
+        return 200, payload, {"X-Replayed": "false", "X-Charged": str(len(images))}
+
+    def _log(self, request_id: str | None, images: np.ndarray, charged: bool, bytes_in: int, bytes_out: int) -> None:
+        if self.log_path is None:
+            return
+        record = {
+            "time": round(time.time(), 3),
+            "request_id": request_id,
+            "n": int(len(images)),
+            "charged": charged,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "hashes": [h.hex() for h in image_hashes(images)],
+        }
+        line = (json.dumps(record) + "\n").encode()
+        with self._log_lock:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+
+def _error(status: int, detail: str) -> tuple[int, bytes, dict[str, str]]:
+    return status, json.dumps({"detail": detail}).encode(), {"Content-Type": "application/json"}
+
+
+def read_server_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a server log (one JSON object per line)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
