@@ -43,6 +43,7 @@ from kd_lightning.callbacks import (
     config_differences,
 )
 from kd_lightning.errors import CheckpointError, ConfigError, KDLError
+from kd_lightning.losses.simkd import HEAD_KEY
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
@@ -172,6 +173,24 @@ class KDLCLI(LightningCLI):
                 "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
                 stacklevel=1,
             )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's, except for a student that carries its own head (SimKD) and a recipe of another model.
+
+        Lightning rebuilds the model a checkpoint names (for a distilled student: its ``DistillModule``, which
+        loads the teacher). A student with a replaced head is complete without its teacher, so
+        ``kdl test --config <plain student recipe> --ckpt_path <SimKD student>`` keeps the recipe's model,
+        which takes the head from the checkpoint (``NetTask.on_load_checkpoint``).
+        """
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub and sub != "fit" else None
+        if path and os.path.isfile(str(path)):
+            ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            saved = ckpt.get("hyper_parameters", {}).get("_class_path") if isinstance(ckpt, dict) else None
+            ours = getattr(self.config[sub].get("model"), "class_path", None)
+            if HEAD_KEY in ckpt and saved and ours and saved != ours:
+                return
+        super()._parse_ckpt_path()
 
     def _subcommand_config(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config

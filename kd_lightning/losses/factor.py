@@ -70,7 +70,7 @@ class _Frozen(nn.Module):
             return self.module(x)
 
 
-def load_paraphraser(path: str, channels: int) -> Paraphraser:
+def load_paraphraser(path: str, channels: int, feature: str | None = None) -> Paraphraser:
     """The paraphraser saved by a ``FTParaphraser`` run (tensors and plain values only: ``weights_only``)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -85,6 +85,12 @@ def load_paraphraser(path: str, channels: int) -> Paraphraser:
     own = {k[len("paraphraser.") :]: v for k, v in state.items() if k.startswith("paraphraser.")}
     if not own or "rate" not in hp:
         raise CheckpointError(f"FT: {path!r} holds no paraphraser; expected a checkpoint of an FTParaphraser run")
+    trained_on = ckpt.get("paraphraser_feature")
+    if feature is not None and trained_on is not None and trained_on != feature:
+        raise ConfigError(
+            f"FT: the paraphraser in {path!r} was trained on the teacher feature {trained_on!r} but FT reads "
+            f"{feature!r}; set teacher_feature: {trained_on} or retrain it"
+        )
     para = Paraphraser(channels, float(hp["rate"]))
     theirs = own["encoder.0.weight"].shape[1]
     if theirs != channels:
@@ -148,7 +154,7 @@ class FT(KDLoss):
         tc = require_shape(self, "teacher", info.teacher_shapes, t, 3)[0]
         self.student_features, self.teacher_features = (s,), (t,)
         if self.paraphraser_path:
-            para = load_paraphraser(self.paraphraser_path, tc)
+            para = load_paraphraser(self.paraphraser_path, tc, t)
             self.paraphraser: nn.Module = _Frozen(para)
             self.online = False
         else:

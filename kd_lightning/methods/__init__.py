@@ -4,6 +4,7 @@ import kd_lightning.losses  # noqa: F401  (register KD losses for short class na
 from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
 from kd_lightning.methods.distill import DistillModule
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask, LabelEmbedding
+from kd_lightning.methods.paraphraser import FTParaphraser
 from kd_lightning.methods.self_kd import AIKD, CSKD, PSKD, TFKD, SelfKD
 from kd_lightning.methods.supervised import ImageClassifier, ImageRegressor, NetTask
 
@@ -17,6 +18,7 @@ __all__ = [
     "CcGAN",
     "ConditionalGAN",
     "DistillModule",
+    "FTParaphraser",
     "GANTask",
     "ImageClassifier",
     "ImageRegressor",
