@@ -59,21 +59,29 @@ def flat(t: torch.Tensor) -> list[list[float]]:
 
 
 # ---------------------------------------------------------------------------------------------- golden values
-def test_ft_golden_value_both_reductions() -> None:
+def test_ft_golden_value_paper_and_repdistiller_forms() -> None:
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 3, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g)
-    for reduction in ("mean", "norm"):
-        loss = FT(reduction=reduction, student_feature="s", teacher_feature="t")
+    for form in ("paper", "repdistiller"):
+        loss = FT(form=form, student_feature="s", teacher_feature="t")
         loss.setup(SetupInfo(shapes(s=(3, 2, 2)), shapes(t=(4, 2, 2)), 3))
         loss.eval()
         with torch.no_grad():
-            f_s, f_t = flat(loss.translator(s)), flat(loss.paraphraser(t)[0])
+            f_s, f_t = loss.translator(s).tolist(), loss.paraphraser(t)[0].tolist()
             parts = loss(out(s=s), out(t=t), {})
+
+        def vector(f: list, form: str = form) -> list[float]:  # one sample's C x H x W factor
+            if form == "paper":
+                return [v for ch in f for row in ch for v in row]
+            c = len(f)  # RepDistiller: channel mean of squares at each position
+            return [sum(f[k][i][j] ** 2 for k in range(c)) / c for i in range(len(f[0])) for j in range(len(f[0][0]))]
+
         ref = 0.0
         for a, b in zip(f_s, f_t):
+            a, b = vector(a), vector(b)
             na, nb = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in b))
             d = [abs(x / na - y / nb) for x, y in zip(a, b)]
-            ref += sum(d) / len(d) if reduction == "mean" else sum(d)
+            ref += sum(d) if form == "paper" else sum(d) / len(d)
         assert parts["ft"].item() == pytest.approx(ref / 2, rel=1e-5)
         assert loss.paraphraser.factor_channels == 2  # rate 0.5 of 4 channels
 

@@ -107,20 +107,22 @@ class FT(KDLoss):
     """Kim et al., "Paraphrasing Complex Network: Network Compression via Factor Transfer" (NeurIPS 2018).
 
     The teacher's last map is encoded by a pre-trained, frozen paraphraser into a factor ``F_T``; a
-    translator maps the student's last map to ``F_S``; the loss is ``|| F_T/||F_T||_2 - F_S/||F_S||_2 ||_p``
-    with ``p = 1``. ``reduction="mean"`` (default, RepDistiller, which cGAN-KD ran) averages the
-    ``p``-th powers over the factor's elements and the batch; ``"norm"`` is the paper's p-norm per
-    sample, averaged over the batch. Default weight 200 with the task loss at 1 (RepDistiller).
+    translator maps the student's last map to ``F_S``. ``form="paper"`` (default) is the paper's
+    ``|| F_T/||F_T||_2 - F_S/||F_S||_2 ||_p`` on the vectorised factors, ``p = 1``, averaged over the
+    batch, default weight 1000. ``form="repdistiller"`` is RepDistiller's (which cGAN-KD ran; the
+    recipes use it with weight 200): each factor is first reduced to the channel mean of its squares,
+    then L2-normalised, and the loss is the mean of ``|d|^p`` over positions and the batch. A larger
+    factor map is average-pooled to the smaller one.
 
     Without ``paraphraser`` the paraphraser learns in the same run from its reconstruction loss
-    (``rec``, on detached teacher maps, scaled to weigh ``rec_weight`` in the total) while the
+    (part ``rec``, on detached teacher maps, scaled to weigh ``rec_weight`` in the total) while the
     student learns from its current, detached factor.
 
     Args:
         paraphraser: checkpoint of an ``FTParaphraser`` run on this teacher (``None``: trained alongside).
         rate: paraphrase rate ``k`` (factor channels / teacher channels) when trained alongside.
         p: exponent of the factor distance (1 or 2).
-        reduction: ``"mean"`` or ``"norm"`` (see above).
+        form: ``"paper"`` or ``"repdistiller"`` (see above).
         student_feature: the student's map (default its last stage).
         teacher_feature: the teacher's map (default its last stage).
         rec_weight: weight of the reconstruction loss when the paraphraser is trained alongside.
@@ -132,18 +134,18 @@ class FT(KDLoss):
         paraphraser: str | None = None,
         rate: float = 0.5,
         p: int = 1,
-        reduction: Literal["mean", "norm"] = "mean",
+        form: Literal["paper", "repdistiller"] = "paper",
         student_feature: str | None = None,
         teacher_feature: str | None = None,
         rec_weight: float = 1.0,
-        weight: float = 200.0,
+        weight: float = 1000.0,
     ) -> None:
         super().__init__(weight)
         if p not in (1, 2):
             raise ConfigError(f"FT: p={p}; expected 1 or 2")
-        if reduction not in ("mean", "norm"):
-            raise ConfigError(f"FT: reduction={reduction!r}; expected 'mean' or 'norm'")
-        self.paraphraser_path, self.rate, self.p, self.reduction = paraphraser, rate, p, reduction
+        if form not in ("paper", "repdistiller"):
+            raise ConfigError(f"FT: form={form!r}; expected 'paper' or 'repdistiller'")
+        self.paraphraser_path, self.rate, self.p, self.form = paraphraser, rate, p, form
         self._given = (student_feature, teacher_feature)
         self.rec_weight = rec_weight
 
@@ -164,9 +166,11 @@ class FT(KDLoss):
         self.translator = Translator(sc, para.factor_channels)
 
     def factor_distance(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        if self.form == "repdistiller":
+            f_s, f_t = f_s.float().pow(2).mean(1), f_t.float().pow(2).mean(1)
         d = F.normalize(f_s.float().flatten(1), dim=1) - F.normalize(f_t.float().flatten(1), dim=1)
         d = d.abs().pow(self.p)
-        return d.mean() if self.reduction == "mean" else d.sum(1).pow(1.0 / self.p).mean()
+        return d.mean() if self.form == "repdistiller" else d.sum(1).pow(1.0 / self.p).mean()
 
     def forward(
         self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
