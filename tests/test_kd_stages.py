@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses import AB, FT, Outputs, ReviewKD, SemCKD, SetupInfo, SimKD
+from kd_lightning.losses import AB, FT, Outputs, ReviewKD, SemCKD, SetupInfo, SimKD, StepContext
 from kd_lightning.losses.review import hcl
 from kd_lightning.methods import DistillModule, ImageClassifier
 from kd_lightning.nets import create_net
@@ -156,6 +156,15 @@ def test_reviewkd_sums_hcl_of_the_fused_stages_deep_to_shallow() -> None:
         out0 = loss.abfs[0].conv2(x * att[:, :1] + y * att[:, 1:])
         ref = hcl(out1, t["stage1"]) + hcl(out0, t["stage0"])
         assert loss(out(**s), out(**t), {}).item() == pytest.approx(ref.item(), rel=1e-5)
+        ramped = ReviewKD(mid_channels=3, warmup_epochs=20)
+        ramped.setup(info)
+        ramped.load_state_dict(loss.state_dict())
+        ramped.eval()
+        ctx = StepContext(lambda x: x, lambda x: x, epoch=5)  # official ramp: min(1, epoch / 20)
+        assert ramped(out(**s), out(**t), {}, ctx).item() == pytest.approx(0.25 * ref.item(), rel=1e-5)
+    default = ReviewKD()
+    default.setup(info)
+    assert default.abfs[0].conv1[0].out_channels == 4  # min(512, channels of the student's deepest stage)
 
 
 def test_semckd_golden_value() -> None:

@@ -64,20 +64,32 @@ class ReviewKD(KDLoss):
     stage below it (ABF); each fused map is compared with the teacher's map of the same stage by the
     hierarchical context loss (HCL), and the stages are summed. Teacher and student must declare
     the same number of stages with the same spatial sizes: other pairs are refused when the student
-    is built (the paper's NA). Default weight 1; mid channels 64 (the official CIFAR setting for
-    16/32/64-channel nets).
+    is built (the paper's NA). Default weight 1 (the official CIFAR-100 scripts use 5 for
+    resnet32x4 -> resnet8x4 and wrn_40_2 -> wrn_40_1, 1 for resnet110 -> resnet32); the fusion has
+    ``min(512, C)`` channels, ``C`` those of the student's deepest stage (official code). The official
+    code ramps the term in over 20 epochs (``min(1, epoch / 20)``): ``warmup_epochs: 20``.
 
     Args:
-        mid_channels: channels of the fusion.
+        mid_channels: channels of the fusion (``None``: ``min(512, C)`` as above).
         levels: pooled sizes of HCL's pyramid (besides the full map).
+        warmup_epochs: epochs over which the term ramps from 0 to full weight (0: none).
         weight: factor in the total loss.
     """
 
-    def __init__(self, mid_channels: int = 64, levels: list[int] | None = None, weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        mid_channels: int | None = None,
+        levels: list[int] | None = None,
+        warmup_epochs: int = 0,
+        weight: float = 1.0,
+    ) -> None:
         super().__init__(weight)
-        if mid_channels < 1:
+        if mid_channels is not None and mid_channels < 1:
             raise ConfigError(f"ReviewKD: mid_channels={mid_channels}; expected a positive integer")
+        if warmup_epochs < 0:
+            raise ConfigError(f"ReviewKD: warmup_epochs={warmup_epochs}; expected a value >= 0")
         self.mid_channels, self.levels = mid_channels, tuple(levels) if levels is not None else (4, 2, 1)
+        self.warmup_epochs = warmup_epochs
 
     def setup(self, info: SetupInfo) -> None:
         s_names, t_names = _stage_names(info.student_shapes), _stage_names(info.teacher_shapes)
@@ -89,8 +101,9 @@ class ReviewKD(KDLoss):
                 f"stages are {s_shapes} and the teacher's {t_shapes} (C, H, W)"
             )
         n = len(s_names)
+        mid = self.mid_channels or min(512, s_shapes[-1][0])
         self.abfs = nn.ModuleList(
-            ABF(s[0], self.mid_channels, t[0], fuse=i < n - 1) for i, (s, t) in enumerate(zip(s_shapes, t_shapes))
+            ABF(s[0], mid, t[0], fuse=i < n - 1) for i, (s, t) in enumerate(zip(s_shapes, t_shapes))
         )
         self.student_features, self.teacher_features = tuple(s_names), tuple(t_names)
 
@@ -102,4 +115,6 @@ class ReviewKD(KDLoss):
         for i in reversed(range(len(self.abfs))):
             out, deeper = self.abfs[i](student.features[self.student_features[i]], deeper)
             total = total + hcl(out.float(), teacher.features[self.teacher_features[i]].float(), self.levels)
+        if ctx is not None and self.warmup_epochs > 0:
+            total = total * min(1.0, ctx.epoch / self.warmup_epochs)
         return total
