@@ -16,7 +16,7 @@ from torch import nn
 
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
-from kd_lightning.losses.features import match_spatial, pair_stages
+from kd_lightning.losses.features import _stage_names, match_spatial, pair_stages
 from kd_lightning.losses.relations import _last_stage
 
 
@@ -217,6 +217,14 @@ class AB(KDLoss):
         self.stages, self.margin, self.stage_weights = stages, margin, stage_weights
 
     def setup(self, info: SetupInfo) -> None:
+        s_names, t_names = _stage_names(info.student_shapes), _stage_names(info.teacher_shapes)
+        if not self.stages and len(s_names) != len(t_names):
+            s_shapes = [tuple(info.student_shapes[n]) for n in s_names]
+            t_shapes = [tuple(info.teacher_shapes[n]) for n in t_names]
+            raise ConfigError(
+                f"AB pairs the student's stage i with the teacher's stage i, but the student's stages are {s_shapes} "
+                f"and the teacher's {t_shapes} (C, H, W); list the stages to pair (e.g. stages: [stage0, stage1])"
+            )
         names = pair_stages(self, info, self.stages)
         if self.stage_weights is not None and len(self.stage_weights) != len(names):
             raise ConfigError(f"AB: stage_weights has {len(self.stage_weights)} values for {len(names)} stages")
