@@ -154,7 +154,8 @@ class KDLCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the model's hyper-parameters from --ckpt_path; a bad file is the user's error
         try:
-            super()._parse_ckpt_path()
+            if not self._keeps_recipe_model():
+                super()._parse_ckpt_path()
         except Exception as e:  # noqa: BLE001
             sub = self.config.get("subcommand")
             path = self.config[sub].get("ckpt_path") if sub else None
@@ -162,6 +163,25 @@ class KDLCLI(LightningCLI):
                 f"checkpoint {path!r} cannot be read as a kdl checkpoint "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from e
+
+    def _keeps_recipe_model(self) -> bool:
+        """True for test/validate/predict of a student that carries its own head, with another model's recipe.
+
+        Lightning rebuilds the model a checkpoint names (for a distilled student: its ``DistillModule``, which
+        loads the teacher). A student with a replaced head (SimKD) is complete without its teacher, so
+        ``kdl test --config <plain student recipe> --ckpt_path <SimKD student>`` keeps the recipe's model,
+        which takes the head from the checkpoint (``NetTask.on_load_checkpoint``).
+        """
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub and sub != "fit" else None
+        if not path or not os.path.isfile(str(path)):
+            return False
+        ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        if not isinstance(ckpt, dict) or HEAD_KEY not in ckpt:
+            return False
+        saved = ckpt.get("hyper_parameters", {}).get("_class_path")
+        ours = getattr(self.config[sub].get("model"), "class_path", None)
+        return bool(saved and ours and saved != ours)
 
     def before_instantiate_classes(self) -> None:
         trainer = self._subcommand_config().get("trainer", {}) or {}
@@ -173,24 +193,6 @@ class KDLCLI(LightningCLI):
                 "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
                 stacklevel=1,
             )
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning's, except for a student that carries its own head (SimKD) and a recipe of another model.
-
-        Lightning rebuilds the model a checkpoint names (for a distilled student: its ``DistillModule``, which
-        loads the teacher). A student with a replaced head is complete without its teacher, so
-        ``kdl test --config <plain student recipe> --ckpt_path <SimKD student>`` keeps the recipe's model,
-        which takes the head from the checkpoint (``NetTask.on_load_checkpoint``).
-        """
-        sub = self.config.get("subcommand")
-        path = self.config[sub].get("ckpt_path") if sub and sub != "fit" else None
-        if path and os.path.isfile(str(path)):
-            ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-            saved = ckpt.get("hyper_parameters", {}).get("_class_path") if isinstance(ckpt, dict) else None
-            ours = getattr(self.config[sub].get("model"), "class_path", None)
-            if HEAD_KEY in ckpt and saved and ours and saved != ours:
-                return
-        super()._parse_ckpt_path()
 
     def _subcommand_config(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
