@@ -1,10 +1,12 @@
-"""Evidence for the white-box distillers: NOKD vs BLKD, FitNet, RKD and CRD on Fashion-MNIST.
+"""Evidence for the white-box distillers: NOKD vs BLKD, FitNet, RKD, CRD, FT, AB, TAKD, ReviewKD, SemCKD and SimKD.
 
 Every run goes through ``kdl`` with the shipped recipes (``recipes/fashion_mnist/{student,blkd,fitnet,rkd,crd}.yaml``),
 overriding only the budget: a stratified training subset, few epochs, no augmentation and the teacher's
 outputs cached (``cache_teacher``) so the teacher runs once per sample. Each run's checkpoint is chosen on
 the validation split (carved from the training set) and then tested once on the held-out test split.
 Finished runs are kept (``<out>/<method>/seed<k>/result.json``) and skipped when the script is run again.
+FT, AB and TAKD first run their earlier stage (``PRE_STAGES``: paraphraser, AB initialisation, teacher
+assistant) into ``<out>/<method>/seed<k>/pre``; its time is included in ``fit min / run``.
 
     python benchmarks/distill_fashion_mnist.py --teacher runs/fashion_mnist/teacher/checkpoints/best.ckpt
 """
@@ -23,7 +25,93 @@ sys.path.insert(0, str(REPO))
 
 from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
 
-METHODS = {"NOKD": "student.yaml", "BLKD": "blkd.yaml", "FitNet": "fitnet.yaml", "RKD": "rkd.yaml", "CRD": "crd.yaml"}
+METHODS = {
+    "NOKD": "student.yaml",
+    "BLKD": "blkd.yaml",
+    "FitNet": "fitnet.yaml",
+    "RKD": "rkd.yaml",
+    "CRD": "crd.yaml",
+    "FT": "ft.yaml",
+    "AB": "ab.yaml",
+    "TAKD": "takd.yaml",
+    "ReviewKD": "reviewkd.yaml",
+    "SemCKD": "semckd.yaml",
+    "SimKD": "simkd.yaml",
+}
+#: method -> (recipe of its earlier stage, epochs of that stage (None: --epochs), which checkpoint it hands on)
+PRE_STAGES = {
+    "FT": ("ft_paraphraser.yaml", 1, "last"),  # RepDistiller: 30 of 240 epochs, i.e. 1/8
+    "AB": ("ab_init.yaml", 1, "last"),
+    "TAKD": ("takd_assistant.yaml", None, "best"),
+}
+
+
+def recipe_of(name: str) -> Path:
+    return REPO / "recipes" / "fashion_mnist" / name
+
+
+def model_class(recipe: Path) -> str:
+    import yaml
+
+    return str(yaml.safe_load(recipe.read_text())["model"]["class_path"]).rsplit(".", 1)[-1]
+
+
+def pre_stage(method: str, seed: int, args: argparse.Namespace) -> tuple[list[str], float]:
+    """Run ``method``'s earlier stage (once) and return the arguments that hand its checkpoint on."""
+    name, epochs, which = PRE_STAGES[method]
+    recipe, out = recipe_of(name), Path(args.out) / method / f"seed{seed}" / "pre"
+    epochs = epochs or args.epochs
+    ckpt = out / "checkpoints" / f"{which}.ckpt"
+    timing = out / "fit_s.json"
+    if not timing.is_file():
+        cls = model_class(recipe)
+        extra = ["--model.init_args.teacher", args.teacher]
+        if cls == "DistillModule":
+            net = args.assistant if method == "TAKD" else args.student
+            extra += ["--model.init_args.net", net, "--model.init_args.cache_teacher", "true"]
+        t0 = time.perf_counter()
+        build_cli(["fit", *data_args(recipe, seed, out, args), *extra, *quiet(epochs)])
+        timing.write_text(json.dumps(time.perf_counter() - t0))
+    fit_s = float(json.loads(timing.read_text()))
+    if method == "FT":
+        import yaml
+
+        loss = yaml.safe_load(recipe_of(METHODS[method]).read_text())["model"]["init_args"]["kd_losses"][0]
+        loss["init_args"]["paraphraser"] = str(ckpt)
+        return ["--model.init_args.kd_losses", json.dumps([loss])], fit_s
+    if method == "AB":
+        return ["--model.init_args.net_weights", str(ckpt)], fit_s
+    return ["--model.init_args.teacher", str(ckpt), "--model.init_args.cache_teacher", "true"], fit_s
+
+
+def data_args(recipe: Path, seed: int, out: Path, args: argparse.Namespace) -> list[str]:
+    return [
+        "--config",
+        str(recipe),
+        "--seed_everything",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(out),
+        "--data.init_args.root",
+        args.root,
+        "--data.init_args.train_size",
+        str(args.train_size),
+        "--data.init_args.augment",
+        "false",
+    ]
+
+
+def quiet(epochs: int) -> list[str]:
+    return [
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--model.init_args.lr_scheduler.init_args.T_max",
+        str(epochs),
+    ]
 
 
 def run(method: str, seed: int, args: argparse.Namespace) -> dict:
@@ -31,7 +119,8 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    recipe = REPO / "recipes" / "fashion_mnist" / METHODS[method]
+    recipe = recipe_of(METHODS[method])
+    pre, pre_s = pre_stage(method, seed, args) if method in PRE_STAGES else ([], 0.0)
     common = [
         "--config",
         str(recipe),
@@ -48,7 +137,9 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
         "--data.init_args.augment",
         "false",
     ]
-    if method != "NOKD":
+    if pre:
+        common += pre
+    if model_class(recipe) == "DistillModule" and method != "TAKD":
         common += ["--model.init_args.teacher", args.teacher, "--model.init_args.cache_teacher", "true"]
     fit = [
         "fit",
@@ -64,7 +155,7 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
     ]
     t0 = time.perf_counter()
     cli = build_cli(fit)
-    fit_s = time.perf_counter() - t0
+    fit_s = time.perf_counter() - t0 + pre_s
     best = out / "checkpoints" / "best.ckpt"
     val = float(cli.trainer.checkpoint_callback.best_model_score)  # type: ignore[union-attr]
     test = build_cli(["test", *common, "--ckpt_path", str(best), "--trainer.enable_progress_bar", "false"])
@@ -116,6 +207,7 @@ def main() -> int:
     p.add_argument("--teacher", required=True, help="kdl checkpoint of the teacher")
     p.add_argument("--teacher-name", default="resnet56")
     p.add_argument("--student", default="resnet8")
+    p.add_argument("--assistant", default="resnet20", help="TAKD's teacher assistant")
     p.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--train-size", type=int, default=5000)
     p.add_argument("--epochs", type=int, default=8)

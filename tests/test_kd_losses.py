@@ -53,8 +53,11 @@ def shapes(**named: tuple) -> dict[str, torch.Size]:
     return {k: torch.Size(v) for k, v in named.items()}
 
 
-def test_registry_has_the_ten_losses() -> None:
-    assert list_losses() == ["AT", "BLKD", "CRD", "DKD", "FitNet", "PKT", "RKD", "SP", "SSKD", "VID"]
+def test_registry_has_the_fifteen_losses() -> None:
+    assert list_losses() == [
+        *("AB", "AT", "BLKD", "CRD", "DKD", "FT", "FitNet", "PKT", "RKD", "ReviewKD", "SP", "SSKD", "SemCKD", "SimKD"),
+        "VID",
+    ]
 
 
 def test_blkd_golden_value_and_zero_at_equality() -> None:

@@ -6,21 +6,30 @@
 
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, get_loss, list_losses, register_loss
 from kd_lightning.losses.contrastive import CRD
+from kd_lightning.losses.factor import AB, FT
 from kd_lightning.losses.features import AT, VID, FitNet
 from kd_lightning.losses.functional import kd_kl, kl_to_probs
 from kd_lightning.losses.logits import BLKD, DKD
 from kd_lightning.losses.relations import PKT, RKD, SP
+from kd_lightning.losses.review import ReviewKD
+from kd_lightning.losses.semckd import SemCKD
+from kd_lightning.losses.simkd import SimKD
 from kd_lightning.losses.sskd import SSKD
 
 __all__ = [
+    "AB",
     "AT",
     "BLKD",
     "CRD",
     "DKD",
+    "FT",
     "PKT",
     "RKD",
     "SP",
     "SSKD",
+    "ReviewKD",
+    "SemCKD",
+    "SimKD",
     "VID",
     "FitNet",
     "KDLoss",

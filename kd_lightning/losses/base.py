@@ -44,6 +44,8 @@ class SetupInfo:
     teacher_shapes: dict[str, torch.Size]
     num_classes: int | None
     task: str = "classification"
+    #: the frozen teacher's network, for losses that reuse a part of it (SimKD's classifier)
+    teacher_net: nn.Module | None = None
 
 
 @dataclass

@@ -107,9 +107,17 @@ class DistillModule(NetTask):
             self._probe(teacher.net, teacher.normalize, hp),
             hp.num_classes,
             self.task,
+            teacher_net=teacher.net,
         )
         for term in losses:
             term.setup(info)
+        heads = [t for t in losses if getattr(t, "replaces_head", False)]
+        if len(heads) > 1:
+            raise ConfigError(
+                f"kd_losses: {', '.join(type(t).__name__ for t in heads)} each replace the student's head; keep one"
+            )
+        if heads:
+            self.attach_head(heads[0].head)
         self.kd_terms = nn.ModuleList(losses)
         self.kd_names = _unique_names([t.name for t in losses])
         self.student_feature_names = sorted({n for t in losses for n in t.student_features})
@@ -124,7 +132,7 @@ class DistillModule(NetTask):
     def _probe(net: nn.Module, normalize: nn.Module, hp: Any) -> dict[str, torch.Size]:
         """Shapes (without the batch axis) of every declared stage and the penultimate feature."""
         info = net.net_info
-        names = [f"stage{i}" for i in range(len(info.stages))] + ["penultimate"]
+        names = [f"stage{i}" for i in range(len(info.stages))] + ["penultimate", "prepool"]
         was_training = net.training
         net.eval()
         x = normalize(torch.zeros(2, hp.in_channels, hp.image_size, hp.image_size))

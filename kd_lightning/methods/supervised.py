@@ -8,13 +8,18 @@ import torch
 from torch import nn
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.losses.simkd import HEAD_KEY, ReusedTeacherHead
 from kd_lightning.methods.base import BaseTask
 from kd_lightning.metrics import classification_metrics, regression_metrics
-from kd_lightning.nets import create_net, net_info
+from kd_lightning.nets import FeatureExtractor, create_net, net_info
 
 
 class NetTask(BaseTask):
     """A task around one registered backbone ``self.net`` (see :func:`kd_lightning.nets.create_net`).
+
+    A task may predict through a replaced head (``self.student_head``, e.g. SimKD's projector + the
+    teacher's classifier) that reads a feature of the net: it is saved in the checkpoint with a plain
+    description, and a checkpoint that has one gives it to the task that loads it.
 
     Args:
         net: registered net name (``kd_lightning.nets.list_nets()``).
@@ -42,13 +47,37 @@ class NetTask(BaseTask):
             self.net.load_state_dict(load_state_dict_file(hp.net_weights))
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.student_head: nn.Module | None = None
+
+    def attach_head(self, head: nn.Module) -> None:
+        """Predict through ``head``, which reads the net feature ``head.feature`` (SimKD: losses/simkd.py)."""
+        self.student_head = head.to(self.device)
+        self._head_features = FeatureExtractor(self.net, [head.feature])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> net outputs (logits, or normalised regression values)."""
         x = self.normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        out = self.net(x)
+        if self.student_head is not None:
+            return self.student_head(self._head_features.features[self.student_head.feature])
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.student_head is not None:
+            checkpoint[HEAD_KEY] = self.student_head.spec()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = checkpoint.get(HEAD_KEY)
+        if spec is not None:
+            if self.student_head is None:
+                self.attach_head(ReusedTeacherHead.from_spec(spec))
+            # a distilled student read by a plain task: the teacher and the KD connectors stay behind
+            ours, state = self.state_dict(), checkpoint.get("state_dict", {})
+            for k in [k for k in state if k not in ours and k.startswith(("teacher.", "kd_terms."))]:
+                del state[k]
+        super().on_load_checkpoint(checkpoint)
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
         """Map normalised regression labels/predictions back to original units (``label_range``)."""

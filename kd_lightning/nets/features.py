@@ -14,7 +14,9 @@ class FeatureExtractor:
     """Record the outputs of named submodules of ``net`` on every forward pass.
 
     ``names`` are module paths as in ``net.named_modules()``; the aliases ``"stage{i}"`` (i-th
-    declared stage, from 0) and ``"penultimate"`` resolve through the net's registry entry. After a
+    declared stage, from 0) and ``"penultimate"`` resolve through the net's registry entry, and
+    ``"prepool"`` is the *input* of the global pooling that makes the penultimate feature (the last
+    C x H x W map the head sees; a forward pre-hook on the ``avgpool`` beside it). After a
     forward pass, :attr:`features` maps each requested name to its output. Use :meth:`close` (or a
     ``with`` block) to remove the hooks.
     """
@@ -29,11 +31,20 @@ class FeatureExtractor:
             path = resolve_feature_path(net, name)
             if path not in modules:
                 raise ConfigError(f"feature {name!r} -> module path {path!r} does not exist in {type(net).__name__}")
-            self._handles.append(modules[path].register_forward_hook(self._hook(name)))
+            if name == PREPOOL:
+                self._handles.append(modules[path].register_forward_pre_hook(self._pre_hook(name)))
+            else:
+                self._handles.append(modules[path].register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):  # noqa: ANN202
         def hook(_module: nn.Module, _inp: object, out: torch.Tensor) -> None:
             self.features[name] = out
+
+        return hook
+
+    def _pre_hook(self, name: str):  # noqa: ANN202
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self.features[name] = args[0]
 
         return hook
 
@@ -55,13 +66,20 @@ class FeatureExtractor:
         self.close()
 
 
+#: alias of the map fed to the global pooling (read with a pre-hook on the pooling module)
+PREPOOL = "prepool"
+
+
 def resolve_feature_path(net: nn.Module, name: str) -> str:
-    """Map ``stage{i}`` / ``penultimate`` aliases to module paths; other names pass through."""
+    """Map ``stage{i}`` / ``penultimate`` / ``prepool`` aliases to module paths; other names pass through."""
     info = getattr(net, "net_info", None)
     if info is None:
         return name
     if name == "penultimate":
         return info.penultimate
+    if name == PREPOOL:
+        parent = info.penultimate.rpartition(".")[0]
+        return f"{parent}.avgpool" if parent else "avgpool"
     if name.startswith("stage") and name[5:].isdigit():
         i = int(name[5:])
         if i >= len(info.stages):

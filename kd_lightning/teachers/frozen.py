@@ -18,6 +18,7 @@ from torch import nn
 
 from kd_lightning.checkpoints import load_checkpoint, load_state_dict_file
 from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.losses.simkd import head_from_checkpoint
 from kd_lightning.nets import FeatureExtractor, create_net, net_info
 from kd_lightning.nets.normalize import Normalize
 from kd_lightning.nets.registry import Task
@@ -36,10 +37,18 @@ class FrozenTeacher(nn.Module):
     """
 
     def __init__(
-        self, net: nn.Module, normalize: Normalize, task: Task, num_classes: int | None, net_name: str, source: str = ""
+        self,
+        net: nn.Module,
+        normalize: Normalize,
+        task: Task,
+        num_classes: int | None,
+        net_name: str,
+        source: str = "",
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.net = net
+        self.head = head
         self.normalize = normalize
         self.task = task
         self.num_classes = num_classes
@@ -73,7 +82,8 @@ class FrozenTeacher(nn.Module):
         normalize = Normalize(hp.get("mean") or (0.5,), hp.get("std") or (0.5,), int(hp.get("in_channels", 3)))
         if "normalize.mean" in state:
             normalize.load_state_dict({"mean": state["normalize.mean"], "std": state["normalize.std"]})
-        return cls(net, normalize, task, num_classes, name, source=str(path))
+        head = head_from_checkpoint(ckpt)  # a student that predicts through a replaced head (SimKD)
+        return cls(net, normalize, task, num_classes, name, source=str(path), head=head)
 
     @classmethod
     def from_weights(
@@ -107,16 +117,23 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> logits (classification) or normalised predictions, N x 1 (regression)."""
+        if self.head is not None:
+            return self.forward_features(x, [])[0]
         return self.net(self._prepare(x))
 
     @torch.no_grad()
     def forward_features(self, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Outputs and the named features (``stage{i}``, ``penultimate`` or module paths)."""
-        if self._extractor is None or self._extractor.names != list(names):
+        """Outputs and the named features (``stage{i}``, ``penultimate``, ``prepool`` or module paths)."""
+        wanted = list(names)
+        hooked = wanted + [self.head.feature] if self.head is not None and self.head.feature not in wanted else wanted
+        if self._extractor is None or self._extractor.names != hooked:
             if self._extractor is not None:
                 self._extractor.close()
-            self._extractor = FeatureExtractor(self.net, names)
-        return self._extractor(self._prepare(x))
+            self._extractor = FeatureExtractor(self.net, hooked)
+        out, feats = self._extractor(self._prepare(x))
+        if self.head is not None:
+            out = self.head(feats[self.head.feature])
+        return out, {k: feats[k] for k in wanted}
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
