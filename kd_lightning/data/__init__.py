@@ -4,6 +4,7 @@ from kd_lightning.data.base import ImageDataModule, IndexedDataset, TensorDatase
 from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, read_cifar_batch
 from kd_lightning.data.cub import CUB200DataModule
 from kd_lightning.data.digits import DigitsDataModule
+from kd_lightning.data.generated import AugmentedDataModule, FilteredDataModule, GeneratedDataModule
 from kd_lightning.data.image_files import ImageFileDataset, load_image
 from kd_lightning.data.image_folder import ImageFolderDataModule
 from kd_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule, load_mnist_split, read_idx
@@ -14,11 +15,14 @@ from kd_lightning.data.tiny_imagenet import TinyImageNetDataModule
 from kd_lightning.data.utkface import UTKFaceDataModule
 
 __all__ = [
+    "AugmentedDataModule",
     "CIFAR100DataModule",
     "CIFAR10DataModule",
     "CUB200DataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "FilteredDataModule",
+    "GeneratedDataModule",
     "ImageDataModule",
     "ImageFileDataset",
     "ImageFolderDataModule",
