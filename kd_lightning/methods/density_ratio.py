@@ -60,6 +60,30 @@ def sp_loss(ratio_real: torch.Tensor, ratio_fake: torch.Tensor, penalty: float) 
     return div + penalty * (ratio_fake.mean() - 1) ** 2
 
 
+class RatioHead(nn.Module):
+    """r(h, y) >= 0: an MLP on features concatenated with the label's embedding (classes) or the scalar label.
+
+    Each hidden layer is Linear, GroupNorm(8), ReLU, Dropout, as the official ``cDR_MLP``; a final
+    Linear and ReLU give the ratio.
+    """
+
+    def __init__(self, feat_dim: int, task: str, num_classes: int | None, widths: list[int], dropout: float) -> None:
+        super().__init__()
+        cond = int(num_classes) if task == "classification" else 1  # type: ignore[arg-type]
+        self.label_emb = nn.Embedding(cond, cond) if task == "classification" else None
+        layers: list[nn.Module] = []
+        d = feat_dim + cond
+        for w in widths:
+            layers += [nn.Linear(d, w), nn.GroupNorm(min(8, w), w), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            d = w
+        layers += [nn.Linear(d, 1), nn.ReLU()]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cond = self.label_emb(y.long()) if self.label_emb is not None else y.float().view(-1, 1)
+        return self.mlp(torch.cat([h, cond], 1)).squeeze(1)
+
+
 class DensityRatioModel(nn.Module):
     """Frozen encoder + label-conditioned MLP: images in [0, 1] and labels -> r(x|y) >= 0.
 
@@ -90,15 +114,7 @@ class DensityRatioModel(nn.Module):
         channels = int(encoder.normalize.mean.shape[1])
         with torch.no_grad():
             feat_dim = self.features(torch.zeros(2, channels, encoder_size, encoder_size))[0].shape[1]
-        cond = int(num_classes) if task == "classification" else 1
-        self.label_emb = nn.Embedding(int(num_classes), int(num_classes)) if task == "classification" else None
-        layers: list[nn.Module] = []
-        d = feat_dim + cond
-        for w in widths:
-            layers += [nn.Linear(d, w), nn.GroupNorm(min(8, w), w), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            d = w
-        layers += [nn.Linear(d, 1), nn.ReLU()]
-        self.mlp = nn.Sequential(*layers)
+        self.head = RatioHead(int(feat_dim), task, num_classes, widths, dropout)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +123,7 @@ class DensityRatioModel(nn.Module):
         return feats[self.layer].flatten(1).float(), out.float()
 
     def ratio_from_features(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        cond = self.label_emb(y.long()) if self.label_emb is not None else y.float().view(-1, 1)
-        return self.mlp(torch.cat([h, cond], 1)).squeeze(1)
+        return self.head(h, y)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.ratio_from_features(self.features(images)[0], labels)
@@ -116,8 +131,8 @@ class DensityRatioModel(nn.Module):
     def spec(self) -> dict[str, Any]:
         """What rebuilds this module without any other file (see :func:`load_density_ratio`)."""
         e = self.encoder
-        widths = [m.out_features for m in self.mlp if isinstance(m, nn.Linear)][:-1]
-        dropout = next((m.p for m in self.mlp if isinstance(m, nn.Dropout)), 0.0)
+        widths = [m.out_features for m in self.head.mlp if isinstance(m, nn.Linear)][:-1]
+        dropout = next((m.p for m in self.head.mlp if isinstance(m, nn.Dropout)), 0.0)
         return {
             "encoder_net": e.net_name,
             "encoder_task": e.task,
@@ -200,8 +215,8 @@ class DensityRatioEstimator(BaseTask):
     ) -> None:
         if isinstance(mlp, str) and mlp not in MLP_WIDTHS:
             raise ConfigError(f"mlp={mlp!r}; expected one of {sorted(MLP_WIDTHS)} or a list of widths")
-        if not isinstance(mlp, str) and (not mlp or any(int(w) < 1 for w in mlp)):
-            raise ConfigError(f"mlp={mlp!r}; expected positive widths")
+        if not isinstance(mlp, str) and any(int(w) < 1 for w in mlp):
+            raise ConfigError(f"mlp={mlp!r}; expected positive widths ([] = a linear model)")
         if penalty < 0:
             raise ConfigError(f"penalty={penalty}; expected a value >= 0")
         if not 0.0 <= dropout < 1.0:
@@ -244,7 +259,7 @@ class DensityRatioEstimator(BaseTask):
         return g.eval()
 
     def trainable_parameters(self) -> Any:
-        return (p for n, p in self.model.named_parameters() if not n.startswith("encoder.") and p.requires_grad)
+        return (p for p in self.model.head.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ data
     def check_data(self, dm: Any) -> None:
@@ -346,4 +361,4 @@ def load_density_ratio(path: str | os.PathLike, map_location: str | torch.device
     return DensityRatioModel.from_spec(saved["spec"], state).to(map_location)
 
 
-__all__ = ["DensityRatioEstimator", "DensityRatioModel", "dr_adam", "load_density_ratio", "sp_loss"]
+__all__ = ["DensityRatioEstimator", "DensityRatioModel", "RatioHead", "dr_adam", "load_density_ratio", "sp_loss"]
