@@ -23,7 +23,6 @@ from kd_lightning.methods.density_ratio import DensityRatioEstimator, RatioHead,
 from kd_lightning.methods.gan import CcGAN, ConditionalGAN
 from kd_lightning.sampling import (
     AcceptanceError,
-    SampleStore,
     StoreError,
     accept,
     chunk_generator,
@@ -182,8 +181,9 @@ def test_dr_module_trains_logs_and_its_checkpoint_loads_alone(parts: dict[str, P
     head0 = [p.detach().clone() for p in model.model.head.parameters()]
     enc0 = [p.detach().clone() for p in model.model.encoder.parameters()]
     trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        max_epochs=1, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(tmp_path),
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     assert {"val/loss", "val/ratio_real", "val/ratio_fake"} <= set(trainer.callback_metrics)
@@ -276,6 +276,7 @@ def test_regression_store_filters_globally_and_replaces_labels(parts: dict[str, 
     c = cfg(
         parts, tmp_path / "r", generator=str(parts["cc"]), density_ratio=str(parts["cc_dr"]),
         teacher=str(parts["reg_teacher"]), per_class=None, per_value=10, label_values=[0.0, 0.5, 1.0], kappa=0.05,
+        vicinity_check=False,
     )  # fmt: skip
     store, _ = generate(c)
     t = store.table()
@@ -291,12 +292,13 @@ def test_regression_store_filters_globally_and_replaces_labels(parts: dict[str, 
     assert store.report["teacher_mae_after"] <= store.report["teacher_mae_before"]
 
 
+@pytest.mark.slow  # a subprocess killed mid-run (~1 min on a loaded 2-core machine)
 def test_killed_generation_resumes_to_identical_bytes(parts: dict[str, Path], tmp_path: Path) -> None:
     args = [
         f"--{k}={v}"
         for k, v in dict(generator=parts["gan"], density_ratio=parts["dr"], teacher=parts["teacher"]).items()
     ]
-    args += ["--per_class=40", "--burn_in=50", "--batch_size=4", "--shard_size=4", "--progress=false"]
+    args += ["--per_class=12", "--burn_in=20", "--batch_size=4", "--shard_size=4", "--progress=false"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert generate_main([*args, f"--out={whole}"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -418,3 +420,63 @@ def test_distill_module_takes_the_stored_teacher_outputs(
         model._cache["logits"][model._slots[dm.num_train_indices - dm.n_fake]],
         torch.from_numpy(table["teacher"][rows[0]]),
     )
+
+
+# ---------------------------------------------------------------------- the per-stage recipes
+SETTINGS = {  # setting -> (GAN stage, image size of the GAN, of the teacher, regression, data-root option paths)
+    "digits": ("cgan", 16, 16, False),
+    "fashion_mnist": ("cgan", 28, 32, False),
+    "rotated": ("ccgan", 28, 32, True),
+}
+
+
+def root_options(setting: str, fake_root: Path, augmented: bool) -> list[str]:
+    if setting == "digits":
+        return []
+    key = {
+        ("fashion_mnist", False): "data.init_args.root",
+        ("fashion_mnist", True): "data.init_args.datamodule.init_args.root",
+        ("rotated", False): "data.init_args.datamodule.init_args.root",
+        ("rotated", True): "data.init_args.datamodule.init_args.datamodule.init_args.root",
+    }[(setting, augmented)]
+    return [f"--{key}", str(fake_root)]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "digits",
+        pytest.param("fashion_mnist", marks=pytest.mark.slow),
+        pytest.param("rotated", marks=pytest.mark.slow),
+    ],
+)
+def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+    """Each stage's recipe under fast_dev_run (generate on a few samples), later stages fed tiny checkpoints."""
+    from tests.conftest import make_fake_mnist
+
+    folder = REPO / "recipes" / "cgankd" / setting
+    gan_stage, gan_size, t_size, regression = SETTINGS[setting]
+    names = {p.name for p in folder.glob("*.yaml")}
+    kd_student = "student_cgankd_fitnet.yaml" if regression else "student_cgankd_blkd.yaml"
+    assert names == {"teacher.yaml", "student.yaml", f"{gan_stage}.yaml", "dr.yaml", "generate.yaml",
+                     "student_cgankd.yaml", kd_student}  # fmt: skip
+    fake = make_fake_mnist(tmp_path / "fmnist") if setting != "digits" else tmp_path
+    fast = ["--trainer.fast_dev_run", "1"]
+    for stage in ("teacher", "student", gan_stage):
+        assert kdl("fit", "--config", str(folder / f"{stage}.yaml"), *fast, *root_options(setting, fake, False)) == 0
+    gan = tiny_gan(tmp_path / "gan.ckpt", regression=regression, size=gan_size)
+    teacher = tiny_teacher(tmp_path / "teacher.ckpt", regression=regression, size=t_size)
+    dr_args = ["--model.init_args.generator", str(gan), "--model.init_args.encoder", str(teacher)]
+    assert kdl("fit", "--config", str(folder / "dr.yaml"), *fast, *dr_args, *root_options(setting, fake, False)) == 0
+    dr = tiny_dr(tmp_path / "dr.ckpt", gan, teacher, regression=regression)
+    store = tmp_path / "store"
+    counts = (
+        ["--per_value=3", "--label_values=[0.2,0.8]", "--vicinity_check=false"] if regression else ["--per_class=3"]
+    )
+    gen_args = [f"--generator={gan}", f"--density_ratio={dr}", f"--teacher={teacher}", f"--out={store}"]
+    assert generate_main(["--config", str(folder / "generate.yaml"), *gen_args, *counts, "--burn_in=20",
+                          "--progress=false"]) == 0  # fmt: skip
+    for recipe in ("student_cgankd.yaml", kd_student):
+        extra = ["--model.init_args.teacher", str(teacher)] if recipe == kd_student else []
+        args = ["--data.init_args.store", str(store), "--model.init_args.net_weights", "null", *extra]
+        assert kdl("fit", "--config", str(folder / recipe), *fast, *args, *root_options(setting, fake, True)) == 0

@@ -104,6 +104,8 @@ class _FakeTrainBase(ImageDataModule):
             self.train_dataset = FakeDataset(images, _store_labels(labels, self.task), self.train_transform())
 
     def _check_images(self, images: torch.Tensor) -> None:
+        if self.real is None:  # no real data to match: the images decide
+            self.in_channels = int(images.shape[1])
         if images.shape[1] != self.in_channels:
             raise ConfigError(f"generated images have {images.shape[1]} channels but the data has {self.in_channels}")
         self.native_size = int(images.shape[-1])
