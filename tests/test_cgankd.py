@@ -31,6 +31,7 @@ from kd_lightning.sampling import (
     global_cutoff,
     keep_mask,
     open_store,
+    sha256_file,
 )
 from kd_lightning.sampling.generate import GenerateConfig, generate
 from kd_lightning.sampling.generate import main as generate_main
@@ -192,6 +193,7 @@ def test_dr_module_trains_logs_and_its_checkpoint_loads_alone(parts: dict[str, P
     assert int(model._cached.sum()) > 0  # real features cached by index
     trainer.save_checkpoint(tmp_path / "dr.ckpt")
     loaded = load_density_ratio(tmp_path / "dr.ckpt")
+    assert loaded.encoder_sha256 == sha256_file(parts["teacher"])  # kdl generate reuses the encoder as teacher
     x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
     model.eval()
     with torch.no_grad():

@@ -248,6 +248,7 @@ class DensityRatioEstimator(BaseTask):
         encoder, size, encoder_sha256 = self._pending
         del self._pending
         self.model = DensityRatioModel(encoder, self.task, hp.num_classes, widths, hp.dropout, size, hp.encoder_layer)
+        self.model.encoder_sha256 = encoder_sha256
         self._real_cache: torch.Tensor | None = None
         self._cached = torch.zeros(0, dtype=torch.bool)
 

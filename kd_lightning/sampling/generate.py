@@ -281,7 +281,8 @@ class Generation:
             if self.subsample:
                 burn = self.propose(unit, "burnin", cfg.burn_in)
                 m = estimate_max(burn["ratio"][burn["inside"]] if bool(burn["inside"].any()) else burn["ratio"])
-            state = {"next_chunk": 0, "accepted": 0, "proposed": 0, "max_ratio": m, "done": False}
+            burned = cfg.burn_in if self.subsample else 0
+            state = {"next_chunk": 0, "accepted": 0, "proposed": 0, "burn_in": burned, "max_ratio": m, "done": False}
             store.set_progress(unit.name, state)
         max_proposals = int(math.ceil(cfg.max_proposals_factor * unit.quota))
         buffer: list[dict[str, torch.Tensor]] = []
@@ -443,7 +444,8 @@ def generate(cfg: GenerateConfig) -> tuple[SampleStore, dict[str, Any]]:
         run.finalize(store)
     seconds = time.perf_counter() - start
     proposed = sum(int(p.get("proposed", 0)) for p in store.manifest["progress"].values())
-    return store, {"seconds": seconds, "proposed": proposed}
+    burn_in = sum(int(p.get("burn_in", 0)) for p in store.manifest["progress"].values())
+    return store, {"seconds": seconds, "proposed": proposed, "burn_in": burn_in}
 
 
 def build_parser() -> Any:
@@ -478,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         if key in rep:
             lines.append(f"{key} {rep[key]:.4f}")
     if timing["proposed"] and timing["seconds"] > 0:
-        lines.append(f"{timing['proposed'] / timing['seconds']:.1f} proposals/s this run")
+        rate = (timing["proposed"] + timing["burn_in"]) / timing["seconds"]
+        lines.append(f"{rate:.1f} images/s (proposals and burn-in; timing of a resumed run is partial)")
     print("; ".join(lines), file=sys.stderr)
     return 0
 
