@@ -282,8 +282,8 @@ class Generation:
                 burn = self.propose(unit, "burnin", cfg.burn_in)
                 m = estimate_max(burn["ratio"][burn["inside"]] if bool(burn["inside"].any()) else burn["ratio"])
             burned = cfg.burn_in if self.subsample else 0
+            # not written yet: a resumed run repeats the (deterministic) burn-in until the unit's first shard
             state = {"next_chunk": 0, "accepted": 0, "proposed": 0, "burn_in": burned, "max_ratio": m, "done": False}
-            store.set_progress(unit.name, state)
         max_proposals = int(math.ceil(cfg.max_proposals_factor * unit.quota))
         buffer: list[dict[str, torch.Tensor]] = []
         buffered = 0
