@@ -197,7 +197,11 @@ class Generation:
         return [Unit(f"value-{v:.6f}", float(v), cfg.per_value) for v in values]
 
     def settings(self) -> dict[str, Any]:
-        """What decides the store's bytes (compared when a store is reopened)."""
+        """What decides the store's bytes (compared when a store is reopened).
+
+        ``max_proposals_factor`` is left out: it only bounds the work, so a run that stopped on it can be
+        resumed with a larger bound. ``device`` and ``progress`` are left out too.
+        """
         cfg = self.cfg
         return {
             "generator_sha256": sha256_file(cfg.generator),
@@ -213,7 +217,6 @@ class Generation:
             "update_max": cfg.update_max,
             "kappa": cfg.kappa,
             "vicinity_check": cfg.vicinity_check,
-            "max_proposals_factor": cfg.max_proposals_factor,
             "keep_rejected": cfg.keep_rejected,
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
