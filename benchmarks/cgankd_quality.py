@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--per_class", type=int, default=300)
     ap.add_argument("--rho", type=float, default=0.9)
     ap.add_argument("--burn_in", type=int, default=5000)
+    ap.add_argument("--max_proposals_factor", type=float, default=200.0, help="see kdl generate")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
 
     cfg = GenerateConfig(
         generator=args.generator, density_ratio=args.density_ratio, teacher=args.teacher, out=str(out / "store"),
-        per_class=args.per_class, rho=args.rho, burn_in=args.burn_in, keep_rejected=True, seed=args.seed,
+        per_class=args.per_class, rho=args.rho, burn_in=args.burn_in, keep_rejected=True, seed=args.seed, max_proposals_factor=args.max_proposals_factor,
         batch_size=500, shard_size=5000, progress=False,
     )  # fmt: skip
     peak = fp32_peak_flops()
