@@ -90,7 +90,8 @@ def main() -> None:
 
     cfg = GenerateConfig(
         generator=args.generator, density_ratio=args.density_ratio, teacher=args.teacher, out=str(out / "store"),
-        per_class=args.per_class, rho=args.rho, burn_in=args.burn_in, keep_rejected=True, seed=args.seed, max_proposals_factor=args.max_proposals_factor,
+        per_class=args.per_class, rho=args.rho, burn_in=args.burn_in, keep_rejected=True, seed=args.seed,
+        max_proposals_factor=args.max_proposals_factor,
         batch_size=500, shard_size=5000, progress=False,
     )  # fmt: skip
     peak = fp32_peak_flops()
