@@ -5,6 +5,7 @@ from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, read_
 from kd_lightning.data.cub import CUB200DataModule
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.fine_grained import FGVCAircraftDataModule, MIT67DataModule, StanfordDogsDataModule
+from kd_lightning.data.generated import AugmentedDataModule, FilteredDataModule, GeneratedDataModule
 from kd_lightning.data.image_files import ImageFileDataset, load_image
 from kd_lightning.data.image_folder import ImageFolderDataModule
 from kd_lightning.data.imagenet100 import ImageNet100DataModule
@@ -18,6 +19,7 @@ from kd_lightning.data.tiny_imagenet import TinyImageNetDataModule
 from kd_lightning.data.utkface import UTKFaceDataModule
 
 __all__ = [
+    "AugmentedDataModule",
     "CIFAR100DataModule",
     "CIFAR10DataModule",
     "CUB200DataModule",
@@ -27,6 +29,8 @@ __all__ = [
     "EdgeCloudSplit",
     "FashionMNISTEdgeCloud",
     "FashionMNISTDataModule",
+    "FilteredDataModule",
+    "GeneratedDataModule",
     "ImageDataModule",
     "ImageFileDataset",
     "ImageFolderDataModule",

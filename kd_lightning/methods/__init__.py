@@ -2,6 +2,7 @@
 
 import kd_lightning.losses  # noqa: F401  (register KD losses for short class names in recipes)
 from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
+from kd_lightning.methods.density_ratio import DensityRatioEstimator
 from kd_lightning.methods.distill import DistillModule
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask, LabelEmbedding
 from kd_lightning.methods.mekd import MEKD, BlackBoxKD, BlackBoxStudent, MEKDDeprivatization
@@ -14,6 +15,7 @@ __all__ = [
     "AIKD",
     "CSKD",
     "DCGAN",
+    "DensityRatioEstimator",
     "PSKD",
     "SSKDTeacherHead",
     "TFKD",

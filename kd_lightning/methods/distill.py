@@ -7,8 +7,10 @@ teacher's. ``training_step`` logs every part: ``train/loss``, ``train/task``, ``
 (and ``train/kd/<name>/<part>`` for losses with several parts).
 
 The teacher's outputs on the training data can be cached by sample index (``cache_teacher``)
-when the training images are the same every epoch (no augmentation; later, generated samples):
-the teacher then runs once per sample instead of once per sample per epoch.
+when the training images are the same every epoch (no augmentation): the teacher then runs once
+per sample instead of once per sample per epoch. With an :class:`~kd_lightning.data.AugmentedDataModule`
+whose store was filtered by the same teacher file, the stored teacher logits fill the cache for the
+fake samples and the teacher never runs on them.
 """
 
 from __future__ import annotations
@@ -180,6 +182,29 @@ class DistillModule(NetTask):
             # cache rows are given out on first sight of an index; at most len(train_dataset) are needed
             self._slots = torch.full((n,), -1, dtype=torch.long)
             self._capacity, self._cache, self._n_cached = len(dm.train_dataset), {}, 0
+            if self.hparams.cache_teacher and hasattr(dm, "stored_teacher_outputs"):
+                self._prefill_teacher_cache(dm)
+
+    def _prefill_teacher_cache(self, dm: Any) -> None:
+        """Take the teacher logits a sample store already holds (same teacher file, same image size).
+
+        Only when no KD loss needs teacher features: the store keeps the teacher's outputs, not its features.
+        """
+        import os
+
+        from kd_lightning.sampling.store import sha256_file
+
+        self.prefilled = 0
+        if self.teacher_feature_names or not os.path.isfile(str(self.hparams.teacher)):
+            return
+        stored = dm.stored_teacher_outputs(sha256_file(self.hparams.teacher), int(self.hparams.image_size))
+        if stored is None:
+            return
+        index, logits = stored
+        self._cache = {"logits": logits.new_zeros((self._capacity, *logits.shape[1:])).to(self.device)}
+        self._cache["logits"][: len(index)] = logits.to(self.device)
+        self._slots[index] = torch.arange(len(index))
+        self._n_cached = self.prefilled = len(index)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})

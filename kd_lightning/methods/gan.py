@@ -580,7 +580,16 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
             "(ConditionalGAN, CcGAN or DCGAN)"
         )
     overrides: dict[str, Any] = {"embedding_checkpoint": None} if issubclass(cls, CcGAN) else {}
-    task = cls.load_from_checkpoint(path, map_location=map_location, weights_only=not trusted(), **overrides)
+    # kdl's CLI hands the hyper-parameters of the module it is building to every save_hyperparameters
+    # call made meanwhile (a context variable); a GAN loaded inside another module's __init__ (the
+    # density-ratio model, a generated DataModule) must use its own checkpoint's instead
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        task = cls.load_from_checkpoint(path, map_location=map_location, weights_only=not trusted(), **overrides)
+    finally:
+        _given_hyperparameters.reset(token)
     return task.eval()
 
 

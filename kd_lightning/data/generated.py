@@ -1,0 +1,381 @@
+"""DataModules over generated samples: raw from a generator, a processed store, and real ∪ store (cGAN-KD's M3).
+
+- :class:`GeneratedDataModule`: samples drawn straight from a GAN checkpoint (no store, no processing).
+- :class:`FilteredDataModule`: the samples of a store (``kdl generate``), with the processing chosen:
+  accepted by cDR-RS (the store's own setting), kept by the filter or not, replaced labels or not.
+- :class:`AugmentedDataModule`: any real DataModule plus a store: ``D^r ∪ D^g_rho``, either
+  concatenated or with a set share of fake images in every batch.
+
+The training split is the only one with fake images: validation, test and predict come from the
+real DataModule when one is given (else there are none). Fake images get the real DataModule's
+training transforms (padding, augmentation), so real and fake batches match. ``index`` stays unique:
+fake samples are numbered after the real training set's index range (``num_train_indices``), so the
+teacher cache, CRD's memory banks and self-KD's stores keep working on the union.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from kd_lightning.data.base import ImageDataModule
+from kd_lightning.data.sampler import ResumableSampler
+from kd_lightning.errors import ConfigError
+
+
+class FakeDataset(Dataset):
+    """uint8 images and labels as ``{"image", "label", "index"}`` with ``index = offset + i``."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: Callable[[Any], torch.Tensor], offset: int = 0
+    ) -> None:
+        self.images, self.labels, self.transform, self.offset = images, labels, transform, offset
+        self.targets = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.transform(self.images[i]), "label": self.labels[i], "index": self.offset + i}
+
+
+def store_samples(
+    path: str, filtered: bool = True, replaced: bool = True, expect_subsampled: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, Any]:
+    """(uint8 images, labels, row numbers in the store's table, the store) of a finished store.
+
+    ``filtered`` keeps the samples the filter kept (else every accepted one); ``replaced`` uses the
+    final labels (teacher's where replaced) instead of the assigned ones.
+    """
+    from kd_lightning.sampling.store import open_store
+
+    store = open_store(path)
+    s = store.settings
+    if expect_subsampled is not None and bool(s["subsample"]) != expect_subsampled:
+        raise ConfigError(
+            f"store {path!r} was written with subsample={s['subsample']} but subsampled={expect_subsampled} "
+            "was asked; generate a store with the processing you want"
+        )
+    if filtered and not s["filter"]:
+        raise ConfigError(f"store {path!r} was written with filter=false; set filtered false or regenerate it")
+    table = store.table()
+    select = table["kept"] if filtered else table["accepted"]
+    rows = np.nonzero(select.astype(bool))[0]
+    images = torch.from_numpy(store.load_images()[rows])
+    labels = torch.from_numpy(table["final_label" if replaced else "label"][rows])
+    return images, labels, rows, store
+
+
+def _store_labels(labels: torch.Tensor, task: str) -> torch.Tensor:
+    return labels.long() if task == "classification" else labels.float()
+
+
+class _FakeTrainBase(ImageDataModule):
+    """Shared: dataset facts copied from the real DataModule (or the generator), real val/test."""
+
+    def __init__(self, datamodule: ImageDataModule | None = None, **kwargs: Any) -> None:
+        self.real = datamodule
+        if datamodule is not None:
+            kwargs.setdefault("batch_size", datamodule.batch_size)
+            kwargs.setdefault("image_size", datamodule.image_size)
+            kwargs.setdefault("augment", datamodule.augment)
+            kwargs.setdefault("num_workers", datamodule.num_workers)
+            kwargs.setdefault("seed", datamodule.seed)
+            for key in ("num_classes", "in_channels", "native_size", "mean", "std", "task", "label_range", "hflip"):
+                setattr(self, key, getattr(datamodule, key))
+        super().__init__(**kwargs)
+
+    def _fakes(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.real is not None:
+            self.real.setup(stage)
+            self.val_dataset, self.test_dataset = self.real.val_dataset, self.real.test_dataset
+            self.predict_dataset = self.real.predict_dataset
+        if stage in ("fit", None) and self.train_dataset is None:
+            images, labels = self._fakes()
+            self._check_images(images)
+            self.train_dataset = FakeDataset(images, _store_labels(labels, self.task), self.train_transform())
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if self.real is None:  # no real data to match: the images decide
+            self.in_channels = int(images.shape[1])
+        if images.shape[1] != self.in_channels:
+            raise ConfigError(f"generated images have {images.shape[1]} channels but the data has {self.in_channels}")
+        self.native_size = int(images.shape[-1])
+
+    def val_dataloader(self) -> Any:
+        return self.real.val_dataloader() if self.real is not None else []
+
+    def test_dataloader(self) -> Any:
+        if self.real is None:
+            raise ConfigError(f"{type(self).__name__} has no test split without a real datamodule")
+        return self.real.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.test_dataloader()
+
+
+class GeneratedDataModule(_FakeTrainBase):
+    """Raw samples straight from a generator checkpoint: ``per_class`` per class, or ``per_value`` per label value.
+
+    Args:
+        generator: GAN checkpoint (ConditionalGAN or CcGAN).
+        datamodule: the real DataModule whose validation/test splits (and dataset facts) are used.
+        per_class: images per class (class-conditional GAN).
+        label_values: CcGAN: normalised label values (default: ``n_label_values`` evenly spaced).
+        n_label_values: CcGAN: size of the evenly spaced grid.
+        per_value: CcGAN: images per label value.
+        sample_seed: seed of the latent codes.
+        ema: sample from the EMA generator.
+        **kwargs: see :class:`~kd_lightning.data.ImageDataModule` (default: the real DataModule's).
+    """
+
+    def __init__(
+        self,
+        generator: str,
+        datamodule: ImageDataModule | None = None,
+        per_class: int | None = None,
+        label_values: list[float] | None = None,
+        n_label_values: int = 10,
+        per_value: int | None = None,
+        sample_seed: int = 0,
+        ema: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        from kd_lightning.methods.gan import load_gan
+
+        gan = load_gan(generator)
+        self.gen = gan.sampler_generator(ema)
+        self.generator_path, self.per_class, self.per_value = generator, per_class, per_value
+        self.label_values, self.n_label_values, self.sample_seed = label_values, n_label_values, sample_seed
+        if datamodule is None:
+            hp = gan.hparams
+            self.num_classes, self.in_channels, self.native_size = hp.num_classes, hp.in_channels, hp.image_size
+            self.mean, self.std = tuple(hp.mean or (0.5,)), tuple(hp.std or (0.5,))
+            self.task = "classification" if self.gen.condition == "class" else "regression"
+            self.label_range = hp.get("label_range")
+        super().__init__(datamodule, **kwargs)
+
+    def _fakes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from kd_lightning.gans import labels_per_class
+
+        if self.gen.condition == "class":
+            if self.per_class is None:
+                raise ConfigError("GeneratedDataModule with a class-conditional GAN needs per_class")
+            labels = labels_per_class(self.per_class, int(self.gen.num_classes))
+        else:
+            if self.per_value is None:
+                raise ConfigError(
+                    "GeneratedDataModule with a CcGAN needs per_value (and label_values or n_label_values)"
+                )
+            values = torch.tensor(self.label_values) if self.label_values else torch.linspace(0, 1, self.n_label_values)
+            labels = values.float().repeat_interleave(self.per_value)
+        images = self.gen.sample(labels, seed=self.sample_seed)
+        return (images * 255).round().clamp(0, 255).to(torch.uint8), labels
+
+
+class FilteredDataModule(_FakeTrainBase):
+    """The samples of a finished store with the processing chosen.
+
+    Args:
+        store: the store folder written by ``kdl generate``.
+        datamodule: the real DataModule whose validation/test splits (and dataset facts) are used.
+        filtered: only the samples the teacher filter kept (else every accepted sample).
+        replaced: the final labels (the teacher's where replacement ran) instead of the assigned ones.
+        subsampled: check the store's cDR-RS setting (``None``: accept either).
+        **kwargs: see :class:`~kd_lightning.data.ImageDataModule`.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        datamodule: ImageDataModule | None = None,
+        filtered: bool = True,
+        replaced: bool = True,
+        subsampled: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.store_path, self.filtered, self.replaced, self.subsampled = store, filtered, replaced, subsampled
+        super().__init__(datamodule, **kwargs)
+
+    def _fakes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, _, _ = store_samples(self.store_path, self.filtered, self.replaced, self.subsampled)
+        return images, labels
+
+
+class AugmentedDataModule(ImageDataModule):
+    """``D^r ∪ D^g_rho``: a real DataModule's training set plus a store's samples (cGAN-KD's M3).
+
+    Args:
+        datamodule: the real DataModule (its splits, transforms, batch size and facts are used).
+        store: the store folder written by ``kdl generate``.
+        filtered: use only the samples the filter kept.
+        replaced: use the final (possibly replaced) labels.
+        fake_share: ``None`` concatenates the two sets (an epoch = every real and fake sample once);
+            a number in (0, 1) puts ``round(share x batch_size)`` fake images in every batch, an epoch
+            being one pass over the real images (fakes are drawn without replacement, cycling).
+        max_fake: use at most this many fake samples (the first ones of a seeded shuffle).
+    """
+
+    def __init__(
+        self,
+        datamodule: ImageDataModule,
+        store: str,
+        filtered: bool = True,
+        replaced: bool = True,
+        fake_share: float | None = None,
+        max_fake: int | None = None,
+    ) -> None:
+        if fake_share is not None and not 0.0 < fake_share < 1.0:
+            raise ConfigError(f"fake_share={fake_share}; expected a number in (0, 1) or null (concatenation)")
+        self.real = datamodule
+        for key in ("num_classes", "in_channels", "native_size", "mean", "std", "task", "label_range", "hflip"):
+            setattr(self, key, getattr(datamodule, key))
+        super().__init__(
+            root=datamodule.root,
+            batch_size=datamodule.batch_size,
+            eval_batch_size=datamodule.eval_batch_size,
+            val_fraction=datamodule.val_fraction,
+            train_size=datamodule.train_size,
+            image_size=datamodule.image_size,
+            resize_mode=datamodule.resize_mode,
+            augment=datamodule.augment,
+            num_workers=datamodule.num_workers,
+            seed=datamodule.seed,
+        )
+        self.store_path, self.filtered, self.replaced = store, filtered, replaced
+        self.fake_share, self.max_fake = fake_share, max_fake
+        self.num_train_indices: int | None = None
+        self.n_real = self.n_fake = 0
+        self._store_rows: np.ndarray | None = None
+        self._store = None
+
+    def setup(self, stage: str | None = None) -> None:
+        self.real.setup(stage)
+        self.val_dataset, self.test_dataset = self.real.val_dataset, self.real.test_dataset
+        self.predict_dataset = self.real.predict_dataset
+        if stage in ("fit", None) and self.train_dataset is None:
+            from kd_lightning.methods.distill import num_indices
+
+            real_train = self.real.train_dataset
+            offset = num_indices(self.real)
+            images, labels, rows, store = store_samples(self.store_path, self.filtered, self.replaced)
+            if self.max_fake is not None and self.max_fake < len(images):
+                pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))[: self.max_fake]
+                pick = pick.sort().values
+                images, labels, rows = images[pick], labels[pick], rows[pick.numpy()]
+            if images.shape[1] != self.in_channels:
+                raise ConfigError(f"store images have {images.shape[1]} channels but the data has {self.in_channels}")
+            fake_tf = self._fake_transform(int(images.shape[-1]))
+            fake = FakeDataset(images, _store_labels(labels, self.task), fake_tf, offset)
+            self.train_dataset = ConcatDataset([real_train, fake])  # type: ignore[list-item]
+            self.n_real, self.n_fake = len(real_train), len(fake)  # type: ignore[arg-type]
+            self.num_train_indices = offset + len(fake)
+            self._store_rows, self._store = rows, store
+
+    def _fake_transform(self, native: int) -> Callable[[Any], torch.Tensor]:
+        """The real training transform, with padding computed from the fake images' own size."""
+        saved = self.native_size
+        self.native_size = native
+        try:
+            return self.train_transform()
+        finally:
+            self.native_size = saved
+
+    def stored_teacher_outputs(self, teacher_sha256: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(indices, teacher logits)`` of the fake samples when the store's filtering teacher is this one.
+
+        ``None`` when the store was filtered by another teacher, at another image size, or holds no
+        teacher outputs. DistillModule's teacher cache takes them instead of running the teacher.
+        """
+        if self._store is None or self._store_rows is None or self.augment:
+            return None
+        s = self._store.settings
+        if s.get("teacher_sha256") != teacher_sha256 or s.get("teacher_image_size") != image_size:
+            return None
+        table = self._store.table()
+        if "teacher" not in table.columns:
+            return None
+        logits = torch.from_numpy(table["teacher"][self._store_rows]).float()
+        index = torch.arange(self.n_fake) + (self.num_train_indices - self.n_fake)  # type: ignore[operator]
+        return index, logits
+
+    def train_dataloader(self) -> Any:
+        if self.fake_share is None:
+            return super().train_dataloader()
+        from kd_lightning.data.sampler import ResumableDataLoader
+
+        sampler = ShareSampler(self.n_real, self.n_fake, self.batch_size, self.fake_share, self.shuffle_seed())
+        return ResumableDataLoader(
+            self.train_dataset,
+            sampler=sampler,
+            batch_size=self.batch_size,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.shuffle_seed()),
+        )
+
+    def val_dataloader(self) -> Any:
+        return self.real.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.real.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.real.predict_dataloader()
+
+
+class ShareSampler(ResumableSampler):
+    """Batches of ``batch_size`` with ``round(share x batch_size)`` fake positions each (indices >= n_real).
+
+    The order is a function of ``(seed, epoch)`` like :class:`ResumableSampler`, so a resumed run
+    continues mid-epoch exactly. An epoch is one pass over the real samples (full batches only);
+    fakes follow a seeded permutation that continues across epochs.
+    """
+
+    def __init__(self, n_real: int, n_fake: int, batch_size: int, share: float, seed: int) -> None:
+        self.n_real, self.n_fake, self.bs = n_real, n_fake, batch_size
+        self.k_fake = min(batch_size - 1, max(1, round(share * batch_size)))
+        self.k_real = batch_size - self.k_fake
+        if n_fake == 0:
+            raise ConfigError("fake_share is set but the store gives no fake samples")
+        self.n_batches = max(1, n_real // self.k_real)
+        super().__init__(range(self.n_batches * batch_size), seed=seed, shuffle=True)
+
+    def permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        real = torch.randperm(self.n_real, generator=g)
+        need = self.n_batches * self.k_fake
+        start = epoch * need
+        passes = math.ceil((start + need) / self.n_fake) + 1
+        fake_stream = torch.cat(
+            [
+                torch.randperm(self.n_fake, generator=torch.Generator().manual_seed(self.seed * 7919 + p))
+                for p in range(start // self.n_fake, passes)
+            ]
+        )
+        offset = start - (start // self.n_fake) * self.n_fake
+        fake = fake_stream[offset : offset + need] + self.n_real
+        order: list[int] = []
+        for b in range(self.n_batches):
+            order += real[b * self.k_real : (b + 1) * self.k_real].tolist()
+            order += fake[b * self.k_fake : (b + 1) * self.k_fake].tolist()
+        return order
+
+
+__all__ = [
+    "AugmentedDataModule",
+    "FakeDataset",
+    "FilteredDataModule",
+    "GeneratedDataModule",
+    "ShareSampler",
+    "store_samples",
+]

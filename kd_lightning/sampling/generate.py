@@ -1,0 +1,492 @@
+"""``kdl generate``: GAN samples -> cDR-RS subsampling -> teacher filtering / relabelling -> a sample store.
+
+    kdl generate --config recipes/cgankd/fashion_mnist/generate.yaml
+    kdl generate --generator G.ckpt --density_ratio DR.ckpt --teacher T.ckpt --per_class 5000 --out store/
+
+For every class (or every value of a label grid, regression) the generator's proposals come in
+chunks of ``batch_size`` whose random numbers depend only on ``(seed, unit, chunk)``; each proposal is
+quantised to uint8 first (what the store keeps is what everything is computed on), then its density
+ratio and the teacher's output are computed, and cDR-RS accepts it with probability r / M. Accepted
+samples are written in shards of about ``shard_size``; the manifest records the next chunk after
+every shard, so a killed run resumes at the last shard and ends with the same bytes as an
+uninterrupted one. When every unit is full, M2 runs over the store: the per-class (classification) or
+global (regression) rho-quantile cut-off of the teacher's errors, then (regression) replacement of
+the label by the teacher's prediction; the per-sample table, the report and the error histogram
+are written, and the store is finished.
+
+Reopening a folder whose settings differ (checkpoint hashes, counts, rho, seed, ...) is refused,
+naming each difference.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.metrics.gan import fit_size
+from kd_lightning.sampling.filtering import (
+    check_rho,
+    class_cutoffs,
+    classification_errors,
+    global_cutoff,
+    histogram_png,
+    keep_mask,
+    regression_errors,
+)
+from kd_lightning.sampling.rejection import accept, check_trials, chunk_generator, estimate_max
+from kd_lightning.sampling.store import SampleStore, sha256_file
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``kdl generate``.
+
+    Args:
+        generator: GAN checkpoint (ConditionalGAN or CcGAN, written by kdl fit).
+        out: the store folder (created; an existing store with the same settings is resumed).
+        density_ratio: DensityRatioEstimator checkpoint; ``None`` = no subsampling.
+        teacher: the filtering teacher (kdl classifier/regressor checkpoint); ``None`` = no filtering.
+        per_class: samples accepted per class (classification; N^g / C of Algorithm 1).
+        label_values: regression: the label grid, normalised to [0, 1] (default: ``n_label_values``
+            evenly spaced values).
+        n_label_values: regression: size of the evenly spaced grid when ``label_values`` is not given.
+        per_value: regression: samples accepted per grid value.
+        rho: filtering quantile (default 0.9 classification, 0.7 regression).
+        subsample: cDR-RS on (default: on when ``density_ratio`` is given).
+        filter: M2's filtering on (needs a teacher).
+        replace: M2's replacement on (default: regression only, as the paper).
+        burn_in: proposals per unit whose largest ratio is M (official code: 5,000).
+        update_max: raise M to every chunk's largest ratio before deciding (official code); false =
+            M fixed after the burn-in (ratios above M are then always accepted).
+        kappa: regression: proposals are generated at labels uniform in [y - kappa, y + kappa] and
+            judged at y (official code's vicinity); 0 = at y.
+        vicinity_check: regression with kappa > 0: reject proposals whose label, predicted by the DR
+            encoder (when it is a regressor), falls outside the vicinity.
+        max_proposals_factor: a unit fails with a clear error after ``factor x count`` proposals.
+        keep_rejected: also store rejected proposals (flag ``accepted`` false): the raw GAN samples
+            stay available for comparisons; DataModules use accepted samples only.
+        seed: seed of every random number (latent codes, labels, acceptance draws).
+        batch_size: proposals per chunk (part of the settings: it decides the samples).
+        shard_size: samples per shard (at least; a shard ends at a chunk boundary).
+        ema: sample from the EMA generator.
+        teacher_image_size: side the teacher takes (default: its checkpoint's ``image_size``).
+        device: where to run (cpu, cuda, cuda:1, ...).
+        progress: show a progress bar (accepted / needed and the acceptance rate).
+    """
+
+    generator: str
+    out: str
+    density_ratio: str | None = None
+    teacher: str | None = None
+    per_class: int | None = None
+    label_values: list[float] | None = None
+    n_label_values: int = 10
+    per_value: int | None = None
+    rho: float | None = None
+    subsample: bool | None = None
+    filter: bool = True
+    replace: bool | None = None
+    burn_in: int = 5000
+    update_max: bool = False
+    kappa: float = 0.0
+    vicinity_check: bool = True
+    max_proposals_factor: float = 200.0
+    keep_rejected: bool = False
+    seed: int = 0
+    batch_size: int = 500
+    shard_size: int = 5000
+    ema: bool = True
+    teacher_image_size: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class Unit:
+    """One condition with its quota: a class id or a (normalised) label value."""
+
+    name: str
+    label: float | int
+    quota: int
+
+
+class Generation:
+    """The loaded models and resolved settings of one ``kdl generate`` run (see :func:`generate`)."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        from kd_lightning.methods.density_ratio import load_density_ratio
+        from kd_lightning.methods.gan import load_gan
+        from kd_lightning.teachers import FrozenTeacher
+
+        self.cfg = cfg
+        for name in ("batch_size", "shard_size", "burn_in"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{name}={getattr(cfg, name)}; expected a positive integer")
+        self.device = torch.device(cfg.device)
+        gan = load_gan(cfg.generator)
+        self.label_range = gan.hparams.get("label_range")
+        self.gen = gan.sampler_generator(cfg.ema).to(self.device).eval()
+        if self.gen.condition == "none":
+            raise ConfigError(f"generator {cfg.generator!r} is unconditional; kdl generate needs a conditional GAN")
+        self.task = "classification" if self.gen.condition == "class" else "regression"
+        self.subsample = cfg.density_ratio is not None if cfg.subsample is None else cfg.subsample
+        if self.subsample and cfg.density_ratio is None:
+            raise ConfigError("subsample=true needs density_ratio=<DensityRatioEstimator checkpoint>")
+        self.dr = load_density_ratio(cfg.density_ratio, self.device) if cfg.density_ratio else None
+        if self.dr is not None and self.dr.task != self.task:
+            raise ConfigError(f"the DR model is for {self.dr.task} but the generator is {self.task}")
+        self.teacher = FrozenTeacher.from_checkpoint(cfg.teacher).to(self.device) if cfg.teacher else None
+        if self.teacher is not None and self.teacher.task != self.task:
+            raise ConfigError(f"{self.teacher.describe()} is a {self.teacher.task} model; the generator is {self.task}")
+        if cfg.filter and self.teacher is None:
+            raise ConfigError("filter=true needs teacher=<checkpoint>; set filter false to keep every sample")
+        self.replace = (self.task == "regression") if cfg.replace is None else cfg.replace
+        if self.replace and self.teacher is None:
+            raise ConfigError("replace=true needs teacher=<checkpoint>")
+        self.rho = cfg.rho if cfg.rho is not None else (0.9 if self.task == "classification" else 0.7)
+        check_rho(self.rho)
+        if cfg.kappa < 0:
+            raise ConfigError(f"kappa={cfg.kappa}; expected a value >= 0")
+        self.teacher_size = (
+            int(cfg.teacher_image_size or _image_size(cfg.teacher)) if cfg.teacher else cfg.teacher_image_size
+        )
+        self.units = self._units()
+        # the DR encoder is the filtering teacher (the default): its outputs are the teacher's, no second pass
+        self.teacher_is_encoder = bool(
+            self.dr is not None
+            and self.teacher is not None
+            and cfg.teacher is not None
+            and self.dr.encoder_sha256 == sha256_file(cfg.teacher)
+            and self.dr.encoder_size == self.teacher_size
+            and self.dr.layer == "penultimate"
+        )
+
+    @torch.no_grad()
+    def add_teacher(self, take: dict[str, torch.Tensor]) -> None:
+        """The teacher's outputs (unless the DR encoder gave them) and errors for the samples to store."""
+        if self.teacher is None:
+            return
+        if "teacher" not in take:
+            xq = take["image"].float().to(self.device) / 255
+            bs = self.cfg.batch_size
+            outs = [
+                self.teacher(fit_size(xq[s : s + bs], self.teacher_size)).float().cpu() for s in range(0, len(xq), bs)
+            ]
+            take["teacher"] = torch.cat(outs) if outs else torch.zeros(0, self.teacher.num_classes or 1)
+        t, y = take["teacher"], take["label"]
+        take["error"] = classification_errors(t, y) if self.task == "classification" else regression_errors(t, y)
+
+    def _units(self) -> list[Unit]:
+        cfg = self.cfg
+        if self.task == "classification":
+            if cfg.per_class is None or cfg.per_class < 1:
+                raise ConfigError(f"per_class={cfg.per_class}; a class-conditional GAN needs a positive per_class")
+            return [Unit(f"class-{c}", c, cfg.per_class) for c in range(int(self.gen.num_classes))]
+        if cfg.per_value is None or cfg.per_value < 1:
+            raise ConfigError(f"per_value={cfg.per_value}; a CcGAN needs a positive per_value")
+        values = cfg.label_values or np.linspace(0, 1, cfg.n_label_values).tolist()
+        if min(values) < 0 or max(values) > 1:
+            raise ConfigError(f"label_values={values}; expected normalised labels in [0, 1]")
+        return [Unit(f"value-{v:.6f}", float(v), cfg.per_value) for v in values]
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the store's bytes (compared when a store is reopened).
+
+        ``max_proposals_factor`` is left out: it only bounds the work, so a run that stopped on it can be
+        resumed with a larger bound. ``device`` and ``progress`` are left out too.
+        """
+        cfg = self.cfg
+        return {
+            "generator_sha256": sha256_file(cfg.generator),
+            "density_ratio_sha256": sha256_file(cfg.density_ratio) if cfg.density_ratio else None,
+            "teacher_sha256": sha256_file(cfg.teacher) if cfg.teacher else None,
+            "task": self.task,
+            "units": [[u.name, u.label, u.quota] for u in self.units],
+            "rho": self.rho,
+            "subsample": self.subsample,
+            "filter": cfg.filter,
+            "replace": self.replace,
+            "burn_in": cfg.burn_in,
+            "update_max": cfg.update_max,
+            "kappa": cfg.kappa,
+            "vicinity_check": cfg.vicinity_check,
+            "keep_rejected": cfg.keep_rejected,
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "shard_size": cfg.shard_size,
+            "ema": cfg.ema,
+            "teacher_image_size": self.teacher_size,
+            "label_range": list(self.label_range) if self.label_range else None,
+        }
+
+    # ------------------------------------------------------------------ one chunk
+    @torch.no_grad()
+    def propose(self, unit: Unit, chunk: int | str, n: int) -> dict[str, torch.Tensor]:
+        """``n`` proposals for ``unit``: uint8 images, labels, density ratios, teacher outputs, uniforms."""
+        g = chunk_generator(self.cfg.seed, unit.name, chunk)
+        z = torch.randn(n, self.gen.z_dim, generator=g)
+        uniforms = torch.rand(n, generator=g, dtype=torch.float64)
+        if self.task == "classification":
+            y = torch.full((n,), int(unit.label), dtype=torch.long)
+            y_gen = y
+        else:
+            y = torch.full((n,), float(unit.label), dtype=torch.float32)
+            offsets = torch.rand(n, generator=g)
+            k = self.cfg.kappa
+            y_gen = (y - k + 2 * k * offsets).clamp(0, 1) if k > 0 else y
+        images = []
+        for s in range(0, n, self.cfg.batch_size):
+            x = self.gen(
+                z[s : s + self.cfg.batch_size].to(self.device), y_gen[s : s + self.cfg.batch_size].to(self.device)
+            )
+            images.append(((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).cpu())
+        u8 = torch.cat(images)
+        xq = u8.float().to(self.device) / 255
+        out: dict[str, torch.Tensor] = {"image": u8, "label": y, "gen_label": y_gen.float(), "uniform": uniforms}
+        inside = torch.ones(n, dtype=torch.bool)
+        if self.dr is not None:
+            ratios, preds = [], []
+            for s in range(0, n, self.cfg.batch_size):
+                h, enc_out = self.dr.features(xq[s : s + self.cfg.batch_size])
+                ratios.append(self.dr.ratio_from_features(h, y[s : s + self.cfg.batch_size].to(self.device)).cpu())
+                preds.append(enc_out.cpu())
+            out["ratio"] = torch.cat(ratios).float()
+            if (
+                self.task == "regression"
+                and self.cfg.kappa > 0
+                and self.cfg.vicinity_check
+                and self.dr.encoder.task == "regression"
+            ):
+                pred = torch.cat(preds).flatten()
+                inside = (pred >= y - self.cfg.kappa) & (pred <= y + self.cfg.kappa)
+        else:
+            out["ratio"] = torch.full((n,), float("nan"))
+        out["inside"] = inside
+        if self.teacher_is_encoder:
+            out["teacher"] = torch.cat(preds).float().view(n, -1)
+        return out
+
+    # ------------------------------------------------------------------ one unit
+    def run_unit(self, store: SampleStore, unit: Unit, bar: Any) -> None:
+        cfg = self.cfg
+        state = dict(store.progress(unit.name))
+        if state.get("done"):
+            return
+        if "max_ratio" not in state:
+            m = None
+            if self.subsample:
+                burn = self.propose(unit, "burnin", cfg.burn_in)
+                m = estimate_max(burn["ratio"][burn["inside"]] if bool(burn["inside"].any()) else burn["ratio"])
+            burned = cfg.burn_in if self.subsample else 0
+            # not written yet: a resumed run repeats the (deterministic) burn-in until the unit's first shard
+            state = {"next_chunk": 0, "accepted": 0, "proposed": 0, "burn_in": burned, "max_ratio": m, "done": False}
+        max_proposals = int(math.ceil(cfg.max_proposals_factor * unit.quota))
+        buffer: list[dict[str, torch.Tensor]] = []
+        buffered = 0
+        while state["accepted"] < unit.quota:
+            check_trials(_describe(unit, self.task), state["proposed"], state["accepted"], unit.quota, max_proposals)
+            k = state["next_chunk"]
+            p = self.propose(unit, k, cfg.batch_size)
+            if self.subsample:
+                mask, m = accept(p["ratio"], p["uniform"], state["max_ratio"], cfg.update_max)
+                mask &= p["inside"]
+                state["max_ratio"] = m
+            else:
+                mask = p["inside"].clone()
+            need = unit.quota - state["accepted"]
+            positions = mask.nonzero().flatten()
+            if len(positions) > need:  # the unit fills up inside this chunk: stop right after its last needed sample
+                cut = int(positions[need - 1]) + 1
+                mask[cut:] = False
+                p = {key: v[:cut] for key, v in p.items()}
+                mask = mask[:cut]
+                n_seen = cut
+            else:
+                n_seen = len(mask)
+            rows = torch.ones_like(mask) if cfg.keep_rejected else mask
+            take = {key: v[rows] for key, v in p.items() if key not in ("uniform", "inside")}
+            take["accepted"] = mask[rows]
+            take["proposal"] = (k * cfg.batch_size + torch.arange(n_seen))[rows]
+            self.add_teacher(take)
+            buffer.append(take)
+            buffered += int(mask.sum())
+            state["accepted"] += int(mask.sum())
+            state["proposed"] += n_seen
+            state["next_chunk"] = k + 1
+            if bar is not None:
+                bar.update(int(mask.sum()))
+                bar.set_postfix_str(f"{unit.name} acceptance {state['accepted'] / max(state['proposed'], 1):.1%}")
+            if buffered >= cfg.shard_size or state["accepted"] >= unit.quota:
+                state["done"] = state["accepted"] >= unit.quota
+                arrays = {key: torch.cat([b[key] for b in buffer]) for key in buffer[0]}
+                store.add_shard(unit.name, arrays, dict(state))
+                buffer, buffered = [], 0
+
+    # ------------------------------------------------------------------ M2 over the whole store
+    def finalize(self, store: SampleStore) -> dict[str, Any]:
+        cols: dict[str, list[np.ndarray]] = {}
+        for i, entry in enumerate(store.manifest["shards"]):
+            arrays = store.read_shard(i)
+            arrays.pop("image")
+            arrays["shard"] = np.full(entry["n"], i, dtype=np.int32)
+            arrays["row"] = np.arange(entry["n"], dtype=np.int32)
+            for key, v in arrays.items():
+                cols.setdefault(key, []).append(v)
+        table = {k: np.concatenate(v) for k, v in cols.items()}
+        accepted = table["accepted"].astype(bool)
+        labels = table["label"]
+        kept = accepted.copy()
+        report: dict[str, Any] = {"units": {}}
+        for name, st in store.manifest["progress"].items():
+            report["units"][name] = {
+                "accepted": st["accepted"],
+                "proposed": st["proposed"],
+                "acceptance_rate": st["accepted"] / max(st["proposed"], 1),
+                "max_ratio": st["max_ratio"],
+            }
+        total_acc = sum(u["accepted"] for u in report["units"].values())
+        total_prop = sum(u["proposed"] for u in report["units"].values())
+        report["acceptance_rate"] = total_acc / max(total_prop, 1)
+        report["subsample"], report["filter"], report["replace"], report["rho"] = (
+            self.subsample,
+            self.cfg.filter,
+            self.replace,
+            self.rho,
+        )
+        hist = None
+        if "error" in table:
+            errors = table["error"].astype(np.float64)
+            if self.task == "classification":
+                cutoffs: dict[int, float] | float = class_cutoffs(errors[accepted], labels[accepted], self.rho)
+                report["cutoffs"] = {str(k): v for k, v in cutoffs.items()}
+            else:
+                cutoffs = global_cutoff(errors[accepted], self.rho)
+                report["cutoff"] = cutoffs
+            if self.cfg.filter:
+                kept = accepted & keep_mask(errors, labels, cutoffs)
+            title = f"teacher errors of accepted samples, rho={self.rho}"
+            if self.task == "classification":
+                hist = histogram_png(
+                    errors[accepted], labels[accepted], cutoffs, title, "cross-entropy (assigned label, teacher)"
+                )
+            else:
+                hist = histogram_png(errors[accepted], None, cutoffs, title, "|f_t(x) - y| (normalised)")
+            report.update(self._consistency(table, accepted, kept))
+        replaced = kept & self.replace if "teacher" in table else np.zeros_like(kept)
+        final = labels.copy()
+        if replaced.any():
+            t = table["teacher"]
+            final[replaced] = (
+                t[replaced].argmax(1) if self.task == "classification" else np.clip(t[replaced].reshape(-1), 0, 1)
+            )
+        table.update({"kept": kept, "replaced": replaced, "final_label": final})
+        table.pop("uniform", None)
+        if self.task == "classification":
+            report["drop_rate_per_class"] = {
+                str(int(c)): float(1 - kept[accepted & (labels == c)].mean()) for c in np.unique(labels[accepted])
+            }
+        report["n_accepted"], report["n_kept"] = int(accepted.sum()), int(kept.sum())
+        if hist is not None:
+            from kd_lightning.callbacks.gan_quality import atomic_write_bytes
+
+            atomic_write_bytes(str(store.root / "filter_hist.png"), hist)
+        store.write_table(table, report)
+        return report
+
+    def _consistency(self, table: dict[str, np.ndarray], accepted: np.ndarray, kept: np.ndarray) -> dict[str, Any]:
+        t, y = table["teacher"], table["label"]
+        if self.task == "classification":
+            agree = t.argmax(1) == y
+            return {
+                "label_consistency_before": float(agree[accepted].mean()),
+                "label_consistency_after": float(agree[kept].mean()) if kept.any() else float("nan"),
+            }
+        err = np.abs(t.reshape(-1) - y)
+        scale = (self.label_range[1] - self.label_range[0]) if self.label_range else 1.0
+        return {
+            "teacher_mae_before": float(err[accepted].mean() * scale),
+            "teacher_mae_after": float(err[kept].mean() * scale) if kept.any() else float("nan"),
+        }
+
+
+def _describe(unit: Unit, task: str) -> str:
+    return f"class {unit.label}" if task == "classification" else f"label value {unit.label:.4g}"
+
+
+def _image_size(path: str) -> int:
+    from kd_lightning.checkpoints import load_checkpoint
+
+    return int(load_checkpoint(path).get("hyper_parameters", {}).get("image_size") or 32)
+
+
+def generate(cfg: GenerateConfig) -> tuple[SampleStore, dict[str, Any]]:
+    """Write (or resume) the store ``cfg.out``; returns it and a timing summary (not stored)."""
+    run = Generation(cfg)
+    store = SampleStore(cfg.out, run.settings())
+    start = time.perf_counter()
+    done_before = sum(int(p.get("accepted", 0)) for p in store.manifest["progress"].values())
+    if not store.finished:
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(u.quota for u in run.units), initial=done_before, desc="accepted", unit="img")
+        try:
+            for unit in run.units:
+                run.run_unit(store, unit, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        run.finalize(store)
+    seconds = time.perf_counter() - start
+    proposed = sum(int(p.get("proposed", 0)) for p in store.manifest["progress"].values())
+    burn_in = sum(int(p.get("burn_in", 0)) for p in store.manifest["progress"].values())
+    return store, {"seconds": seconds, "proposed": proposed, "burn_in": burn_in}
+
+
+def build_parser() -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="kdl generate", description=__doc__.split("\n\n")[0], exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a generate.yaml")
+    parser.add_class_arguments(GenerateConfig, as_group=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kdl generate`` (returns the exit status)."""
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    except Exception as e:  # noqa: BLE001 - jsonargparse's parse errors
+        print(f"kdl generate: error: {e}", file=sys.stderr)
+        return 2
+    ns = ns.as_dict() if hasattr(ns, "as_dict") else vars(ns)
+    ns.pop("config", None)
+    try:
+        cfg = GenerateConfig(**ns)
+        store, timing = generate(cfg)
+    except KDLError as e:
+        print(f"kdl generate: error: {e}", file=sys.stderr)
+        return 2
+    rep = store.report
+    lines = [f"store {cfg.out}: {rep.get('n_accepted')} accepted, {rep.get('n_kept')} kept"]
+    lines.append(f"acceptance rate {rep.get('acceptance_rate', float('nan')):.2%}")
+    for key in ("label_consistency_before", "label_consistency_after", "teacher_mae_before", "teacher_mae_after"):
+        if key in rep:
+            lines.append(f"{key} {rep[key]:.4f}")
+    if timing["proposed"] and timing["seconds"] > 0:
+        rate = (timing["proposed"] + timing["burn_in"]) / timing["seconds"]
+        lines.append(f"{rate:.1f} images/s (proposals and burn-in; timing of a resumed run is partial)")
+    print("; ".join(lines), file=sys.stderr)
+    return 0
+
+
+__all__ = ["GenerateConfig", "Generation", "generate", "main"]
