@@ -121,22 +121,7 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
         return json.loads(done.read_text())
     recipe = recipe_of(METHODS[method])
     pre, pre_s = pre_stage(method, seed, args) if method in PRE_STAGES else ([], 0.0)
-    common = [
-        "--config",
-        str(recipe),
-        "--model.init_args.net",
-        args.student,
-        "--seed_everything",
-        str(seed),
-        "--trainer.default_root_dir",
-        str(out),
-        "--data.init_args.root",
-        args.root,
-        "--data.init_args.train_size",
-        str(args.train_size),
-        "--data.init_args.augment",
-        "false",
-    ]
+    common = [*data_args(recipe, seed, out, args), "--model.init_args.net", args.student]
     if pre:
         common += pre
     if model_class(recipe) == "DistillModule" and method != "TAKD":
