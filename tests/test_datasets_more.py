@@ -24,7 +24,7 @@ from kd_lightning.data import (
 from kd_lightning.data.fine_grained import FineGrainedDataModule
 from kd_lightning.data.imagenet100 import read_class_list
 from kd_lightning.errors import ConfigError, DataNotFoundError
-from tests.conftest import RECIPES
+from tests.conftest import QUIET_TRAINER, RECIPES
 from tests.fake_datasets import corrupt
 from tests.fake_datasets_more import (
     FGVC_VARIANTS,
@@ -42,14 +42,7 @@ from tests.fake_datasets_more import (
 from tests.test_self_kd import write_ssup
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-QUIET = (
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-)
+QUIET = tuple(QUIET_TRAINER)
 FAST = ("--trainer.fast_dev_run", "1", "--data.init_args.batch_size", "4", *QUIET)
 
 

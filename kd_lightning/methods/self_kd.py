@@ -136,16 +136,24 @@ def wgan_gp_critic_parts(
     ``wasserstein`` (``E[D(real)] - E[D(fake)]``) and ``gp``.
     """
     with torch.autocast(device_type=real.device.type, enabled=False):
-        real, fake = real.detach().float(), fake.detach().float()
-        if eps is None:
-            eps = torch.rand(real.shape[0], 1).to(real.device)
-        eps = eps.reshape(-1, 1).float().to(real.device)
-        x_hat = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
+        real, fake, x_hat = _interpolate(real, fake, eps)
         d_real, d_fake, d_hat = critic_scores(critic, real, fake, x_hat, joint=joint)
         (grad,) = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
         gp = ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
         wasserstein = d_real.mean() - d_fake.mean()
         return {"critic": -wasserstein + gp_weight * gp, "wasserstein": wasserstein, "gp": gp}
+
+
+def _interpolate(
+    real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detached fp32 ``real`` and ``fake`` and WGAN-GP's ``x_hat = eps real + (1 - eps) fake`` (``eps`` drawn from
+    torch's global generator unless given), which requires grad."""
+    real, fake = real.detach().float(), fake.detach().float()
+    if eps is None:
+        eps = torch.rand(real.shape[0], 1).to(real.device)
+    eps = eps.reshape(-1, 1).float().to(real.device)
+    return real, fake, (eps * real + (1.0 - eps) * fake).requires_grad_(True)
 
 
 def adversarial_loss(critic: nn.Module, fake: torch.Tensor, real: torch.Tensor, joint: bool = True) -> torch.Tensor:
@@ -169,11 +177,7 @@ def gradient_penalty(
     ``eps`` (N, uniform in [0, 1]) is drawn from torch's global generator unless given.
     """
     with torch.autocast(device_type=real.device.type, enabled=False):
-        real, fake = real.detach().float(), fake.detach().float()
-        if eps is None:
-            eps = torch.rand(real.shape[0], 1).to(real.device)
-        eps = eps.reshape(-1, 1).float().to(real.device)
-        x_hat = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
+        real, fake, x_hat = _interpolate(real, fake, eps)
         scores = critic(x_hat)
         (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
         return ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
