@@ -38,3 +38,7 @@ def entrypoint() -> None:
     from kd_lightning.cli import entrypoint as trainer_entrypoint
 
     trainer_entrypoint()
+
+
+if __name__ == "__main__":
+    entrypoint()

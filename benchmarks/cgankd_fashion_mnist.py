@@ -1,0 +1,231 @@
+"""Evidence for cGAN-KD on Fashion-MNIST: Table 2, Fig. 9 and M^g analogs, from the shipped pipeline.
+
+The shared stages (teacher, class-conditional GAN, DR model, sample store) and the four Table 2 students
+(NOKD, BLKD, cGAN-KD, cGAN-KD + BLKD) are stages of ``recipes/cgankd/fashion_mnist/pipeline.yaml``, run
+here one stage at a time with ``kdl pipeline --only STAGE --vars.seed K`` so that two can run side by
+side (the pipeline's records make each one skip when it is already done). The ablations reuse the same
+store and recipes with one change each:
+
+- ``real_only``: the cGAN-KD student with no fake image (``max_fake 0``): fine-tuned from NOKD for the
+  same 15 epochs on D^r alone. It is M^g = 0 of the M^g curve, and the control for the extra epochs
+  that every fine-tuned student gets.
+- ``mg<N>``: at most N fake images (a seeded subset of the store).
+- ``no_filter``: every sample the subsampling accepted, none dropped by the teacher (no M2).
+- ``no_subsample``: a second store generated without cDR-RS (no M1), filtered as the main one.
+
+Every student folder is ``<out>/<variant>/seed<k>``; ``kdl report <out>/*/seed* --group-by parent``
+builds the table. Finished jobs are skipped when the script is run again (``<out>/logs/<job>.done``).
+
+    python benchmarks/cgankd_fashion_mnist.py --out runs/evidence/cgankd_fmnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE = "recipes/cgankd/fashion_mnist/pipeline.yaml"
+RECIPES = REPO / "recipes" / "cgankd" / "fashion_mnist"
+
+
+@dataclass
+class Job:
+    name: str
+    cmds: list[list[str]]
+    deps: list[str] = field(default_factory=list)
+    threads: int = 1
+    priority: int = 0  # higher first among ready jobs (the GAN's critical path)
+
+
+def kdl() -> list[str]:
+    return [sys.executable, "-m", "kd_lightning.commands"]
+
+
+def stage(out: str, name: str, seed: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        *kdl(),
+        "pipeline",
+        "--config",
+        PIPELINE,
+        "--vars.root",
+        out,
+        "--vars.seed",
+        str(seed),
+        "--only",
+        name,
+        *extra,
+    ]
+
+
+def fit_and_test(out: str, variant: str, seed: int, recipe: str, args: list[str]) -> list[list[str]]:
+    run = f"{out}/{variant}/seed{seed}"
+    common = ["--config", str(RECIPES / recipe), "--seed_everything", str(seed), *args]
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    fit = [*kdl(), "fit", *common, "--trainer.default_root_dir", run, *quiet]
+    test = [*kdl(), "test", *common, "--trainer.default_root_dir", run, "--ckpt_path", f"{run}/checkpoints/best.ckpt"]
+    return [fit, [*test, "--trainer.enable_progress_bar", "false"]]
+
+
+def jobs(out: str, seeds: list[int], mg: list[int]) -> list[Job]:
+    teacher = f"{out}/teacher/checkpoints/best.ckpt"
+    store = f"{out}/store"
+    js = [
+        Job("teacher", [stage(out, "teacher")], priority=2),
+        Job("cgan", [stage(out, "cgan")], threads=2, priority=3),
+        Job("dr", [stage(out, "dr")], ["teacher", "cgan"], threads=2, priority=3),
+        Job("generate", [stage(out, "generate")], ["dr"], threads=2, priority=3),
+        Job(
+            "generate_no_subsample",
+            [
+                [
+                    *kdl(),
+                    "generate",
+                    "--config",
+                    str(RECIPES / "generate.yaml"),
+                    "--generator",
+                    f"{out}/cgan/checkpoints/last.ckpt",
+                    "--density_ratio",
+                    f"{out}/dr/checkpoints/best.ckpt",
+                    "--teacher",
+                    teacher,
+                    "--subsample",
+                    "false",
+                    "--out",
+                    f"{out}/store_no_subsample",
+                ],
+            ],
+            ["dr"],
+        ),
+    ]
+    for k in seeds:
+        nokd = f"{out}/nokd/seed{k}/checkpoints/best.ckpt"
+        js += [
+            Job(
+                f"nokd{k}",
+                [stage(out, "student", k), stage(out, "test_student", k)],
+                ["teacher"] if k else [],
+                priority=1,
+            ),
+            Job(f"blkd{k}", [stage(out, "blkd", k), stage(out, "test_blkd", k)], ["teacher"]),
+            Job(
+                f"cgankd{k}",
+                [stage(out, "student_cgankd", k), stage(out, "test_cgankd", k)],
+                ["generate", f"nokd{k}"],
+                priority=1,
+            ),
+            Job(
+                f"cgankd_blkd{k}",
+                [stage(out, "student_cgankd_blkd", k), stage(out, "test_cgankd_blkd", k)],
+                ["generate", f"nokd{k}"],
+                priority=1,
+            ),
+        ]
+        base = ["--model.init_args.net_weights", nokd, "--data.init_args.store", store]
+        js.append(
+            Job(
+                f"real_only{k}",
+                fit_and_test(out, "real_only", k, "student_cgankd.yaml", [*base, "--data.init_args.max_fake", "0"]),
+                ["generate", f"nokd{k}"],
+            )
+        )
+        js.append(
+            Job(
+                f"no_filter{k}",
+                fit_and_test(out, "no_filter", k, "student_cgankd.yaml", [*base, "--data.init_args.filtered", "false"]),
+                ["generate", f"nokd{k}"],
+            )
+        )
+        nosub = ["--model.init_args.net_weights", nokd, "--data.init_args.store", f"{out}/store_no_subsample"]
+        js.append(
+            Job(
+                f"no_subsample{k}",
+                fit_and_test(out, "no_subsample", k, "student_cgankd.yaml", nosub),
+                ["generate_no_subsample", f"nokd{k}"],
+            )
+        )
+        for n in mg:
+            js.append(
+                Job(
+                    f"mg{n}_{k}",
+                    fit_and_test(out, f"mg{n}", k, "student_cgankd.yaml", [*base, "--data.init_args.max_fake", str(n)]),
+                    ["generate", f"nokd{k}"],
+                )
+            )
+    return js
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/evidence/cgankd_fmnist")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--mg", type=int, nargs="*", default=[1000], help="M^g points besides 0 and the whole store")
+    p.add_argument("--workers", type=int, default=2, help="jobs run side by side")
+    p.add_argument("--only", nargs="*", default=None, help="run only these jobs (and nothing they need)")
+    args = p.parse_args()
+    out = os.path.abspath(args.out)
+    logs = Path(out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    todo = {j.name: j for j in jobs(out, args.seeds, args.mg) if args.only is None or j.name in args.only}
+    done = {j for j in todo if (logs / f"{j}.done").exists()}
+    running: dict[str, tuple[subprocess.Popen, int, float]] = {}  # name -> (process, command index, start)
+    failed: list[str] = []
+    start = time.time()
+
+    def launch(job: Job, i: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "PYTHONPATH": str(REPO)}
+        log = open(logs / f"{job.name}.log", "a")  # noqa: SIM115 - closed with the process
+        log.write(f"\n$ {' '.join(job.cmds[i])}\n")
+        log.flush()
+        proc = subprocess.Popen(job.cmds[i], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        running[job.name] = (proc, i, running.get(job.name, (None, 0, time.time()))[2])
+
+    while True:
+        for name, (proc, i, t0) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            job = todo[name]
+            if rc != 0:
+                print(
+                    f"[{time.time() - start:7.0f}s] FAILED {name} (exit {rc}); log {logs / (name + '.log')}", flush=True
+                )
+                failed.append(name)
+                del running[name]
+            elif i + 1 < len(job.cmds):
+                launch(job, i + 1)
+            else:
+                (logs / f"{name}.done").write_text(f"{time.time() - t0:.1f}\n")
+                print(f"[{time.time() - start:7.0f}s] done {name} in {(time.time() - t0) / 60:.1f} min", flush=True)
+                done.add(name)
+                del running[name]
+        blocked = set(failed)
+        ready = [
+            j
+            for n, j in todo.items()
+            if n not in done
+            and n not in running
+            and n not in blocked
+            and all(d in done or (d not in todo and args.only is not None) for d in j.deps)
+        ]
+        ready.sort(key=lambda j: -j.priority)
+        while ready and len(running) < args.workers:
+            job = ready.pop(0)
+            running[job.name] = (None, 0, time.time())  # type: ignore[assignment]
+            launch(job, 0)
+            print(f"[{time.time() - start:7.0f}s] start {job.name}", flush=True)
+        if not running:
+            break
+        time.sleep(5)
+    left = sorted(set(todo) - done)
+    print(f"finished in {(time.time() - start) / 60:.1f} min; failed: {failed or 'none'}; not run: {left or 'none'}")
+    return 1 if failed or left else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
