@@ -460,14 +460,18 @@ def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Pa
     gan_stage, gan_size, t_size, regression = SETTINGS[setting]
     names = {p.name for p in folder.glob("*.yaml")} - {"pipeline.yaml"}  # the chain itself: tests/test_pipeline.py
     kd_student = "student_cgankd_fitnet.yaml" if regression else "student_cgankd_blkd.yaml"
+    kd_baseline = {"digits": [], "fashion_mnist": ["blkd.yaml"], "rotated": ["fitnet.yaml"]}[setting]  # real data only
     assert names == {"teacher.yaml", "student.yaml", f"{gan_stage}.yaml", "dr.yaml", "generate.yaml",
-                     "student_cgankd.yaml", kd_student}  # fmt: skip
+                     "student_cgankd.yaml", kd_student, *kd_baseline}  # fmt: skip
     fake = make_fake_mnist(tmp_path / "fmnist") if setting != "digits" else tmp_path
     fast = ["--trainer.fast_dev_run", "1"]
     for stage in ("teacher", "student", gan_stage):
         assert kdl("fit", "--config", str(folder / f"{stage}.yaml"), *fast, *root_options(setting, fake, False)) == 0
     gan = tiny_gan(tmp_path / "gan.ckpt", regression=regression, size=gan_size)
     teacher = tiny_teacher(tmp_path / "teacher.ckpt", regression=regression, size=t_size)
+    for recipe in kd_baseline:
+        args = ["--model.init_args.teacher", str(teacher), *fast, *root_options(setting, fake, False)]
+        assert kdl("fit", "--config", str(folder / recipe), *args) == 0
     dr_args = ["--model.init_args.generator", str(gan), "--model.init_args.encoder", str(teacher)]
     assert kdl("fit", "--config", str(folder / "dr.yaml"), *fast, *dr_args, *root_options(setting, fake, False)) == 0
     dr = tiny_dr(tmp_path / "dr.ckpt", gan, teacher, regression=regression)
