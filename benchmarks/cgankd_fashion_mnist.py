@@ -77,9 +77,9 @@ def jobs(out: str, seeds: list[int], mg: list[int]) -> list[Job]:
     store = f"{out}/store"
     js = [
         Job("teacher", [stage(out, "teacher")], priority=2),
-        Job("cgan", [stage(out, "cgan")], threads=2, priority=3),
-        Job("dr", [stage(out, "dr")], ["teacher", "cgan"], threads=2, priority=3),
-        Job("generate", [stage(out, "generate")], ["dr"], threads=2, priority=3),
+        Job("cgan", [stage(out, "cgan")], priority=3),
+        Job("dr", [stage(out, "dr")], ["teacher", "cgan"], priority=3),
+        Job("generate", [stage(out, "generate")], ["dr"], priority=3),
         Job(
             "generate_no_subsample",
             [

@@ -21,7 +21,8 @@ A pipeline YAML holds ``vars`` (pipeline variables) and ``stages``, an ordered l
         args: {model.init_args.teacher: "${teacher.best}"}
 
 ``${name}`` is a variable; ``${stage.dir}``, ``${stage.best}``, ``${stage.last}`` (fit stages),
-``${stage.url}`` (background stages) and ``${stage.<output>}`` name an earlier stage's artifacts.
+``${stage.url}`` (background stages: the base of ``ready.url``) and ``${stage.<output>}`` name an earlier
+stage's artifacts.
 Every stage runs as its own ``kdl`` process, exactly as it would alone, with its output in
 ``<dir>/pipeline/<name>.log`` and its record (config hash, input and output hashes, status, time) in
 ``<dir>/pipeline/<name>.json``. A stage is skipped when that record says done for the same resolved
@@ -170,6 +171,14 @@ class Step:
 
     def shown(self, extra: list[str] | None = None) -> str:
         return shlex.join(["kdl", self.command, *self.argv, *(extra or [])])
+
+
+def base_url(url: str) -> str:
+    """``scheme://host:port`` of ``url``: what ``${stage.url}`` hands on (a client adds its own paths)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else url
 
 
 def _sha(text: str | bytes) -> str:
@@ -371,7 +380,7 @@ def resolve(
                 timeout=stage.ready.timeout,
             )
             if ready.url:
-                artifacts["url"] = str(ready.url)
+                artifacts["url"] = base_url(str(ready.url))
         paths: list[str] = []
         for j, item in enumerate(stage.inputs):
             before = len(refs)
@@ -660,6 +669,8 @@ class Runner:
             d = self.decide(step, rebuilt)
             if d.action in ("run", "resume", "blocked"):
                 rebuilt.add(step.name)
+            elif d.action == "start" and any(ref.split(".", 1)[0] in rebuilt for ref in step.refs):
+                rebuilt.add(step.name)  # a server of a checkpoint that is rebuilt first is new to its clients
             rows.append((step, d))
         for i, (step, d) in enumerate(rows):
             if d.action == "start" and not any(later.action in ("run", "resume") for _, later in rows[i + 1 :]):

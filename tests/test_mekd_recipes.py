@@ -22,7 +22,7 @@ STUDENTS = ["mekd_soft", "mekd_hard", "kd_soft", "kd_hard", "ml_soft", "dkd_soft
 
 
 def test_every_mekd_recipe_is_exercised() -> None:
-    shipped = {p.stem for p in DIR.glob("*.yaml")}
+    shipped = {p.stem for p in DIR.glob("*.yaml")} - {"pipeline"}  # the chain: test_the_mekd_pipeline_...
     assert shipped == {"teacher", "deprivatize_soft", "deprivatize_hard", "reference_true_labels", *STUDENTS}
 
 
@@ -65,3 +65,66 @@ def test_student_recipes_name_a_budget_equal_to_their_pool(name: str) -> None:
     cfg = yaml.safe_load((DIR / f"{name}.yaml").read_text())
     assert cfg["model"]["init_args"]["query_budget"] == cfg["data"]["init_args"]["pool_size"]
     assert "label" not in str(cfg["data"]["init_args"]["pool"])
+
+
+@pytest.mark.slow
+def test_the_mekd_pipeline_serves_its_teacher_and_pays_each_query_once(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The shipped pipeline at toy sizes: teacher, the API as a background stage, both MEKD stages through it."""
+    import yaml
+
+    from kd_lightning import pipeline
+    from tests.blackbox_helpers import free_port
+
+    make_fake_mnist(tmp_path / "fm", n_train=200, n_test=40)
+    toy = {  # stage -> extra arguments (toy sizes, fake data); the shipped wiring is kept as it is
+        "teacher": ["--model.init_args.net", "tinynet", "--trainer.max_epochs", "1", *EDGE],
+        "deprivatize": [
+            "--trainer.max_steps",
+            "4",
+            "--model.init_args.im_interval",
+            "1",
+            "--model.init_args.im_batch_size",
+            "4",
+            *EDGE,
+        ],  # fmt: skip
+        "mekd": [
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--data.init_args.pool_size",
+            "40",
+            *LOCAL,
+        ],  # fmt: skip
+    }
+    toy["test_mekd"] = toy["mekd"]
+    raw = yaml.safe_load((DIR / "pipeline.yaml").read_text())
+    for stage in raw["stages"]:
+        if "config" in stage:
+            stage["config"] = str(RECIPES.parent / stage["config"])
+        if stage["name"] in toy:
+            args = stage.get("args") or {}
+            extra = dict(zip(toy[stage["name"]][::2], toy[stage["name"]][1::2], strict=True))
+            stage["args"] = {**args, **{k.removeprefix("--"): v for k, v in extra.items()}}
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["--config", "pipe.yaml", "--vars.root", "runs", "--vars.port", str(free_port())]
+    assert pipeline.main(args) == 0
+    served = read_server_log(tmp_path / "runs/teacher_api_soft/server.jsonl")
+    charged = sum(r["n"] for r in served if r["charged"])
+    import json
+
+    spent = [
+        json.loads((tmp_path / f"runs/{s}_soft/seed0/queries/stats.json").read_text())["journal_spent"]
+        for s in ("deprivatize", "mekd")
+    ]
+    assert charged == sum(spent) > 0  # every answer the API charged is in a stage's journal, none twice
+    assert "test/acc1" in (tmp_path / "runs/mekd_soft/seed0/pipeline/test_mekd.log").read_text()
+    # again: everything is done, so the server is not even started
+    assert pipeline.main(args) == 0
+    assert sum(r["n"] for r in read_server_log(tmp_path / "runs/teacher_api_soft/server.jsonl") if r["charged"]) == (
+        charged
+    )
