@@ -155,6 +155,7 @@ def jobs(out: str, seeds: list[int], mg: list[int]) -> list[Job]:
                     f"mg{n}_{k}",
                     fit_and_test(out, f"mg{n}", k, "student_cgankd.yaml", [*base, "--data.init_args.max_fake", str(n)]),
                     ["generate", f"nokd{k}"],
+                    priority=-1,  # after every seed of Table 2 and Fig. 9
                 )
             )
     return js
