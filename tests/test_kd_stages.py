@@ -139,7 +139,7 @@ def test_hcl_golden_value() -> None:
     assert hcl(s, t).item() == pytest.approx(ref / 1.75, rel=1e-5)
 
 
-def test_reviewkd_sums_hcl_of_the_fused_stages_deep_to_shallow() -> None:
+def test_reviewkd_golden_value_sums_hcl_of_the_fused_stages_deep_to_shallow() -> None:
     loss = ReviewKD(mid_channels=3)
     info = SetupInfo(shapes(stage0=(2, 4, 4), stage1=(4, 2, 2)), shapes(stage0=(5, 4, 4), stage1=(6, 2, 2)), 3)
     loss.setup(info)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
 
 
 def _stage_names(info_shapes: dict[str, torch.Size]) -> list[str]:
@@ -44,7 +44,6 @@ def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, F.adaptive_avg_pool2d(b, a.shape[-2:])
 
 
-@register_loss
 class FitNet(KDLoss):
     """Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015).
 
@@ -92,7 +91,6 @@ def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1)
 
 
-@register_loss
 class AT(KDLoss):
     """Zagoruyko & Komodakis, "Paying More Attention to Attention" (ICLR 2017).
 
@@ -127,7 +125,6 @@ class AT(KDLoss):
         return total
 
 
-@register_loss
 class VID(KDLoss):
     """Ahn et al., "Variational Information Distillation for Knowledge Transfer" (CVPR 2019).
 
