@@ -457,7 +457,7 @@ def test_sskd_reference_schedule_loads_a_frozen_teacher_head(tmp_path) -> None: 
     from kd_lightning.errors import CheckpointError
     from kd_lightning.losses import StepContext
     from kd_lightning.methods import SSKDTeacherHead
-    from tests.test_distill_recipes import write_teacher
+    from tests.helpers import write_teacher
 
     teacher = write_teacher(tmp_path / "t.ckpt", 3, 1, 8, (0.5,), (0.5,))
     stage = SSKDTeacherHead(teacher=str(teacher), num_classes=3, in_channels=1, image_size=8)
