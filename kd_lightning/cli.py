@@ -47,7 +47,7 @@ from kd_lightning.callbacks import (
     config_differences,
     exit_status_after_stop,
 )
-from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint
+from kd_lightning.checkpoints import CONFIG_KEY, TRUST_ENV, load_checkpoint
 from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
 from kd_lightning.errors import ConfigError, KDLError
 
@@ -257,7 +257,7 @@ class KDLCLI(LightningCLI):
         path = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
         if path is None:
             return
-        saved = load_checkpoint(path, mmap=True).get("kdl_config")
+        saved = load_checkpoint(path, mmap=True).get(CONFIG_KEY)
         if not isinstance(saved, dict):
             return
         diffs = config_differences({k: saved.get(k) for k in ("model", "data")}, self.recipe())

@@ -324,7 +324,7 @@ def test_ccgan_trains_on_rotated_digits_with_hvdl_svdl_and_ili(tmp_path: Path) -
     )
     trainer.fit(emb, datamodule=dm)
     # the y2h phase draws its labels from the distinct training labels, as the official code
-    from kd_lightning.methods.gan import dataset_labels
+    from kd_lightning.data.base import dataset_labels
 
     assert torch.equal(emb._unique_labels, torch.unique(dataset_labels(dm.train_dataset).float().flatten()))
     ckpt = tmp_path / "emb.ckpt"

@@ -531,7 +531,7 @@ def test_training_labels_by_index_follow_the_split() -> None:
 
     dm = DigitsDataModule(val_fraction=0.2, train_size=300, batch_size=16)
     dm.setup("fit")
-    from kd_lightning.data.pairs import dataset_labels
+    from kd_lightning.data.base import dataset_labels
 
     n = len(dm.train_dataset.dataset)
     by_index = train_labels_by_index(dm, n)

@@ -16,10 +16,11 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
+from kd_lightning.nets.features import stage_names
 
 
 def _stage_names(info_shapes: dict[str, torch.Size]) -> list[str]:
-    return sorted((k for k in info_shapes if k.startswith("stage") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+    return stage_names(info_shapes)
 
 
 def pair_stages(loss: KDLoss, info: SetupInfo, names: Sequence[str] | None) -> list[str]:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
+from kd_lightning.nets.features import stage_names
 
 
 class PKT(KDLoss):
@@ -95,7 +96,7 @@ class SP(KDLoss):
 
 
 def _last_stage(loss: KDLoss, shapes: dict[str, torch.Size], side: str) -> str:
-    stages = sorted((k for k in shapes if k.startswith("stage") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+    stages = stage_names(shapes)
     if not stages:
         raise ConfigError(f"{type(loss).__name__}: the {side} net declares no stages; name a feature explicitly")
     return stages[-1]

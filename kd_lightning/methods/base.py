@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from kd_lightning.checkpoints import state_mismatch
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.nets.normalize import Normalize
 
@@ -95,25 +96,16 @@ class BaseTask(L.LightningModule):
     # ------------------------------------------------------------------ checks
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another kind or shape with a message instead of a tensor error."""
-        theirs = checkpoint.get("state_dict", {})
-        ours = self.state_dict()
-        missing = sorted(set(ours) - set(theirs))
-        unexpected = sorted(set(theirs) - set(ours))
-        reshaped = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))
-        if missing or unexpected or reshaped:
+        mismatch = state_mismatch(self.state_dict(), checkpoint.get("state_dict", {}))
+        if mismatch:
             hp = checkpoint.get("hyper_parameters", {})
             made_by = ", ".join(f"{k}={hp[k]!r}" for k in ("net", "num_classes", "in_channels") if k in hp)
-            parts = [
-                f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
-                if keys
-            ]
             ours_hp = ", ".join(
                 f"{k}={self.hparams[k]!r}" for k in ("net", "num_classes", "in_channels") if k in self.hparams
             )
             raise CheckpointError(
                 f"checkpoint does not fit {type(self).__name__}({ours_hp})"
-                f"; it was saved by a model with {made_by or 'other hyper-parameters'} ({'; '.join(parts)})"
+                f"; it was saved by a model with {made_by or 'other hyper-parameters'} ({mismatch})"
             )
 
     def setup(self, stage: str) -> None:

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
+from kd_lightning.data.base import dataset_labels
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.gans import (
     DCGANDiscriminator,
@@ -304,22 +305,6 @@ class DCGAN(GANTask):
 
     def generator_step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return g_loss(self.d_logits(self.generator(self.noise(len(batch["image"]))), None), self.hparams.loss)
-
-
-def dataset_labels(ds: Dataset) -> torch.Tensor:
-    """Every label of a kd_lightning training dataset, as the batches carry them (normalised for regression).
-
-    Reads ``targets`` through ``Subset`` and ``IndexedDataset`` without loading images; other datasets
-    are iterated.
-    """
-    from kd_lightning.data.base import IndexedDataset
-
-    if isinstance(ds, Subset):
-        return dataset_labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
-    if isinstance(ds, IndexedDataset) and hasattr(ds.base, "targets"):
-        raw = torch.as_tensor(ds.base.targets)
-        return ds.target_transform(raw) if ds.target_transform else raw
-    return torch.stack([torch.as_tensor(ds[i]["label"]) for i in range(len(ds))])  # type: ignore[arg-type]
 
 
 class CcGAN(GANTask):
@@ -599,7 +584,6 @@ __all__ = [
     "ConditionalGAN",
     "GANTask",
     "LabelEmbedding",
-    "dataset_labels",
     "discriminator_adam",
     "generator_adam",
     "load_gan",
