@@ -14,7 +14,7 @@ normalisations still work together on the same batch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -50,6 +50,9 @@ class BaseTask(L.LightningModule):
     #: metric the default checkpoint callback tracks, and in which direction
     monitor: str = "val/acc1"
     monitor_mode: str = "max"
+    #: ``__init__`` arguments that are not hyper-parameters (optimiser factories: callables) and so stay out of
+    #: ``hparams`` and checkpoints; a subclass with more extends the tuple
+    hparams_ignore: ClassVar[tuple[str, ...]] = ("optimizer", "lr_scheduler")
 
     def __init__(
         self,
@@ -63,7 +66,7 @@ class BaseTask(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.normalize = Normalize(mean or (0.5,), std or (0.5,), in_channels)

@@ -91,6 +91,7 @@ class GANTask(BaseTask):
     monitor = None  # no validation metric: checkpoints keep the latest state
     monitor_mode = "min"
     condition = "class"
+    hparams_ignore = (*BaseTask.hparams_ignore, "generator_optimizer", "discriminator_optimizer")
 
     def __init__(
         self,
@@ -128,9 +129,6 @@ class GANTask(BaseTask):
         self.generator_optimizer_factory = generator_optimizer
         self.discriminator_optimizer_factory = discriminator_optimizer
         super().__init__(**kwargs)
-        for key in ("generator_optimizer", "discriminator_optimizer"):  # callables, not hyper-parameters
-            self._hparams.pop(key, None)
-            getattr(self, "_hparams_initial", {}).pop(key, None)
         self.automatic_optimization = False
         self.augment = DiffAugment(diffaugment)
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
@@ -567,7 +565,8 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     overrides: dict[str, Any] = {"embedding_checkpoint": None} if issubclass(cls, CcGAN) else {}
     # kdl's CLI hands the hyper-parameters of the module it is building to every save_hyperparameters
     # call made meanwhile (a context variable); a GAN loaded inside another module's __init__ (the
-    # density-ratio model, a generated DataModule) must use its own checkpoint's instead
+    # density-ratio model, a generated DataModule) must use its own checkpoint's instead (a private variable
+    # with no public switch: tests/test_lightning_internals.py pins it)
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
     token = _given_hyperparameters.set(None)

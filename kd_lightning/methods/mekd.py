@@ -159,6 +159,7 @@ class MEKDDeprivatization(DCGAN):
 
     def configure_models(self) -> None:
         if self.hparams.get("z_dim") is None:  # kdl's CLI records the config's null; resolve it here too
+            # (the logged copy has no public setter: tests/test_lightning_internals.py pins _hparams_initial)
             for hp in (self.hparams, getattr(self, "_hparams_initial", {})):
                 hp["z_dim"] = int(self.hparams.num_classes)
         super().configure_models()
