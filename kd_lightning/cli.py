@@ -37,7 +37,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-import kd_lightning.data  # noqa: F401  (register DataModules for short class names)
+import kd_lightning.data  # registers the DataModules for short class names (and is used below)
 import kd_lightning.methods  # noqa: F401  (register LightningModules for short class names)
 from kd_lightning.callbacks import (
     AtomicCheckpointIO,

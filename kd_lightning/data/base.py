@@ -13,7 +13,7 @@ train, an optional stratified training subset, augmentation, padding/resizing, l
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -340,11 +340,3 @@ def dataset_labels(ds: Dataset) -> torch.Tensor:
         return dataset_labels(inner)
     items = (ds[i] for i in range(len(ds)))  # type: ignore[arg-type]
     return torch.stack([torch.as_tensor(x["label"] if isinstance(x, dict) else x[1]) for x in items])
-
-
-def as_uint8_images(images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
-    """Images as a uint8 N x C x H x W tensor (adds the channel axis to N x H x W)."""
-    t = torch.as_tensor(images)
-    if t.ndim == 3:
-        t = t.unsqueeze(1)
-    return t.to(torch.uint8)

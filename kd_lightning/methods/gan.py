@@ -54,13 +54,8 @@ from kd_lightning.gans.losses import LossType, Vicinity
 from kd_lightning.methods.base import BaseTask
 
 
-def generator_adam(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """Adam, lr 2e-4, betas (0, 0.999) (BigGAN/cGAN-KD's generator optimiser)."""
-    return torch.optim.Adam(params, lr=2e-4, betas=(0.0, 0.999))
-
-
-def discriminator_adam(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """Adam, lr 2e-4, betas (0, 0.999) (BigGAN/cGAN-KD's discriminator optimiser)."""
+def gan_adam(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """Adam, lr 2e-4, betas (0, 0.999): BigGAN/cGAN-KD's optimiser of the generator and of the discriminator."""
     return torch.optim.Adam(params, lr=2e-4, betas=(0.0, 0.999))
 
 
@@ -106,8 +101,8 @@ class GANTask(BaseTask):
         ema_buffers: Literal["average", "copy"] = "average",
         diffaugment: str = "",
         gradient_clip_val: float | None = None,
-        generator_optimizer: OptimizerCallable = generator_adam,
-        discriminator_optimizer: OptimizerCallable = discriminator_adam,
+        generator_optimizer: OptimizerCallable = gan_adam,
+        discriminator_optimizer: OptimizerCallable = gan_adam,
         **kwargs: Any,
     ) -> None:
         for name, value in (("z_dim", z_dim), ("g_ch", g_ch), ("d_ch", d_ch), ("n_critic", n_critic), ("n_gen", n_gen)):
@@ -583,7 +578,6 @@ __all__ = [
     "ConditionalGAN",
     "GANTask",
     "LabelEmbedding",
-    "discriminator_adam",
-    "generator_adam",
+    "gan_adam",
     "load_gan",
 ]

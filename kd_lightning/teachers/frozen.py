@@ -173,10 +173,3 @@ def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         name = getattr(getattr(net, "net_info", None), "name", type(net).__name__)
         raise CheckpointError(f"weights in {source!r} do not fit net {name!r} ({mismatch})")
     net.load_state_dict(state)
-
-
-def load_teacher(spec: str | os.PathLike | FrozenTeacher) -> FrozenTeacher:
-    """A :class:`FrozenTeacher` from a checkpoint path (or pass one through)."""
-    if isinstance(spec, FrozenTeacher):
-        return spec
-    return FrozenTeacher.from_checkpoint(spec)
