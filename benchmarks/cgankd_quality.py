@@ -28,12 +28,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import fp32_peak_flops  # noqa: E402
+from throughput import fp32_peak_flops
 
-from kd_lightning.callbacks.gan_quality import save_grid_png  # noqa: E402
-from kd_lightning.metrics.gan import TeacherFeatures, fid_from_features, intra_fid, label_consistency  # noqa: E402
-from kd_lightning.sampling.generate import GenerateConfig, Generation, generate  # noqa: E402
-from kd_lightning.teachers import FrozenTeacher  # noqa: E402
+from kd_lightning.callbacks.gan_quality import save_grid_png
+from kd_lightning.metrics.gan import TeacherFeatures, fid_from_features, intra_fid, label_consistency
+from kd_lightning.sampling.generate import GenerateConfig, Generation, generate
+from kd_lightning.teachers import FrozenTeacher
 
 
 def flops_per_proposal(run: Generation, batch: int = 50) -> float:

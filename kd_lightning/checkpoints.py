@@ -57,6 +57,19 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = Fa
         raise CheckpointError(f"{what} {str(path)!r} cannot be read ({type(e).__name__}: {first})") from None
 
 
+#: checkpoint key of the run's resolved config (written by callbacks.ResumeState, read by ``kdl`` on resume)
+CONFIG_KEY = "kdl_config"
+#: checkpoint key of the RNG states (callbacks.ResumeState)
+RNG_KEY = "kdl_rng"
+#: every task keeps its network as ``self.net``: its weights are the state-dict keys under this prefix
+NET_PREFIX = "net."
+
+
+def net_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The network's own weights out of a task's state dict (the keys under :data:`NET_PREFIX`, prefix removed)."""
+    return {k[len(NET_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(NET_PREFIX)}
+
+
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """Load a Lightning checkpoint (on CPU); a clear error when missing, unreadable or unsafe."""
     ckpt = safe_load(path, mmap=mmap)
@@ -69,7 +82,20 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a plain ``state_dict`` file, or the net's weights out of a ``kdl`` checkpoint."""
     obj = safe_load(path, what="weights file")
     if isinstance(obj, dict) and "state_dict" in obj:
-        obj = {k[len("net.") :]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
+        obj = net_state(obj["state_dict"])
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{str(path)!r} holds no state_dict")
     return obj
+
+
+def state_mismatch(ours: dict[str, Any], theirs: dict[str, Any], shown: int = 4) -> str:
+    """How the state dict ``theirs`` does not fit ``ours`` ("missing: ...; unexpected: ...; shape differs:
+    ...", at most ``shown`` keys of each), or "" when it fits."""
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    reshaped = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))
+    return "; ".join(
+        f"{name}: {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''}"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
+        if keys
+    )

@@ -37,7 +37,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-import kd_lightning.data  # noqa: F401  (register DataModules for short class names)
+import kd_lightning.data  # registers the DataModules for short class names (and is used below)
 import kd_lightning.methods  # noqa: F401  (register LightningModules for short class names)
 from kd_lightning.callbacks import (
     AtomicCheckpointIO,
@@ -47,7 +47,7 @@ from kd_lightning.callbacks import (
     config_differences,
     exit_status_after_stop,
 )
-from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint
+from kd_lightning.checkpoints import CONFIG_KEY, TRUST_ENV, load_checkpoint
 from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
 from kd_lightning.errors import ConfigError, KDLError
 
@@ -89,7 +89,8 @@ class KDCheckpoint(ModelCheckpoint):
         self._last_saved_at: int | None = None
 
     # Lightning >= 2.5 writes last.ckpt only when a top-k checkpoint is written; resuming needs the
-    # latest state, so last.ckpt is (also) written at every validation / epoch-end save point.
+    # latest state, so last.ckpt is (also) written at every validation / epoch-end save point. There is no
+    # public hook for this: the private methods used here are pinned by tests/test_lightning_internals.py.
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         self._last_saved_at = trainer.global_step
         super()._save_last_checkpoint(trainer, monitor_candidates)
@@ -257,7 +258,7 @@ class KDLCLI(LightningCLI):
         path = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
         if path is None:
             return
-        saved = load_checkpoint(path, mmap=True).get("kdl_config")
+        saved = load_checkpoint(path, mmap=True).get(CONFIG_KEY)
         if not isinstance(saved, dict):
             return
         diffs = config_differences({k: saved.get(k) for k in ("model", "data")}, self.recipe())
@@ -342,7 +343,7 @@ class _DropTips(logging.Filter):
         return "Tip:" not in str(record.msg)
 
 
-def _quiet_lightning() -> None:
+def quiet_lightning() -> None:
     """Silence advice that is noise for kdl users (cloud-logger tips, the tensorboardX notice)."""
     for msg in (
         ".*tensorboardX.*",
@@ -354,6 +355,9 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").addFilter(_DropTips())
     for handler in logging.getLogger("lightning.pytorch").handlers:
         handler.addFilter(_DropTips())
+
+
+_quiet_lightning = quiet_lightning  # the old name, still imported by benchmarks/ (issue 18); remove after merge
 
 
 _NOISE = (
@@ -466,7 +470,7 @@ def main(args: list[str] | None = None) -> int:
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
     command = argv[0] if argv[0] in TRAINER_COMMANDS else None
     try:

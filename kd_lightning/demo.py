@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from kd_lightning.callbacks import TrainThroughput
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults
+from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning
 from kd_lightning.data.mnist import FASHION_MNIST_DEBIAN_ROOT
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -104,7 +104,7 @@ def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
     os.environ.setdefault("KDL_DEMO", "1")
     fashion = Path(args.root)

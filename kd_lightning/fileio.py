@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 
 
 def _umask() -> int:
@@ -12,23 +14,46 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then ``os.replace``.
+def fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-    The file gets the usual permissions (0666 less the umask), not the 0600 of a temporary file.
+
+def atomic_replace(path: str | os.PathLike, write: Callable[[str], None], tmp: str | None = None) -> None:
+    """``write(tmp)`` fills a temporary file in ``path``'s folder, which then replaces ``path`` (``os.replace``).
+
+    ``tmp`` defaults to a fresh ``.tmp-*`` name with the usual permissions (0666 less the umask). If anything
+    fails, the temporary file is removed and ``path`` is untouched. ``write`` should flush and fsync its file.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then ``os.replace``."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_replace(path, write)

@@ -172,8 +172,7 @@ def digits8_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import lightning as L
 
     from kd_lightning.data import DigitsEdgeCloud
-    from tests.test_distill import fit_and_save
-    from tests.test_supervised import digits_classifier
+    from tests.helpers import digits_classifier, fit_and_save
 
     L.seed_everything(0)
     model, _ = digits_classifier(image_size=8)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint
-from tests.conftest import QUIET_TRAINER, RECIPES, REPO
+from tests.helpers import QUIET_TRAINER, RECIPES, REPO
 
 STUDENT = str(RECIPES / "digits/student.yaml")
 BLKD = str(RECIPES / "digits/blkd.yaml")
@@ -273,7 +273,7 @@ def test_disk_full_while_saving_says_so_and_keeps_last(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_sample_on_a_missing_cuda_device(kdl, capsys) -> None:  # noqa: ANN001
-    from tests.test_gans import GAN_ARGS
+    from tests.helpers import GAN_ARGS
 
     assert kdl("fit", *GAN_ARGS, "--trainer.max_steps", "2", "--trainer.default_root_dir", "gan") == 0
     ckpt = "gan/checkpoints/last.ckpt"
@@ -311,7 +311,7 @@ def test_help_lists_every_command(kdl, capsys) -> None:  # noqa: ANN001
 
 
 def test_ctrl_c_saves_and_exits_130(tmp_path: Path) -> None:
-    from tests.test_interrupt import kdl_process, wait_for
+    from tests.helpers import kdl_process, wait_for
 
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     proc = kdl_process(tmp_path, "--trainer.max_epochs", "200")

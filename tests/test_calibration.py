@@ -21,7 +21,7 @@ from kd_lightning.metrics.calibration import (
     plot_reliability_diagram,
     reliability_bins,
 )
-from tests.conftest import RECIPES
+from tests.helpers import QUIET, RECIPES
 
 
 def overconfident(n: int, classes: int = 10, sharpen: float = 4.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,10 +109,7 @@ def test_kdl_test_fits_temperature_on_validation_and_writes_the_report(kdl, tmp_
         "tinynet",
         "--trainer.default_root_dir",
         "run",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *QUIET,
     ]
     assert kdl("fit", *common, "--trainer.max_epochs", "1") == 0
     assert kdl("test", *common, "--ckpt_path", "run/checkpoints/best.ckpt") == 0

@@ -36,6 +36,7 @@ from kd_lightning.sampling import (
 from kd_lightning.sampling.generate import GenerateConfig, generate
 from kd_lightning.sampling.generate import main as generate_main
 from kd_lightning.teachers import FrozenTeacher
+from tests.helpers import QUIET_TRAINER_KW
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,9 +183,8 @@ def test_dr_module_trains_logs_and_its_checkpoint_loads_alone(parts: dict[str, P
     head0 = [p.detach().clone() for p in model.model.head.parameters()]
     enc0 = [p.detach().clone() for p in model.model.encoder.parameters()]
     trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(tmp_path),
+        max_epochs=1, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", enable_checkpointing=False,
+        **QUIET_TRAINER_KW, default_root_dir=str(tmp_path),
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     assert {"val/loss", "val/ratio_real", "val/ratio_fake"} <= set(trainer.callback_metrics)
@@ -409,8 +409,8 @@ def test_distill_module_takes_the_stored_teacher_outputs(
 
     model.teacher_outputs = counting  # type: ignore[method-assign]
     trainer = L.Trainer(
-        max_epochs=1, limit_val_batches=0, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        max_epochs=1, limit_val_batches=0, accelerator="cpu", enable_checkpointing=False,
+        **QUIET_TRAINER_KW, default_root_dir=str(tmp_path),
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     assert model.prefilled == dm.n_fake > 0
@@ -454,7 +454,7 @@ def root_options(setting: str, fake_root: Path, augmented: bool) -> list[str]:
 )
 def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
     """Each stage's recipe under fast_dev_run (generate on a few samples), later stages fed tiny checkpoints."""
-    from tests.conftest import make_fake_mnist
+    from tests.helpers import make_fake_mnist
 
     folder = REPO / "recipes" / "cgankd" / setting
     gan_stage, gan_size, t_size, regression = SETTINGS[setting]

@@ -14,7 +14,7 @@ import kd_lightning.methods
 from kd_lightning.cli import build_cli, cpu_has_fast_bf16
 from kd_lightning.errors import CheckpointError
 from kd_lightning.methods import ImageClassifier
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES, recipe_model_class
 
 # partial configs stacked onto a recipe (fragments/, the fine-grained sets' per-dataset overrides and data
 # files, tested in test_datasets_more.py): every full recipe sets seed_everything, a partial one does not
@@ -25,21 +25,6 @@ ALL_RECIPES = sorted(
 )
 #: model classes that recipes name ahead of their implementation (their recipes' tests skip until they exist)
 PENDING_MODELS: dict[str, str] = {}
-MNIST_FORMAT = ("FashionMNISTDataModule", "MNISTDataModule")
-
-
-def recipe_data_class(path: Path) -> str:
-    return str(yaml.safe_load(path.read_text())["data"]["class_path"]).rsplit(".", 1)[-1]
-
-
-def recipe_model_class(path: Path) -> str:
-    return str(yaml.safe_load(path.read_text())["model"]["class_path"]).rsplit(".", 1)[-1]
-
-
-#: models that load a trained teacher: their recipes run in tests/test_distill_recipes.py with a tiny one
-NEEDS_TEACHER = ("DistillModule", "SSKDTeacherHead", "FTParaphraser")
-#: models that load other trained checkpoints (a GAN and an encoder): tests/test_cgankd.py runs their recipes
-NEEDS_CHECKPOINTS = ("DensityRatioEstimator",)
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None:  # noqa: ANN001
@@ -75,23 +60,6 @@ def test_wandb_fragment_stacks_onto_a_recipe(kdl, capsys: pytest.CaptureFixture[
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["trainer"]["logger"]["class_path"].endswith("WandbLogger")
     assert cfg["model"]["init_args"]["net"] == "resnet8"
-
-
-@pytest.mark.parametrize(  # recipes needing a trained model run elsewhere: test_distill_recipes.py, test_self_kd.py
-    "recipe",
-    [
-        r
-        for r in ALL_RECIPES
-        if recipe_data_class(r) in (*MNIST_FORMAT, "DigitsDataModule")
-        and recipe_model_class(r) not in (*NEEDS_TEACHER, *NEEDS_CHECKPOINTS)
-        and "pretrained:" not in r.read_text()
-        and "net_weights:" not in r.read_text()  # a later stage (AB): tests/test_kd_stages.py
-    ],
-    ids=lambda p: str(p.relative_to(RECIPES)),
-)
-def test_recipe_fast_dev_run(recipe: Path, kdl, fake_mnist: Path) -> None:  # noqa: ANN001
-    extra = ["--data.init_args.root", str(fake_mnist)] if recipe_data_class(recipe) in MNIST_FORMAT else []
-    assert kdl("fit", "--config", str(recipe), "--trainer.fast_dev_run", "1", *extra) == 0
 
 
 def test_data_facts_are_linked_into_the_model(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

@@ -11,7 +11,7 @@ import torch
 
 from kd_lightning.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, load_mnist_split, read_idx
 from kd_lightning.errors import DataNotFoundError
-from tests.conftest import make_fake_mnist, write_idx
+from tests.helpers import make_fake_mnist, write_idx
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -24,7 +24,6 @@ from kd_lightning.data import (
 from kd_lightning.data.fine_grained import FineGrainedDataModule
 from kd_lightning.data.imagenet100 import read_class_list
 from kd_lightning.errors import ConfigError, DataNotFoundError
-from tests.conftest import QUIET_TRAINER, RECIPES
 from tests.fake_datasets import corrupt
 from tests.fake_datasets_more import (
     FGVC_VARIANTS,
@@ -39,7 +38,7 @@ from tests.fake_datasets_more import (
     write_syn_digits,
     write_syn_digits_torch,
 )
-from tests.test_self_kd import write_ssup
+from tests.helpers import QUIET_TRAINER, RECIPES, write_teacher
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 QUIET = tuple(QUIET_TRAINER)
@@ -326,45 +325,7 @@ def test_imagenet100_holdout_test_split_is_fixed_and_disjoint(tmp_path: Path) ->
         ImageNet100DataModule(root=str(root), test_split="train")  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------------------------- recipes
-def write_imagenet_small(root: Path) -> tuple[Path, Path]:
-    wnids = ["n01440764", "n01443537", "n01484850"]
-    write_imagenet(root, wnids, n_train=6, n_val=2, size=32)
-    listing = root / "classes.txt"
-    listing.write_text("\n".join(wnids) + "\n")
-    return root, listing
-
-
-def _imagenet_args(root: Path) -> tuple[str, ...]:
-    root, listing = write_imagenet_small(root)
-    return ("--data.init_args.root", str(root), "--data.init_args.class_list", str(listing),
-            "--data.init_args.holdout_size", "4")  # fmt: skip
-
-
 SIZE32 = ("--data.init_args.image_size", "32")
-# recipe -> (writes the fake files under a folder and returns the command-line arguments that point at them)
-SINGLE_RECIPES: dict[str, Callable[[Path], tuple[str, ...]]] = {
-    "cifar10/teacher.yaml": lambda d: ("--data.init_args.root", str(_cifar10(d))),
-    "cifar10/student.yaml": lambda d: ("--data.init_args.root", str(_cifar10(d))),
-    "syn_digits/teacher.yaml": lambda d: ("--data.init_args.root", str(write_syn_digits(d))),
-    "svhn/student.yaml": lambda d: ("--data.init_args.root", str(write_svhn(d)), "--data.init_args.extra", "true"),
-    "imagenet100/teacher.yaml": lambda d: (*_imagenet_args(d), *SIZE32, "--model.init_args.net", "resnet18"),
-    "imagenet100/student.yaml": lambda d: (*_imagenet_args(d), *SIZE32),
-    "imagenet100/cgan.yaml": lambda d: (*_imagenet_args(d), *SIZE32, "--model.init_args.g_ch", "8",
-                                        "--model.init_args.d_ch", "8"),
-}  # fmt: skip
-
-
-def _cifar10(d: Path) -> Path:
-    from tests.fake_datasets import write_cifar
-
-    return write_cifar(d)
-
-
-@pytest.mark.parametrize("recipe", sorted(SINGLE_RECIPES))
-def test_recipe_fast_dev_run(recipe: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
-    args = SINGLE_RECIPES[recipe](tmp_path / "data")
-    assert kdl("fit", "--config", str(RECIPES / recipe), *args, *FAST) == 0
 
 
 FINE_GRAINED = {
@@ -388,7 +349,7 @@ def _fine_grained_args(dataset: str, method: str, tmp_path: Path) -> list[str]:
     ]
     args += ["--data.init_args.root", str(root)]
     if method in ("aikd", "tfkd"):  # S_sup / the pre-trained teacher (tinynet here: ResNet-18 runs in the others)
-        ssup = write_ssup(tmp_path / "ssup.ckpt", "tinynet", 4, 3, *IMAGENET_STATS)
+        ssup = write_teacher(tmp_path / "ssup.ckpt", 4, 3, None, *IMAGENET_STATS)
         args += ["--model.init_args.net", "tinynet", "--model.init_args.pretrained", str(ssup)]
     return args
 

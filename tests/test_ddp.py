@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from kd_lightning.checkpoints import load_checkpoint
+from tests.helpers import DIGITS_STUDENT, QUIET_TRAINER, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "digits" / "student.yaml"
+RECIPE = DIGITS_STUDENT
 EPOCHS = 6
 COMMON = [
     "--config",
@@ -27,10 +27,7 @@ COMMON = [
     str(EPOCHS),
     "--trainer.accelerator",
     "cpu",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
+    *QUIET_TRAINER,
     "--model.init_args.lr_scheduler.init_args.T_max",
     str(EPOCHS),
 ]

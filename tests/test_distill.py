@@ -14,14 +14,7 @@ from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses import AT, BLKD, CRD, RKD, FitNet, get_loss, list_losses
 from kd_lightning.methods import DistillModule, ImageClassifier
 from kd_lightning.teachers import FrozenTeacher
-from tests.test_supervised import DigitValue, digit_value_regressor, digits_classifier, quiet_trainer
-
-
-def fit_and_save(model: L.LightningModule, dm: L.LightningDataModule, path: Path, **trainer_kw) -> Path:  # noqa: ANN003
-    trainer = quiet_trainer(path.parent, **trainer_kw)
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(path)
-    return path
+from tests.helpers import DigitValue, digit_value_regressor, digits_classifier, fit_and_save, quiet_trainer
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +235,7 @@ def test_distill_resume_is_bit_exact(
 ) -> None:  # noqa: ANN001
     """SIGTERM mid-epoch, resume: same weights, connectors, CRD banks and optimiser state as one run."""
     from kd_lightning.callbacks import EXIT_SIGTERM
-    from tests.conftest import RECIPES
-    from tests.test_resume import BASE, STEPS_PER_EPOCH, Interrupt, assert_same, final_state
+    from tests.helpers import RECIPES, RESUME_ARGS, STEPS_PER_EPOCH, Interrupt, assert_same, final_state
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -252,7 +244,7 @@ def test_distill_resume_is_bit_exact(
         "fit",
         "--config",
         str(RECIPES / "digits" / "blkd.yaml"),
-        *BASE,
+        *RESUME_ARGS,
         "--model.init_args.teacher",
         str(digits_teacher),
         "--model.init_args.kd_losses",

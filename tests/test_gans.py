@@ -32,7 +32,7 @@ from kd_lightning.gans import (
 )
 from kd_lightning.methods import DCGAN, CcGAN, ConditionalGAN, LabelEmbedding
 from kd_lightning.metrics.gan import fid_from_features, intra_fid, label_consistency
-from tests.conftest import RECIPES
+from tests.helpers import GAN_ARGS, QUIET_TRAINER, QUIET_TRAINER_KW, RECIPES
 
 LABELS = torch.tensor([0.0, 0.1, 0.15, 0.5, 0.52, 1.0])
 
@@ -266,10 +266,8 @@ def tiny_trainer(tmp_path: Path, steps: int, *callbacks: L.Callback) -> L.Traine
     return L.Trainer(
         max_steps=steps,
         accelerator="cpu",
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER_KW,
         default_root_dir=str(tmp_path),
         callbacks=list(callbacks),
     )
@@ -321,14 +319,12 @@ def test_ccgan_trains_on_rotated_digits_with_hvdl_svdl_and_ili(tmp_path: Path) -
         max_epochs=2,
         limit_train_batches=3,
         accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER_KW,
         default_root_dir=str(tmp_path),
     )
     trainer.fit(emb, datamodule=dm)
     # the y2h phase draws its labels from the distinct training labels, as the official code
-    from kd_lightning.methods.gan import dataset_labels
+    from kd_lightning.data.base import dataset_labels
 
     assert torch.equal(emb._unique_labels, torch.unique(dataset_labels(dm.train_dataset).float().flatten()))
     ckpt = tmp_path / "emb.ckpt"
@@ -364,39 +360,8 @@ def test_dcgan_latent_dimension_is_a_parameter(tmp_path: Path) -> None:
     assert torch.isfinite(model.sample(4, seed=0)).all()
 
 
-# ---------------------------------------------------------------------- kdl: recipes, resume, sampling command
-GAN_ARGS = [
-    "--config",
-    str(RECIPES / "fashion_mnist/cgan.yaml"),
-    "--data",
-    "DigitsDataModule",
-    "--data.init_args.image_size",
-    "16",
-    "--data.init_args.batch_size",
-    "32",
-    "--data.init_args.augment",
-    "false",
-    "--model.init_args.g_ch",
-    "8",
-    "--model.init_args.d_ch",
-    "8",
-    "--model.init_args.z_dim",
-    "16",
-    "--model.init_args.diffaugment",
-    "color,translation,cutout",
-    "--model.init_args.ema_start",
-    "0",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
-
-
 def test_fashion_gan_recipes_train_and_their_checkpoints_sample(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    quiet = QUIET_TRAINER
     root = ["--data.init_args.datamodule.init_args.root", str(fake_mnist)]
     assert (
         kdl(
@@ -522,12 +487,7 @@ TINY = [
     "4",
     "--model.init_args.z_dim",
     "8",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
+    *QUIET_TRAINER,
 ]
 
 
@@ -562,12 +522,7 @@ def test_ccgan_templates_run_both_ili_stages(kdl, tmp_path: Path, dataset: str) 
         str(root),
         "--data.init_args.batch_size",
         "8",
-        "--trainer.logger",
-        "false",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *QUIET_TRAINER,
     ]
     assert (
         kdl(

@@ -4,12 +4,8 @@ write, and the NaN guard."""
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import lightning as L
@@ -22,48 +18,7 @@ from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.cli import resolve_ckpt_path
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.methods import ImageClassifier
-
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "digits" / "student.yaml"
-STEPS_PER_EPOCH = 6  # 200 images, batch 32
-ARGS = [
-    "--model.init_args.net",
-    "tinynet",
-    "--data.init_args.train_size",
-    "200",
-    "--data.init_args.batch_size",
-    "32",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
-
-
-def kdl_process(root: Path, *args: str, prelude: str = "") -> subprocess.Popen:
-    """Start ``python -m kd_lightning.cli fit`` (or a script that patches something first) in ``root``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cli_args = ["fit", "--config", str(RECIPE), *ARGS, "--trainer.default_root_dir", str(root / "run"), *args]
-    if prelude:
-        script = prelude + "\nimport sys\nfrom kd_lightning.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-        cmd = [sys.executable, "-c", script, *cli_args]
-    else:
-        cmd = [sys.executable, "-m", "kd_lightning.cli", *cli_args]
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"kdl exited with {proc.returncode} before {path.name} appeared:\n{out}")
-        if time.monotonic() > end:
-            proc.kill()
-            raise AssertionError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.05)
+from tests.helpers import DIGITS_STUDENT, PROCESS_ARGS, QUIET_TRAINER_KW, STEPS_PER_EPOCH, kdl_process, wait_for
 
 
 def test_sigterm_saves_last_and_exits_143_then_resumes(kdl, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -85,8 +40,8 @@ def test_sigterm_saves_last_and_exits_143_then_resumes(kdl, monkeypatch: pytest.
         kdl(
             "fit",
             "--config",
-            str(RECIPE),
-            *ARGS,
+            str(DIGITS_STUDENT),
+            *PROCESS_ARGS,
             "--trainer.default_root_dir",
             str(tmp_path / "run"),
             "--trainer.max_epochs",
@@ -158,8 +113,8 @@ def test_nan_guard_stops_kdl_and_keeps_last_good_checkpoint(kdl, monkeypatch, tm
     code = kdl(
         "fit",
         "--config",
-        str(RECIPE),
-        *ARGS,
+        str(DIGITS_STUDENT),
+        *PROCESS_ARGS,
         "--trainer.max_epochs",
         "2",
         "--trainer.default_root_dir",
@@ -193,10 +148,8 @@ def test_nan_guard_names_the_bad_part(tmp_path: Path) -> None:
     trainer = L.Trainer(
         max_epochs=2,
         callbacks=[NaNGuard()],
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER_KW,
         default_root_dir=tmp_path,
     )
     before = None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import gc
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +23,10 @@ from kd_lightning.losses import (
     SSKD,
     VID,
     FitNet,
+    KDLoss,
     Outputs,
     SetupInfo,
+    get_loss,
     list_losses,
 )
 from kd_lightning.losses.contrastive import nce_loss
@@ -53,11 +58,52 @@ def shapes(**named: tuple) -> dict[str, torch.Size]:
     return {k: torch.Size(v) for k, v in named.items()}
 
 
-def test_registry_has_the_fifteen_losses() -> None:
-    assert list_losses() == [
-        *("AB", "AT", "BLKD", "CRD", "DKD", "FT", "FitNet", "PKT", "RKD", "ReviewKD", "SP", "SSKD", "SemCKD", "SimKD"),
-        "VID",
-    ]
+GOLDEN_TEST_MODULES = ("test_kd_losses.py", "test_kd_stages.py")
+
+
+def loss_classes_in_the_sources() -> set[str]:
+    """Names of the KDLoss subclasses defined in kd_lightning/losses, read from the source files (not imported):
+    classes whose bases name ``KDLoss`` or another such class, private (``_``) ones left out."""
+    bases: dict[str, set[str]] = {}
+    for path in sorted((Path(__file__).parents[1] / "kd_lightning" / "losses").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases[node.name] = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+    losses = {"KDLoss"}
+    while True:
+        more = {name for name, b in bases.items() if b & losses} - losses
+        if not more:
+            return {n for n in losses if n != "KDLoss" and not n.startswith("_")}
+        losses |= more
+
+
+def test_every_loss_is_looked_up_and_has_a_golden_test() -> None:
+    """A loss in kd_lightning/losses that the lookup misses (e.g. its module is not imported) or that has no
+    ``test_<lower-case name>_golden...`` function in the golden-test modules fails here."""
+    defined = loss_classes_in_the_sources()
+    assert len(defined) >= 15 and {"BLKD", "CRD", "SimKD"} <= defined  # the scan itself works
+    assert set(list_losses()) == defined
+    assert all(issubclass(get_loss(n), KDLoss) and get_loss(n).__name__ == n for n in defined)
+    tests = {
+        node.name
+        for module in GOLDEN_TEST_MODULES
+        for node in ast.walk(ast.parse((Path(__file__).parent / module).read_text()))
+        if isinstance(node, ast.FunctionDef)
+    }
+    missing = sorted(n for n in defined if not any(t.startswith(f"test_{n.lower()}_golden") for t in tests))
+    assert not missing, f"KD losses without a golden test (test_<name>_golden... in {GOLDEN_TEST_MODULES}): {missing}"
+    with pytest.raises(ConfigError, match="unknown KD loss 'NKD'; expected one of: AB, AT, BLKD"):
+        get_loss("NKD")
+
+
+def test_a_subclass_is_looked_up_without_registration() -> None:
+    new = type("NewKD", (KDLoss,), {"__module__": "kd_lightning.losses.new"})
+    try:
+        assert "NewKD" in list_losses() and get_loss("NewKD") is new
+    finally:
+        del new
+        gc.collect()
+    assert "NewKD" not in list_losses()
 
 
 def test_blkd_golden_value_and_zero_at_equality() -> None:
@@ -268,7 +314,7 @@ def test_rkd_golden_value() -> None:
     assert sum(same.values()).item() == pytest.approx(0.0, abs=1e-5)  # relations are scale-free
 
 
-def test_nce_loss_golden_value() -> None:
+def test_crd_golden_value_of_the_nce_loss() -> None:
     scores = torch.tensor([[0.5, 0.1, 0.2], [0.05, 0.3, 0.01]])
     n_data, k = 10, 2
     pn = 1 / n_data
@@ -411,7 +457,7 @@ def test_sskd_reference_schedule_loads_a_frozen_teacher_head(tmp_path) -> None: 
     from kd_lightning.errors import CheckpointError
     from kd_lightning.losses import StepContext
     from kd_lightning.methods import SSKDTeacherHead
-    from tests.test_distill_recipes import write_teacher
+    from tests.helpers import write_teacher
 
     teacher = write_teacher(tmp_path / "t.ckpt", 3, 1, 8, (0.5,), (0.5,))
     stage = SSKDTeacherHead(teacher=str(teacher), num_classes=3, in_channels=1, image_size=8)
@@ -485,7 +531,7 @@ def test_training_labels_by_index_follow_the_split() -> None:
 
     dm = DigitsDataModule(val_fraction=0.2, train_size=300, batch_size=16)
     dm.setup("fit")
-    from kd_lightning.data.pairs import dataset_labels
+    from kd_lightning.data.base import dataset_labels
 
     n = len(dm.train_dataset.dataset)
     by_index = train_labels_by_index(dm, n)

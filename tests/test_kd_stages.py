@@ -21,8 +21,8 @@ from kd_lightning.losses.review import hcl
 from kd_lightning.methods import DistillModule, ImageClassifier
 from kd_lightning.nets import create_net
 from kd_lightning.teachers import FrozenTeacher
-from tests.conftest import RECIPES, make_fake_mnist
 from tests.fake_datasets import write_cifar
+from tests.helpers import RECIPES, make_fake_mnist, write_teacher
 
 FM = RECIPES / "fashion_mnist"
 C100 = RECIPES / "cifar100"
@@ -32,16 +32,6 @@ STAGE_RECIPES = {
     **{FM / f"{n}.yaml": "resnet8" for n in ("simkd", "takd", "ft", "ab")},
     **{p: "resnet8x4" for p in C100.glob("*.yaml") if p.name.split("_")[0] in ("ft", "ab", "takd", "reviewkd")},
     **{p: "resnet8x4" for p in C100.glob("*.yaml") if p.name.split("_")[0] in ("semckd", "simkd")},
-}
-#: recipes run as chains of short fits below (FT, AB, TAKD, SimKD): not again under fast_dev_run
-CHAINED = {FM / f"{n}.yaml" for n in ("ft_paraphraser", "ft", "ab_init", "ab", "takd_assistant", "takd", "simkd")} | {
-    C100 / f"{n}.yaml"
-    for n in (
-        "ft_paraphraser_resnet32x4",
-        "ft_resnet32x4_resnet8x4",
-        "ab_init_resnet32x4_resnet8x4",
-        "ab_resnet32x4_resnet8x4",
-    )
 }
 
 
@@ -139,7 +129,7 @@ def test_hcl_golden_value() -> None:
     assert hcl(s, t).item() == pytest.approx(ref / 1.75, rel=1e-5)
 
 
-def test_reviewkd_sums_hcl_of_the_fused_stages_deep_to_shallow() -> None:
+def test_reviewkd_golden_value_sums_hcl_of_the_fused_stages_deep_to_shallow() -> None:
     loss = ReviewKD(mid_channels=3)
     info = SetupInfo(shapes(stage0=(2, 4, 4), stage1=(4, 2, 2)), shapes(stage0=(5, 4, 4), stage1=(6, 2, 2)), 3)
     loss.setup(info)
@@ -254,7 +244,7 @@ def test_cifar100_pairs_build_and_reviewkd_refuses_a_cross_architecture_pair() -
 
 
 def test_a_pair_is_refused_when_the_student_is_built(tmp_path: Path) -> None:
-    teacher = write_teacher(tmp_path / "t.ckpt", "tinynet", 10, 1)
+    teacher = write_teacher(tmp_path / "t.ckpt", 10, 1)
     with pytest.raises(ConfigError, match="ReviewKD needs teacher and student stages.*student's stages are"):
         DistillModule(
             teacher=str(teacher), kd_losses=[ReviewKD()], net="resnet8", num_classes=10, in_channels=1, image_size=32
@@ -287,30 +277,11 @@ def test_ft_frozen_paraphraser_gets_no_gradient(tmp_path: Path) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------- recipes and stages
-def write_teacher(
-    path: Path, net: str, num_classes: int, in_channels: int, mean: tuple = (0.5,), std: tuple = (0.5,)
-) -> Path:
-    """A random classifier saved with the keys a kdl run writes."""
-    model = ImageClassifier(net=net, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
-    hp = {**dict(model.hparams), "_class_path": "kd_lightning.methods.ImageClassifier"}
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp}, path)
-    return path
-
-
 def data_args(recipe: Path, tmp_path: Path) -> tuple[list[str], int, int]:
     if recipe.parent.name == "cifar100":
         root = write_cifar(tmp_path / "c100", hundred=True)
         return ["--data.init_args.root", str(root), "--data.init_args.batch_size", "8"], 100, 3
     return ["--data.init_args.root", str(make_fake_mnist(tmp_path / "fm"))], 10, 1
-
-
-@pytest.mark.parametrize("recipe", sorted(set(STAGE_RECIPES) - CHAINED), ids=lambda p: str(p.relative_to(RECIPES)))
-def test_recipe_fast_dev_run(recipe: Path, kdl, tmp_path: Path) -> None:  # noqa: ANN001
-    data, classes, channels = data_args(recipe, tmp_path)
-    teacher = write_teacher(tmp_path / "teacher.ckpt", STAGE_RECIPES[recipe], classes, channels)
-    args = ["fit", "--config", str(recipe), "--trainer.fast_dev_run", "1", "--model.init_args.teacher", str(teacher)]
-    assert kdl(*args, *data) == 0
 
 
 def short_fit(kdl, recipe: Path, root: Path, data: list[str], *extra: str) -> Path:  # noqa: ANN001
@@ -333,7 +304,7 @@ def test_ft_and_ab_run_as_two_stages(dataset: str, kdl, tmp_path: Path) -> None:
         ),
     }[dataset]
     data, classes, channels = data_args(d / "x.yaml" if dataset == "cifar100" else d / "ft.yaml", tmp_path)
-    teacher = write_teacher(tmp_path / "teacher.ckpt", STAGE_RECIPES[d / f"{names[1]}.yaml"], classes, channels)
+    teacher = write_teacher(tmp_path / "teacher.ckpt", classes, channels, net=STAGE_RECIPES[d / f"{names[1]}.yaml"])
     t_arg = ["--model.init_args.teacher", str(teacher)]
     para = short_fit(kdl, d / f"{names[0]}.yaml", tmp_path / "para", data, *t_arg)
     assert torch.load(para, weights_only=True)["paraphraser_feature"] == "stage2"
@@ -348,7 +319,7 @@ def test_ft_and_ab_run_as_two_stages(dataset: str, kdl, tmp_path: Path) -> None:
 
 def test_takd_chain_and_simkd_student_loads_without_its_teacher(kdl, tmp_path: Path) -> None:  # noqa: ANN001
     data, classes, channels = data_args(FM / "takd.yaml", tmp_path)
-    teacher = write_teacher(tmp_path / "teacher.ckpt", "resnet8", classes, channels, (0.2860,), (0.3530,))
+    teacher = write_teacher(tmp_path / "teacher.ckpt", classes, channels, None, (0.2860,), (0.3530,), net="resnet8")
     assistant = short_fit(
         kdl, FM / "takd_assistant.yaml", tmp_path / "ta", data, "--model.init_args.teacher", str(teacher)
     )

@@ -16,7 +16,7 @@ from kd_lightning.methods import MEKD, BlackBoxKD, MEKDDeprivatization
 from kd_lightning.methods.mekd import answer_logits
 from kd_lightning.teachers import LocalTeacher
 from tests.blackbox_helpers import digits8_teacher  # noqa: F401  (module-scoped fixture)
-from tests.test_supervised import quiet_trainer
+from tests.helpers import quiet_trainer
 
 DIGITS = dict(num_classes=10, in_channels=1, image_size=8, mean=(0.3053,), std=(0.3760,))
 

@@ -13,7 +13,7 @@ import pytest
 
 from kd_lightning.serve.service import read_server_log
 from tests.blackbox_helpers import serve_in_thread
-from tests.conftest import RECIPES, make_fake_mnist
+from tests.helpers import QUIET, RECIPES, make_fake_mnist
 
 DIR = RECIPES / "mekd" / "fashion_mnist"
 EDGE = ["--data.init_args.edge_size", "40", "--data.init_args.edge_val_size", "20", "--data.init_args.root", "fm"]
@@ -33,8 +33,7 @@ def test_mekd_stages_run_in_order_locally_and_against_a_live_server(kdl, tmp_pat
         "tinynet",
         "--trainer.max_epochs",
         "1",
-        "--trainer.enable_progress_bar",
-        "false",
+        *QUIET,
     ]
     assert kdl("fit", "--config", str(DIR / "teacher.yaml"), *teacher, *EDGE) == 0
     ckpt = tmp_path / "runs/mekd/fashion_mnist/teacher/checkpoints/best.ckpt"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, make_fake_mnist
-from tests.test_distill_recipes import write_teacher
+from tests.helpers import write_teacher
 
 NOTEBOOKS = REPO / "notebooks"
 

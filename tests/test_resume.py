@@ -7,8 +7,6 @@ checkpoint (weights, buffers, optimiser momentum) bit for bit with the uninterru
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import lightning as L
@@ -20,54 +18,7 @@ from kd_lightning.callbacks import EXIT_SIGTERM, config_differences
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.data.sampler import ResumableDataLoader, ResumableSampler
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digits" / "student.yaml"
-# 200 training images, batch 32 -> 6 steps per epoch; 3 epochs = 18 steps
-BASE = [
-    "--model.init_args.net",
-    "tinynet",
-    "--trainer.max_epochs",
-    "3",
-    "--data.init_args.train_size",
-    "200",
-    "--data.init_args.batch_size",
-    "32",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    "--model.init_args.lr_scheduler.init_args.T_max",
-    "3",
-]
-STEPS_PER_EPOCH = 6
-
-
-class Interrupt(L.Callback):
-    """Stop a run once, at (epoch, batch) of ``where``: by SIGTERM to ourselves or by raising."""
-
-    def __init__(self, where: str, epoch: int, batch: int = 0, how: str = "signal") -> None:
-        self.where, self.epoch, self.batch, self.how = where, epoch, batch, how
-
-    def _fire(self, trainer: L.Trainer, where: str, batch: int = 0) -> None:
-        if where != self.where or trainer.current_epoch != self.epoch or batch != self.batch:
-            return
-        if trainer.sanity_checking:
-            return
-        if self.how == "signal":
-            os.kill(os.getpid(), signal.SIGTERM)
-        else:
-            raise RuntimeError(f"injected crash at {where} epoch {self.epoch} batch {self.batch}")
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._fire(trainer, "train", batch_idx)
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._fire(trainer, "val", batch_idx)
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._fire(trainer, "epoch_start")
+from tests.helpers import DIGITS_STUDENT, RESUME_ARGS, STEPS_PER_EPOCH, Interrupt, assert_same, final_state
 
 
 @pytest.fixture
@@ -79,24 +30,17 @@ def fit(kdl, kdl_callbacks, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
     def run(root: str, *args: str, callback: L.Callback | None = None) -> int:
         extra[:] = [callback] if callback else []
-        return kdl("fit", "--config", str(RECIPE), *BASE, "--trainer.default_root_dir", str(tmp_path / root), *args)
+        return kdl(
+            "fit",
+            "--config",
+            str(DIGITS_STUDENT),
+            *RESUME_ARGS,
+            "--trainer.default_root_dir",
+            str(tmp_path / root),
+            *args,
+        )
 
     return run
-
-
-def final_state(path: Path) -> dict[str, torch.Tensor]:
-    ckpt = load_checkpoint(path)
-    state = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
-    for i, s in enumerate(ckpt["optimizer_states"][0]["state"].values()):
-        state.update({f"optim.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
-    state["global_step"] = torch.tensor(ckpt["global_step"])
-    return state
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differing = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
-    assert not differing, f"tensors differ after resume (max abs diff): {differing}"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +52,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     mp.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
-        assert cli.main(["fit", "--config", str(RECIPE), *BASE, "--trainer.default_root_dir", str(root / "run")]) == 0
+        assert (
+            cli.main(
+                ["fit", "--config", str(DIGITS_STUDENT), *RESUME_ARGS, "--trainer.default_root_dir", str(root / "run")]
+            )
+            == 0
+        )
     finally:
         mp.undo()
     state = final_state(root / "run" / "checkpoints" / "last.ckpt")

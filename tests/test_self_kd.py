@@ -16,7 +16,7 @@ from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.data.mixing import BatchMixer
 from kd_lightning.data.pairs import ClassPairSampler, PairedDataset
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.methods import AIKD, CSKD, PSKD, ImageClassifier, SelfKD
+from kd_lightning.methods import AIKD, CSKD, PSKD, SelfKD
 from kd_lightning.methods.self_kd import (
     STORE_KEY,
     LogitCritic,
@@ -25,44 +25,8 @@ from kd_lightning.methods.self_kd import (
     gradient_penalty,
     wgan_gp_critic_parts,
 )
-from tests.conftest import RECIPES
 from tests.fake_datasets import write_cub
-
-SELF_KD_RECIPES = {
-    "aikd_cub": RECIPES / "aikd_cub.yaml",
-    "cub_pskd": RECIPES / "cub200/pskd.yaml",
-    "cub_cskd": RECIPES / "cub200/cskd.yaml",
-    "cub_tfkd": RECIPES / "cub200/tfkd.yaml",
-    "cub_tfkd_reg": RECIPES / "cub200/tfkd_reg.yaml",
-    "fmnist_aikd": RECIPES / "fashion_mnist/aikd.yaml",
-    "fmnist_pskd": RECIPES / "fashion_mnist/pskd.yaml",
-    "fmnist_cskd": RECIPES / "fashion_mnist/cskd.yaml",
-    "fmnist_tfkd": RECIPES / "fashion_mnist/tfkd.yaml",
-}
-QUIET = [
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
-
-
-def write_ssup(
-    path: Path,
-    net: str,
-    num_classes: int,
-    in_channels: int,
-    mean: tuple[float, ...] = (0.5,),
-    std: tuple[float, ...] = (0.5,),
-) -> Path:
-    """A kdl-style checkpoint of an (untrained) ImageClassifier, as S_sup."""
-    model = ImageClassifier(net=net, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
-    hp = {**dict(model.hparams), "_class_path": "kd_lightning.methods.supervised.ImageClassifier"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp}, path)
-    return path
+from tests.helpers import QUIET_TRAINER, QUIET_TRAINER_KW, RECIPES, write_teacher
 
 
 # ------------------------------------------------------------------------------------------ critic
@@ -108,7 +72,7 @@ def test_gradient_penalty_equals_an_independent_computation() -> None:
 
 
 def test_critic_loss_is_wgan_gp(tmp_path: Path) -> None:
-    ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 3, 1)
+    ssup = write_teacher(tmp_path / "s.ckpt", 3, 1, net="tinynet")
     torch.manual_seed(0)
     real, fake = torch.randn(6, 3), torch.randn(6, 3)
     # critic_norm "separate": real, fake and the penalty's mix are three batches (the behaviour before the fix)
@@ -232,10 +196,8 @@ def test_store_holds_last_epochs_predictions_during_training(tmp_path: Path) -> 
     rec = RecordLogits()
     trainer = L.Trainer(
         max_epochs=2,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER_KW,
         callbacks=[rec],
         limit_val_batches=0,
     )
@@ -288,7 +250,7 @@ def test_cskd_without_class_pairs_is_a_clear_error(fake_mnist: Path, kdl, capsys
         "false",
         "--trainer.fast_dev_run",
         "1",
-        *QUIET,
+        *QUIET_TRAINER,
     )
     assert rc == 2 and "class_pairs" in capsys.readouterr().err
 
@@ -300,7 +262,7 @@ def plain_kl(p: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def test_loss_parts_combine_with_the_documented_weights(tmp_path: Path) -> None:
-    ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 4, 1)
+    ssup = write_teacher(tmp_path / "s.ckpt", 4, 1, net="tinynet")
     model = AIKD(
         pretrained=str(ssup),
         net="tinynet",
@@ -337,7 +299,7 @@ def test_tfkd_variants_and_the_official_kl_scale(tmp_path: Path) -> None:
     logits, guide = torch.randn(5, 4), torch.randn(5, 4)
     label = torch.tensor([0, 3, 1, 2, 3])
     batch = MixedBatch(logits, label)
-    ssup = write_ssup(tmp_path / "s.ckpt", "tinynet", 4, 1)
+    ssup = write_teacher(tmp_path / "s.ckpt", 4, 1, net="tinynet")
     tf_self = TFKD(pretrained=str(ssup), net="tinynet", num_classes=4, in_channels=1)
     assert (tf_self.hparams.guide_weight, tf_self.hparams.guide_temperature) == (0.95, 6.0)
     expected = 36.0 * plain_kl(F.softmax(guide / 6.0, -1), logits, 6.0)
@@ -428,10 +390,10 @@ def test_cutout_blanks_one_square_per_image() -> None:
 
 # ------------------------------------------------------------------------------------------ S_sup
 def test_ssup_of_another_architecture_or_class_count_is_refused(tmp_path: Path) -> None:
-    other_net = write_ssup(tmp_path / "a.ckpt", "resnet8", 4, 1)
+    other_net = write_teacher(tmp_path / "a.ckpt", 4, 1, net="resnet8")
     with pytest.raises(ConfigError, match="'resnet8'.*net='tinynet'"):
         AIKD(pretrained=str(other_net), net="tinynet", num_classes=4, in_channels=1)
-    other_classes = write_ssup(tmp_path / "b.ckpt", "tinynet", 5, 1)
+    other_classes = write_teacher(tmp_path / "b.ckpt", 5, 1, net="tinynet")
     with pytest.raises(ConfigError, match="num_classes=5.*num_classes=4"):
         AIKD(pretrained=str(other_classes), net="tinynet", num_classes=4, in_channels=1)
 
@@ -446,7 +408,7 @@ def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:
         str(root),
         "--trainer.fast_dev_run",
         "1",
-        *QUIET,
+        *QUIET_TRAINER,
     )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
@@ -454,27 +416,9 @@ def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:
     assert "recipes/cub200/teacher.yaml" in err
 
 
-# ------------------------------------------------------------------------------------------ recipes
-@pytest.mark.parametrize("name", list(SELF_KD_RECIPES))
-def test_self_kd_recipe_fast_dev_run(name: str, kdl, tmp_path: Path, fake_mnist: Path) -> None:  # noqa: ANN001
-    recipe = SELF_KD_RECIPES[name]
-    text = recipe.read_text()
-    if "CUB200DataModule" in text:
-        root = write_cub(tmp_path / "cub", num_classes=4, per_class=5, size=32)
-        data = ["--data.init_args.root", str(root), "--data.init_args.image_size", "32"]
-        ssup = ("resnet18", 4, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    else:
-        data = ["--data.init_args.root", str(fake_mnist)]
-        ssup = ("resnet8", 10, 1, (0.2860,), (0.3530,))
-    extra = []
-    if "pretrained:" in text:
-        extra = ["--model.init_args.pretrained", str(write_ssup(tmp_path / "ssup.ckpt", *ssup))]
-    assert kdl("fit", "--config", str(recipe), *data, *extra, "--trainer.fast_dev_run", "1", *QUIET) == 0
-
-
 @pytest.mark.parametrize("mixing", ["cutmix", "mixup", "cutout"])
 def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
-    ssup = write_ssup(tmp_path / "ssup.ckpt", "resnet8", 10, 1, (0.3053,), (0.3760,))
+    ssup = write_teacher(tmp_path / "ssup.ckpt", 10, 1, mean=(0.3053,), std=(0.3760,), net="resnet8")
     assert (
         kdl(
             "fit",
@@ -490,7 +434,7 @@ def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> N
             mixing,
             "--trainer.fast_dev_run",
             "2",
-            *QUIET,
+            *QUIET_TRAINER,
         )
         == 0
     )
@@ -512,7 +456,7 @@ def test_cskd_with_cutmix_on_digits(kdl) -> None:  # noqa: ANN001
             "cutmix",
             "--trainer.fast_dev_run",
             "1",
-            *QUIET,
+            *QUIET_TRAINER,
         )
         == 0
     )
@@ -532,7 +476,7 @@ RESUME_ARGS = [
     "3",
     "--model.init_args.lr_scheduler.init_args.T_max",
     "3",
-    *QUIET,
+    *QUIET_TRAINER,
 ]
 
 
@@ -548,7 +492,7 @@ class CrashAtEpoch(L.Callback):
 def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    ssup = write_ssup(tmp_path / "ssup.ckpt", "tinynet", 10, 1, (0.3053,), (0.3760,))
+    ssup = write_teacher(tmp_path / "ssup.ckpt", 10, 1, mean=(0.3053,), std=(0.3760,), net="tinynet")
     args = [
         "fit",
         "--config",
@@ -592,7 +536,7 @@ def test_store_is_complete_under_ddp(tmp_path: Path) -> None:
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    ssup = write_ssup(tmp_path / "ssup.ckpt", "tinynet", 10, 1, (0.3053,), (0.3760,))
+    ssup = write_teacher(tmp_path / "ssup.ckpt", 10, 1, mean=(0.3053,), std=(0.3760,), net="tinynet")
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     args = [
         "fit",

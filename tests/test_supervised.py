@@ -7,38 +7,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from kd_lightning.data import DigitsDataModule, TensorDataset
-from kd_lightning.data.base import ImageDataModule
+from kd_lightning.data import DigitsDataModule
 from kd_lightning.methods import ImageClassifier, ImageRegressor
 from kd_lightning.metrics import classification_metrics
-
-
-def quiet_trainer(tmp_path: Path, **kw) -> L.Trainer:  # noqa: ANN003
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        **kw,
-    )
-
-
-def digits_classifier(**kw) -> tuple[ImageClassifier, DigitsDataModule]:  # noqa: ANN003
-    dm = DigitsDataModule(batch_size=64, augment=False)
-    model = ImageClassifier(
-        net="tinynet",
-        num_classes=10,
-        in_channels=1,
-        mean=dm.mean,
-        std=dm.std,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-        **kw,
-    )
-    return model, dm
+from tests.helpers import digit_value_regressor, digits_classifier, quiet_trainer
 
 
 def test_classifier_learns_digits_on_held_out_test(tmp_path: Path) -> None:
@@ -89,17 +62,6 @@ def test_normalisation_is_stored_and_weights_stay_channels_last(tmp_path: Path) 
     assert torch.allclose(model(x), loaded(x), atol=1e-6)
 
 
-class DigitValue(ImageDataModule):
-    """Digits as regression: predict the digit's value in [0, 9]."""
-
-    in_channels, native_size, mean, std, hflip = 1, 8, (0.3,), (0.38,), False
-    task, label_range = "regression", (0.0, 9.0)
-
-    def build_dataset(self, split: str) -> Dataset:
-        base = DigitsDataModule().build_dataset(split)
-        return TensorDataset(base.images, base.labels.float())
-
-
 def test_regressor_trains_on_normalised_labels_and_reports_original_units(tmp_path: Path) -> None:
     L.seed_everything(0)
     model, dm = digit_value_regressor()
@@ -137,16 +99,3 @@ def test_bad_arguments_name_the_value() -> None:
         ImageClassifier(net="tinynet")
     with pytest.raises(ConfigError, match="mean=.*in_channels=3"):
         ImageClassifier(net="tinynet", num_classes=10, in_channels=3, mean=(0.1, 0.2), std=(1.0, 1.0))
-
-
-def digit_value_regressor() -> tuple[ImageRegressor, DigitValue]:
-    dm = DigitValue(batch_size=64, augment=False)
-    model = ImageRegressor(
-        net="tinynet",
-        in_channels=1,
-        mean=dm.mean,
-        std=dm.std,
-        label_range=dm.label_range,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-    )
-    return model, dm

@@ -11,7 +11,7 @@ import yaml
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.sweep import command_line, load_sweep, parameter_sets
-from tests.conftest import RECIPES, REPO
+from tests.helpers import RECIPES, REPO
 
 SWEEPS = sorted((RECIPES / "sweeps").glob("*.yaml"))
 

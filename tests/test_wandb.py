@@ -9,17 +9,14 @@ import yaml
 
 from kd_lightning.callbacks.resume import flatten
 from kd_lightning.wandb_offline import read_offline_run
-from tests.conftest import RECIPES
+from tests.helpers import QUIET, RECIPES
 
-QUIET = [
+FAST = [
     "--data.init_args.train_size",
     "200",
     "--trainer.max_epochs",
     "2",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
+    *QUIET,
 ]
 
 
@@ -32,7 +29,7 @@ def test_an_offline_run_logs_config_scalars_images_table_and_model(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     student = str(RECIPES / "digits/student.yaml")
     assert (
-        kdl("fit", "--config", student, "--model.init_args.net", "tinynet", *QUIET, "--trainer.default_root_dir", "t")
+        kdl("fit", "--config", student, "--model.init_args.net", "tinynet", *FAST, "--trainer.default_root_dir", "t")
         == 0
     )
     teacher = str(tmp_path / "t/checkpoints/best.ckpt")
@@ -48,7 +45,7 @@ def test_an_offline_run_logs_config_scalars_images_table_and_model(
         "--trainer.default_root_dir",
         "s",
         "--trainer.callbacks+=kd_lightning.callbacks.TemperatureScaling",
-        *QUIET,
+        *FAST,
     ]
     assert (
         kdl(

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from kd_lightning.errors import KDLError
+from kd_lightning.fileio import atomic_replace
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to ``<path>.partial`` in the same folder, flush it to disk, then ``os.replace`` it.
+    """Write to ``<path>.partial`` in the same folder, flush it to disk, then ``os.replace`` it
+    (:func:`kd_lightning.fileio.atomic_replace`).
 
     ``os.replace`` is atomic on POSIX file systems, so readers (and ``--ckpt_path last``) see either
     the previous complete file or the new complete file. Remote paths (``s3://`` ...) fall back to
@@ -27,20 +27,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in path and not path.startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = path.removeprefix("file://")
-        get_filesystem(path).makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.partial"
         try:
-            self._write(checkpoint, tmp)
-            os.replace(tmp, path)
+            atomic_replace(path, lambda tmp: self._write(checkpoint, tmp), tmp=f"{path}.partial")
         except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
             if _is_disk_full(e):
                 name = os.path.basename(path)
                 kept = f"the previous {name} is intact" if os.path.exists(path) else f"no {name} was written"
                 raise DiskFullError(f"no space left on device while writing {path!r}; {kept}") from None
             raise
-        _fsync_dir(os.path.dirname(path) or ".")
 
     def _write(self, checkpoint: dict[str, Any], tmp: str) -> None:
         """Serialise ``checkpoint`` into ``tmp`` and make it durable."""
@@ -66,12 +60,3 @@ def _is_disk_full(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def _fsync_dir(folder: str) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

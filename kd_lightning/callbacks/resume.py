@@ -17,6 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from kd_lightning.checkpoints import CONFIG_KEY, RNG_KEY
+
 #: recipe keys that may change between an interrupted run and its resumption
 RESUME_IGNORED_KEYS = ("data.init_args.num_workers", "data.init_args.root", "data.init_args.eval_batch_size")
 
@@ -67,14 +69,14 @@ class ResumeState(L.Callback):
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, states)
-            checkpoint["kdl_rng"] = {"per_rank": gathered}
+            checkpoint[RNG_KEY] = {"per_rank": gathered}
         else:
-            checkpoint["kdl_rng"] = {"per_rank": [states]}
+            checkpoint[RNG_KEY] = {"per_rank": [states]}
         if self.config is not None:
-            checkpoint["kdl_config"] = self.config
+            checkpoint[CONFIG_KEY] = self.config
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        per_rank = (checkpoint.get("kdl_rng") or {}).get("per_rank") or []
+        per_rank = (checkpoint.get(RNG_KEY) or {}).get("per_rank") or []
         if per_rank:
             self._pending = per_rank[trainer.global_rank] if trainer.global_rank < len(per_rank) else per_rank[0]
 

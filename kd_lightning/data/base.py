@@ -13,7 +13,7 @@ train, an optional stratified training subset, augmentation, padding/resizing, l
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -226,7 +226,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"after the validation split (val_fraction={self.val_fraction}): using all {len(train_idx)}"
             )
         if self.train_size is not None and self.train_size < len(train_idx):
-            labels = _labels_of(base, train_idx)
+            labels = dataset_labels(base)[train_idx]
             keep = stratified_subset(labels, self.train_size, g)
             train_idx = train_idx[keep]
         return train_idx, val_idx
@@ -284,9 +284,9 @@ class ImageDataModule(L.LightningDataModule):
             seed=self.shuffle_seed(), shuffle=True, num_replicas=replicas, rank=rank, drop_last=replicas > 1
         )
         if self.class_pairs:
-            from kd_lightning.data.pairs import ClassPairSampler, PairedDataset, dataset_labels
+            from kd_lightning.data.pairs import ClassPairSampler, PairedDataset
 
-            sampler = ClassPairSampler(ds, dataset_labels(ds), **sampler_kwargs)
+            sampler = ClassPairSampler(ds, dataset_labels(ds).long(), **sampler_kwargs)
             ds = PairedDataset(ds)
         else:
             sampler = ResumableSampler(ds, **sampler_kwargs)
@@ -314,16 +314,29 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.predict_dataset, False, self.eval_batch_size)
 
 
-def _labels_of(base: Dataset, idx: torch.Tensor) -> torch.Tensor:
-    targets = getattr(base, "targets", None)
+def augments(dm: Any) -> bool:
+    """Whether ``dm`` shows a sample different images from epoch to epoch: its ``augment`` flag (a DataModule
+    without one does not augment). Methods that cache per-sample outputs check this."""
+    return bool(getattr(dm, "augment", False))
+
+
+def dataset_labels(ds: Dataset) -> torch.Tensor:
+    """Every label of ``ds`` in order, as its samples carry them (a regression label normalised by the
+    ``IndexedDataset``'s ``target_transform``; class ids as stored: call ``.long()`` for classes).
+
+    Reads ``targets`` through ``Subset``, ``IndexedDataset`` and wrappers with a ``base`` without loading
+    images; a dataset without ``targets`` is iterated.
+    """
+    if isinstance(ds, Subset):
+        return dataset_labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
+    if isinstance(ds, IndexedDataset):
+        raw = dataset_labels(ds.base)
+        return ds.target_transform(raw) if ds.target_transform else raw
+    targets = getattr(ds, "targets", None)
     if targets is not None:
-        return torch.as_tensor(targets)[idx]
-    return torch.as_tensor([base[int(i)][1] for i in idx])
-
-
-def as_uint8_images(images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
-    """Images as a uint8 N x C x H x W tensor (adds the channel axis to N x H x W)."""
-    t = torch.as_tensor(images)
-    if t.ndim == 3:
-        t = t.unsqueeze(1)
-    return t.to(torch.uint8)
+        return torch.as_tensor(targets)
+    inner = getattr(ds, "base", None)
+    if isinstance(inner, Dataset):
+        return dataset_labels(inner)
+    items = (ds[i] for i in range(len(ds)))  # type: ignore[arg-type]
+    return torch.stack([torch.as_tensor(x["label"] if isinstance(x, dict) else x[1]) for x in items])

@@ -14,7 +14,7 @@ from collections.abc import Sequence, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from kd_lightning.data.sampler import ResumableSampler
 from kd_lightning.errors import ConfigError
@@ -81,18 +81,4 @@ class PairedDataset(Dataset):
         return item
 
 
-def dataset_labels(ds: Dataset) -> torch.Tensor:
-    """Class of every position of ``ds`` (a ``Subset`` of an indexed dataset, or one with ``targets``)."""
-    if isinstance(ds, Subset):
-        return dataset_labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
-    for holder in (ds, getattr(ds, "base", None)):
-        targets = getattr(holder, "targets", None)
-        if targets is not None:
-            return torch.as_tensor(targets).long()
-    inner = getattr(ds, "base", None)
-    if isinstance(inner, Dataset):
-        return dataset_labels(inner)
-    return torch.as_tensor([int(ds[i]["label"] if isinstance(ds[i], dict) else ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]
-
-
-__all__ = ["ClassPairSampler", "PairedDataset", "dataset_labels"]
+__all__ = ["ClassPairSampler", "PairedDataset"]

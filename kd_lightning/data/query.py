@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kd_lightning.data.base import ImageDataModule, default_num_workers
+from kd_lightning.data.base import ImageDataModule, augments, default_num_workers
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.mnist import FashionMNISTDataModule
 from kd_lightning.errors import ConfigError
@@ -157,7 +157,7 @@ class QueryPoolDataModule(L.LightningDataModule):
             raise ConfigError(f"pool={pool!r}; expected 'latent' or 'local'")
         if pool_size < 1 or batch_size < 1:
             raise ConfigError(f"pool_size={pool_size}, batch_size={batch_size}; expected positive integers")
-        if pool == "local" and getattr(local, "augment", False):
+        if pool == "local" and augments(local):
             raise ConfigError(
                 "pool='local' makes its own deterministic views; set the local DataModule's augment: false "
                 "(random augmentation would make every epoch pay for new images)"

@@ -1,10 +1,10 @@
-"""Knowledge-distillation losses: one registry, one interface (:class:`KDLoss`).
+"""Knowledge-distillation losses: one interface (:class:`KDLoss`); its subclasses are the lookup.
 
 ``list_losses()`` names them; recipes select them by class name, e.g.
 ``kd_losses: [{class_path: BLKD, init_args: {T: 4, weight: 0.9}}]``.
 """
 
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, get_loss, list_losses, register_loss
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, get_loss, list_losses
 from kd_lightning.losses.contrastive import CRD
 from kd_lightning.losses.factor import AB, FT
 from kd_lightning.losses.features import AT, VID, FitNet
@@ -40,5 +40,4 @@ __all__ = [
     "kd_kl",
     "kl_to_probs",
     "list_losses",
-    "register_loss",
 ]

@@ -1,4 +1,4 @@
-"""The interface every KD loss implements, and the registry of losses by name.
+"""The interface every KD loss implements, and the lookup of losses by name.
 
 A KD loss is an ``nn.Module`` that compares a student's outputs with a teacher's on one batch:
 
@@ -12,8 +12,9 @@ A KD loss is an ``nn.Module`` that compares a student's outputs with a teacher's
 - ``weight`` scales it in the total loss; ``uses_logits`` marks losses that compare class
   outputs, which are refused for regression.
 
-Adding a loss is one class and one line: subclass :class:`KDLoss` and decorate it with
-:func:`register_loss`; ``tests/test_kd_losses.py`` runs every registered loss.
+Adding a loss is one class: subclass :class:`KDLoss` in a module of ``kd_lightning/losses`` (imported by its
+``__init__``); :func:`list_losses` finds it, ``tests/test_distill.py`` trains a student with it, and
+``tests/test_kd_losses.py`` fails until it has a golden test.
 """
 
 from __future__ import annotations
@@ -111,26 +112,32 @@ class KDLoss(nn.Module):
         return f"weight={self.weight}"
 
 
-_LOSSES: dict[str, type[KDLoss]] = {}
+def _losses() -> dict[str, type[KDLoss]]:
+    """Every public subclass of :class:`KDLoss` defined in kd_lightning, by class name: the same classes
+    jsonargparse resolves a recipe's ``class_path: NAME`` against (it, too, walks the imported subclasses)."""
+    import kd_lightning.losses  # noqa: F401  (defines the built-in losses)
 
-
-def register_loss(cls: type[KDLoss]) -> type[KDLoss]:
-    """Class decorator adding a KD loss to the registry under its class name."""
-    if cls.__name__ in _LOSSES:
-        raise ValueError(f"KD loss {cls.__name__!r} is registered twice")
-    _LOSSES[cls.__name__] = cls
-    return cls
+    found: dict[str, type[KDLoss]] = {}
+    todo = list(KDLoss.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not cls.__module__.startswith("kd_lightning.") or cls.__name__.startswith("_"):
+            continue
+        if found.setdefault(cls.__name__, cls) is not cls:
+            raise ValueError(f"two KD losses are named {cls.__name__!r}: {found[cls.__name__]} and {cls}")
+    return found
 
 
 def list_losses() -> list[str]:
-    """Names of the registered KD losses."""
-    return sorted(_LOSSES)
+    """Names of the KD losses (the subclasses of :class:`KDLoss` in kd_lightning)."""
+    return sorted(_losses())
 
 
 def get_loss(name: str) -> type[KDLoss]:
-    """The loss class registered as ``name``; a clear error lists the known ones otherwise."""
+    """The loss class named ``name``; a clear error lists the known ones otherwise."""
     try:
-        return _LOSSES[name]
+        return _losses()[name]
     except KeyError:
         raise ConfigError(f"unknown KD loss {name!r}; expected one of: {', '.join(list_losses())}") from None
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
 
 
 class Embed(nn.Module):
@@ -38,7 +38,6 @@ def nce_loss(scores: torch.Tensor, num_indices: int, eps: float = 1e-7) -> torch
     return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
 
 
-@register_loss
 class CRD(KDLoss):
     """Tian et al., "Contrastive Representation Distillation" (ICLR 2020).
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
 from kd_lightning.losses.features import _stage_names, match_spatial, pair_stages
 from kd_lightning.losses.relations import _last_stage
 
@@ -102,7 +102,6 @@ def load_paraphraser(path: str, channels: int, feature: str | None = None) -> Pa
     return para
 
 
-@register_loss
 class FT(KDLoss):
     """Kim et al., "Paraphrasing Complex Network: Network Compression via Factor Transfer" (NeurIPS 2018).
 
@@ -187,7 +186,6 @@ class FT(KDLoss):
         return {"ft": ft, "rec": rec_loss}
 
 
-@register_loss
 class AB(KDLoss):
     """Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons" (AAAI 2019).
 

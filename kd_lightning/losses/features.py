@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
+from kd_lightning.nets.features import stage_names
 
 
 def _stage_names(info_shapes: dict[str, torch.Size]) -> list[str]:
-    return sorted((k for k in info_shapes if k.startswith("stage") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+    return stage_names(info_shapes)
 
 
 def pair_stages(loss: KDLoss, info: SetupInfo, names: Sequence[str] | None) -> list[str]:
@@ -44,7 +45,6 @@ def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, F.adaptive_avg_pool2d(b, a.shape[-2:])
 
 
-@register_loss
 class FitNet(KDLoss):
     """Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015).
 
@@ -92,7 +92,6 @@ def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1)
 
 
-@register_loss
 class AT(KDLoss):
     """Zagoruyko & Komodakis, "Paying More Attention to Attention" (ICLR 2017).
 
@@ -127,7 +126,6 @@ class AT(KDLoss):
         return total
 
 
-@register_loss
 class VID(KDLoss):
     """Ahn et al., "Variational Information Distillation for Knowledge Transfer" (CVPR 2019).
 

@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, StepContext, register_loss
+from kd_lightning.losses.base import KDLoss, Outputs, StepContext
 from kd_lightning.losses.functional import kd_kl
 
 
-@register_loss
 class BLKD(KDLoss):
     """Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
 
@@ -38,7 +37,6 @@ class BLKD(KDLoss):
         return kd_kl(student.logits, teacher.logits, self.T)
 
 
-@register_loss
 class DKD(KDLoss):
     """Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022).
 

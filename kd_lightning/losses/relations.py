@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
+from kd_lightning.nets.features import stage_names
 
 
-@register_loss
 class PKT(KDLoss):
     """Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer" (ECCV 2018).
 
@@ -55,7 +55,6 @@ class PKT(KDLoss):
         return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
 
 
-@register_loss
 class SP(KDLoss):
     """Tung & Mori, "Similarity-Preserving Knowledge Distillation" (ICCV 2019).
 
@@ -97,7 +96,7 @@ class SP(KDLoss):
 
 
 def _last_stage(loss: KDLoss, shapes: dict[str, torch.Size], side: str) -> str:
-    stages = sorted((k for k in shapes if k.startswith("stage") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+    stages = stage_names(shapes)
     if not stages:
         raise ConfigError(f"{type(loss).__name__}: the {side} net declares no stages; name a feature explicitly")
     return stages[-1]
@@ -111,7 +110,6 @@ def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
 
 
-@register_loss
 class RKD(KDLoss):
     """Park et al., "Relational Knowledge Distillation" (CVPR 2019).
 

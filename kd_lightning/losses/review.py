@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
 from kd_lightning.losses.features import _stage_names
 
 
@@ -56,7 +56,6 @@ def hcl(student: torch.Tensor, teacher: torch.Tensor, levels: Sequence[int] = (4
     return loss / total
 
 
-@register_loss
 class ReviewKD(KDLoss):
     """Chen et al., "Distilling Knowledge via Knowledge Review" (CVPR 2021).
 

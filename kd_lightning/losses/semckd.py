@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
 from kd_lightning.losses.features import _stage_names
 
 
@@ -43,7 +43,6 @@ def batch_similarity(f: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(g, (0, width - g.shape[1]))
 
 
-@register_loss
 class SemCKD(KDLoss):
     """Semantic calibration for cross-layer KD: every student stage learns from every teacher stage.
 

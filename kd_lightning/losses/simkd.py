@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
 from kd_lightning.nets.features import PREPOOL
 
 #: checkpoint key holding the plain description of a student's replaced head
@@ -114,7 +114,6 @@ def head_from_checkpoint(ckpt: dict[str, Any], prefix: str = HEAD_KEY + ".") -> 
     return head
 
 
-@register_loss
 class SimKD(KDLoss):
     """SimKD: the student's head is a projector + the teacher's frozen classifier; L2 on the final maps.
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, register_loss, require_shape
+from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
 from kd_lightning.losses.functional import kd_kl
 
 
@@ -48,7 +48,6 @@ class ProjectionHead(nn.Module):
         return self.mlp(x.flatten(1).float())
 
 
-@register_loss
 class SSKD(KDLoss):
     """Xu et al., "Knowledge Distillation Meets Self-Supervision" (ECCV 2020).
 

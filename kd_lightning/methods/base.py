@@ -14,12 +14,13 @@ normalisations still work together on the same batch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from kd_lightning.checkpoints import state_mismatch
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.nets.normalize import Normalize
 
@@ -49,6 +50,9 @@ class BaseTask(L.LightningModule):
     #: metric the default checkpoint callback tracks, and in which direction
     monitor: str = "val/acc1"
     monitor_mode: str = "max"
+    #: ``__init__`` arguments that are not hyper-parameters (optimiser factories: callables) and so stay out of
+    #: ``hparams`` and checkpoints; a subclass with more extends the tuple
+    hparams_ignore: ClassVar[tuple[str, ...]] = ("optimizer", "lr_scheduler")
 
     def __init__(
         self,
@@ -62,7 +66,7 @@ class BaseTask(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.normalize = Normalize(mean or (0.5,), std or (0.5,), in_channels)
@@ -95,25 +99,16 @@ class BaseTask(L.LightningModule):
     # ------------------------------------------------------------------ checks
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another kind or shape with a message instead of a tensor error."""
-        theirs = checkpoint.get("state_dict", {})
-        ours = self.state_dict()
-        missing = sorted(set(ours) - set(theirs))
-        unexpected = sorted(set(theirs) - set(ours))
-        reshaped = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))
-        if missing or unexpected or reshaped:
+        mismatch = state_mismatch(self.state_dict(), checkpoint.get("state_dict", {}))
+        if mismatch:
             hp = checkpoint.get("hyper_parameters", {})
             made_by = ", ".join(f"{k}={hp[k]!r}" for k in ("net", "num_classes", "in_channels") if k in hp)
-            parts = [
-                f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
-                if keys
-            ]
             ours_hp = ", ".join(
                 f"{k}={self.hparams[k]!r}" for k in ("net", "num_classes", "in_channels") if k in self.hparams
             )
             raise CheckpointError(
                 f"checkpoint does not fit {type(self).__name__}({ours_hp})"
-                f"; it was saved by a model with {made_by or 'other hyper-parameters'} ({'; '.join(parts)})"
+                f"; it was saved by a model with {made_by or 'other hyper-parameters'} ({mismatch})"
             )
 
     def setup(self, stage: str) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from kd_lightning.data.base import augments
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.methods.base import BaseTask
 from kd_lightning.metrics.gan import fit_size
@@ -265,7 +266,7 @@ class DensityRatioEstimator(BaseTask):
     # ------------------------------------------------------------------ data
     def check_data(self, dm: Any) -> None:
         super().check_data(dm)
-        if self.hparams.cache_real_features and getattr(dm, "augment", False):
+        if self.hparams.cache_real_features and augments(dm):
             raise ConfigError(
                 f"cache_real_features=true keeps each real image's features, but {type(dm).__name__} augments "
                 "(augment=true); set data.init_args.augment false or cache_real_features false"

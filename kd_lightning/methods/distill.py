@@ -21,11 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from kd_lightning.data.base import augments
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext
 from kd_lightning.methods.supervised import NetTask
 from kd_lightning.metrics import classification_metrics, regression_metrics
 from kd_lightning.nets import FeatureExtractor
+from kd_lightning.nets.features import PENULTIMATE, PREPOOL, stage_name
 from kd_lightning.teachers import FrozenTeacher
 
 
@@ -134,7 +136,7 @@ class DistillModule(NetTask):
     def _probe(net: nn.Module, normalize: nn.Module, hp: Any) -> dict[str, torch.Size]:
         """Shapes (without the batch axis) of every declared stage and the penultimate feature."""
         info = net.net_info
-        names = [f"stage{i}" for i in range(len(info.stages))] + ["penultimate", "prepool"]
+        names = [stage_name(i) for i in range(len(info.stages))] + [PENULTIMATE, PREPOOL]
         was_training = net.training
         net.eval()
         x = normalize(torch.zeros(2, hp.in_channels, hp.image_size, hp.image_size))
@@ -166,7 +168,7 @@ class DistillModule(NetTask):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or stage != "fit":
             return
-        if self.hparams.cache_teacher and getattr(dm, "augment", False):
+        if self.hparams.cache_teacher and augments(dm):
             raise ConfigError(
                 f"cache_teacher=true reuses the teacher's outputs for each sample, but {type(dm).__name__} "
                 "augments its training images (augment=true); set data.init_args.augment false or "
@@ -328,7 +330,7 @@ def train_labels_by_index(dm: Any, n: int) -> torch.Tensor:
     ds: Dataset | None = getattr(dm, "train_dataset", None)
     if ds is None:
         raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot read its labels")
-    from kd_lightning.data.pairs import dataset_labels
+    from kd_lightning.data.base import dataset_labels
 
     labels = dataset_labels(ds)
     positions = torch.arange(len(ds))  # type: ignore[arg-type]

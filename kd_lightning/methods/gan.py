@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
+from kd_lightning.data.base import dataset_labels
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.gans import (
     DCGANDiscriminator,
@@ -53,13 +54,8 @@ from kd_lightning.gans.losses import LossType, Vicinity
 from kd_lightning.methods.base import BaseTask
 
 
-def generator_adam(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """Adam, lr 2e-4, betas (0, 0.999) (BigGAN/cGAN-KD's generator optimiser)."""
-    return torch.optim.Adam(params, lr=2e-4, betas=(0.0, 0.999))
-
-
-def discriminator_adam(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """Adam, lr 2e-4, betas (0, 0.999) (BigGAN/cGAN-KD's discriminator optimiser)."""
+def gan_adam(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """Adam, lr 2e-4, betas (0, 0.999): BigGAN/cGAN-KD's optimiser of the generator and of the discriminator."""
     return torch.optim.Adam(params, lr=2e-4, betas=(0.0, 0.999))
 
 
@@ -90,6 +86,7 @@ class GANTask(BaseTask):
     monitor = None  # no validation metric: checkpoints keep the latest state
     monitor_mode = "min"
     condition = "class"
+    hparams_ignore = (*BaseTask.hparams_ignore, "generator_optimizer", "discriminator_optimizer")
 
     def __init__(
         self,
@@ -104,8 +101,8 @@ class GANTask(BaseTask):
         ema_buffers: Literal["average", "copy"] = "average",
         diffaugment: str = "",
         gradient_clip_val: float | None = None,
-        generator_optimizer: OptimizerCallable = generator_adam,
-        discriminator_optimizer: OptimizerCallable = discriminator_adam,
+        generator_optimizer: OptimizerCallable = gan_adam,
+        discriminator_optimizer: OptimizerCallable = gan_adam,
         **kwargs: Any,
     ) -> None:
         for name, value in (("z_dim", z_dim), ("g_ch", g_ch), ("d_ch", d_ch), ("n_critic", n_critic), ("n_gen", n_gen)):
@@ -127,9 +124,6 @@ class GANTask(BaseTask):
         self.generator_optimizer_factory = generator_optimizer
         self.discriminator_optimizer_factory = discriminator_optimizer
         super().__init__(**kwargs)
-        for key in ("generator_optimizer", "discriminator_optimizer"):  # callables, not hyper-parameters
-            self._hparams.pop(key, None)
-            getattr(self, "_hparams_initial", {}).pop(key, None)
         self.automatic_optimization = False
         self.augment = DiffAugment(diffaugment)
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
@@ -304,22 +298,6 @@ class DCGAN(GANTask):
 
     def generator_step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return g_loss(self.d_logits(self.generator(self.noise(len(batch["image"]))), None), self.hparams.loss)
-
-
-def dataset_labels(ds: Dataset) -> torch.Tensor:
-    """Every label of a kd_lightning training dataset, as the batches carry them (normalised for regression).
-
-    Reads ``targets`` through ``Subset`` and ``IndexedDataset`` without loading images; other datasets
-    are iterated.
-    """
-    from kd_lightning.data.base import IndexedDataset
-
-    if isinstance(ds, Subset):
-        return dataset_labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
-    if isinstance(ds, IndexedDataset) and hasattr(ds.base, "targets"):
-        raw = torch.as_tensor(ds.base.targets)
-        return ds.target_transform(raw) if ds.target_transform else raw
-    return torch.stack([torch.as_tensor(ds[i]["label"]) for i in range(len(ds))])  # type: ignore[arg-type]
 
 
 class CcGAN(GANTask):
@@ -582,7 +560,8 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     overrides: dict[str, Any] = {"embedding_checkpoint": None} if issubclass(cls, CcGAN) else {}
     # kdl's CLI hands the hyper-parameters of the module it is building to every save_hyperparameters
     # call made meanwhile (a context variable); a GAN loaded inside another module's __init__ (the
-    # density-ratio model, a generated DataModule) must use its own checkpoint's instead
+    # density-ratio model, a generated DataModule) must use its own checkpoint's instead (a private variable
+    # with no public switch: tests/test_lightning_internals.py pins it)
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
     token = _given_hyperparameters.set(None)
@@ -599,8 +578,6 @@ __all__ = [
     "ConditionalGAN",
     "GANTask",
     "LabelEmbedding",
-    "dataset_labels",
-    "discriminator_adam",
-    "generator_adam",
+    "gan_adam",
     "load_gan",
 ]

@@ -25,7 +25,6 @@ See docs/mekd.md for every choice that differs from the paper or the official co
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.fileio import atomic_write_bytes
 from kd_lightning.gans import Generator, MEKDDiscriminator, MEKDGenerator, g_loss
 from kd_lightning.losses import BLKD, DKD
 from kd_lightning.losses.base import Outputs
@@ -83,10 +83,7 @@ class TeacherLink:
             return {}
         self.client._sync_journal_stats()
         stats = {**self.client.stats.as_dict(), "query_budget": self.client.query_budget, **(extra or {})}
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.stats_path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(stats, indent=2))
-        os.replace(tmp, self.stats_path)
+        atomic_write_bytes(self.stats_path, json.dumps(stats, indent=2).encode())
         return stats
 
     def close(self) -> None:
@@ -162,6 +159,7 @@ class MEKDDeprivatization(DCGAN):
 
     def configure_models(self) -> None:
         if self.hparams.get("z_dim") is None:  # kdl's CLI records the config's null; resolve it here too
+            # (the logged copy has no public setter: tests/test_lightning_internals.py pins _hparams_initial)
             for hp in (self.hparams, getattr(self, "_hparams_initial", {})):
                 hp["z_dim"] = int(self.hparams.num_classes)
         super().configure_models()

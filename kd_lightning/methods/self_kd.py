@@ -285,6 +285,8 @@ class SelfKD(ImageClassifier):
     prediction on a mixed image is not a prediction of sample ``index``.
     """
 
+    hparams_ignore = (*ImageClassifier.hparams_ignore, "critic_optimizer")
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -350,8 +352,6 @@ class SelfKD(ImageClassifier):
         super().__init__(**kwargs)
         self.critic_optimizer_factory = critic_optimizer
         self.automatic_optimization = False
-        for hp in (self._hparams, self._hparams_initial):  # a callable, like `optimizer` (see BaseTask)
-            hp.pop("critic_optimizer", None)
 
     # ------------------------------------------------------------------ template hooks
     def configure_models(self) -> None:

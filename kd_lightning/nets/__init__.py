@@ -1,7 +1,7 @@
 """Backbones by name: ``list_nets()``, ``create_net(name, num_classes, in_channels, task)``.
 
 CIFAR-style nets (32x32, tag ``"cifar"``) follow RepDistiller's sizes; ImageNet-style nets (tag
-``"imagenet"``, 64-224 px) are torchvision's architectures. See docs/zoo_and_data.md for the table.
+``"imagenet"``, 64-224 px) are torchvision's architectures. ``list_nets()`` names them all.
 """
 
 from kd_lightning.nets import (  # noqa: F401  (registration side effects)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -68,6 +68,23 @@ class FeatureExtractor:
 
 #: alias of the map fed to the global pooling (read with a pre-hook on the pooling module)
 PREPOOL = "prepool"
+#: alias of the feature the classifier head reads
+PENULTIMATE = "penultimate"
+
+
+def stage_name(i: int) -> str:
+    """The alias of a net's i-th declared stage."""
+    return f"stage{i}"
+
+
+def stage_index(name: str) -> int | None:
+    """``i`` for the alias ``stage{i}``; None for any other name."""
+    return int(name[5:]) if name.startswith("stage") and name[5:].isdigit() else None
+
+
+def stage_names(names: Iterable[str]) -> list[str]:
+    """The ``stage{i}`` aliases among ``names``, shallow to deep."""
+    return sorted((n for n in names if stage_index(n) is not None), key=lambda n: stage_index(n) or 0)
 
 
 def resolve_feature_path(net: nn.Module, name: str) -> str:
@@ -75,13 +92,13 @@ def resolve_feature_path(net: nn.Module, name: str) -> str:
     info = getattr(net, "net_info", None)
     if info is None:
         return name
-    if name == "penultimate":
+    if name == PENULTIMATE:
         return info.penultimate
     if name == PREPOOL:
         parent = info.penultimate.rpartition(".")[0]
         return f"{parent}.avgpool" if parent else "avgpool"
-    if name.startswith("stage") and name[5:].isdigit():
-        i = int(name[5:])
+    i = stage_index(name)
+    if i is not None:
         if i >= len(info.stages):
             raise ConfigError(f"feature {name!r}: net {info.name!r} declares {len(info.stages)} stages {info.stages}")
         return info.stages[i]

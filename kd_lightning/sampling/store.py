@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd_lightning.callbacks.gan_quality import atomic_write_bytes
 from kd_lightning.errors import KDLError
+from kd_lightning.fileio import atomic_write_bytes
 
 MAGIC = b"KDLSHARD1\n"
 MANIFEST = "manifest.json"

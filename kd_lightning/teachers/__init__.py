@@ -10,7 +10,7 @@ from kd_lightning.teachers.blackbox import (
     TeacherAPIError,
     connect_teacher,
 )
-from kd_lightning.teachers.frozen import FrozenTeacher, load_teacher
+from kd_lightning.teachers.frozen import FrozenTeacher
 
 __all__ = [
     "BlackBoxTeacher",
@@ -22,5 +22,4 @@ __all__ = [
     "QueryJournal",
     "TeacherAPIError",
     "connect_teacher",
-    "load_teacher",
 ]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kd_lightning.checkpoints import load_checkpoint, load_state_dict_file
+from kd_lightning.checkpoints import NET_PREFIX, load_checkpoint, load_state_dict_file, net_state, state_mismatch
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses.simkd import head_from_checkpoint
 from kd_lightning.nets import FeatureExtractor, create_net, net_info
@@ -77,8 +77,7 @@ class FrozenTeacher(nn.Module):
         task = _task_of(name, state)
         num_classes = hp.get("num_classes") if task == "classification" else None
         net = create_net(name, num_classes=num_classes or 1, in_channels=int(hp.get("in_channels", 3)), task=task)
-        net_state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-        _load_strict(net, net_state, str(path))
+        _load_strict(net, net_state(state), str(path))
         normalize = Normalize(hp.get("mean") or (0.5,), hp.get("std") or (0.5,), int(hp.get("in_channels", 3)))
         if "normalize.mean" in state:
             normalize.load_state_dict({"mean": state["normalize.mean"], "std": state["normalize.std"]})
@@ -164,28 +163,13 @@ def _task_of(net: str, state: dict[str, torch.Tensor]) -> Task:
     This holds for every checkpoint with a registered net, whichever module wrote it (a supervised model, a
     distilled or self-distilled student).
     """
-    head = state.get(f"net.{net_info(net).head}.weight")
+    head = state.get(f"{NET_PREFIX}{net_info(net).head}.weight")
     return "regression" if head is not None and head.shape[0] == 1 else "classification"
 
 
 def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    ours = net.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    reshaped = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
-    if missing or unexpected or reshaped:
-        parts = [
-            f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
-            if keys
-        ]
+    mismatch = state_mismatch(net.state_dict(), state, shown=3)
+    if mismatch:
         name = getattr(getattr(net, "net_info", None), "name", type(net).__name__)
-        raise CheckpointError(f"weights in {source!r} do not fit net {name!r} ({'; '.join(parts)})")
+        raise CheckpointError(f"weights in {source!r} do not fit net {name!r} ({mismatch})")
     net.load_state_dict(state)
-
-
-def load_teacher(spec: str | os.PathLike | FrozenTeacher) -> FrozenTeacher:
-    """A :class:`FrozenTeacher` from a checkpoint path (or pass one through)."""
-    if isinstance(spec, FrozenTeacher):
-        return spec
-    return FrozenTeacher.from_checkpoint(spec)

@@ -1,0 +1,27 @@
+"""README.md and docs/ point only at files in the repository (papers are cited by title and link)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+PAGES = sorted(
+    [REPO / "README.md", REPO / "CHANGELOG.md", *(REPO / "docs").rglob("*.md"), *(REPO / "recipes").rglob("*.md")]
+)
+FOLDERS = "recipes|docs|kd_lightning|benchmarks|notebooks|tests"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_links_and_named_files_exist(page: Path) -> None:
+    text = page.read_text()
+    links = [m.group(1) for m in re.finditer(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)]
+    missing = [t for t in links if not t.startswith(("http://", "https://")) and not (page.parent / t).exists()]
+    named = re.findall(rf"`((?:{FOLDERS})/[\w./-]+\.(?:py|yaml|md|ipynb|png))`", text)
+    missing += [t for t in named if not (REPO / t).exists()]
+    assert not missing, f"{page.name} points at files that are not in the repository: {missing}"
+    outside = re.findall(r"\bpapers/\w+\.md|\bDESIGN\.md|\bSTYLE\.md|\.\./shared", text)
+    assert not outside, f"{page.name} points outside the repository: {outside}"
