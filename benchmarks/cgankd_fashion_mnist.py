@@ -161,6 +161,42 @@ def jobs(out: str, seeds: list[int], mg: list[int]) -> list[Job]:
     return js
 
 
+def plot_mg(out: str, mg: list[int], n_store: int, path: str) -> None:
+    """Test error against M^g (0 = real_only, the given points, the whole store), mean ± std over seeds."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kd_lightning.report import read_run
+
+    def test_errors(folder: Path) -> list[float]:  # finished (tested) seeds only
+        runs = [read_run(p) for p in sorted(folder.glob("seed*"))]
+        return [100 * (1 - r.test["test/acc1"]) for r in runs if "test/acc1" in r.test]
+
+    points = [(0, "real_only"), *((n, f"mg{n}") for n in mg), (n_store, "cgankd")]
+    xs, means, stds = [], [], []
+    for n, variant in points:
+        errs = test_errors(Path(out, variant))
+        if errs:
+            xs.append(n)
+            means.append(statistics.mean(errs))
+            stds.append(statistics.stdev(errs) if len(errs) > 1 else 0.0)
+    nokd = test_errors(Path(out, "nokd"))
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label="cGAN-KD (fine-tuned from NOKD)")
+    if nokd:
+        ax.axhline(statistics.mean(nokd), color="gray", ls="--", lw=1, label="NOKD")
+    ax.set_xlabel("M^g: fake images used (of the filtered store)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("Fashion-MNIST, 5,000 real images, resnet8", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/evidence/cgankd_fmnist")
@@ -168,8 +204,13 @@ def main() -> int:
     p.add_argument("--mg", type=int, nargs="*", default=[1000], help="M^g points besides 0 and the whole store")
     p.add_argument("--workers", type=int, default=2, help="jobs run side by side")
     p.add_argument("--only", nargs="*", default=None, help="run only these jobs (and nothing they need)")
+    p.add_argument("--plot", default=None, help="write the M^g curve to this PNG (from finished runs) and stop")
+    p.add_argument("--store-size", type=int, default=2700, help="kept samples in the store (the last M^g point)")
     args = p.parse_args()
     out = os.path.abspath(args.out)
+    if args.plot:
+        plot_mg(out, args.mg, args.store_size, args.plot)
+        return 0
     logs = Path(out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     todo = {j.name: j for j in jobs(out, args.seeds, args.mg) if args.only is None or j.name in args.only}
