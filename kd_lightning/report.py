@@ -210,13 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdl report: error: {e}", file=sys.stderr)
         return 2
     try:
-        runs = []
-        for i, folder in enumerate(args.runs):
-            if not args.quiet:
-                print(f"\rreading runs {i + 1}/{len(args.runs)}", end="", file=sys.stderr, flush=True)
-            runs.append(read_run(folder))
-        if not args.quiet:
-            print(file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        runs = [read_run(f) for f in tqdm(args.runs, desc="reading runs", unit="run", disable=args.quiet)]
         metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
         text = table(runs, args.group_by, metrics)
         if args.title:
