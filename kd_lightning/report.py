@@ -154,19 +154,12 @@ def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: list[Run], by: str, metric: str, path: str | os.PathLike) -> bool:
-    """Learning curves of ``metric`` for every run, one colour per group; False when no run logged it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
+def draw_curves(ax: Any, runs: list[Run], by: str, metric: str) -> bool:
+    """Draw the learning curves of ``metric`` on a matplotlib ``ax``, one colour per group (a notebook's
+    figure, or :func:`plot_curves`' file); False when no run logged it."""
     having = [r for r in runs if r.curves.get(metric)]
     if not having:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
     colours: dict[str, Any] = {}
     for run in having:
         key = group_key(run, by)
@@ -179,10 +172,21 @@ def plot_curves(runs: list[Run], by: str, metric: str, path: str | os.PathLike) 
     ax.set_ylabel(f"{metric} (%)" if _scale(metric) == 100 else metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return True
+
+
+def plot_curves(runs: list[Run], by: str, metric: str, path: str | os.PathLike) -> bool:
+    """A PNG of :func:`draw_curves`; False (and no file) when no run logged ``metric``."""
+    import io
+
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
+
+    fig = Figure(figsize=(6, 4))
+    if not draw_curves(fig.subplots(), runs, by, metric):
+        return False
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return True
 
@@ -206,13 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdl report: error: {e}", file=sys.stderr)
         return 2
     try:
-        runs = []
-        for i, folder in enumerate(args.runs):
-            if not args.quiet:
-                print(f"\rreading runs {i + 1}/{len(args.runs)}", end="", file=sys.stderr, flush=True)
-            runs.append(read_run(folder))
-        if not args.quiet:
-            print(file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        runs = [read_run(f) for f in tqdm(args.runs, desc="reading runs", unit="run", disable=args.quiet)]
         metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
         text = table(runs, args.group_by, metrics)
         if args.title:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -24,6 +25,9 @@ from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.data import DigitsDataModule, TensorDataset
 from kd_lightning.data.base import ImageDataModule
 from kd_lightning.methods import ImageClassifier, ImageRegressor, SSKDTeacherHead
+from kd_lightning.methods.density_ratio import DensityRatioEstimator
+from kd_lightning.methods.gan import CcGAN, ConditionalGAN
+from kd_lightning.sampling.generate import GenerateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -296,3 +300,107 @@ GAN_ARGS = [
     "0",
     *QUIET_TRAINER,
 ]
+
+
+# ---------------------------------------------------------------------- cGAN-KD: tiny checkpoints, generate config
+def save_module(model: torch.nn.Module, path: Path, cls: type) -> Path:
+    """A checkpoint with the keys a kdl run writes (state_dict, hyper-parameters with the class path)."""
+    hp = {
+        **dict(model.hparams),
+        "_class_path": f"{cls.__module__}.{cls.__name__}",
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    }
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp, "pytorch-lightning_version": "2.5.0"}, path)
+    return path
+
+
+def tiny_gan(path: Path, regression: bool = False, size: int = 16) -> Path:
+    """An untrained GAN whose images vary with z (its latent input layer is scaled up)."""
+    torch.manual_seed(0)
+    common = dict(z_dim=8, g_ch=4, d_ch=4, in_channels=1, image_size=size, mean=(0.3,), std=(0.4,))
+    if regression:
+        gan: Any = CcGAN(label_range=(-45.0, 45.0), **common)
+    else:
+        gan = ConditionalGAN(num_classes=10, shared_dim=8, **common)
+    with torch.no_grad():
+        for m in [*gan.generator.modules(), *gan.generator_ema.modules()]:
+            if isinstance(m, torch.nn.Linear) and m.in_features == 8:
+                m.weight.mul_(20.0)
+    return save_module(gan, path, type(gan))
+
+
+def tiny_teacher(path: Path, regression: bool = False, size: int = 16, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    if regression:
+        m = ImageRegressor(net="tinynet", in_channels=1, image_size=size, label_range=(-45.0, 45.0))
+        return save_module(m, path, ImageRegressor)
+    m = ImageClassifier(net="tinynet", num_classes=10, in_channels=1, image_size=size, mean=(0.3,), std=(0.4,))
+    return save_module(m, path, ImageClassifier)
+
+
+def tiny_dr(path: Path, gan: Path, encoder: Path, regression: bool = False) -> Path:
+    """A linear ratio model r = relu(1 + 0.6 z), z = the most varying encoder feature standardised on G's samples.
+
+    Acceptance is then about one half and varies from image to image, as a trained one does.
+    """
+    torch.manual_seed(0)
+    extra: dict[str, Any] = {"label_range": (-45.0, 45.0)} if regression else {"num_classes": 10}
+    m = DensityRatioEstimator(
+        generator=str(gan), encoder=str(encoder), mlp=[], dropout=0.0, in_channels=1, image_size=16, **extra
+    )
+    y = torch.arange(10).repeat_interleave(20) if not regression else torch.rand(200)
+    h = m.model.features(m.generator.sample(y, seed=1))[0]
+    k = int(h.std(0).argmax())
+    lin = m.model.head.mlp[0]
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, k] = 0.6 / float(h[:, k].std())
+        lin.bias.fill_(1.0 - 0.6 * float(h[:, k].mean() / h[:, k].std()))
+    ckpt: dict[str, Any] = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def cfg(parts: dict[str, Path], out: Path, **kw: Any) -> GenerateConfig:
+    base = dict(
+        generator=str(parts["gan"]),
+        density_ratio=str(parts["dr"]),
+        teacher=str(parts["teacher"]),
+        out=str(out),
+        per_class=12,
+        burn_in=50,
+        batch_size=8,
+        shard_size=24,
+        progress=False,
+    )
+    base.update(kw)
+    return GenerateConfig(**base)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- kdl report: a run folder
+def fake_run(folder: Path, seed: int, val_acc: list[float], test_acc: float, losses: tuple[str, ...] = ()) -> Path:
+    """A run folder as ``kdl fit`` + ``kdl test`` leave it: a fit version with curves, a test version."""
+    config = {
+        "seed_everything": seed,
+        "model": {
+            "class_path": "kd_lightning.methods.DistillModule" if losses else "kd_lightning.methods.ImageClassifier",
+            "init_args": {
+                "net": "resnet8",
+                "kd_losses": [{"class_path": f"kd_lightning.losses.{n}"} for n in losses or []],
+            },
+        },
+    }
+    fit = folder / "lightning_logs" / "version_0"
+    fit.mkdir(parents=True)
+    (fit / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = ["epoch,step,train/loss_epoch,val/acc1,val/loss"]
+    for epoch, acc in enumerate(val_acc):
+        rows.append(f"{epoch},{10 * epoch + 9},,{acc},{1 - acc}")
+        rows.append(f"{epoch},{10 * epoch + 9},0.5,,")
+    (fit / "metrics.csv").write_text("\n".join(rows) + "\n")
+    test = folder / "lightning_logs" / "version_1"
+    test.mkdir(parents=True)
+    (test / "config.yaml").write_text(yaml.safe_dump(config))
+    (test / "metrics.csv").write_text(f"epoch,step,test/acc1,test/loss\n0,0,{test_acc},0.3\n")
+    return folder

@@ -18,9 +18,7 @@ import torch
 from scipy import stats
 
 from kd_lightning.data import AugmentedDataModule, DigitsDataModule, FilteredDataModule, GeneratedDataModule
-from kd_lightning.methods import ImageClassifier, ImageRegressor
 from kd_lightning.methods.density_ratio import DensityRatioEstimator, RatioHead, load_density_ratio, sp_loss
-from kd_lightning.methods.gan import CcGAN, ConditionalGAN
 from kd_lightning.sampling import (
     AcceptanceError,
     StoreError,
@@ -33,74 +31,15 @@ from kd_lightning.sampling import (
     open_store,
     sha256_file,
 )
-from kd_lightning.sampling.generate import GenerateConfig, generate
+from kd_lightning.sampling.generate import generate
 from kd_lightning.sampling.generate import main as generate_main
 from kd_lightning.teachers import FrozenTeacher
-from tests.helpers import QUIET_TRAINER_KW
+from tests.helpers import QUIET_TRAINER_KW, cfg, tiny_dr, tiny_gan, tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------------- tiny checkpoints
-def save_module(model: torch.nn.Module, path: Path, cls: type) -> Path:
-    """A checkpoint with the keys a kdl run writes (state_dict, hyper-parameters with the class path)."""
-    hp = {
-        **dict(model.hparams),
-        "_class_path": f"{cls.__module__}.{cls.__name__}",
-        "_instantiator": "lightning.pytorch.cli.instantiate_module",
-    }
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp, "pytorch-lightning_version": "2.5.0"}, path)
-    return path
-
-
-def tiny_gan(path: Path, regression: bool = False, size: int = 16) -> Path:
-    """An untrained GAN whose images vary with z (its latent input layer is scaled up)."""
-    torch.manual_seed(0)
-    common = dict(z_dim=8, g_ch=4, d_ch=4, in_channels=1, image_size=size, mean=(0.3,), std=(0.4,))
-    if regression:
-        gan: Any = CcGAN(label_range=(-45.0, 45.0), **common)
-    else:
-        gan = ConditionalGAN(num_classes=10, shared_dim=8, **common)
-    with torch.no_grad():
-        for m in [*gan.generator.modules(), *gan.generator_ema.modules()]:
-            if isinstance(m, torch.nn.Linear) and m.in_features == 8:
-                m.weight.mul_(20.0)
-    return save_module(gan, path, type(gan))
-
-
-def tiny_teacher(path: Path, regression: bool = False, size: int = 16, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    if regression:
-        m = ImageRegressor(net="tinynet", in_channels=1, image_size=size, label_range=(-45.0, 45.0))
-        return save_module(m, path, ImageRegressor)
-    m = ImageClassifier(net="tinynet", num_classes=10, in_channels=1, image_size=size, mean=(0.3,), std=(0.4,))
-    return save_module(m, path, ImageClassifier)
-
-
-def tiny_dr(path: Path, gan: Path, encoder: Path, regression: bool = False) -> Path:
-    """A linear ratio model r = relu(1 + 0.6 z), z = the most varying encoder feature standardised on G's samples.
-
-    Acceptance is then about one half and varies from image to image, as a trained one does.
-    """
-    torch.manual_seed(0)
-    extra: dict[str, Any] = {"label_range": (-45.0, 45.0)} if regression else {"num_classes": 10}
-    m = DensityRatioEstimator(
-        generator=str(gan), encoder=str(encoder), mlp=[], dropout=0.0, in_channels=1, image_size=16, **extra
-    )
-    y = torch.arange(10).repeat_interleave(20) if not regression else torch.rand(200)
-    h = m.model.features(m.generator.sample(y, seed=1))[0]
-    k = int(h.std(0).argmax())
-    lin = m.model.head.mlp[0]
-    with torch.no_grad():
-        lin.weight.zero_()
-        lin.weight[0, k] = 0.6 / float(h[:, k].std())
-        lin.bias.fill_(1.0 - 0.6 * float(h[:, k].mean() / h[:, k].std()))
-    ckpt: dict[str, Any] = {"state_dict": m.state_dict()}
-    m.on_save_checkpoint(ckpt)
-    torch.save(ckpt, path)
-    return path
-
-
+# ---------------------------------------------------------------------- tiny checkpoints (tests/helpers.py)
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("cgankd")
@@ -110,22 +49,6 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["reg_teacher"] = tiny_teacher(d / "reg_teacher.ckpt", regression=True)
     out["cc_dr"] = tiny_dr(d / "cc_dr.ckpt", out["cc"], out["reg_teacher"], regression=True)
     return out
-
-
-def cfg(parts: dict[str, Path], out: Path, **kw: Any) -> GenerateConfig:
-    base = dict(
-        generator=str(parts["gan"]),
-        density_ratio=str(parts["dr"]),
-        teacher=str(parts["teacher"]),
-        out=str(out),
-        per_class=12,
-        burn_in=50,
-        batch_size=8,
-        shard_size=24,
-        progress=False,
-    )
-    base.update(kw)
-    return GenerateConfig(**base)  # type: ignore[arg-type]
 
 
 def folder_bytes(root: Path) -> dict[str, bytes]:

@@ -85,7 +85,7 @@ def test_the_mekd_pipeline_serves_its_teacher_and_pays_each_query_once(tmp_path:
             "--model.init_args.im_batch_size",
             "4",
             *EDGE,
-        ],  # fmt: skip
+        ],
         "mekd": [
             "--trainer.max_steps",
             "4",
@@ -96,7 +96,7 @@ def test_the_mekd_pipeline_serves_its_teacher_and_pays_each_query_once(tmp_path:
             "--data.init_args.pool_size",
             "40",
             *LOCAL,
-        ],  # fmt: skip
+        ],
     }
     toy["test_mekd"] = toy["mekd"]
     raw = yaml.safe_load((DIR / "pipeline.yaml").read_text())

@@ -1,50 +1,231 @@
-"""The notebooks run: every code cell, in order, against tiny checkpoints and fake data (no Jupyter needed)."""
+"""The notebooks: each .ipynb has a jupytext twin (py:percent) with the same cells, and each runs from its twin in
+a real Jupyter kernel (nbclient) on tiny artifacts built here, into tmp_path (the committed outputs stay as they are).
+
+Re-execute a notebook on the real artifacts and update its committed .ipynb (outputs included):
+
+    python -m tests.test_notebooks notebooks/explore_student.py [more.py ...]
+"""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
+import os
+import statistics
+import sys
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import jupytext
+import nbformat
+import numpy as np
 import pytest
 import torch
+from jupytext.compare import compare_notebooks
+from nbclient import NotebookClient
 
 from tests.conftest import REPO, make_fake_mnist
 from tests.helpers import write_teacher
 
 NOTEBOOKS = REPO / "notebooks"
+PROBE = "__probe__"
 
 
-def run_notebook(path: Path) -> dict:
-    """Execute the code cells of ``path`` in one namespace (figures go to the Agg backend)."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def execute(source: Path, cwd: Path, probe: str | None = None, timeout: int | None = 900) -> nbformat.NotebookNode:
+    """Run the notebook read from ``source`` (its .py twin or the .ipynb) cell by cell in a fresh python3 kernel.
 
-    namespace: dict = {"__name__": "__notebook__"}
-    cells = json.loads(path.read_text())["cells"]
-    for i, cell in enumerate(c for c in cells if c["cell_type"] == "code"):
-        exec(compile("".join(cell["source"]), f"{path.name}[{i}]", "exec"), namespace)  # noqa: S102
-        plt.close("all")
-    return namespace
+    ``probe``: code appended as a last cell; what it prints after ``__probe__`` is JSON the test reads back.
+    The kernel inherits this process's environment (the notebooks' KDL_* inputs, MPLBACKEND).
+    """
+    nb = jupytext.read(source)
+    if probe is not None:
+        nb.cells.append(nbformat.v4.new_code_cell(f"import json as _json\nprint({PROBE!r} + _json.dumps({probe}))"))
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", record_timing=False, resources={"metadata": {"path": str(cwd)}}
+    )
+    client.execute()
+    return nb
 
 
-def test_every_notebook_is_tested() -> None:
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == ["explore_student.ipynb"]
+def probed(nb: nbformat.NotebookNode) -> dict[str, Any]:
+    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    return json.loads(text.split(PROBE, 1)[1])
 
 
-def test_explore_student_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def outputs(nb: nbformat.NotebookNode, mime: str) -> list[Any]:
+    return [o.data[mime] for c in nb.cells if c.cell_type == "code" for o in c.outputs if mime in o.get("data", {})]
+
+
+@pytest.fixture
+def run_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Execute a notebook's text twin into tmp_path; the committed .ipynb files must not change."""
+    # headless: matplotlib's inline backend (Agg rendering to PNG outputs); plain "Agg" would show no figure at all
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in NOTEBOOKS.iterdir()}
+
+    def run(name: str, probe: str) -> nbformat.NotebookNode:
+        nb = execute(NOTEBOOKS / f"{name}.py", tmp_path, probe)
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+        return nb
+
+    yield run
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in NOTEBOOKS.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------- pairing
+def test_every_notebook_has_a_text_twin_with_the_same_cells() -> None:
+    notebooks = sorted(NOTEBOOKS.glob("*.ipynb"))
+    assert [p.stem for p in notebooks] == ["compare_runs", "explore_samples", "explore_student"]
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.py")) == [p.stem for p in notebooks]
+    for path in notebooks:
+        ipynb, text = jupytext.read(path), jupytext.read(path.with_suffix(".py"))
+        assert ipynb.metadata["jupytext"]["formats"] == "ipynb,py:percent", path.name
+        compare_notebooks(text, ipynb, fmt="py:percent")  # raises NotebookDifference, naming the first cell
+        assert [c.source for c in text.cells] == [c.source for c in ipynb.cells], path.name
+
+
+def test_a_drifted_twin_is_caught(tmp_path: Path) -> None:
+    nb = jupytext.read(NOTEBOOKS / "compare_runs.ipynb")
+    text = (NOTEBOOKS / "compare_runs.py").read_text()
+    assert "GROUP_BY = " in text
+    drifted = jupytext.reads(text.replace("GROUP_BY = ", "GROUP_BY = None or "), "py:percent")
+    compare_notebooks(jupytext.reads(text, "py:percent"), nb, fmt="py:percent")  # the twin as committed: equal
+    with pytest.raises(Exception, match="GROUP_BY"):
+        compare_notebooks(drifted, nb, fmt="py:percent")
+
+
+def test_committed_notebooks_hold_their_figures_and_stay_small() -> None:
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        assert path.stat().st_size < 1_600_000, path.name
+        assert outputs(nb, "image/png"), f"{path.name}: no figures (execute it: python -m tests.test_notebooks)"
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, path.name
+
+
+def test_notebooks_use_only_the_public_api() -> None:
+    for path in NOTEBOOKS.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not node.module.startswith("tests"), f"{path.name} imports {node.module}"
+                if node.module.startswith("kd_lightning"):
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    assert not private and "._" not in node.module, f"{path.name}: {node.module} {private}"
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                raise AssertionError(f"{path.name} uses a private attribute {node.attr!r}")
+
+
+# ---------------------------------------------------------------------------------------------- execution
+def test_explore_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:  # noqa: ANN001
+    from kd_lightning.data import FashionMNISTDataModule
+    from kd_lightning.teachers import FrozenTeacher
+
     runs = tmp_path / "runs"
-    for i, name in enumerate(("teacher", "student_nokd", "student_blkd")):
-        (runs / name / "checkpoints").mkdir(parents=True)
+    folders = {"teacher": runs / "teacher", "NOKD": runs / "NOKD" / "seed0", "blkd": runs / "blkd"}
+    for i, folder in enumerate(folders.values()):
+        (folder / "checkpoints").mkdir(parents=True)
         torch.manual_seed(i)
-        write_teacher(runs / name / "checkpoints" / "best.ckpt", 10, 1, 32, (0.2860,), (0.3530,))
-    monkeypatch.setenv("KDL_RUNS", str(runs))
-    monkeypatch.setenv("KDL_DATA", str(make_fake_mnist(tmp_path / "data", n_train=100, n_test=40)))
-    ns = run_notebook(NOTEBOOKS / "explore_student.ipynb")
-    assert set(ns["summary"]) == {"teacher", "student_nokd", "student_blkd"}
-    for s in ns["summary"].values():
-        assert 0 <= s["top1_error"] <= 100 and s["temperature"] > 0
-    assert int(ns["confusion"].sum()) == 40  # every test image once
-    teacher_logits = ns["test"]["teacher"][0]
-    assert torch.equal(ns["teacher_pred"], teacher_logits.argmax(1))
-    assert (runs / "student_blkd_reliability.png").stat().st_size > 1000
+        write_teacher(folder / "checkpoints" / "best.ckpt", 10, 1, 32, (0.2860,), (0.3530,))
+    data = make_fake_mnist(tmp_path / "data", n_train=100, n_test=40)
+    monkeypatch.setenv("KDL_TEACHER", str(folders["teacher"] / "checkpoints" / "best.ckpt"))
+    monkeypatch.setenv("KDL_STUDENTS", f"{folders['NOKD']},{folders['blkd']}")
+    monkeypatch.setenv("KDL_DATA", str(data))
+    monkeypatch.setenv("KDL_OUT", str(tmp_path / "out"))
+    probe = (
+        "{'names': NAMES, 'focus': FOCUS, 'labels': labels.tolist(), 'summary': summary, 'per_class': per_class,"
+        " 'pred': {n: test[n].argmax(1).tolist() for n in NAMES}, 'confusion': confusion.tolist(),"
+        " 'tsne': {n: list(e.shape) for n, e in embedded.items()}, 'feat_dim': feats['teacher'].shape[1]}"
+    )
+    nb = run_notebook("explore_student", probe)
+    got = probed(nb)
+    assert got["names"] == ["teacher", "NOKD", "blkd"] and got["focus"] == "blkd"
+    labels = np.array(got["labels"])
+    assert sorted(labels.tolist()) == sorted((np.arange(40) % 10).tolist())  # every fake test image once
+
+    dm = FashionMNISTDataModule(root=str(data), image_size=32, eval_batch_size=500)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    for name, folder in folders.items():  # the notebook's predictions are these checkpoints' on the test split
+        pred = FrozenTeacher.from_checkpoint(folder / "checkpoints" / "best.ckpt")(batch["image"]).argmax(1)
+        assert got["pred"][name] == pred.tolist(), name
+        assert got["summary"][name]["top1_error"] == pytest.approx(100 * float((pred != batch["label"]).float().mean()))
+        expected = [[c, float((pred[labels == c] == c).float().mean()), 4] for c in range(10)]
+        assert [[c, pytest.approx(a), n] for c, a, n in got["per_class"][name]] == expected
+        assert got["tsne"][name] == [40, 2]
+    confusion = np.zeros((10, 10), int)
+    np.add.at(confusion, (labels, np.array(got["pred"]["blkd"])), 1)
+    assert got["confusion"] == confusion.tolist()
+    assert (tmp_path / "out" / "blkd_reliability.png").read_bytes().startswith(b"\x89PNG")
+    # every figure is shown inline: per-class bars, agreement, t-SNE, confusion, reliability, disagreements
+    assert len(outputs(nb, "image/png")) == 6
+
+
+def test_explore_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:  # noqa: ANN001
+    from kd_lightning.sampling import open_store
+    from kd_lightning.sampling.generate import generate
+    from tests.helpers import cfg, tiny_dr, tiny_gan, tiny_teacher
+
+    parts = {"gan": tiny_gan(tmp_path / "gan.ckpt"), "teacher": tiny_teacher(tmp_path / "teacher.ckpt")}
+    parts["dr"] = tiny_dr(tmp_path / "dr.ckpt", parts["gan"], parts["teacher"])
+    generate(cfg(parts, tmp_path / "store", per_class=6, keep_rejected=True))
+    table = open_store(tmp_path / "store").table()
+    monkeypatch.setenv("KDL_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("KDL_GRID_N", "4")
+    probe = (
+        "{'kinds': {k: int(m.sum()) for k, m in kinds.items()}, 'cutoffs': cutoffs, 'consistency': consistency,"
+        " 'grid': class_grid(kept).tolist(), 'classes': classes}"
+    )
+    nb = run_notebook("explore_samples", probe)
+    got = probed(nb)
+    accepted, kept, labels = table["accepted"], table["kept"], table["label"]
+    assert accepted.sum() == 60 and (~accepted).any()  # 6 per class accepted, and the rejected ones kept too
+    assert got["kinds"] == {
+        "kept": int(kept.sum()),
+        "dropped by the filter": int((accepted & ~kept).sum()),
+        "rejected by cDR-RS": int((~accepted).sum()),
+    }
+    assert got["classes"] == list(range(10))
+    assert {int(k): v for k, v in got["cutoffs"].items()} == pytest.approx(
+        {int(k): v for k, v in open_store(tmp_path / "store").report["cutoffs"].items()}
+    )
+    teacher_pred = table["teacher"].argmax(1)
+    assert got["consistency"]["kept"] == pytest.approx(
+        [float((teacher_pred[kept & (labels == c)] == c).mean()) for c in range(10)]
+    )
+    grid, images = np.array(got["grid"], np.uint8), open_store(tmp_path / "store").load_images()
+    h, w = images.shape[2:]
+    for c in range(10):  # row c of the "kept" grid holds the first 4 kept samples of class c, in table order
+        for k, i in enumerate(np.flatnonzero(kept & (labels == c))[:4]):
+            assert np.array_equal(grid[c * h : (c + 1) * h, k * w : (k + 1) * w], images[i, 0])
+    assert len(outputs(nb, "image/png")) == 4  # grids, ratio histograms, error histograms, consistency
+
+
+def test_compare_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:  # noqa: ANN001
+    from tests.helpers import fake_run
+
+    nokd = [(0.80, [0.5, 0.80, 0.7]), (0.82, [0.5, 0.81, 0.7]), (0.81, [0.5, 0.82, 0.7])]
+    for s, (test_acc, curve) in enumerate(nokd):
+        fake_run(tmp_path / "NOKD" / f"seed{s}", s, curve, test_acc)
+    for s, test_acc in enumerate((0.85, 0.86)):
+        fake_run(tmp_path / "BLKD" / f"seed{s}", s, [0.6, 0.7, 0.9 - s / 100], test_acc, ("BLKD",))
+    (tmp_path / "empty" / "seed0").mkdir(parents=True)  # a run without logs yet: skipped, named
+    monkeypatch.setenv("KDL_RUN_DIRS", f"{tmp_path}/*/seed*")
+    nb = run_notebook("compare_runs", "{'summary': summary, 'n': len(runs), 'skipped': skipped, 'metrics': metrics}")
+    got = probed(nb)
+    assert got["n"] == 5 and len(got["skipped"]) == 1 and "empty" in got["skipped"][0]
+    assert got["metrics"] == ["val/acc1", "val/loss"]  # the fake runs log no ECE or F1
+    rows = {line.split(" | ")[0].strip("| "): line for line in got["summary"].splitlines()[2:]}
+    nokd_test = [100 * t for t, _ in nokd]
+    assert f"{statistics.mean(nokd_test):.2f} ± {statistics.stdev(nokd_test):.2f}" in rows["NOKD"]
+    assert "85.50 ± 0.71" in rows["BLKD"] and "| 3 | 0, 1, 2 |" in rows["NOKD"]
+    assert len(outputs(nb, "image/png")) == 1 and outputs(nb, "text/markdown") == [got["summary"]]
+
+
+if __name__ == "__main__":  # re-execute notebooks on the real artifacts and write their paired .ipynb
+    for arg in sys.argv[1:]:
+        source = Path(arg).with_suffix(".py")
+        executed = execute(source, source.parent, timeout=None)  # inference on the full test split: no cell limit
+        jupytext.write(executed, source.with_suffix(".ipynb"))
+        print(f"{source.with_suffix('.ipynb')}: {source.with_suffix('.ipynb').stat().st_size} bytes")

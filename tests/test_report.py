@@ -6,36 +6,9 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kd_lightning.report import read_run
-
-
-def fake_run(folder: Path, seed: int, val_acc: list[float], test_acc: float, losses: tuple[str, ...] = ()) -> Path:
-    """A run folder as ``kdl fit`` + ``kdl test`` leave it: a fit version with curves, a test version."""
-    config = {
-        "seed_everything": seed,
-        "model": {
-            "class_path": "kd_lightning.methods.DistillModule" if losses else "kd_lightning.methods.ImageClassifier",
-            "init_args": {
-                "net": "resnet8",
-                "kd_losses": [{"class_path": f"kd_lightning.losses.{n}"} for n in losses or []],
-            },
-        },
-    }
-    fit = folder / "lightning_logs" / "version_0"
-    fit.mkdir(parents=True)
-    (fit / "config.yaml").write_text(yaml.safe_dump(config))
-    rows = ["epoch,step,train/loss_epoch,val/acc1,val/loss"]
-    for epoch, acc in enumerate(val_acc):
-        rows.append(f"{epoch},{10 * epoch + 9},,{acc},{1 - acc}")
-        rows.append(f"{epoch},{10 * epoch + 9},0.5,,")
-    (fit / "metrics.csv").write_text("\n".join(rows) + "\n")
-    test = folder / "lightning_logs" / "version_1"
-    test.mkdir(parents=True)
-    (test / "config.yaml").write_text(yaml.safe_dump(config))
-    (test / "metrics.csv").write_text(f"epoch,step,test/acc1,test/loss\n0,0,{test_acc},0.3\n")
-    return folder
+from tests.helpers import fake_run
 
 
 @pytest.fixture

@@ -119,15 +119,13 @@ def plot_reliability_diagram(
     Each panel: accuracy per confidence bin (bars), the gap to the bin's mean confidence (red,
     hatched), the diagonal of perfect calibration, and the ECE in the corner.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     settings: list[tuple[str, torch.Tensor]] = [("before TS", logits.float())]
     if temperature is not None:
         settings.append((f"after TS (T = {temperature:.2f})", logits.float() / temperature))
-    fig, axes = plt.subplots(1, len(settings), figsize=(3.6 * len(settings), 3.6), squeeze=False)
+    fig = Figure(figsize=(3.6 * len(settings), 3.6))
+    axes = fig.subplots(1, len(settings), squeeze=False)
     for ax, (name, z) in zip(axes[0], settings):
         bins = reliability_bins(z.softmax(-1), labels, n_bins)
         width = 1.0 / n_bins
@@ -163,7 +161,6 @@ def plot_reliability_diagram(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

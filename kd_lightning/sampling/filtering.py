@@ -67,16 +67,14 @@ def histogram_png(
 
     One panel per class when ``cutoffs`` is per class, else one panel.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     if isinstance(cutoffs, dict):
         classes = sorted(cutoffs)
         cols = min(5, len(classes))
         rows = (len(classes) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+        fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax, c in zip(axes.flat, classes):
             e = errors[labels == c]
             ax.hist(e, bins=40, color="0.55")
@@ -88,7 +86,8 @@ def histogram_png(
             ax.axis("off")
         fig.supxlabel(xlabel, fontsize=9)
     else:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.subplots()
         ax.hist(errors, bins=60, color="0.55")
         ax.axvline(cutoffs, color="red", lw=1.5, label=f"cut-off {cutoffs:.3g}")
         ax.set_xlabel(xlabel)
@@ -97,7 +96,6 @@ def histogram_png(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -282,6 +282,8 @@ class Generation:
         if "max_ratio" not in state:
             m = None
             if self.subsample:
+                if bar is not None:  # the burn-in accepts nothing: say what the bar is waiting for
+                    bar.set_postfix_str(f"{unit.name} burn-in ({cfg.burn_in} proposals)")
                 burn = self.propose(unit, "burnin", cfg.burn_in)
                 m = estimate_max(burn["ratio"][burn["inside"]] if bool(burn["inside"].any()) else burn["ratio"])
             burned = cfg.burn_in if self.subsample else 0
@@ -457,6 +459,7 @@ def build_parser() -> Any:
     parser = ArgumentParser(prog="kdl generate", description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a generate.yaml")
     parser.add_class_arguments(GenerateConfig, as_group=False)
+    parser.add_argument("--quiet", type=bool, default=False, help="no progress bar (the same as --progress false)")
     return parser
 
 
@@ -470,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ns = ns.as_dict() if hasattr(ns, "as_dict") else vars(ns)
     ns.pop("config", None)
+    if ns.pop("quiet", False):
+        ns["progress"] = False
     try:
         cfg = GenerateConfig(**ns)
         store, timing = generate(cfg)
