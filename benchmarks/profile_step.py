@@ -73,13 +73,16 @@ PHASES = (
 class PhaseClock:
     """Charges wall time to the innermost open phase (``framework`` when none is open) while active."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        self.sync = sync  # a GPU's synchronize: queued kernels are charged to the phase that queued them
         self.stack: list[str] = []
         self.totals: dict[str, float] = defaultdict(float)
         self.active = False
         self.t = time.perf_counter()
 
     def _tick(self) -> None:
+        if self.sync is not None:
+            self.sync()
         now = time.perf_counter()
         if self.active:
             self.totals[self.stack[-1] if self.stack else "framework"] += now - self.t
@@ -291,7 +294,7 @@ def nets_of(pl_module: L.LightningModule) -> dict[str, torch.nn.Module]:
 
 
 def run(kind: str, args: argparse.Namespace, teacher: str, tmp: str) -> dict[str, Any]:
-    clock = PhaseClock()
+    clock = PhaseClock(torch.cuda.synchronize if args.accelerator in ("gpu", "cuda") else None)
     cli = build_cli(scenario_argv(kind, args, teacher, f"{tmp}/{kind}"), run=False)
     prof = StepProfiler(clock, nets_of, args.warmup_steps)
     cli.trainer.callbacks.append(prof)
