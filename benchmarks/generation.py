@@ -45,6 +45,7 @@ VARIANTS = {
     "no_grad, one pass per chunk (as before)": (False, None, False),
     "+ inference_mode": (True, None, False),
     "+ forward_batch 100 (default now)": (True, 100, False),
+    "+ forward_batch 50": (True, 50, False),
     "+ fast_inference": (True, 100, True),
 }
 

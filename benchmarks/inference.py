@@ -33,13 +33,14 @@ from kd_lightning.cli import cpu_defaults  # noqa: E402
 from kd_lightning.nets import create_net  # noqa: E402
 from kd_lightning.nets.fold import fold_bn  # noqa: E402
 
-#: name -> (channels-last, inference_mode, folded, batch); batch None = --batch
-VARIANTS: dict[str, tuple[bool, bool, bool, int | None]] = {
+#: name -> (channels-last, inference_mode, folded, batch multiplier); None = --batch
+VARIANTS: dict[str, tuple[bool, bool, bool, float | None]] = {
     "no_grad, NCHW, unfolded": (False, False, False, None),
     "+ channels-last": (True, False, False, None),
     "+ inference_mode": (True, True, False, None),
     "+ BN folded": (True, True, True, None),
     "+ BN folded, batch x4": (True, True, True, 4),
+    "+ BN folded, batch /4": (True, True, True, 0.25),
 }
 
 
@@ -97,7 +98,7 @@ def main() -> None:
     for r in range(args.repeats):
         peaks.append(fp32_peak_flops(seconds=0.6))  # per repeat: the load of the moment hits peak and nets alike
         for name, (cl, inference, fold, mult) in VARIANTS.items():
-            x = torch.rand(args.batch * (mult or 1), *shape)
+            x = torch.rand(max(1, int(args.batch * (mult or 1))), *shape)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             rates[name].append(images_per_second(nets[cl, fold], x, inference, args.seconds))
