@@ -13,6 +13,7 @@ counted with ``torch.utils.flop_counter`` on one training step: forward + backwa
     python benchmarks/throughput.py                      # ResNet-20, batch 64, digits at 32x32
     python benchmarks/throughput.py --lean               # also without logger/checkpoint/progress bar
     python benchmarks/throughput.py --out docs/results/throughput.md
+    python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --peak-flops 989e12   # MFU on a GPU
 
 Timings vary with the machine's load (here 2x between runs): never assert them in tests.
 """
@@ -20,6 +21,7 @@ Timings vary with the machine's load (here 2x between runs): never assert them i
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -53,7 +55,14 @@ class StepTimer(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        _sync(pl_module.device)
         self.starts.append((trainer.current_epoch, time.perf_counter()))
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a step's start time is when the previous step really ended."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def steady_rate(starts: list[tuple[int, float]], batch: int, warmup: int) -> float:
@@ -79,7 +88,13 @@ def run_kdl(args: argparse.Namespace, lean: bool) -> float:
             tmp,
             "--model.init_args.lr_scheduler.init_args.T_max",
             str(args.epochs),
+            "--trainer.accelerator",
+            args.accelerator,
+            "--trainer.precision",
+            args.precision,
         ]
+        if args.limit_batches:
+            argv += ["--trainer.limit_train_batches", str(args.limit_batches), "--trainer.limit_val_batches", "0"]
         if lean:
             argv += [
                 "--trainer.logger",
@@ -109,17 +124,23 @@ def run_plain(args: argparse.Namespace) -> float:
         num_workers=dm.num_workers,
         persistent_workers=dm.num_workers > 0,
     )
-    net = create_net(args.net, num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
-    normalize = Normalize(dm.mean, dm.std, 1)
+    device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu")
+    net = create_net(args.net, num_classes=10, in_channels=1).to(device, memory_format=torch.channels_last)
+    normalize = Normalize(dm.mean, dm.std, 1).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss()
     net.train()
+    bf16 = args.precision.startswith("bf16")
     starts: list[tuple[int, float]] = []
     for epoch in range(args.epochs):
-        for batch in loader:
+        for i, batch in enumerate(loader):
+            if args.limit_batches and i >= args.limit_batches:
+                break
+            _sync(device)
             starts.append((epoch, time.perf_counter()))
-            x = normalize(batch["image"]).contiguous(memory_format=torch.channels_last)
-            loss = criterion(net(x), batch["label"])
+            x = normalize(batch["image"].to(device)).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = criterion(net(x), batch["label"].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -149,7 +170,7 @@ def train_flops_per_image(args: argparse.Namespace) -> float:
     return counter.get_total_flops() / args.batch
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--net", default="resnet20")
     p.add_argument("--batch", type=int, default=64)
@@ -158,27 +179,38 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--lean", action="store_true", help="also time kdl with logger/checkpoint/progress bar off")
+    p.add_argument("--limit-batches", type=int, help="training batches per epoch (default: all)")
+    p.add_argument("--accelerator", default="cpu", help="cpu or gpu (kdl and the plain loop alike)")
+    p.add_argument("--precision", default="32-true", help="32-true or bf16-mixed (the plain loop: autocast)")
+    p.add_argument("--peak-flops", type=float, help="the peak to compare with (FLOP/s; a GPU's bf16 peak)")
     p.add_argument("--out", type=Path, help="write the results as a markdown table here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     _quiet_lightning()
     cpu_defaults()
 
     variants = ["kdl", "plain"] + (["kdl-lean"] if args.lean else [])
     rates: dict[str, list[float]] = {v: [] for v in variants}
+    peaks: list[float] = []
     for r in range(args.repeats):
+        # per repeat: on a loaded machine the peak moves with the load, as the runs beside it do
+        peaks.append(args.peak_flops or fp32_peak_flops(seconds=0.6))
         for v in variants:
             torch.manual_seed(r)
             rate = run_plain(args) if v == "plain" else run_kdl(args, lean=v == "kdl-lean")
             rates[v].append(rate)
             print(f"repeat {r}: {v:9s} {rate:8.1f} img/s", flush=True)
-    peak = fp32_peak_flops()
+    peak = statistics.median(peaks)
     flops = train_flops_per_image(args)
     ratios = [k / p for k, p in zip(rates["kdl"], rates["plain"])]
     med = {v: statistics.median(x) for v, x in rates.items()}
-    share = med["kdl"] * flops / peak
+    shares = {v: statistics.median(x * flops / pk for x, pk in zip(rates[v], peaks)) for v in variants}
+    share = shares["kdl"]
+    load = os.getloadavg()
+    measured = ", ".join(f"{x / 1e9:.1f}" for x in peaks)
     lines = [
-        f"net {args.net}, batch {args.batch}, {args.image_size}x{args.image_size} digits, {torch.get_num_threads()} "
-        f"threads, {args.repeats} alternating repeats of {args.epochs} epochs",
+        f"net {args.net}, batch {args.batch}, {args.image_size}x{args.image_size} digits, {args.accelerator}, "
+        f"{args.precision}, {torch.get_num_threads()} threads, {args.repeats} alternating repeats of {args.epochs} "
+        f"epochs; load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
         "",
         "| run | median img/s | runs (img/s) |",
         "|---|---|---|",
@@ -191,9 +223,11 @@ def main() -> None:
         lean = [k / p for k, p in zip(rates["kdl-lean"], rates["plain"])]
         lines.append(f"median ratio kdl-lean/plain img/s: {statistics.median(lean):.3f}")
     lines += [
-        f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; training FLOPs per image: {flops / 1e6:.1f} MFLOP",
-        f"kdl: {med['kdl']:.1f} img/s = {100 * share:.1f}% of fp32 peak "
-        f"(plain: {100 * med['plain'] * flops / peak:.1f}%)",
+        f"{'given' if args.peak_flops else 'fp32 matmul'} peak: {peak / 1e9:.1f} GFLOP/s"
+        f"{'' if args.peak_flops else ' (median of one measured before each repeat: ' + measured + ')'}"
+        f"; training FLOPs per image: {flops / 1e6:.1f} MFLOP",
+        f"kdl: {med['kdl']:.1f} img/s = {100 * share:.1f}% of the peak (median over repeats of the share of that "
+        f"repeat's peak; plain: {100 * shares['plain']:.1f}%)",
     ]
     text = "\n".join(lines)
     print("\n" + text)

@@ -378,6 +378,21 @@ def cfg(parts: dict[str, Path], out: Path, **kw: Any) -> GenerateConfig:
     return GenerateConfig(**base)  # type: ignore[arg-type]
 
 
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    """Every file directly in ``root``: name -> bytes (a store compared byte for byte)."""
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def cgankd_parts(folder: Path) -> dict[str, Path]:
+    """Tiny GAN, teacher and DR checkpoints, classification and regression (what ``kdl generate`` needs)."""
+    out = {"gan": tiny_gan(folder / "gan.ckpt"), "teacher": tiny_teacher(folder / "teacher.ckpt")}
+    out["dr"] = tiny_dr(folder / "dr.ckpt", out["gan"], out["teacher"])
+    out["cc"] = tiny_gan(folder / "cc.ckpt", regression=True)
+    out["reg_teacher"] = tiny_teacher(folder / "reg_teacher.ckpt", regression=True)
+    out["cc_dr"] = tiny_dr(folder / "cc_dr.ckpt", out["cc"], out["reg_teacher"], regression=True)
+    return out
+
+
 # ---------------------------------------------------------------------- kdl report: a run folder
 def fake_run(folder: Path, seed: int, val_acc: list[float], test_acc: float, losses: tuple[str, ...] = ()) -> Path:
     """A run folder as ``kdl fit`` + ``kdl test`` leave it: a fit version with curves, a test version."""

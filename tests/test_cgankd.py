@@ -34,7 +34,7 @@ from kd_lightning.sampling import (
 from kd_lightning.sampling.generate import generate
 from kd_lightning.sampling.generate import main as generate_main
 from kd_lightning.teachers import FrozenTeacher
-from tests.helpers import QUIET_TRAINER_KW, cfg, tiny_dr, tiny_gan, tiny_teacher
+from tests.helpers import QUIET_TRAINER_KW, cfg, cgankd_parts, folder_bytes, tiny_dr, tiny_gan, tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,17 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------- tiny checkpoints (tests/helpers.py)
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("cgankd")
-    out = {"gan": tiny_gan(d / "gan.ckpt"), "teacher": tiny_teacher(d / "teacher.ckpt")}
-    out["dr"] = tiny_dr(d / "dr.ckpt", out["gan"], out["teacher"])
-    out["cc"] = tiny_gan(d / "cc.ckpt", regression=True)
-    out["reg_teacher"] = tiny_teacher(d / "reg_teacher.ckpt", regression=True)
-    out["cc_dr"] = tiny_dr(d / "cc_dr.ckpt", out["cc"], out["reg_teacher"], regression=True)
-    return out
-
-
-def folder_bytes(root: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+    return cgankd_parts(tmp_path_factory.mktemp("cgankd"))
 
 
 # ---------------------------------------------------------------------- DR

@@ -74,10 +74,19 @@ class GenerateConfig:
             stay available for comparisons; DataModules use accepted samples only.
         seed: seed of every random number (latent codes, labels, acceptance draws).
         batch_size: proposals per chunk (part of the settings: it decides the samples).
+        forward_batch: images per forward pass inside a chunk (not a setting: the nets give the same
+            bits for any split, checked in tests/test_generate_speed.py). Smaller passes keep the activations
+            in memory malloc reuses: at 500 a generator pass page-faulted ~0.5M times here and was 1.6x
+            slower (docs/performance.md).
         shard_size: samples per shard (at least; a shard ends at a chunk boundary).
         ema: sample from the EMA generator.
         teacher_image_size: side the teacher takes (default: its checkpoint's ``image_size``).
         device: where to run (cpu, cuda, cuda:1, ...).
+        fast_inference: fold BatchNorm into the convolutions of the frozen nets (DR encoder, teacher,
+            the generator's blocks) and run the generator channels-last. Faster on CPU (see
+            docs/performance.md), but float outputs differ at the rounding level (ratios, teacher
+            outputs, rarely a uint8 pixel or an acceptance), so the store's bytes are not those of a run
+            without it: it is part of the settings.
         progress: show a progress bar (accepted / needed and the acceptance rate).
     """
 
@@ -101,10 +110,12 @@ class GenerateConfig:
     keep_rejected: bool = False
     seed: int = 0
     batch_size: int = 500
+    forward_batch: int = 100
     shard_size: int = 5000
     ema: bool = True
     teacher_image_size: int | None = None
     device: str = "cpu"
+    fast_inference: bool = False
     progress: bool = True
 
 
@@ -126,13 +137,15 @@ class Generation:
         from kd_lightning.teachers import FrozenTeacher
 
         self.cfg = cfg
-        for name in ("batch_size", "shard_size", "burn_in"):
+        for name in ("batch_size", "forward_batch", "shard_size", "burn_in"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name}={getattr(cfg, name)}; expected a positive integer")
         self.device = torch.device(cfg.device)
         gan = load_gan(cfg.generator)
         self.label_range = gan.hparams.get("label_range")
         self.gen = gan.sampler_generator(cfg.ema).to(self.device).eval()
+        self.run_gen: torch.nn.Module = self.gen  # what proposes: the generator, or its fast copy
+        self.grad_mode = torch.inference_mode  # no autograd anywhere in generation
         if self.gen.condition == "none":
             raise ConfigError(f"generator {cfg.generator!r} is unconditional; kdl generate needs a conditional GAN")
         self.task = "classification" if self.gen.condition == "class" else "regression"
@@ -167,15 +180,33 @@ class Generation:
             and self.dr.encoder_size == self.teacher_size
             and self.dr.layer == "penultimate"
         )
+        self.set_fast_inference(cfg.fast_inference)
 
-    @torch.no_grad()
+    def set_fast_inference(self, on: bool) -> None:
+        """Folded BatchNorms in the frozen nets and a channels-last generator copy (on), or the nets as loaded."""
+        for frozen in (self.dr.encoder if self.dr is not None else None, self.teacher):
+            if frozen is not None:
+                frozen.fold_bn = on
+        if on:
+            from kd_lightning.nets.fold import fold_bn
+
+            self.run_gen = fold_bn(self.gen)[0].to(memory_format=torch.channels_last)
+            for block in getattr(self.run_gen, "blocks", []):  # up-sampling is ~4x faster channels-last on CPU
+                block.register_forward_pre_hook(_channels_last_input)
+        else:
+            self.run_gen = self.gen
+
     def add_teacher(self, take: dict[str, torch.Tensor]) -> None:
         """The teacher's outputs (unless the DR encoder gave them) and errors for the samples to store."""
         if self.teacher is None:
             return
+        with self.grad_mode():
+            self._add_teacher(take)
+
+    def _add_teacher(self, take: dict[str, torch.Tensor]) -> None:
         if "teacher" not in take:
             xq = take["image"].float().to(self.device) / 255
-            bs = self.cfg.batch_size
+            bs = self.cfg.forward_batch
             outs = [
                 self.teacher(fit_size(xq[s : s + bs], self.teacher_size)).float().cpu() for s in range(0, len(xq), bs)
             ]
@@ -224,12 +255,17 @@ class Generation:
             "ema": cfg.ema,
             "teacher_image_size": self.teacher_size,
             "label_range": list(self.label_range) if self.label_range else None,
+            # only when on: stores written before the option existed keep their settings
+            **({"fast_inference": True} if cfg.fast_inference else {}),
         }
 
     # ------------------------------------------------------------------ one chunk
-    @torch.no_grad()
     def propose(self, unit: Unit, chunk: int | str, n: int) -> dict[str, torch.Tensor]:
         """``n`` proposals for ``unit``: uint8 images, labels, density ratios, teacher outputs, uniforms."""
+        with self.grad_mode():
+            return self._propose(unit, chunk, n)
+
+    def _propose(self, unit: Unit, chunk: int | str, n: int) -> dict[str, torch.Tensor]:
         g = chunk_generator(self.cfg.seed, unit.name, chunk)
         z = torch.randn(n, self.gen.z_dim, generator=g)
         uniforms = torch.rand(n, generator=g, dtype=torch.float64)
@@ -242,20 +278,19 @@ class Generation:
             k = self.cfg.kappa
             y_gen = (y - k + 2 * k * offsets).clamp(0, 1) if k > 0 else y
         images = []
-        for s in range(0, n, self.cfg.batch_size):
-            x = self.gen(
-                z[s : s + self.cfg.batch_size].to(self.device), y_gen[s : s + self.cfg.batch_size].to(self.device)
-            )
+        fb = self.cfg.forward_batch
+        for s in range(0, n, fb):
+            x = self.run_gen(z[s : s + fb].to(self.device), y_gen[s : s + fb].to(self.device))
             images.append(((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).cpu())
-        u8 = torch.cat(images)
+        u8 = torch.cat(images).contiguous()
         xq = u8.float().to(self.device) / 255
         out: dict[str, torch.Tensor] = {"image": u8, "label": y, "gen_label": y_gen.float(), "uniform": uniforms}
         inside = torch.ones(n, dtype=torch.bool)
         if self.dr is not None:
             ratios, preds = [], []
-            for s in range(0, n, self.cfg.batch_size):
-                h, enc_out = self.dr.features(xq[s : s + self.cfg.batch_size])
-                ratios.append(self.dr.ratio_from_features(h, y[s : s + self.cfg.batch_size].to(self.device)).cpu())
+            for s in range(0, n, fb):
+                h, enc_out = self.dr.features(xq[s : s + fb])
+                ratios.append(self.dr.ratio_from_features(h, y[s : s + fb].to(self.device)).cpu())
                 preds.append(enc_out.cpu())
             out["ratio"] = torch.cat(ratios).float()
             if (
@@ -416,6 +451,11 @@ class Generation:
             "teacher_mae_before": float(err[accepted].mean() * scale),
             "teacher_mae_after": float(err[kept].mean() * scale) if kept.any() else float("nan"),
         }
+
+
+def _channels_last_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x = args[0]
+    return (x.contiguous(memory_format=torch.channels_last), *args[1:]) if x.dim() == 4 else args
 
 
 def _describe(unit: Unit, task: str) -> str:
