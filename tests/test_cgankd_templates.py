@@ -202,6 +202,7 @@ def tiny_store(setting: str, folder: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # ~10-25 s of CPU per setting (the CIFAR-100 store has 100 classes); the parse tests are the default
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_the_cgankd_student_takes_a_step_on_a_store(
     setting: str, fake_roots: dict[str, Path], kdl, tmp_path: Path
