@@ -10,7 +10,7 @@ import yaml
 
 from kd_lightning.methods import ImageClassifier, ImageRegressor, SSKDTeacherHead
 from tests.conftest import RECIPES, make_fake_mnist
-from tests.fake_datasets import write_cifar, write_utkface
+from tests.fake_datasets import write_cifar, write_steering, write_utkface
 from tests.test_cli import ALL_RECIPES, NEEDS_TEACHER, recipe_data_class, recipe_model_class
 from tests.test_kd_stages import STAGE_RECIPES
 
@@ -24,7 +24,10 @@ DATA = {
     "CIFAR100DataModule": (lambda root: write_cifar(root, hundred=True), 100, 3, 32, (0.5,) * 3, (0.25,) * 3),
     "DigitsDataModule": (None, 10, 1, 8, (0.3,), (0.38,)),  # scikit-learn's digits: always on disk
     "UTKFaceDataModule": (lambda root: write_utkface(root), None, 3, 64, (0.5,) * 3, (0.5,) * 3),
+    "SteeringAngleDataModule": (lambda root: write_steering(root)[0], None, 3, 64, (0.5,) * 3, (0.5,) * 3),
 }
+#: options the fake files need (60 fake frames: smaller angle intervals than the real set's 40 per interval)
+DATA_ARGS = {"SteeringAngleDataModule": ["--data.init_args.min_per_interval", "9"]}
 
 
 def write_teacher(
@@ -67,6 +70,7 @@ def test_distill_recipe_fast_dev_run(recipe: Path, kdl, tmp_path: Path) -> None:
         pytest.skip("run with a teacher of the student's layout, or as a chain, in tests/test_kd_stages.py")
     writer, classes, channels, size, mean, std = DATA[recipe_data_class(recipe)]
     data = ["--data.init_args.root", str(writer(tmp_path / "data"))] if writer else []
+    data += DATA_ARGS.get(recipe_data_class(recipe), [])
     teacher = write_teacher(tmp_path / "teacher.ckpt", classes, channels, size, mean, std)
     for term in yaml.safe_load(recipe.read_text())["model"]["init_args"].get("kd_losses") or []:
         head = (term.get("init_args") or {}).get("teacher_head")
