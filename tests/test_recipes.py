@@ -39,6 +39,9 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 #: recipe (glob under recipes/) -> the test that runs it after the stages it needs ("file::function")
 CHAINED: dict[str, str] = {
+    "cgankd/cifar100/*.yaml": "test_cgankd_templates.py::test_the_cgankd_student_takes_a_step_on_a_store",
+    "cgankd/utkface/*.yaml": "test_cgankd_templates.py::test_the_cgankd_student_takes_a_step_on_a_store",
+    "cgankd/steering_angle/*.yaml": "test_cgankd_templates.py::test_the_cgankd_student_takes_a_step_on_a_store",
     "cgankd/*/*.yaml": "test_cgankd.py::test_every_cgankd_stage_recipe_runs_in_order",
     "mekd/fashion_mnist/*.yaml": (
         "test_mekd_recipes.py::test_mekd_stages_run_in_order_locally_and_against_a_live_server"
