@@ -570,7 +570,7 @@ class Runner:
         return rec if isinstance(rec, dict) else None
 
     def _write_record(self, step: Step, rec: dict[str, Any]) -> None:
-        from kd_lightning.callbacks.gan_quality import atomic_write_bytes
+        from kd_lightning.fileio import atomic_write_bytes
 
         atomic_write_bytes(step.state_path, (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode())
         self.records[step.name] = rec

@@ -431,7 +431,7 @@ class Generation:
             }
         report["n_accepted"], report["n_kept"] = int(accepted.sum()), int(kept.sum())
         if hist is not None:
-            from kd_lightning.callbacks.gan_quality import atomic_write_bytes
+            from kd_lightning.fileio import atomic_write_bytes
 
             atomic_write_bytes(str(store.root / "filter_hist.png"), hist)
         store.write_table(table, report)
