@@ -149,7 +149,8 @@ def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
         cells = [name, str(len(members)), ", ".join(str(r.seed) for r in members)]
         for m in metrics:
             values = [_scale(m) * v for r in members for v in [r.selected.get(m, r.test.get(m))] if v is not None]
-            cells.append(mean_std(values) if values else "—")
+            partial = f" (n={len(values)})" if values and len(values) < len(members) else ""  # e.g. a run not tested
+            cells.append(mean_std(values) + partial if values else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -62,3 +62,17 @@ def test_report_errors_name_the_folder(kdl, tmp_path: Path, capsys) -> None:  # 
     (tmp_path / "empty").mkdir()
     assert kdl("report", str(tmp_path / "empty")) == 2
     assert "has no lightning_logs/version_*/metrics.csv" in capsys.readouterr().err
+
+
+def test_a_metric_that_only_some_runs_have_says_how_many(tmp_path: Path) -> None:
+    """A run still training (no test version yet) counts in ``runs`` but not in the test mean, which says n=."""
+    import shutil
+
+    from kd_lightning.report import table
+
+    fake_run(tmp_path / "m/seed0", 0, [0.5, 0.7], 0.70)
+    fake_run(tmp_path / "m/seed1", 1, [0.6, 0.8], 0.80)
+    shutil.rmtree(tmp_path / "m/seed1/lightning_logs/version_1")  # not tested yet
+    runs = [read_run(tmp_path / "m/seed0"), read_run(tmp_path / "m/seed1")]
+    row = table(runs, "parent", ["val/acc1", "test/acc1"]).splitlines()[-1]
+    assert row == "| m | 2 | 0, 1 | 75.00 ± 7.07 | 70.00 (n=1) |"
