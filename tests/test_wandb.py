@@ -9,7 +9,7 @@ import yaml
 
 from kd_lightning.callbacks.resume import flatten
 from kd_lightning.wandb_offline import read_offline_run
-from tests.helpers import QUIET, RECIPES
+from tests.helpers import QUIET, RECIPES, cfg, cgankd_parts
 
 FAST = [
     "--data.init_args.train_size",
@@ -92,3 +92,39 @@ def test_an_offline_run_logs_config_scalars_images_table_and_model(
     assert tables and tables[0]["_type"] == "table-file" and tables[0]["nrows"] == 10
     rows = (tmp_path / "wb_test/per_class_accuracy.csv").read_text().splitlines()
     assert rows[0] == "class,accuracy,n" and len(rows) == 11
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_student_on_a_store_shows_the_filter_histograms(kdl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """cGAN-KD's M3 with the W&B fragment: the store's filter histograms are an image of the run."""
+    from kd_lightning.sampling.generate import generate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store = tmp_path / "store"
+    (tmp_path / "parts").mkdir()
+    generate(cfg(cgankd_parts(tmp_path / "parts"), store))
+    assert (store / "filter_hist.png").is_file()
+    args = [
+        "--config",
+        str(RECIPES / "cgankd/digits/student_cgankd.yaml"),
+        "--config",
+        str(RECIPES / "fragments/wandb.yaml"),
+    ]
+    args += ["--data.init_args.store", str(store), "--model.init_args.net_weights", "null", "--model.init_args.net"]
+    args += [
+        "tinynet",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    ]
+    args += ["--trainer.default_root_dir", "s", "--trainer.logger.init_args.save_dir", "wb", *QUIET]
+    assert kdl("fit", *args) == 0
+    run = read_offline_run(tmp_path / "wb")
+    shown = [row["store/filter_hist"] for row in run.history if "store/filter_hist" in row]
+    assert shown and shown[0]["_type"] == "images/separated"
+    assert list((run.path / "files" / "media" / "images").glob("store/filter_hist*.png"))

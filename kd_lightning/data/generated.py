@@ -16,6 +16,7 @@ teacher cache, CRD's memory banks and self-KD's stores keep working on the union
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -279,6 +280,17 @@ class AugmentedDataModule(ImageDataModule):
             self.n_real, self.n_fake = len(real_train), len(fake)  # type: ignore[arg-type]
             self.num_train_indices = offset + len(fake)
             self._store_rows, self._store = rows, store
+            self._log_filter_histogram()
+
+    def _log_filter_histogram(self) -> None:
+        """Show the store's filter histograms (``filter_hist.png``) in every logger that takes images (W&B)."""
+        trainer = getattr(self, "trainer", None)
+        hist = os.path.join(self.store_path, "filter_hist.png")
+        if trainer is None or not os.path.isfile(hist):
+            return
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="store/filter_hist", images=[hist])
 
     def _fake_transform(self, native: int) -> Callable[[Any], torch.Tensor]:
         """The real training transform, with padding computed from the fake images' own size."""
