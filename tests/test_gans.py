@@ -659,3 +659,22 @@ def test_ema_averages_the_whole_state_dict_like_biggan() -> None:
         assert any("running_mean" in k for k in after)
     with pytest.raises(ConfigError, match="ema_buffers='last'"):
         DCGAN(in_channels=1, image_size=16, ema_buffers="last")  # type: ignore[arg-type]
+
+
+def test_upsample2_equals_nearest_interpolation_bit_for_bit_forward_and_backward() -> None:
+    import torch.nn.functional as F
+
+    from kd_lightning.gans.resnet import upsample2
+
+    torch.manual_seed(0)
+    for shape in [(5, 16, 7, 7), (3, 8, 14, 14)]:
+        a = torch.randn(shape, requires_grad=True)
+        b = a.detach().clone().requires_grad_(True)
+        ref, out = F.interpolate(a, scale_factor=2, mode="nearest"), upsample2(b)
+        assert torch.equal(ref, out) and out.is_contiguous()  # NCHW in, NCHW out
+        g = torch.randn_like(ref)
+        ref.backward(g)
+        out.backward(g)
+        assert torch.equal(a.grad, b.grad)
+    cl = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert upsample2(cl).is_contiguous(memory_format=torch.channels_last)  # a channels-last input stays so

@@ -72,6 +72,17 @@ class ConditionalBatchNorm2d(nn.Module):
         return out * (1 + self.gain(c))[:, :, None, None] + self.bias(c)[:, :, None, None]
 
 
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2 up-sampling, through channels-last for an NCHW input and back.
+
+    The same values and gradients bit for bit as ``F.interpolate(x, scale_factor=2, mode="nearest")``; on CPU the
+    channels-last kernel is ~1.5x faster than the NCHW one even with the two layout changes (docs/performance.md).
+    """
+    if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return F.interpolate(x.contiguous(memory_format=torch.channels_last), scale_factor=2, mode="nearest").contiguous()
+
+
 class GenBlock(nn.Module):
     """BN-ReLU-up-conv-BN-ReLU-conv with a 1x1 up-sampled shortcut."""
 
@@ -84,9 +95,9 @@ class GenBlock(nn.Module):
         self.shortcut = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        h = F.interpolate(F.relu(self.bn1(x, c)), scale_factor=2, mode="nearest")
+        h = upsample2(F.relu(self.bn1(x, c)))
         h = self.conv2(F.relu(self.bn2(self.conv1(h), c)))
-        return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return h + self.shortcut(upsample2(x))
 
 
 class ResNetGenerator(Generator):
