@@ -156,6 +156,7 @@ def test_every_stage_parses_and_its_data_resolves_on_fake_files(
         if step.command == "generate":  # kdl generate's own parser and settings class
             ns = build_parser().parse_args(step.argv).as_dict()
             ns.pop("config", None)
+            ns.pop("quiet", None)  # a command-line switch of kdl generate, not a setting
             gen = GenerateConfig(**ns)
             assert gen.device == "cuda" and gen.rho == (0.9 if setting == "cifar100" else 0.7) and gen.subsample
             if setting == "cifar100":  # classification: 5,000 accepted per class, no replacement
