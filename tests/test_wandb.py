@@ -122,7 +122,9 @@ def test_a_student_on_a_store_shows_the_filter_histograms(kdl, tmp_path: Path, m
         "--trainer.limit_val_batches",
         "1",
     ]
-    args += ["--trainer.default_root_dir", "s", "--trainer.logger.init_args.save_dir", "wb", *QUIET]
+    # an absolute save_dir: wandb's background service, started by the test before in another folder, would
+    # resolve a relative one against its own working directory
+    args += ["--trainer.default_root_dir", "s", "--trainer.logger.init_args.save_dir", str(tmp_path / "wb"), *QUIET]
     assert kdl("fit", *args) == 0
     run = read_offline_run(tmp_path / "wb")
     shown = [row["store/filter_hist"] for row in run.history if "store/filter_hist" in row]
