@@ -30,8 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE = "recipes/cgankd/fashion_mnist/pipeline.yaml"
-RECIPES = REPO / "recipes" / "cgankd" / "fashion_mnist"
+SETTING = "fashion_mnist"  # or "rotated" (--setting): the recipes/cgankd/<setting> folder
+
+
+def recipes() -> Path:
+    return REPO / "recipes" / "cgankd" / SETTING
 
 
 @dataclass
@@ -52,7 +55,7 @@ def stage(out: str, name: str, seed: int = 0, extra: tuple[str, ...] = ()) -> li
         *kdl(),
         "pipeline",
         "--config",
-        PIPELINE,
+        f"recipes/cgankd/{SETTING}/pipeline.yaml",
         "--vars.root",
         out,
         "--vars.seed",
@@ -65,7 +68,7 @@ def stage(out: str, name: str, seed: int = 0, extra: tuple[str, ...] = ()) -> li
 
 def fit_and_test(out: str, variant: str, seed: int, recipe: str, args: list[str]) -> list[list[str]]:
     run = f"{out}/{variant}/seed{seed}"
-    common = ["--config", str(RECIPES / recipe), "--seed_everything", str(seed), *args]
+    common = ["--config", str(recipes() / recipe), "--seed_everything", str(seed), *args]
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     fit = [*kdl(), "fit", *common, "--trainer.default_root_dir", run, *quiet]
     test = [*kdl(), "test", *common, "--trainer.default_root_dir", run, "--ckpt_path", f"{run}/checkpoints/best.ckpt"]
@@ -87,7 +90,7 @@ def jobs(out: str, seeds: list[int], mg: list[int]) -> list[Job]:
                     *kdl(),
                     "generate",
                     "--config",
-                    str(RECIPES / "generate.yaml"),
+                    str(recipes() / "generate.yaml"),
                     "--generator",
                     f"{out}/cgan/checkpoints/last.ckpt",
                     "--density_ratio",
@@ -161,6 +164,80 @@ def jobs(out: str, seeds: list[int], mg: list[int]) -> list[Job]:
     return js
 
 
+def jobs_rotated(out: str, seeds: list[int]) -> list[Job]:
+    """Table 5 (NOKD, FitNet, cGAN-KD, cGAN-KD + FitNet) and Fig. 9 for regression on rotated Fashion-MNIST."""
+    js = [
+        Job("teacher", [stage(out, "teacher")], priority=2),
+        Job("cgan", [stage(out, "cgan")], priority=3),
+        Job("dr", [stage(out, "dr")], ["teacher", "cgan"], priority=3),
+        Job("generate", [stage(out, "generate")], ["dr"], priority=3),
+        Job(
+            "generate_no_subsample",
+            [
+                [
+                    *kdl(),
+                    "generate",
+                    "--config",
+                    str(recipes() / "generate.yaml"),
+                    "--generator",
+                    f"{out}/ccgan/checkpoints/last.ckpt",
+                    "--density_ratio",
+                    f"{out}/dr/checkpoints/best.ckpt",
+                    "--teacher",
+                    f"{out}/teacher/checkpoints/best.ckpt",
+                    "--subsample",
+                    "false",
+                    "--out",
+                    f"{out}/store_no_subsample",
+                ],
+            ],
+            ["dr"],
+            priority=-1,
+        ),
+    ]
+    for k in seeds:
+        nokd = f"{out}/nokd/seed{k}/checkpoints/best.ckpt"
+        js += [
+            Job(f"nokd{k}", [stage(out, "student", k), stage(out, "test_student", k)], priority=1),
+            Job(f"fitnet{k}", [stage(out, "fitnet", k), stage(out, "test_fitnet", k)], ["teacher"]),
+            Job(
+                f"cgankd{k}",
+                [stage(out, "student_cgankd", k), stage(out, "test_cgankd", k)],
+                ["generate", f"nokd{k}"],
+                priority=1,
+            ),
+            Job(
+                f"cgankd_fitnet{k}",
+                [stage(out, "student_cgankd_fitnet", k), stage(out, "test_cgankd_fitnet", k)],
+                ["generate", f"nokd{k}"],
+                priority=1,
+            ),
+        ]
+        base = ["--model.init_args.net_weights", nokd, "--data.init_args.store", f"{out}/store"]
+        for variant, extra in (
+            ("no_replace", ["--data.init_args.replaced", "false"]),
+            ("no_filter", ["--data.init_args.filtered", "false"]),
+        ):
+            js.append(
+                Job(
+                    f"{variant}{k}",
+                    fit_and_test(out, variant, k, "student_cgankd.yaml", [*base, *extra]),
+                    ["generate", f"nokd{k}"],
+                    priority=-1,
+                )
+            )
+        nosub = ["--model.init_args.net_weights", nokd, "--data.init_args.store", f"{out}/store_no_subsample"]
+        js.append(
+            Job(
+                f"no_subsample{k}",
+                fit_and_test(out, "no_subsample", k, "student_cgankd.yaml", nosub),
+                ["generate_no_subsample", f"nokd{k}"],
+                priority=-2,
+            )
+        )
+    return js
+
+
 def plot_mg(out: str, mg: list[int], n_store: int, path: str) -> None:
     """Test error against M^g (0 = real_only, the given points, the whole store), mean ± std over seeds."""
     import statistics
@@ -200,6 +277,12 @@ def plot_mg(out: str, mg: list[int], n_store: int, path: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/evidence/cgankd_fmnist")
+    p.add_argument(
+        "--setting",
+        choices=["fashion_mnist", "rotated"],
+        default="fashion_mnist",
+        help="classification (Table 2) or the rotation-angle regression (Table 5)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--mg", type=int, nargs="*", default=[1000], help="M^g points besides 0 and the whole store")
     p.add_argument("--workers", type=int, default=2, help="jobs run side by side")
@@ -207,13 +290,16 @@ def main() -> int:
     p.add_argument("--plot", default=None, help="write the M^g curve to this PNG (from finished runs) and stop")
     p.add_argument("--store-size", type=int, default=2700, help="kept samples in the store (the last M^g point)")
     args = p.parse_args()
+    global SETTING
+    SETTING = args.setting
     out = os.path.abspath(args.out)
     if args.plot:
         plot_mg(out, args.mg, args.store_size, args.plot)
         return 0
     logs = Path(out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    todo = {j.name: j for j in jobs(out, args.seeds, args.mg) if args.only is None or j.name in args.only}
+    every = jobs_rotated(out, args.seeds) if SETTING == "rotated" else jobs(out, args.seeds, args.mg)
+    todo = {j.name: j for j in every if args.only is None or j.name in args.only}
     done = {j for j in todo if (logs / f"{j}.done").exists()}
     running: dict[str, tuple[subprocess.Popen, int, float]] = {}  # name -> (process, command index, start)
     failed: list[str] = []
