@@ -61,20 +61,39 @@ def shapes(**named: tuple) -> dict[str, torch.Size]:
 GOLDEN_TEST_MODULES = ("test_kd_losses.py", "test_kd_stages.py")
 
 
-def loss_classes_in_the_sources() -> set[str]:
-    """Names of the KDLoss subclasses defined in kd_lightning/losses, read from the source files (not imported):
-    classes whose bases name ``KDLoss`` or another such class, private (``_``) ones left out."""
+def subclasses_in_the_sources(root: str) -> set[str]:
+    """Names of the subclasses of ``root`` defined in kd_lightning/losses, read from the source files (not
+    imported): classes whose bases name ``root`` or another such class, private (``_``) ones left out."""
     bases: dict[str, set[str]] = {}
     for path in sorted((Path(__file__).parents[1] / "kd_lightning" / "losses").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
                 bases[node.name] = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
-    losses = {"KDLoss"}
+    found = {root}
     while True:
-        more = {name for name, b in bases.items() if b & losses} - losses
+        more = {name for name, b in bases.items() if b & found} - found
         if not more:
-            return {n for n in losses if n != "KDLoss" and not n.startswith("_")}
-        losses |= more
+            return {n for n in found if n != root and not n.startswith("_")}
+        found |= more
+
+
+def loss_classes_in_the_sources() -> set[str]:
+    """The teacher-student losses: KDLoss subclasses that are not self-distillation terms (``SelfKDTerm``)."""
+    return subclasses_in_the_sources("KDLoss") - subclasses_in_the_sources("SelfKDTerm") - {"SelfKDTerm"}
+
+
+def test_every_self_kd_term_is_looked_up_and_has_a_golden_test() -> None:
+    """The same rule for the self-distillation terms: ``list_self_kd_terms()`` finds every ``SelfKDTerm`` subclass
+    of kd_lightning/losses, and each has a ``test_<lower-case name>_golden...`` in tests/test_self_kd.py."""
+    from kd_lightning.losses import list_self_kd_terms
+
+    defined = subclasses_in_the_sources("SelfKDTerm")
+    assert {"GuideKL", "ProgressiveKL", "ClassWiseKL"} <= defined
+    assert set(list_self_kd_terms()) == defined
+    tree = ast.parse((Path(__file__).parent / "test_self_kd.py").read_text())
+    tests = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    missing = sorted(n for n in defined if not any(t.startswith(f"test_{n.lower()}_golden") for t in tests))
+    assert not missing, f"self-KD terms without a golden test (test_<name>_golden... in test_self_kd.py): {missing}"
 
 
 def test_every_loss_is_looked_up_and_has_a_golden_test() -> None:

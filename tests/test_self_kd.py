@@ -16,11 +16,11 @@ from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.data.mixing import BatchMixer
 from kd_lightning.data.pairs import ClassPairSampler, PairedDataset
 from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.losses.self_kd import PredictionStore
 from kd_lightning.methods import AIKD, CSKD, PSKD, SelfKD
 from kd_lightning.methods.self_kd import (
     STORE_KEY,
     LogitCritic,
-    PredictionStore,
     adversarial_loss,
     gradient_penalty,
     wgan_gp_critic_parts,
@@ -280,7 +280,8 @@ def test_loss_parts_combine_with_the_documented_weights(tmp_path: Path) -> None:
     prev_p = F.softmax(prev / 2.0, -1)
     from kd_lightning.data.mixing import MixedBatch
 
-    parts = model.student_parts(logits, MixedBatch(logits, label), prev_p, guide)
+    model.store.update(torch.arange(6), prev)  # last epoch's logits: the progressive targets softmax(prev / 2)
+    parts = model.student_parts(logits, MixedBatch(logits, label), torch.arange(6), guide)
     ce = F.cross_entropy(logits, label)
     prog = 4.0 * plain_kl(prev_p, logits, 2.0)
     guide_kl = 9.0 * plain_kl(F.softmax(guide / 3.0, -1), logits, 3.0)
@@ -568,3 +569,118 @@ def test_store_is_complete_under_ddp(tmp_path: Path) -> None:
     store = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")[STORE_KEY]
     # 128 images, 64 per rank, 2 steps of 32 per rank: all 128 stored (one rank alone would hold 64)
     assert int(store["seen"].sum()) == 128
+
+
+# ------------------------------------------------------------------------------------------ terms
+def test_self_kd_terms_are_their_own_registry_and_distill_refuses_them(tmp_path: Path) -> None:
+    from kd_lightning.losses import ClassWiseKL, GuideKL, list_losses, list_self_kd_terms
+    from kd_lightning.methods import DistillModule
+
+    assert list_self_kd_terms() == ["ClassWiseKL", "GuideKL", "ProgressiveKL"]
+    assert not set(list_self_kd_terms()) & set(list_losses())
+    teacher = write_teacher(tmp_path / "t.ckpt", 4, 1, net="tinynet")
+    with pytest.raises(ConfigError, match="GuideKL is a self-distillation term"):
+        DistillModule(net="tinynet", num_classes=4, in_channels=1, teacher=str(teacher), kd_losses=[GuideKL()])
+    with pytest.raises(ConfigError, match="not a SelfKDTerm"):
+        SelfKD(net="tinynet", num_classes=4, in_channels=1, terms=[torch.nn.Identity()])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="second term named 'class_wise'"):
+        CSKD(net="tinynet", num_classes=4, in_channels=1, terms=[ClassWiseKL()])
+
+
+def test_an_extra_term_equals_the_built_in_one_and_takes_its_weight_from_ce() -> None:
+    """``terms=[ProgressiveKL(...)]`` on a plain SelfKD is the same loss as ``progressive_weight``/``_temperature``."""
+    from kd_lightning.data.mixing import MixedBatch
+    from kd_lightning.losses import ProgressiveKL
+
+    built_in = SelfKD(net="tinynet", num_classes=4, in_channels=1, progressive_weight=0.3, progressive_temperature=2.0)
+    extra = SelfKD(net="tinynet", num_classes=4, in_channels=1, terms=[ProgressiveKL(4, T=2.0, weight=0.3)])
+    torch.manual_seed(0)
+    logits, prev = torch.randn(6, 4), torch.randn(6, 4)
+    label, index = torch.tensor([0, 1, 2, 3, 0, 1]), torch.arange(10, 16)
+    for model in (built_in, extra):
+        model.store.update(index[:4], prev[:4])  # two samples not seen yet: their one-hot label is the target
+    a = built_in.student_parts(logits, MixedBatch(logits, label), index)
+    b = extra.student_parts(logits, MixedBatch(logits, label), index)
+    assert a.keys() == b.keys() == {"ce", "progressive"}
+    assert extra.loss_weights()["ce"] == pytest.approx(0.7)
+    target = torch.cat([F.softmax(prev[:4] / 2.0, -1), F.one_hot(label[4:], 4).float()])
+    expected = 0.7 * F.cross_entropy(logits, label) + 0.3 * 4.0 * plain_kl(target, logits, 2.0)
+    assert float(built_in.combine(a)) == float(extra.combine(b))
+    assert float(extra.combine(b)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_new_term_is_one_class(tmp_path: Path) -> None:
+    """A term defined outside the package trains through SelfKD, is logged, and adds to the CE weight."""
+    from kd_lightning.data import DigitsDataModule
+    from kd_lightning.losses import SelfKDTerm
+
+    class Confidence(SelfKDTerm):  # a toy term: the mean max-probability (a confidence penalty)
+        @property
+        def name(self) -> str:
+            return "confidence"
+
+        def forward(self, student, teacher, batch, ctx=None):  # noqa: ANN001, ANN201
+            return F.softmax(student.logits, -1).max(-1).values.mean()
+
+    model = SelfKD(net="tinynet", num_classes=10, in_channels=1, terms=[Confidence(weight=0.5)])
+    assert model.loss_weights() == {"ce": 1.0, "confidence": 0.5, "adv": 0.0}
+    logged: dict[str, float] = {}
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+            logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = L.Trainer(max_steps=2, callbacks=[Keep()], default_root_dir=tmp_path, **QUIET_TRAINER_KW)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert 0.1 <= logged["train/confidence_step"] <= 1.0
+    total = logged["train/ce_step"] + 0.5 * logged["train/confidence_step"]
+    assert logged["train/loss_step"] == pytest.approx(total, rel=1e-5)
+
+
+def test_guidekl_golden_values_for_both_targets() -> None:
+    from kd_lightning.losses import GuideKL
+    from kd_lightning.losses.base import Outputs
+
+    torch.manual_seed(1)
+    s, g, y = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 3, 1, 2, 3])
+    batch = {"mixed": BatchMixer("none")(s, y), "label": y}
+    value = GuideKL(T=3.0)(Outputs(s), Outputs(g), batch)
+    assert float(value) == pytest.approx(float(9.0 * plain_kl(F.softmax(g / 3.0, -1), s, 3.0)), rel=1e-5)
+    halved = GuideKL(T=3.0, reduction="mean", multiplier=2.0)(Outputs(s), Outputs(g), batch)
+    assert float(halved) == pytest.approx(float(value) / 4 * 2, rel=1e-6)  # / C classes, x multiplier
+    p_d = torch.full((5, 4), 0.2 / 3)
+    p_d[torch.arange(5), y] = 0.8
+    target = F.softmax(p_d / 2.0, -1)
+    designed = GuideKL(T=2.0, target="designed", correct_prob=0.8)(Outputs(s), None, batch)
+    assert float(designed) == pytest.approx(float(plain_kl(target, s, 2.0)), rel=1e-5)  # no T^2
+    with pytest.raises(ConfigError, match="S_sup"):
+        GuideKL()(Outputs(s), None, batch)
+
+
+def test_progressivekl_golden_value_and_store_update() -> None:
+    from kd_lightning.losses import ProgressiveKL
+    from kd_lightning.losses.base import Outputs
+
+    torch.manual_seed(2)
+    s, prev, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([2, 0, 1, 1])
+    term = ProgressiveKL(3, T=2.0, weight=0.5)
+    batch = {"mixed": BatchMixer("none")(s, y), "label": y, "index": torch.tensor([7, 8, 9, 10])}
+    first = term(Outputs(s), None, batch)  # nothing stored: one-hot targets
+    assert float(first) == pytest.approx(float(4.0 * plain_kl(F.one_hot(y, 3).float(), s, 2.0)), rel=1e-5)
+    term.after_step(batch["index"], prev)
+    second = term(Outputs(s), None, batch)
+    assert float(second) == pytest.approx(float(4.0 * plain_kl(F.softmax(prev / 2.0, -1), s, 2.0)), rel=1e-5)
+    ramped = ProgressiveKL(3, weight=0.8, ramp=True)
+    assert [ramped.weight_at(e, 4) for e in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+
+
+def test_classwisekl_golden_value() -> None:
+    from kd_lightning.losses import ClassWiseKL
+    from kd_lightning.losses.base import Outputs
+
+    torch.manual_seed(3)
+    s, pair, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    value = ClassWiseKL(T=4.0)(Outputs(s), None, {"pair_logits": pair, "label": y})
+    assert float(value) == pytest.approx(float(16.0 * plain_kl(F.softmax(pair / 4.0, -1), s, 4.0)), rel=1e-5)
+    with pytest.raises(ConfigError, match="class_pairs"):
+        ClassWiseKL()(Outputs(s), None, {"label": y})

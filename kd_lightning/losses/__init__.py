@@ -12,6 +12,7 @@ from kd_lightning.losses.functional import kd_kl, kl_to_probs
 from kd_lightning.losses.logits import BLKD, DKD
 from kd_lightning.losses.relations import PKT, RKD, SP
 from kd_lightning.losses.review import ReviewKD
+from kd_lightning.losses.self_kd import ClassWiseKL, GuideKL, ProgressiveKL, SelfKDTerm, list_self_kd_terms
 from kd_lightning.losses.semckd import SemCKD
 from kd_lightning.losses.simkd import SimKD
 from kd_lightning.losses.sskd import SSKD
@@ -31,7 +32,11 @@ __all__ = [
     "SemCKD",
     "SimKD",
     "VID",
+    "ClassWiseKL",
     "FitNet",
+    "GuideKL",
+    "ProgressiveKL",
+    "SelfKDTerm",
     "KDLoss",
     "Outputs",
     "SetupInfo",
@@ -40,4 +45,5 @@ __all__ = [
     "kd_kl",
     "kl_to_probs",
     "list_losses",
+    "list_self_kd_terms",
 ]

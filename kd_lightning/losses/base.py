@@ -79,6 +79,8 @@ class KDLoss(nn.Module):
     uses_indices: bool = False
     #: needs the class of every training index (:meth:`setup_labels`)
     uses_labels: bool = False
+    #: a teacher-student loss for ``DistillModule`` (False: a self-distillation term, see ``losses/self_kd.py``)
+    for_distill: bool = True
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -122,7 +124,7 @@ def _losses() -> dict[str, type[KDLoss]]:
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
-        if not cls.__module__.startswith("kd_lightning.") or cls.__name__.startswith("_"):
+        if not cls.__module__.startswith("kd_lightning.") or cls.__name__.startswith("_") or not cls.for_distill:
             continue
         if found.setdefault(cls.__name__, cls) is not cls:
             raise ValueError(f"two KD losses are named {cls.__name__!r}: {found[cls.__name__]} and {cls}")

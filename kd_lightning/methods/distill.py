@@ -82,6 +82,11 @@ class DistillModule(NetTask):
         for term in losses:
             if not isinstance(term, KDLoss):
                 raise ConfigError(f"kd_losses: {term!r} is not a KDLoss (see kd_lightning.losses.list_losses())")
+            if not term.for_distill:
+                raise ConfigError(
+                    f"kd_losses: {type(term).__name__} is a self-distillation term; it goes in SelfKD's `terms`, "
+                    "not in DistillModule's kd_losses (see kd_lightning.losses.list_losses())"
+                )
             if loaded.task == "regression" and term.uses_logits:
                 raise ConfigError(
                     f"{type(term).__name__} compares class outputs and cannot distil a regression "

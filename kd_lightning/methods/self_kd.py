@@ -46,14 +46,22 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.data.mixing import BatchMixer, MixedBatch, MixMode
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.losses.functional import kd_kl, kl_to_probs
+from kd_lightning.losses.base import Outputs
+from kd_lightning.losses.self_kd import (
+    ClassWiseKL,
+    GuideKL,
+    GuideTarget,
+    KLReduction,
+    PredictionStore,
+    ProgressiveKL,
+    SelfKDTerm,
+)
 from kd_lightning.methods.supervised import ImageClassifier
 
 if TYPE_CHECKING:
@@ -62,17 +70,6 @@ if TYPE_CHECKING:
 STORE_KEY = "kdl_self_kd_store"
 CriticNorm = Literal["joint", "none", "separate"]
 CRITIC_NORMS: tuple[str, ...] = ("joint", "none", "separate")
-GuideTarget = Literal["pretrained", "designed"]
-KLReduction = Literal["batchmean", "mean"]
-
-
-def designed_teacher(label: torch.Tensor, num_classes: int, correct_prob: float, temperature: float) -> torch.Tensor:
-    """TF-KD_reg's manually designed teacher at temperature tau: ``softmax(p^d / tau)`` with ``p^d(k) = a`` for
-    the true class and ``(1 - a) / (K - 1)`` for the others (the official code softens p^d, a probability
-    vector, with the softmax at tau)."""
-    p_d = torch.full((len(label), num_classes), (1.0 - correct_prob) / (num_classes - 1), device=label.device)
-    p_d.scatter_(1, label.long().view(-1, 1), correct_prob)
-    return F.softmax(p_d / temperature, dim=-1)
 
 
 def default_critic_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -183,57 +180,6 @@ def gradient_penalty(
         return ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
 
 
-# ---------------------------------------------------------------------------------------- store
-class PredictionStore:
-    """Last logits of every training sample, by the sample's stable ``index`` (grows as needed)."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.logits = torch.zeros(0, num_classes)
-        self.seen = torch.zeros(0, dtype=torch.bool)
-
-    def _ensure(self, size: int, device: torch.device) -> None:
-        if self.logits.device != device:
-            self.logits, self.seen = self.logits.to(device), self.seen.to(device)
-        if size > len(self.seen):
-            grow = max(size, 2 * len(self.seen)) - len(self.seen)
-            self.logits = torch.cat([self.logits, self.logits.new_zeros(grow, self.num_classes)])
-            self.seen = torch.cat([self.seen, self.seen.new_zeros(grow)])
-
-    @torch.no_grad()
-    def update(self, index: torch.Tensor, logits: torch.Tensor) -> None:
-        """Remember ``logits`` (N x C) for the samples ``index`` (N)."""
-        index = index.long().flatten()
-        self._ensure(int(index.max()) + 1 if index.numel() else 0, logits.device)
-        self.logits[index] = logits.detach().float()
-        self.seen[index] = True
-
-    @torch.no_grad()
-    def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits, seen)`` of the samples ``index``; unseen rows are zeros with ``seen`` False."""
-        index = index.long().flatten()
-        self._ensure(int(index.max()) + 1 if index.numel() else 0, index.device)
-        return self.logits[index], self.seen[index]
-
-    def targets(self, index: torch.Tensor, label: torch.Tensor, temperature: float) -> torch.Tensor:
-        """``softmax(stored / T)`` for seen samples, the one-hot label for the others."""
-        logits, seen = self.lookup(index)
-        probs = F.softmax(logits / temperature, dim=-1)
-        one_hot = F.one_hot(label.long(), self.num_classes).float()
-        return torch.where(seen.unsqueeze(-1), probs, one_hot)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"logits": self.logits.detach().cpu().clone(), "seen": self.seen.detach().cpu().clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state["logits"].shape[-1] != self.num_classes:
-            raise CheckpointError(
-                f"the checkpoint's prediction store has {state['logits'].shape[-1]} classes; "
-                f"this model has num_classes={self.num_classes}"
-            )
-        self.logits, self.seen = state["logits"].float().clone(), state["seen"].bool().clone()
-
-
 # ---------------------------------------------------------------------------------------- module
 class SelfKD(ImageClassifier):
     """Self-distillation with progressive, guide, class-wise and adversarial terms (see the module doc).
@@ -275,7 +221,14 @@ class SelfKD(ImageClassifier):
         mix_alpha: Beta(alpha, alpha) of Mixup/CutMix.
         mix_prob: probability that a batch is mixed / cut out.
         cutout_size: Cutout square side in pixels (default half the image side).
+        terms: more self-distillation terms (:class:`~kd_lightning.losses.self_kd.SelfKDTerm` subclasses, e.g.
+            ``[{class_path: ProgressiveKL, init_args: {num_classes: 200, T: 2, weight: 0.1}}]``), computed after
+            the ones the arguments above build.
         **kwargs: see :class:`~kd_lightning.methods.supervised.ImageClassifier`.
+
+    The terms are :mod:`kd_lightning.losses.self_kd` losses (:class:`~kd_lightning.losses.self_kd.GuideKL`,
+    :class:`~kd_lightning.losses.self_kd.ProgressiveKL`, :class:`~kd_lightning.losses.self_kd.ClassWiseKL`),
+    built from the arguments above; this class adds the cross-entropy, the critic and its optimiser.
 
     Under Mixup/CutMix: CE uses the mixed labels; S_sup sees the same mixed images (guide and
     critic); the progressive targets are last epoch's predictions of the two source images mixed
@@ -311,8 +264,12 @@ class SelfKD(ImageClassifier):
         mix_alpha: float = 1.0,
         mix_prob: float = 1.0,
         cutout_size: int | None = None,
+        terms: list[SelfKDTerm] | None = None,
         **kwargs: Any,
     ) -> None:
+        for term in terms or []:
+            if not isinstance(term, SelfKDTerm):
+                raise ConfigError(f"terms: {term!r} is not a SelfKDTerm (see kd_lightning.losses.list_self_kd_terms())")
         for name, value in (
             ("guide_weight", guide_weight),
             ("progressive_weight", progressive_weight),
@@ -349,6 +306,7 @@ class SelfKD(ImageClassifier):
                 f"guide_weight={guide_weight} / adversarial_weight={adversarial_weight} need the pre-trained model "
                 "S_sup: set model.init_args.pretrained to a kdl checkpoint of an ImageClassifier of the same net"
             )
+        self._pending_terms = list(terms or [])  # registered by configure_models (nn.Module is not set up yet)
         super().__init__(**kwargs)
         self.critic_optimizer_factory = critic_optimizer
         self.automatic_optimization = False
@@ -363,7 +321,31 @@ class SelfKD(ImageClassifier):
             if hp.adversarial_weight > 0
             else None
         )
-        self.store = PredictionStore(hp.num_classes)
+        self.terms = nn.ModuleDict()
+        if hp.progressive_weight > 0:  # the order is the order of the sum in the loss (kept for exact reruns)
+            self.terms["progressive"] = ProgressiveKL(
+                hp.num_classes, hp.progressive_temperature, hp.progressive_weight, hp.progressive_ramp
+            )
+        if hp.guide_weight > 0:
+            self.terms["guide"] = GuideKL(
+                hp.guide_temperature,
+                hp.guide_weight,
+                hp.guide_target,
+                hp.designed_correct_prob,
+                hp.designed_tempered_student,
+                hp.guide_reduction,
+                hp.guide_multiplier,
+            )
+        if hp.class_wise_weight > 0:
+            self.terms["class_wise"] = ClassWiseKL(hp.class_wise_temperature, hp.class_wise_weight)
+        extra, self._pending_terms = self._pending_terms, []
+        for term in extra:
+            name = term.name
+            if name in self.terms or name in ("ce", "adv"):
+                raise ConfigError(f"terms: a second term named {name!r}; give each term its own name")
+            if term.needs_teacher and self.guide is None:
+                raise ConfigError(f"terms: {type(term).__name__} needs S_sup's outputs: set model.init_args.pretrained")
+            self.terms[name] = term
         fill = torch.as_tensor(hp.mean or (0.5,), dtype=torch.float32)
         self.mixer = BatchMixer(hp.mixing, hp.mix_alpha, hp.mix_prob, hp.cutout_size, fill=fill)
 
@@ -400,65 +382,65 @@ class SelfKD(ImageClassifier):
         return optimizers, [{"scheduler": self.lr_scheduler_factory(student), "interval": "epoch"}]
 
     # ------------------------------------------------------------------ loss
+    def _progressive(self) -> ProgressiveKL | None:
+        term = dict(self.terms.items()).get("progressive")
+        return term if isinstance(term, ProgressiveKL) else None
+
+    @property
+    def store(self) -> PredictionStore:
+        """The progressive term's per-sample store of last predictions."""
+        term = self._progressive()
+        if term is None:
+            raise AttributeError(f"{type(self).__name__} has no progressive term (progressive_weight is 0)")
+        return term.store
+
+    def _epoch_and_max(self) -> tuple[int, int | None]:
+        if self._trainer is None:
+            return 0, None
+        return self.current_epoch, self.trainer.max_epochs
+
     def progressive_weight_now(self) -> float:
         """a_P at the current epoch (PS-KD ramp: ``a_P (epoch + 1) / max_epochs``)."""
-        a_p = float(self.hparams.progressive_weight)
-        if not self.hparams.progressive_ramp or self._trainer is None:
-            return a_p
-        max_epochs = self.trainer.max_epochs or 1
-        if max_epochs < 1:
-            return a_p
-        return a_p * min(1.0, (self.current_epoch + 1) / max_epochs)
+        term = self._progressive()
+        return term.weight_at(*self._epoch_and_max()) if term is not None else 0.0
 
     def loss_weights(self) -> dict[str, float]:
-        """The weight of every part at the current epoch (``ce`` = 1 - a_P(t) - a_G)."""
-        hp = self.hparams
-        a_p = self.progressive_weight_now()
-        return {
-            "ce": 1.0 - a_p - hp.guide_weight,
-            "progressive": a_p,
-            "guide": float(hp.guide_weight),
-            "class_wise": float(hp.class_wise_weight),
-            "adv": float(hp.adversarial_weight),
-        }
+        """The weight of every part at the current epoch (``ce`` = 1 minus the weights the terms take from it)."""
+        epoch = self._epoch_and_max()
+        weights = {name: term.weight_at(*epoch) for name, term in self.terms.items()}  # type: ignore[operator]
+        ce = 1.0
+        for name, term in self.terms.items():
+            if term.shares_ce_weight:
+                ce -= weights[name]
+        return {"ce": ce, **weights, "adv": float(self.hparams.adversarial_weight)}
 
     def student_parts(
         self,
         logits: torch.Tensor,
-        batch: MixedBatch,
-        progressive_target: torch.Tensor | None = None,
+        mixed: MixedBatch,
+        index: torch.Tensor | None = None,
         guide_logits: torch.Tensor | None = None,
         pair_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Unweighted loss parts of the student (the KL parts include their ``T^2``)."""
+        """Unweighted loss parts of the student: ``ce``, every term's (the KL parts include their ``T^2``), ``adv``.
+
+        ``index`` keys the progressive store (default ``0..N-1``); ``guide_logits`` are S_sup's on the same images.
+        """
         hp = self.hparams
-        parts = {"ce": batch.cross_entropy(logits, hp.label_smoothing)}
-        if progressive_target is not None:
-            tau = hp.progressive_temperature
-            parts["progressive"] = kl_to_probs(logits, progressive_target, tau) * (tau * tau)
-        if hp.guide_weight > 0 and (guide_logits is not None or hp.guide_target == "designed"):
-            parts["guide"] = self.guide_part(logits, batch, guide_logits)
-        if pair_logits is not None:
-            parts["class_wise"] = kd_kl(logits, pair_logits.detach(), hp.class_wise_temperature)
+        parts = {"ce": mixed.cross_entropy(logits, hp.label_smoothing)}
+        if index is None:
+            index = torch.arange(len(logits), device=logits.device)
+        batch = {"mixed": mixed, "label": mixed.label, "index": index, "pair_logits": pair_logits}
+        student = Outputs(logits)
+        teacher = Outputs(guide_logits) if guide_logits is not None else None
+        for name, term in self.terms.items():
+            if term.needs_teacher and teacher is None:
+                continue
+            parts[name] = term(student, teacher, batch)
         if self.critic is not None:
             assert guide_logits is not None
             parts["adv"] = adversarial_loss(self.critic, logits, guide_logits, joint=hp.critic_norm == "joint")
         return parts
-
-    def guide_part(self, logits: torch.Tensor, batch: MixedBatch, guide_logits: torch.Tensor | None) -> torch.Tensor:
-        """The unweighted guide term: ``tau^2 KL(p_sup || p_t)`` at tau_G, or TF-KD_reg's ``KL(p^d_tau || p_t)``;
-        times ``guide_multiplier``, divided by C under ``guide_reduction: mean``."""
-        hp = self.hparams
-        tau = hp.guide_temperature
-        if hp.guide_target == "designed":
-            target = batch.mix_targets(designed_teacher(batch.label, logits.shape[-1], hp.designed_correct_prob, tau))
-            value = kl_to_probs(logits, target, tau if hp.designed_tempered_student else 1.0)
-        else:
-            assert guide_logits is not None
-            value = kd_kl(logits, guide_logits, tau)
-        if hp.guide_reduction == "mean":
-            value = value / logits.shape[-1]
-        return value * hp.guide_multiplier
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum_k weight_k * part_k`` with :meth:`loss_weights`."""
@@ -479,19 +461,16 @@ class SelfKD(ImageClassifier):
         student_opt = optimizers[0]
         label, index = batch["label"], batch["index"]
         pair = batch.get("pair_image")
-        if hp.class_wise_weight > 0 and pair is None:
+        needs_pairs = [name for name, t in self.terms.items() if t.needs_pairs]
+        if needs_pairs and pair is None:
             raise ConfigError(
-                f"class_wise_weight={hp.class_wise_weight} needs same-class partners in the batch: set "
-                "data.init_args.class_pairs: true"
+                f"the {', '.join(needs_pairs)} term (class_wise_weight={hp.class_wise_weight}) needs same-class "
+                "partners in the batch: set data.init_args.class_pairs: true"
             )
-        mixed = self.mixer(batch["image"], label, pair if hp.class_wise_weight > 0 else None)
-        a_p = self.progressive_weight_now()
+        mixed = self.mixer(batch["image"], label, pair if needs_pairs else None)
 
         with torch.no_grad():
             guide_logits = self.guide(mixed.image) if self.guide is not None else None
-            progressive_target = None
-            if a_p > 0:
-                progressive_target = mixed.mix_targets(self.store.targets(index, label, hp.progressive_temperature))
             pair_logits = self(mixed.pair_image) if mixed.pair_image is not None else None
         logits = self(mixed.image)
 
@@ -506,17 +485,17 @@ class SelfKD(ImageClassifier):
                 critic_opt.step()
 
         with self.toggled_optimizer(student_opt):
-            parts = self.student_parts(logits, mixed, progressive_target, guide_logits, pair_logits)
+            parts = self.student_parts(logits, mixed, index, guide_logits, pair_logits)
             loss = self.combine(parts)
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
             self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, on_step=True, on_epoch=True)
             if hp.progressive_ramp:
-                self.log("train/progressive_weight", a_p, on_step=False, on_epoch=True)
+                self.log("train/progressive_weight", self.progressive_weight_now(), on_step=False, on_epoch=True)
             student_opt.zero_grad()
             self.manual_backward(loss)
             student_opt.step()
 
-        if hp.progressive_weight > 0:
+        if any(t.uses_indices for t in self.terms.values()):
             self.remember(index, self._clean_logits(batch["image"]) if mixed.mixed else logits)
         self.train_metrics.update(logits.detach(), label)
         self.log_metrics("train", self.train_metrics)
@@ -534,12 +513,14 @@ class SelfKD(ImageClassifier):
             self.net.train(was_training)
 
     def remember(self, index: torch.Tensor, logits: torch.Tensor) -> None:
-        """Store this step's logits under their sample indices, gathered from every rank under DDP."""
+        """Hand this step's logits to the terms (:meth:`SelfKDTerm.after_step`) under their sample indices, gathered
+        from every rank under DDP (so each rank's store holds every sample)."""
         index, logits = index.detach(), logits.detach().float()
         if self._trainer is not None and self.trainer.world_size > 1:
             index = self.all_gather(index).reshape(-1)
             logits = self.all_gather(logits).reshape(-1, logits.shape[-1])
-        self.store.update(index, logits)
+        for term in self.terms.values():
+            term.after_step(index, logits)
 
     def _step_schedulers_at_epoch_end(self, batch_idx: int) -> None:
         """Step the epoch schedulers after the epoch's last batch, before validation and its checkpoint,
@@ -553,11 +534,12 @@ class SelfKD(ImageClassifier):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[STORE_KEY] = self.store.state_dict()
+        if "progressive" in self.terms:
+            checkpoint[STORE_KEY] = self.store.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if STORE_KEY in checkpoint:
+        if STORE_KEY in checkpoint and "progressive" in self.terms:
             self.store.load_state_dict(checkpoint[STORE_KEY])
 
     def setup(self, stage: str) -> None:
@@ -565,7 +547,7 @@ class SelfKD(ImageClassifier):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if (
             stage == "fit"
-            and self.hparams.class_wise_weight > 0
+            and any(t.needs_pairs for t in self.terms.values())
             and dm is not None
             and not getattr(dm, "class_pairs", False)
         ):
@@ -684,12 +666,10 @@ __all__ = [
     "PSKD",
     "TFKD",
     "LogitCritic",
-    "PredictionStore",
     "SelfKD",
     "adversarial_loss",
     "critic_scores",
     "default_critic_optimizer",
-    "designed_teacher",
     "gradient_penalty",
     "wgan_gp_critic_parts",
 ]
