@@ -93,7 +93,11 @@ def state_mismatch(ours: dict[str, Any], theirs: dict[str, Any], shown: int = 4)
     ...", at most ``shown`` keys of each), or "" when it fits."""
     missing = sorted(set(ours) - set(theirs))
     unexpected = sorted(set(theirs) - set(ours))
-    reshaped = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))
+    reshaped = sorted(
+        k
+        for k in set(ours) & set(theirs)
+        if hasattr(ours[k], "shape") and tuple(ours[k].shape) != tuple(getattr(theirs[k], "shape", ()))
+    )  # a module's extra state (e.g. a per-sample store) is not a tensor and sizes itself
     return "; ".join(
         f"{name}: {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''}"
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))

@@ -357,7 +357,7 @@ def test_pskd_has_the_official_soft_target_gradient(b: int, tmp_path) -> None:  
         target = (1 - a) * F.one_hot(y, C) + a * prev
         return (-(target * F.log_softmax(s, 1))).sum() / b - a * entropy
 
-    model.store.update(torch.arange(b), prev.log())  # stored logits whose softmax (tau_P = 1) is prev
+    model.progressive.after_step(torch.arange(b), prev.log())  # stored logits whose softmax (tau_P = 1) is prev
     compare(lambda s: model.combine(model.student_parts(s, MixedBatch(s, y))), ref, s)
 
 

@@ -16,7 +16,6 @@ from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.data.mixing import BatchMixer
 from kd_lightning.data.pairs import ClassPairSampler, PairedDataset
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.losses.self_kd import PredictionStore
 from kd_lightning.methods import AIKD, CSKD, PSKD, SelfKD
 from kd_lightning.methods.self_kd import (
     STORE_KEY,
@@ -27,6 +26,8 @@ from kd_lightning.methods.self_kd import (
 )
 from tests.fake_datasets import write_cub
 from tests.helpers import QUIET_TRAINER, QUIET_TRAINER_KW, RECIPES, write_teacher
+
+STORE_STATE = "terms.progressive._extra_state"  # the progressive store in a SelfKD checkpoint's state dict
 
 
 # ------------------------------------------------------------------------------------------ critic
@@ -143,21 +144,35 @@ def test_critic_sees_a_logit_shift_or_scale(kind: str, norm: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ store
-def test_prediction_store_returns_last_predictions_by_index() -> None:
-    store = PredictionStore(3)
-    store.update(torch.tensor([5, 2]), torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
-    store.update(torch.tensor([5]), torch.tensor([[7.0, 8.0, 9.0]]))  # a later prediction replaces the old one
-    logits, seen = store.lookup(torch.tensor([2, 5, 7]))
+def test_progressive_store_returns_last_predictions_by_index() -> None:
+    from kd_lightning.losses import ProgressiveKL
+
+    term = ProgressiveKL(3, T=2.0)
+    term.after_step(torch.tensor([5, 2]), torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    term.after_step(torch.tensor([5]), torch.tensor([[7.0, 8.0, 9.0]]))  # a later prediction replaces the old one
+    logits, seen = term.lookup(torch.tensor([2, 5, 7]))
     assert logits.tolist() == [[4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [0.0, 0.0, 0.0]]
     assert seen.tolist() == [True, True, False]
-    target = store.targets(torch.tensor([2, 7]), torch.tensor([0, 1]), temperature=2.0)
+    target = term.targets(torch.tensor([2, 7]), torch.tensor([0, 1]))
     assert torch.allclose(target[0], F.softmax(torch.tensor([4.0, 5.0, 6.0]) / 2, -1))
     assert target[1].tolist() == [0.0, 1.0, 0.0]  # no prediction yet: the one-hot label
-    restored = PredictionStore(3)
-    restored.load_state_dict(store.state_dict())
+    restored = ProgressiveKL(3)
+    restored.load_state_dict(term.state_dict())  # the store travels in the module's state dict (extra state)
     assert torch.equal(restored.lookup(torch.tensor([2, 5]))[0], logits[:2])
+    assert restored.lookup(torch.tensor([7]))[1].tolist() == [False]
     with pytest.raises(CheckpointError, match="num_classes=4"):
-        PredictionStore(4).load_state_dict(store.state_dict())
+        ProgressiveKL(4).load_state_dict(term.state_dict())
+
+
+def test_a_checkpoint_with_the_old_store_key_still_loads(tmp_path: Path) -> None:
+    model = PSKD(net="tinynet", num_classes=3, in_channels=1)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    old = {"logits": torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), "seen": torch.tensor([True, False])}
+    checkpoint = {"state_dict": state, STORE_KEY: old}
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    logits, seen = model.progressive.lookup(torch.tensor([0, 1]))
+    assert torch.equal(logits, old["logits"]) and seen.tolist() == [True, False]
 
 
 class RecordLogits(L.Callback):
@@ -179,7 +194,7 @@ class RecordLogits(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
         if trainer.current_epoch == 1:
-            logits, seen = pl_module.store.lookup(batch["index"])
+            logits, seen = pl_module.progressive.lookup(batch["index"])
             self.looked_up.append((batch["index"].tolist(), logits.clone(), seen.clone()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
@@ -280,7 +295,7 @@ def test_loss_parts_combine_with_the_documented_weights(tmp_path: Path) -> None:
     prev_p = F.softmax(prev / 2.0, -1)
     from kd_lightning.data.mixing import MixedBatch
 
-    model.store.update(torch.arange(6), prev)  # last epoch's logits: the progressive targets softmax(prev / 2)
+    model.progressive.after_step(torch.arange(6), prev)  # last logits: targets softmax(prev / 2)
     parts = model.student_parts(logits, MixedBatch(logits, label), torch.arange(6), guide)
     ce = F.cross_entropy(logits, label)
     prog = 4.0 * plain_kl(prev_p, logits, 2.0)
@@ -508,24 +523,28 @@ def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Pa
     with pytest.raises(RuntimeError, match="injected crash"):
         kdl(*args, "--trainer.default_root_dir", "run")
     interrupted = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
-    assert interrupted["epoch"] == 1 and int(interrupted[STORE_KEY]["seen"].sum()) == 128
+    stored = interrupted["state_dict"][STORE_STATE]
+    assert interrupted["epoch"] == 1 and int(stored["seen"].sum()) == 128 and STORE_KEY not in interrupted
 
     restored: dict[str, torch.Tensor] = {}
 
     class CheckStore(L.Callback):
         def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
-            restored.update(pl_module.store.state_dict())
+            restored.update(pl_module.progressive.store.state_dict()["fields"])
 
     extra[:] = [CheckStore()]
     assert kdl(*args, "--trainer.default_root_dir", "run", "--ckpt_path", "last") == 0
-    assert torch.equal(restored["logits"], interrupted[STORE_KEY]["logits"])
+    assert torch.equal(restored["logits"], stored["fields"]["logits"])
     ref, res = (
         load_checkpoint(tmp_path / "ref/checkpoints/last.ckpt"),
         load_checkpoint(tmp_path / "run/checkpoints/last.ckpt"),
     )
     for key, value in ref["state_dict"].items():
-        assert torch.equal(value, res["state_dict"][key]), key
-    assert torch.equal(ref[STORE_KEY]["logits"], res[STORE_KEY]["logits"])
+        if key == STORE_STATE:
+            assert torch.equal(value["fields"]["logits"], res["state_dict"][key]["fields"]["logits"])
+            assert torch.equal(value["seen"], res["state_dict"][key]["seen"])
+        else:
+            assert torch.equal(value, res["state_dict"][key]), key
     assert [s["state"] for s in ref["optimizer_states"]].__len__() == 2  # student and critic optimisers
 
 
@@ -566,7 +585,7 @@ def test_store_is_complete_under_ddp(tmp_path: Path) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    store = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")[STORE_KEY]
+    store = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")["state_dict"][STORE_STATE]
     # 128 images, 64 per rank, 2 steps of 32 per rank: all 128 stored (one rank alone would hold 64)
     assert int(store["seen"].sum()) == 128
 
@@ -598,7 +617,7 @@ def test_an_extra_term_equals_the_built_in_one_and_takes_its_weight_from_ce() ->
     logits, prev = torch.randn(6, 4), torch.randn(6, 4)
     label, index = torch.tensor([0, 1, 2, 3, 0, 1]), torch.arange(10, 16)
     for model in (built_in, extra):
-        model.store.update(index[:4], prev[:4])  # two samples not seen yet: their one-hot label is the target
+        model.progressive.after_step(index[:4], prev[:4])  # two samples not seen yet: their one-hot label is the target
     a = built_in.student_parts(logits, MixedBatch(logits, label), index)
     b = extra.student_parts(logits, MixedBatch(logits, label), index)
     assert a.keys() == b.keys() == {"ce", "progressive"}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, StepContext
 from kd_lightning.losses.functional import kd_kl, kl_to_probs
+from kd_lightning.per_sample import PerSampleStore
 
 GuideTarget = Literal["pretrained", "designed"]
 KLReduction = Literal["batchmean", "mean"]
@@ -139,61 +140,10 @@ class GuideKL(SelfKDTerm):
         return value * self.multiplier
 
 
-class PredictionStore:
-    """Last logits of every training sample, by the sample's stable ``index`` (grows as needed)."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.logits = torch.zeros(0, num_classes)
-        self.seen = torch.zeros(0, dtype=torch.bool)
-
-    def _ensure(self, size: int, device: torch.device) -> None:
-        if self.logits.device != device:
-            self.logits, self.seen = self.logits.to(device), self.seen.to(device)
-        if size > len(self.seen):
-            grow = max(size, 2 * len(self.seen)) - len(self.seen)
-            self.logits = torch.cat([self.logits, self.logits.new_zeros(grow, self.num_classes)])
-            self.seen = torch.cat([self.seen, self.seen.new_zeros(grow)])
-
-    @torch.no_grad()
-    def update(self, index: torch.Tensor, logits: torch.Tensor) -> None:
-        """Remember ``logits`` (N x C) for the samples ``index`` (N)."""
-        index = index.long().flatten()
-        self._ensure(int(index.max()) + 1 if index.numel() else 0, logits.device)
-        self.logits[index] = logits.detach().float()
-        self.seen[index] = True
-
-    @torch.no_grad()
-    def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits, seen)`` of the samples ``index``; unseen rows are zeros with ``seen`` False."""
-        index = index.long().flatten()
-        self._ensure(int(index.max()) + 1 if index.numel() else 0, index.device)
-        return self.logits[index], self.seen[index]
-
-    def targets(self, index: torch.Tensor, label: torch.Tensor, temperature: float) -> torch.Tensor:
-        """``softmax(stored / T)`` for seen samples, the one-hot label for the others."""
-        logits, seen = self.lookup(index)
-        probs = F.softmax(logits / temperature, dim=-1)
-        one_hot = F.one_hot(label.long(), self.num_classes).float()
-        return torch.where(seen.unsqueeze(-1), probs, one_hot)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The stored logits and seen flags (on the CPU)."""
-        return {"logits": self.logits.detach().cpu().clone(), "seen": self.seen.detach().cpu().clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict`'s output; the number of classes must match."""
-        if state["logits"].shape[-1] != self.num_classes:
-            raise CheckpointError(
-                f"the checkpoint's prediction store has {state['logits'].shape[-1]} classes; "
-                f"this model has num_classes={self.num_classes}"
-            )
-        self.logits, self.seen = state["logits"].float().clone(), state["seen"].bool().clone()
-
-
 class ProgressiveKL(SelfKDTerm):
     """Progressive term: ``tau^2 KL(p_{t-1}(x; tau) || p_t(x; tau))`` to the logits each sample got when it was
-    last trained on (PS-KD; AI-KD's a_P term), kept in a :class:`PredictionStore` keyed by ``batch["index"]``.
+    last trained on (PS-KD; AI-KD's a_P term), kept in a :class:`~kd_lightning.per_sample.PerSampleStore` keyed by
+    ``batch["index"]`` (field ``logits``; saved in checkpoints as this module's extra state).
 
     A sample with no stored prediction yet (all of epoch 0) gets its one-hot label as target, as in PS-KD's code.
     Under Mixup/CutMix the targets of the two source images are mixed like the images.
@@ -211,8 +161,8 @@ class ProgressiveKL(SelfKDTerm):
     def __init__(self, num_classes: int, T: float = 1.0, weight: float = 0.3, ramp: bool = False) -> None:
         super().__init__(weight)
         _check_temperature("progressive_temperature", T)
-        self.T, self.ramp = T, ramp
-        self.store = PredictionStore(num_classes)
+        self.T, self.ramp, self.num_classes = T, ramp, num_classes
+        self.store = PerSampleStore(name="the progressive term's store of last predictions")
 
     @property
     def name(self) -> str:
@@ -223,15 +173,42 @@ class ProgressiveKL(SelfKDTerm):
             return self.weight
         return self.weight * min(1.0, (epoch + 1) / max_epochs)
 
+    @torch.no_grad()
+    def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, seen)`` of the samples ``index``; unseen rows are zeros with ``seen`` False."""
+        seen = self.store.contains(index)
+        if "logits" not in self.store.fields:
+            return torch.zeros(len(seen), self.num_classes, device=seen.device), seen
+        return self.store.read(index, "logits"), seen
+
+    @torch.no_grad()
+    def targets(self, index: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``softmax(stored / T)`` for seen samples, the one-hot label for the others."""
+        logits, seen = self.lookup(index)
+        probs = F.softmax(logits / self.T, dim=-1)
+        one_hot = F.one_hot(label.long(), self.num_classes).float().to(probs.device)
+        return torch.where(seen.unsqueeze(-1), probs, one_hot)
+
     def forward(
         self, student: Outputs, teacher: Outputs | None, batch: dict[str, Any], ctx: StepContext | None = None
     ) -> torch.Tensor:
-        with torch.no_grad():
-            target = batch["mixed"].mix_targets(self.store.targets(batch["index"], batch["label"], self.T))
+        target = batch["mixed"].mix_targets(self.targets(batch["index"], batch["label"]))
         return kl_to_probs(student.logits, target, self.T) * (self.T * self.T)
 
     def after_step(self, index: torch.Tensor, logits: torch.Tensor) -> None:
-        self.store.update(index, logits)
+        self.store.write(index, logits=logits.detach().float())
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.store.state_dict()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        logits = state["fields"].get("logits")
+        if logits is not None and logits.shape[-1] != self.num_classes:
+            raise CheckpointError(
+                f"the checkpoint's store of last predictions has {logits.shape[-1]} classes; "
+                f"this model has num_classes={self.num_classes}"
+            )
+        self.store.load_state_dict(state)
 
 
 class ClassWiseKL(SelfKDTerm):
@@ -282,7 +259,6 @@ def list_self_kd_terms() -> list[str]:
 __all__ = [
     "ClassWiseKL",
     "GuideKL",
-    "PredictionStore",
     "ProgressiveKL",
     "SelfKDTerm",
     "designed_teacher",

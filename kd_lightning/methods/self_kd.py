@@ -23,7 +23,7 @@ teacher, ``guide_target: designed``). The paper's ablations are settings:
 "Only Guide" ``progressive_weight: 0, adversarial_weight: 0``.
 
 p_{t-1}: a per-sample store of the logits each training sample got when it was last trained on
-(:class:`PredictionStore`, keyed by the batch's stable ``index``), as PS-KD's official code does,
+(:class:`~kd_lightning.per_sample.PerSampleStore`, keyed by the batch's stable ``index``), as PS-KD's code does,
 not a snapshot of last epoch's weights: the store costs N x C floats and no compute, while a
 snapshot needs a second network in memory and one more forward pass per step. The store is saved in
 checkpoints (exact resume) and, under DDP, every rank gathers all ranks' indices and logits each
@@ -58,7 +58,6 @@ from kd_lightning.losses.self_kd import (
     GuideKL,
     GuideTarget,
     KLReduction,
-    PredictionStore,
     ProgressiveKL,
     SelfKDTerm,
 )
@@ -67,7 +66,7 @@ from kd_lightning.methods.supervised import ImageClassifier
 if TYPE_CHECKING:
     from kd_lightning.teachers.frozen import FrozenTeacher
 
-STORE_KEY = "kdl_self_kd_store"
+STORE_KEY = "kdl_self_kd_store"  # where checkpoints before the terms kept the store
 CriticNorm = Literal["joint", "none", "separate"]
 CRITIC_NORMS: tuple[str, ...] = ("joint", "none", "separate")
 
@@ -387,12 +386,12 @@ class SelfKD(ImageClassifier):
         return term if isinstance(term, ProgressiveKL) else None
 
     @property
-    def store(self) -> PredictionStore:
-        """The progressive term's per-sample store of last predictions."""
+    def progressive(self) -> ProgressiveKL:
+        """The progressive term (its ``store`` holds every sample's last predictions)."""
         term = self._progressive()
         if term is None:
             raise AttributeError(f"{type(self).__name__} has no progressive term (progressive_weight is 0)")
-        return term.store
+        return term
 
     def _epoch_and_max(self) -> tuple[int, int | None]:
         if self._trainer is None:
@@ -533,14 +532,13 @@ class SelfKD(ImageClassifier):
                 s.step()
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "progressive" in self.terms:
-            checkpoint[STORE_KEY] = self.store.state_dict()
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the store moved into the progressive term kept it under ``STORE_KEY``."""
+        legacy = checkpoint.pop(STORE_KEY, None)
+        key = "terms.progressive._extra_state"
+        if legacy is not None and self._progressive() is not None and key not in checkpoint.get("state_dict", {}):
+            checkpoint["state_dict"][key] = {"fields": {"logits": legacy["logits"]}, "seen": legacy["seen"]}
         super().on_load_checkpoint(checkpoint)
-        if STORE_KEY in checkpoint and "progressive" in self.terms:
-            self.store.load_state_dict(checkpoint[STORE_KEY])
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
