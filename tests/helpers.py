@@ -217,7 +217,19 @@ class Interrupt(L.Callback):
 def final_state(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights, optimiser state and step, as one flat dict of tensors."""
     ckpt = load_checkpoint(path)
-    state = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
+    state: dict[str, torch.Tensor] = {}
+
+    def flatten(prefix: str, value: Any) -> None:  # a module's extra state (a per-sample store) is a nested dict
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}", v)
+        elif isinstance(value, torch.Tensor):
+            state[prefix] = value
+        else:
+            state[prefix] = torch.tensor(value)
+
+    for k, v in ckpt["state_dict"].items():
+        flatten(f"model.{k}", v)
     for i, s in enumerate(ckpt["optimizer_states"][0]["state"].values()):
         state.update({f"optim.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
     state["global_step"] = torch.tensor(ckpt["global_step"])

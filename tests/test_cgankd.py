@@ -332,7 +332,7 @@ def test_distill_module_takes_the_stored_teacher_outputs(
     table = open_store(digit_store).table()
     rows = np.nonzero(table["kept"])[0]
     assert torch.allclose(
-        model._cache["logits"][model._slots[dm.num_train_indices - dm.n_fake]],
+        model.teacher_cache.read(torch.tensor([dm.num_train_indices - dm.n_fake]), "logits")[0],
         torch.from_numpy(table["teacher"][rows[0]]),
     )
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
+from kd_lightning.per_sample import PerSampleStore
 
 
 class Embed(nn.Module):
@@ -56,8 +57,9 @@ class CRD(KDLoss):
     (with replacement only when a class has fewer than K negatives); it needs the training labels, which
     :class:`~kd_lightning.methods.DistillModule` passes in through :meth:`setup_labels`.
 
-    The banks are buffers sized by the training index range, saved in checkpoints (so resume is
-    exact). Under DDP each process keeps its own banks, updated with its own samples.
+    The banks are the fields ``memory_s``/``memory_t`` of a :class:`~kd_lightning.per_sample.PerSampleStore` sized
+    by the training index range, saved in checkpoints as this module's extra state (so resume is exact). Under DDP
+    each process keeps its own banks, updated with its own samples.
 
     Args:
         feat_dim: embedding size.
@@ -95,8 +97,7 @@ class CRD(KDLoss):
             )
         self.feat_dim, self.nce_k, self.nce_t, self.momentum = feat_dim, nce_k, nce_t, momentum
         self.student_features, self.teacher_features = (student_feature,), (teacher_feature,)
-        self.register_buffer("memory_s", torch.empty(0, feat_dim))
-        self.register_buffer("memory_t", torch.empty(0, feat_dim))
+        self.banks = PerSampleStore(name="CRD's memory banks")
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
 
@@ -108,12 +109,14 @@ class CRD(KDLoss):
     def setup_data(self, num_indices: int) -> None:
         if num_indices < 2:
             raise ConfigError(f"CRD needs at least 2 training samples, got an index range of {num_indices}")
-        if self.memory_s.shape[0] == num_indices:
+        if self.banks.size == num_indices and "memory_s" in self.banks.fields:
             return
-        device = self.memory_s.device
+        device = self.z_s.device
         std = 1.0 / math.sqrt(self.feat_dim / 3)
-        self.memory_s = (torch.rand(num_indices, self.feat_dim, device=device) * 2 - 1) * std
-        self.memory_t = (torch.rand(num_indices, self.feat_dim, device=device) * 2 - 1) * std
+        self.banks.resize(num_indices)
+        self.banks.to(device)
+        self.banks.set_field("memory_s", (torch.rand(num_indices, self.feat_dim, device=device) * 2 - 1) * std)
+        self.banks.set_field("memory_t", (torch.rand(num_indices, self.feat_dim, device=device) * 2 - 1) * std)
         self.z_s.fill_(-1.0)
         self.z_t.fill_(-1.0)
 
@@ -147,23 +150,44 @@ class CRD(KDLoss):
         contrast[:, 0] = idx
         return contrast
 
-    def resize_for_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        """Allocate the banks at the size stored in a checkpoint before it is loaded."""
-        bank = state.get(prefix + "memory_s")
-        if bank is not None and bank.shape != self.memory_s.shape:
-            self.memory_s = torch.empty_like(bank, device=self.memory_s.device)
-            self.memory_t = torch.empty_like(bank, device=self.memory_s.device)
+    @property
+    def memory_s(self) -> torch.Tensor:
+        """The student-embedding bank (``num_indices x feat_dim``; empty before :meth:`setup_data`)."""
+        return self.banks.fields.get("memory_s", torch.empty(0, self.feat_dim))
+
+    @property
+    def memory_t(self) -> torch.Tensor:
+        """The teacher-embedding bank."""
+        return self.banks.fields.get("memory_t", torch.empty(0, self.feat_dim))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.banks.state_dict()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.banks.load_state_dict(state)
+        self.banks.to(self.z_s.device)
+
+    def resize_for_state(self, state: dict[str, Any], prefix: str) -> None:
+        """Checkpoints before the banks moved into a PerSampleStore held them as buffers: convert them."""
+        if prefix + "memory_s" in state and prefix + "_extra_state" not in state:
+            mem_s, mem_t = state.pop(prefix + "memory_s"), state.pop(prefix + "memory_t")
+            state[prefix + "_extra_state"] = {
+                "fields": {"memory_s": mem_s, "memory_t": mem_t},
+                "seen": torch.ones(len(mem_s), dtype=torch.bool),
+            }
 
     def forward(
         self, student: Outputs, teacher: Outputs, batch: dict[str, Any], ctx: StepContext | None = None
     ) -> torch.Tensor:
-        n = self.memory_s.shape[0]
-        if n == 0:
+        n = self.banks.size
+        if n == 0 or "memory_s" not in self.banks.fields:
             raise ConfigError(
                 "CRD's memory banks are empty: setup_data(num_indices) was not called "
                 "(DistillModule does it when fit starts with a DataModule; without one, call it yourself)"
             )
         idx = batch["index"].long()
+        if self.banks.device != idx.device:  # the store is no buffer: it follows the batches to their device
+            self.banks.to(idx.device)
         v_s = self.embed_s(student.features[self.student_features[0]])
         v_t = self.embed_t(teacher.features[self.teacher_features[0]])
         k = min(self.nce_k, n - 1)

@@ -28,6 +28,7 @@ from kd_lightning.methods.supervised import NetTask
 from kd_lightning.metrics import classification_metrics, regression_metrics
 from kd_lightning.nets import FeatureExtractor
 from kd_lightning.nets.features import PENULTIMATE, PREPOOL, stage_name
+from kd_lightning.per_sample import PerSampleStore
 from kd_lightning.teachers import FrozenTeacher
 
 
@@ -132,9 +133,8 @@ class DistillModule(NetTask):
         self.student_feature_names = sorted({n for t in losses for n in t.student_features})
         self.teacher_feature_names = sorted({n for t in losses for n in t.teacher_features})
         self._student_features = FeatureExtractor(self.net, self.student_feature_names)
-        self._cache: dict[str, torch.Tensor] = {}
-        self._slots = torch.zeros(0, dtype=torch.long)  # sample index -> cache row (-1: not cached yet)
-        self._capacity = self._n_cached = 0
+        # the teacher's outputs by sample index; rows are given out on first sight of an index (sparse)
+        self.teacher_cache = PerSampleStore(sparse=True, name="the teacher cache")
 
     @staticmethod
     @torch.no_grad()
@@ -186,9 +186,8 @@ class DistillModule(NetTask):
                     term.setup_data(n)
                 if term.uses_labels:
                     term.setup_labels(train_labels_by_index(dm, n))
-            # cache rows are given out on first sight of an index; at most len(train_dataset) are needed
-            self._slots = torch.full((n,), -1, dtype=torch.long)
-            self._capacity, self._cache, self._n_cached = len(dm.train_dataset), {}, 0
+            # at most len(train_dataset) rows are needed, whatever the index range
+            self.teacher_cache.resize(n, capacity=len(dm.train_dataset))
             if self.hparams.cache_teacher and hasattr(dm, "stored_teacher_outputs"):
                 self._prefill_teacher_cache(dm)
 
@@ -208,10 +207,8 @@ class DistillModule(NetTask):
         if stored is None:
             return
         index, logits = stored
-        self._cache = {"logits": logits.new_zeros((self._capacity, *logits.shape[1:])).to(self.device)}
-        self._cache["logits"][: len(index)] = logits.to(self.device)
-        self._slots[index] = torch.arange(len(index))
-        self._n_cached = self.prefilled = len(index)
+        self.teacher_cache.write(index, logits=logits.to(self.device))
+        self.prefilled = len(index)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -231,32 +228,15 @@ class DistillModule(NetTask):
 
     def teacher_outputs_for(self, batch: dict[str, torch.Tensor]) -> Outputs:
         """Teacher outputs for a training batch, from the cache when ``cache_teacher`` is on."""
-        if not self.hparams.cache_teacher or len(self._slots) == 0:
+        cache = self.teacher_cache
+        if not self.hparams.cache_teacher or cache.size == 0:
             return self.teacher_outputs(batch["image"])
-        idx = batch["index"].long().cpu()
-        if idx.max() >= len(self._slots):
-            raise ConfigError(
-                f"sample index {int(idx.max())} is outside the training index range "
-                f"{len(self._slots)} the teacher cache was sized for"
-            )
-        new = self._slots[idx] < 0
+        idx = batch["index"]
+        new = ~cache.contains(idx).cpu()
         if bool(new.any()):  # run the teacher on the samples not seen yet (eval mode: per-sample outputs)
             out = self.teacher_outputs(batch["image"][new.to(batch["image"].device)])
-            tensors = {"logits": out.logits, **out.features}
-            if not self._cache:
-                self._cache = {k: v.new_zeros((self._capacity, *v.shape[1:])) for k, v in tensors.items()}
-            n_used, n_new = self._n_cached, int(new.sum())
-            if n_used + n_new > self._capacity:
-                raise ConfigError(
-                    f"the teacher cache holds {self._capacity} samples (the training set's size) but the "
-                    "training batches brought more distinct indices; is batch['index'] unique per sample?"
-                )
-            self._slots[idx[new]] = torch.arange(n_used, n_used + n_new)
-            self._n_cached = n_used + n_new
-            rows = self._slots[idx[new]].to(self.device)
-            for k, v in tensors.items():
-                self._cache[k][rows] = v.detach()
-        cached = {k: v[self._slots[idx].to(self.device)] for k, v in self._cache.items()}
+            cache.write(idx.cpu()[new], logits=out.logits, **out.features)
+        cached = {k: cache.read(idx, k) for k in cache.fields}
         return Outputs(cached.pop("logits"), cached)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
