@@ -25,7 +25,7 @@ from kd_lightning.data.base import augments
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext
 from kd_lightning.methods.supervised import NetTask
-from kd_lightning.metrics import classification_metrics, regression_metrics
+from kd_lightning.methods.tasks import TaskSpec, task_spec
 from kd_lightning.nets import FeatureExtractor
 from kd_lightning.nets.features import PENULTIMATE, PREPOOL, stage_name
 from kd_lightning.per_sample import PerSampleStore
@@ -67,18 +67,6 @@ class DistillModule(NetTask):
             raise ConfigError(f"regression_loss={regression_loss!r}; expected 'mse' or 'l1'")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={label_smoothing}; expected a value in [0, 1)")
-        if teacher_net is None:
-            loaded = FrozenTeacher.from_checkpoint(teacher)
-        else:
-            loaded = FrozenTeacher.from_weights(
-                teacher_net,
-                teacher,
-                num_classes=kwargs.get("num_classes"),
-                in_channels=kwargs.get("in_channels", 3),
-                mean=kwargs.get("mean") or (0.5,),
-                std=kwargs.get("std") or (0.5,),
-                task="regression" if kwargs.get("label_range") is not None else "classification",
-            )
         losses = list(kd_losses or [])
         for term in losses:
             if not isinstance(term, KDLoss):
@@ -88,26 +76,42 @@ class DistillModule(NetTask):
                     f"kd_losses: {type(term).__name__} is a self-distillation term; it goes in SelfKD's `terms`, "
                     "not in DistillModule's kd_losses (see kd_lightning.losses.list_losses())"
                 )
-            if loaded.task == "regression" and term.uses_logits:
-                raise ConfigError(
-                    f"{type(term).__name__} compares class outputs and cannot distil a regression "
-                    f"{loaded.describe()}; use feature or relation losses (FitNet, AT, RKD, ...)"
-                )
-        # plain attributes until nn.Module.__init__ has run; configure_models registers them
-        self.task = loaded.task
-        self.monitor, self.monitor_mode = ("val/acc1", "max") if self.task == "classification" else ("val/mae", "min")
-        self._pending = (loaded, losses)
+        self._pending_losses = losses  # registered by configure_models (nn.Module is not set up yet)
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ construction
-    def configure_models(self) -> None:
-        super().configure_models()
-        teacher, losses = self._pending
-        del self._pending
+    def _load_teacher(self) -> FrozenTeacher:
         hp = self.hparams
+        if hp.teacher_net is None:
+            return FrozenTeacher.from_checkpoint(hp.teacher)
+        return FrozenTeacher.from_weights(
+            hp.teacher_net,
+            hp.teacher,
+            num_classes=hp.num_classes,
+            in_channels=hp.in_channels,
+            mean=hp.mean or (0.5,),
+            std=hp.std or (0.5,),
+            task="regression" if hp.label_range is not None else "classification",
+        )
+
+    def make_task_spec(self) -> TaskSpec:
+        return task_spec(self.task, self.hparams.label_smoothing, self.hparams.regression_loss)
+
+    def configure_models(self) -> None:
+        teacher = self._load_teacher()
+        self.task = teacher.task  # the student learns the teacher's task
+        super().configure_models()
+        losses, self._pending_losses = self._pending_losses, []
+        hp = self.hparams
+        for term in losses:
+            if term.uses_logits and not self.spec.has_classes:
+                raise ConfigError(
+                    f"{type(term).__name__} compares class outputs and cannot distil a {self.task} "
+                    f"{teacher.describe()}; use feature or relation losses (FitNet, AT, RKD, ...)"
+                )
         teacher.check_compatible(
             self.task,
-            hp.num_classes if self.task == "classification" else None,
+            hp.num_classes if self.spec.has_classes else None,
             hp.in_channels,
             who=f"the student {hp.net!r}",
         )
@@ -149,23 +153,6 @@ class DistillModule(NetTask):
             _, feats = fx(x)
         net.train(was_training)
         return {k: v.shape[1:] for k, v in feats.items()}
-
-    def configure_losses(self) -> None:
-        if self.task == "classification":
-            self.criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=self.hparams.label_smoothing)
-        else:
-            self.criterion = nn.MSELoss() if self.hparams.regression_loss == "mse" else nn.L1Loss()
-
-    def configure_metrics(self) -> None:
-        if self.task == "classification":
-            n = self.hparams.num_classes
-            self.train_metrics = classification_metrics(n, full=False).clone(prefix="train/")
-            self.val_metrics = classification_metrics(n).clone(prefix="val/")
-            self.test_metrics = classification_metrics(n).clone(prefix="test/")
-        else:
-            self.train_metrics = regression_metrics().clone(prefix="train/")
-            self.val_metrics = regression_metrics().clone(prefix="val/")
-            self.test_metrics = regression_metrics().clone(prefix="test/")
 
     # ------------------------------------------------------------------ data checks
     def setup(self, stage: str) -> None:
@@ -219,7 +206,7 @@ class DistillModule(NetTask):
     # ------------------------------------------------------------------ forward passes
     def student_outputs(self, x: torch.Tensor) -> Outputs:
         """The student's raw outputs (N x C, or N x 1 for regression) and its requested features."""
-        logits = NetTask.forward(self, x)
+        logits = self.raw_forward(x)
         return Outputs(logits, dict(self._student_features.features))
 
     def teacher_outputs(self, x: torch.Tensor) -> Outputs:
@@ -239,29 +226,12 @@ class DistillModule(NetTask):
         cached = {k: cache.read(idx, k) for k in cache.fields}
         return Outputs(cached.pop("logits"), cached)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        return out.squeeze(-1) if self.task == "regression" else out
-
     # ------------------------------------------------------------------ steps
-    def _task_loss(self, raw: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.task == "regression":
-            pred, label = (raw.squeeze(-1) if raw.ndim > 1 else raw), label.float()
-            return self.criterion(pred, label), pred
-        return self.criterion(raw, label), raw
-
-    def _update_metrics(self, stage: str, pred: torch.Tensor, label: torch.Tensor) -> None:
-        metrics = getattr(self, f"{stage}_metrics")
-        if self.task == "regression":
-            metrics.update(self.denormalize(pred.detach()), self.denormalize(label.float()))
-        else:
-            metrics.update(pred.detach(), label)
-        self.log_metrics(stage, metrics)
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         student = self.student_outputs(batch["image"])
         teacher = self.teacher_outputs_for(batch)
-        task, pred = self._task_loss(student.logits, batch["label"])
+        pred = self.spec.prediction(student.logits)
+        task = self.spec.loss(self.criterion, pred, batch["label"])
         parts: dict[str, torch.Tensor] = {"task": task.detach()}
         total = self.hparams.task_weight * task
         ctx = StepContext(self.student_outputs, self.teacher_outputs, epoch=self.current_epoch, training=True)
@@ -275,29 +245,8 @@ class DistillModule(NetTask):
             total = total + term.weight * value
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True)
-        self._update_metrics("train", pred, batch["label"])
+        self.update_metrics("train", pred, batch["label"])
         return total
-
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        loss, pred = self._task_loss(self(batch["image"]), batch["label"])  # through __call__: hooks see it
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
-        self._update_metrics(stage, pred, batch["label"])
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        out = self(batch["image"])
-        if self.task == "regression":
-            return {
-                "index": batch["index"],
-                "prediction": self.denormalize(out),
-                "label": self.denormalize(batch["label"].float()),
-            }
-        return {"index": batch["index"], "logits": out, "label": batch["label"]}
 
 
 def _unique_names(names: list[str]) -> list[str]:

@@ -7,15 +7,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kd_lightning.errors import ConfigError
 from kd_lightning.losses.simkd import HEAD_KEY, ReusedTeacherHead
 from kd_lightning.methods.base import BaseTask
-from kd_lightning.metrics import classification_metrics, regression_metrics
+from kd_lightning.methods.tasks import Classification, Regression, TaskSpec, task_spec
 from kd_lightning.nets import FeatureExtractor, create_net, net_info
 
 
 class NetTask(BaseTask):
     """A task around one registered backbone ``self.net`` (see :func:`kd_lightning.nets.create_net`).
+
+    What depends on the kind of task (classification or regression: the head size, the loss, the metrics,
+    the prediction, the monitored metric) comes from ``self.spec``, a :class:`~kd_lightning.methods.tasks.TaskSpec`
+    that :meth:`make_task_spec` builds; the steps here are the same for every task.
 
     A task may predict through a replaced head (``self.student_head``, e.g. SimKD's projector + the
     teacher's classifier) that reads a feature of the net: it is saved in the checkpoint with a plain
@@ -35,11 +38,15 @@ class NetTask(BaseTask):
         self.channels_last = channels_last
         super().__init__(**kwargs)
 
+    def make_task_spec(self) -> TaskSpec:
+        """The spec of ``self.task`` (subclasses pass their loss options)."""
+        return task_spec(self.task)
+
     def configure_models(self) -> None:
         hp = self.hparams
-        num_classes = hp.num_classes if self.task == "classification" else 1
-        if num_classes is None:
-            raise ConfigError(f"{type(self).__name__} needs num_classes (kdl links it from the DataModule)")
+        self.spec = self.make_task_spec()
+        self.monitor, self.monitor_mode = self.spec.monitor, self.spec.monitor_mode
+        num_classes = self.spec.out_features(hp.num_classes)
         self.net = create_net(hp.net, num_classes=num_classes, in_channels=hp.in_channels, task=self.task)  # type: ignore[arg-type]
         if hp.net_weights:
             from kd_lightning.checkpoints import load_state_dict_file
@@ -49,13 +56,19 @@ class NetTask(BaseTask):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.student_head: nn.Module | None = None
 
+    def configure_losses(self) -> None:
+        self.criterion = self.spec.criterion()
+
+    def configure_metrics(self) -> None:
+        self.train_metrics, self.val_metrics, self.test_metrics = self.spec.metrics(self.hparams.num_classes)
+
     def attach_head(self, head: nn.Module) -> None:
         """Predict through ``head``, which reads the net feature ``head.feature`` (SimKD: losses/simkd.py)."""
         self.student_head = head.to(self.device)
         self._head_features = FeatureExtractor(self.net, [head.feature])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> net outputs (logits, or normalised regression values)."""
+    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the net's outputs (logits, or N x 1 normalised regression values)."""
         x = self.normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -64,6 +77,37 @@ class NetTask(BaseTask):
             return self.student_head(self._head_features.features[self.student_head.feature])
         return out
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> predictions (logits, or N normalised regression values)."""
+        return self.spec.prediction(self.raw_forward(x))
+
+    # ------------------------------------------------------------------ steps
+    def update_metrics(self, stage: str, pred: torch.Tensor, label: torch.Tensor) -> None:
+        """Feed the ``stage`` metrics one batch and log them."""
+        metrics = getattr(self, f"{stage}_metrics")
+        self.spec.update_metrics(metrics, pred, label, self.denormalize)
+        self.log_metrics(stage, metrics)
+
+    def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        pred = self(batch["image"])
+        loss = self.spec.loss(self.criterion, pred, batch["label"])
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage == "train")
+        self.update_metrics(stage, pred, batch["label"])
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.model_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.model_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.spec.predict_output(batch["index"], self(batch["image"]), batch["label"], self.denormalize)
+
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.student_head is not None:
             checkpoint[HEAD_KEY] = self.student_head.spec()
@@ -99,43 +143,14 @@ class ImageClassifier(NetTask):
     """
 
     task = "classification"
-    monitor, monitor_mode = "val/acc1", "max"
+    monitor, monitor_mode = Classification.monitor, Classification.monitor_mode
 
     def __init__(self, label_smoothing: float = 0.0, **kwargs: Any) -> None:
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing={label_smoothing}; expected a value in [0, 1)")
+        Classification(label_smoothing)  # a bad value fails here, before anything is built
         super().__init__(**kwargs)
 
-    def configure_losses(self) -> None:
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.hparams.label_smoothing)
-
-    def configure_metrics(self) -> None:
-        n = self.hparams.num_classes
-        self.train_metrics = classification_metrics(n, full=False).clone(prefix="train/")
-        self.val_metrics = classification_metrics(n).clone(prefix="val/")
-        self.test_metrics = classification_metrics(n).clone(prefix="test/")
-
-    def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = self.criterion(logits, batch["label"])
-        metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits.detach(), batch["label"])
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage == "train")
-        self.log_metrics(stage, metrics)
-        return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "test")
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self(batch["image"])
-        return {"index": batch["index"], "logits": logits, "label": batch["label"]}
+    def make_task_spec(self) -> TaskSpec:
+        return Classification(self.hparams.label_smoothing)
 
 
 class ImageRegressor(NetTask):
@@ -148,45 +163,14 @@ class ImageRegressor(NetTask):
     """
 
     task = "regression"
-    monitor, monitor_mode = "val/mae", "min"
+    monitor, monitor_mode = Regression.monitor, Regression.monitor_mode
 
     def __init__(self, loss: Literal["mse", "l1"] = "mse", **kwargs: Any) -> None:
-        if loss not in ("mse", "l1"):
-            raise ConfigError(f"loss={loss!r}; expected 'mse' or 'l1'")
+        Regression(loss)  # a bad value fails here, before anything is built
         super().__init__(**kwargs)
 
-    def configure_losses(self) -> None:
-        self.criterion = nn.MSELoss() if self.hparams.loss == "mse" else nn.L1Loss()
-
-    def configure_metrics(self) -> None:
-        self.train_metrics = regression_metrics().clone(prefix="train/")
-        self.val_metrics = regression_metrics().clone(prefix="val/")
-        self.test_metrics = regression_metrics().clone(prefix="test/")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).squeeze(-1)
-
-    def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        pred = self(batch["image"])
-        label = batch["label"].float()
-        loss = self.criterion(pred, label)
-        metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(self.denormalize(pred.detach()), self.denormalize(label))
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage == "train")
-        self.log_metrics(stage, metrics)
-        return loss
-
-    training_step = ImageClassifier.training_step
-    validation_step = ImageClassifier.validation_step
-    test_step = ImageClassifier.test_step
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        pred = self(batch["image"])
-        return {
-            "index": batch["index"],
-            "prediction": self.denormalize(pred),
-            "label": self.denormalize(batch["label"].float()),
-        }
+    def make_task_spec(self) -> TaskSpec:
+        return Regression(self.hparams.loss)
 
 
 __all__ = ["ImageClassifier", "ImageRegressor", "NetTask"]
