@@ -212,6 +212,12 @@ class KDLCLI(LightningCLI):
             for key, value in defaults.items():  # wandb.init's own arguments, which jsonargparse exposes
                 if logger.init_args.get(key) is None:
                     logger.init_args[key] = value
+            # wandb's background service resolves a relative save_dir against the folder IT started in, not ours:
+            # make it absolute; unset, the W&B files go into the run folder
+            save_dir = logger.init_args.get("save_dir")
+            if save_dir in (None, "", "."):
+                save_dir = cfg.get("trainer", {}).get("default_root_dir") or "."
+            logger.init_args["save_dir"] = os.path.abspath(str(save_dir))
 
     def _subcommand_config(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
