@@ -129,3 +129,21 @@ class BaseTask(L.LightningModule):
                 continue
             if theirs is not None and ours != theirs:
                 raise ConfigError(f"model has {key}={ours} but {type(dm).__name__} has {key}={theirs}")
+
+
+class StageSteps:
+    """Training, validation and test steps that all run ``self.model_step(batch, stage)`` (a mixin for tasks whose
+    three steps differ only in the stage name they log under)."""
+
+    def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """The loss of one batch; logs under ``stage`` (``train``, ``val`` or ``test``)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.model_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.model_step(batch, "test")

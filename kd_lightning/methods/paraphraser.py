@@ -15,7 +15,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import require_shape
 from kd_lightning.losses.factor import FT, Paraphraser
 from kd_lightning.losses.features import _stage_names
-from kd_lightning.methods.base import BaseTask
+from kd_lightning.methods.base import BaseTask, StageSteps
 from kd_lightning.methods.distill import DistillModule
 from kd_lightning.teachers import FrozenTeacher
 
@@ -23,7 +23,7 @@ from kd_lightning.teachers import FrozenTeacher
 FEATURE_KEY = "paraphraser_feature"
 
 
-class FTParaphraser(BaseTask):
+class FTParaphraser(StageSteps, BaseTask):
     """Train FT's paraphraser (an autoencoder, :class:`~kd_lightning.losses.factor.Paraphraser`) on a teacher map.
 
     The loss is the mean squared reconstruction error of the teacher's map; the teacher is frozen.
@@ -63,15 +63,6 @@ class FTParaphraser(BaseTask):
         loss = F.mse_loss(self.paraphraser(target)[1], target)
         self.log(f"{stage}/rec", loss, on_step=stage == "train", on_epoch=True, prog_bar=True)
         return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[FEATURE_KEY] = self.feature

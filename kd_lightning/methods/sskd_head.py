@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from kd_lightning.losses.sskd import ProjectionHead, rotation_similarity, rotations
-from kd_lightning.methods.base import BaseTask
+from kd_lightning.methods.base import BaseTask, StageSteps
 from kd_lightning.teachers import FrozenTeacher
 
 
-class SSKDTeacherHead(BaseTask):
+class SSKDTeacherHead(StageSteps, BaseTask):
     """Train SSKD's SS module on a frozen teacher: which normal image is each rotated view (90/180/270) from?
 
     Loss: cross-entropy over the cosine similarities between the SS-module embeddings of each rotated view and
@@ -63,15 +63,6 @@ class SSKDTeacherHead(BaseTask):
         acc = (sim.argmax(1) == source).float().mean()
         self.log_dict({f"{stage}/ss_loss": loss, f"{stage}/ss_acc": acc}, on_step=False, on_epoch=True)
         return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "test")
 
 
 __all__ = ["SSKDTeacherHead"]

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from kd_lightning.losses.simkd import HEAD_KEY, ReusedTeacherHead
-from kd_lightning.methods.base import BaseTask
+from kd_lightning.methods.base import BaseTask, StageSteps
 from kd_lightning.methods.tasks import Classification, Regression, TaskSpec, task_spec
 from kd_lightning.nets import FeatureExtractor, create_net, net_info
 
 
-class NetTask(BaseTask):
+class NetTask(StageSteps, BaseTask):
     """A task around one registered backbone ``self.net`` (see :func:`kd_lightning.nets.create_net`).
 
     What depends on the kind of task (classification or regression: the head size, the loss, the metrics,
@@ -94,15 +94,6 @@ class NetTask(BaseTask):
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage == "train")
         self.update_metrics(stage, pred, batch["label"])
         return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.model_step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.spec.predict_output(batch["index"], self(batch["image"]), batch["label"], self.denormalize)
