@@ -13,10 +13,16 @@ store and recipes with one change each:
 - ``no_filter``: every sample the subsampling accepted, none dropped by the teacher (no M2).
 - ``no_subsample``: a second store generated without cDR-RS (no M1), filtered as the main one.
 
+``--setting rotated`` runs the regression pipeline (``recipes/cgankd/rotated``: the rotation angle of
+Fashion-MNIST images, CcGAN, global filter, label replacement): Table 5's NOKD, FitNet, cGAN-KD and
+cGAN-KD + FitNet, and the ablations ``no_replace`` (the CcGAN's assigned labels kept), ``no_filter`` and
+``no_subsample``.
+
 Every student folder is ``<out>/<variant>/seed<k>``; ``kdl report <out>/*/seed* --group-by parent``
 builds the table. Finished jobs are skipped when the script is run again (``<out>/logs/<job>.done``).
 
     python benchmarks/cgankd_fashion_mnist.py --out runs/evidence/cgankd_fmnist
+    python benchmarks/cgankd_fashion_mnist.py --setting rotated --out runs/evidence/cgankd_rotated
 """
 
 from __future__ import annotations
