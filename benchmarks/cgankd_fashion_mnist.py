@@ -292,7 +292,20 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--mg", type=int, nargs="*", default=[1000], help="M^g points besides 0 and the whole store")
     p.add_argument("--workers", type=int, default=2, help="jobs run side by side")
-    p.add_argument("--only", nargs="*", default=None, help="run only these jobs (and nothing they need)")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="run only these jobs; one whose dependency is left out waits for that job's <out>/logs/<job>.done "
+        "(written by another run of this script, or by hand)",
+    )
+    p.add_argument(
+        "--running",
+        nargs="*",
+        default=[],
+        metavar="JOB=PID",
+        help="jobs already running in another process (e.g. after this script was stopped): wait for them",
+    )
     p.add_argument("--plot", default=None, help="write the M^g curve to this PNG (from finished runs) and stop")
     p.add_argument("--store-size", type=int, default=2700, help="kept samples in the store (the last M^g point)")
     args = p.parse_args()
@@ -305,6 +318,11 @@ def main() -> int:
     logs = Path(out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     every = jobs_rotated(out, args.seeds) if SETTING == "rotated" else jobs(out, args.seeds, args.mg)
+    for spec in args.running:  # a job already running elsewhere: its slot waits for that process to end
+        name, pid = spec.split("=")
+        for job in every:
+            if job.name == name:
+                job.cmds = [["bash", "-c", f"while kill -0 {int(pid)} 2>/dev/null; do sleep 10; done"]]
     todo = {j.name: j for j in every if args.only is None or j.name in args.only}
     done = {j for j in todo if (logs / f"{j}.done").exists()}
     running: dict[str, tuple[subprocess.Popen, int, float]] = {}  # name -> (process, command index, start)
@@ -345,7 +363,7 @@ def main() -> int:
             if n not in done
             and n not in running
             and n not in blocked
-            and all(d in done or (d not in todo and args.only is not None) for d in j.deps)
+            and all(d in done or (d not in todo and (logs / f"{d}.done").exists()) for d in j.deps)
         ]
         ready.sort(key=lambda j: -j.priority)
         while ready and len(running) < args.workers:
