@@ -90,7 +90,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def state_mismatch(ours: dict[str, Any], theirs: dict[str, Any], shown: int = 4) -> str:
     """How the state dict ``theirs`` does not fit ``ours`` ("missing: ...; unexpected: ...; shape differs:
-    ...", at most ``shown`` keys of each), or "" when it fits."""
+    ...", at most ``shown`` keys of each), or "" when it fits.
+    """
     missing = sorted(set(ours) - set(theirs))
     unexpected = sorted(set(theirs) - set(ours))
     reshaped = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))

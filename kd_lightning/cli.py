@@ -378,7 +378,7 @@ def _user_error(exc: BaseException) -> BaseException | None:
 
 
 def _short_parse_error(msg: str) -> str:
-    """jsonargparse reports every union member it tried; keep the lines that name the problem."""
+    """Keep the lines of a jsonargparse error that name the problem (it reports every union member it tried)."""
     keep = [ln.strip() for ln in msg.splitlines() if ln.strip() and not re.search(_NOISE, ln.strip())]
     return "\n  ".join(keep[:6]) if keep else msg
 

@@ -108,7 +108,8 @@ def read_run(path: str | os.PathLike) -> Run:
 
 def group_key(run: Run, by: str) -> str:
     """``method`` (model class and KD losses), ``parent`` (the run folder's parent's name), ``none``, or a
-    dotted config key such as ``model.init_args.net``."""
+    dotted config key such as ``model.init_args.net``.
+    """
     if by == "method":
         return run.method()
     if by == "parent":
@@ -157,7 +158,8 @@ def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
 
 def draw_curves(ax: Any, runs: list[Run], by: str, metric: str) -> bool:
     """Draw the learning curves of ``metric`` on a matplotlib ``ax``, one colour per group (a notebook's
-    figure, or :func:`plot_curves`' file); False when no run logged it."""
+    figure, or :func:`plot_curves`' file); False when no run logged it.
+    """
     having = [r for r in runs if r.curves.get(metric)]
     if not having:
         return False

@@ -365,7 +365,7 @@ def root_options(setting: str, fake_root: Path, augmented: bool) -> list[str]:
         pytest.param("rotated", marks=pytest.mark.slow),
     ],
 )
-def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Path) -> None:
     """Each stage's recipe under fast_dev_run (generate on a few samples), later stages fed tiny checkpoints."""
     from tests.helpers import make_fake_mnist
 

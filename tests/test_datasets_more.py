@@ -362,11 +362,11 @@ def _fine_grained_args(dataset: str, method: str, tmp_path: Path) -> list[str]:
         for m in METHODS
     ],
 )
-def test_fine_grained_recipe_fast_dev_run(dataset: str, method: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_fine_grained_recipe_fast_dev_run(dataset: str, method: str, kdl, tmp_path: Path) -> None:
     assert kdl("fit", *_fine_grained_args(dataset, method, tmp_path), *SIZE32, *FAST) == 0
 
 
-def test_fine_grained_overrides_resolve_to_the_shared_settings(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_fine_grained_overrides_resolve_to_the_shared_settings(tmp_path: Path, monkeypatch) -> None:
     """Every (shared base, dataset override) pair: the dataset's DataModule, run folder and S_sup path, and
     every shared setting (batch 32, 224 px, class pairs for CS-KD, the schedule) kept."""
     import yaml
@@ -415,7 +415,7 @@ def test_shared_base_alone_says_what_to_stack() -> None:
         ("mekd/syn_digits_to_svhn.yaml", "SVHNDataModule"),
     ],
 )
-def test_mekd_templates(recipe: str, local: str, kdl, capsys) -> None:  # noqa: ANN001
+def test_mekd_templates(recipe: str, local: str, kdl, capsys) -> None:
     """The templates resolve to MEKD stage 2 with the paper's settings (running them needs a stage-1 generator)."""
     assert kdl("fit", "--config", str(RECIPES / recipe), "--print_config") == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
@@ -447,7 +447,7 @@ def test_missing_root_names_the_root(make: Callable, tmp_path: Path) -> None:
     assert str(missing) in str(e.value)
 
 
-def test_missing_root_is_one_line_from_kdl(kdl, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_missing_root_is_one_line_from_kdl(kdl, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nowhere"
     base, override = RECIPES / "finegrained/teacher.yaml", RECIPES / "mit67/teacher.yaml"
     assert (

@@ -169,20 +169,20 @@ class RecordLogits(L.Callback):
         self.looked_up: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
         self._handle: Any = None
 
-    def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+    def on_train_start(self, trainer, pl_module):
         self._handle = pl_module.net.register_forward_hook(self._keep)
         self._last: torch.Tensor | None = None
 
-    def _keep(self, module, inputs, output):  # noqa: ANN001, ANN201
+    def _keep(self, module, inputs, output):
         if module.training and torch.is_grad_enabled():
             self._last = output.detach().clone()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == 1:
             logits, seen = pl_module.store.lookup(batch["index"])
             self.looked_up.append((batch["index"].tolist(), logits.clone(), seen.clone()))
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == 0:
             for i, row in zip(batch["index"].tolist(), self._last):
                 self.epoch0[i] = row
@@ -239,7 +239,7 @@ def test_class_pair_sampler_yields_same_class_pairs_and_resumes() -> None:
     assert item["index"] == 0 and item["pair_index"] == 3 and float(item["pair_image"].mean()) == 3.0
 
 
-def test_cskd_without_class_pairs_is_a_clear_error(fake_mnist: Path, kdl, capsys) -> None:  # noqa: ANN001
+def test_cskd_without_class_pairs_is_a_clear_error(fake_mnist: Path, kdl, capsys) -> None:
     rc = kdl(
         "fit",
         "--config",
@@ -398,7 +398,7 @@ def test_ssup_of_another_architecture_or_class_count_is_refused(tmp_path: Path) 
         AIKD(pretrained=str(other_classes), net="tinynet", num_classes=4, in_channels=1)
 
 
-def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:  # noqa: ANN001
+def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:
     root = write_cub(tmp_path / "cub", num_classes=3, per_class=3, size=16)
     rc = kdl(
         "fit",
@@ -417,7 +417,7 @@ def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:
 
 
 @pytest.mark.parametrize("mixing", ["cutmix", "mixup", "cutout"])
-def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> None:
     ssup = write_teacher(tmp_path / "ssup.ckpt", 10, 1, mean=(0.3053,), std=(0.3760,), net="resnet8")
     assert (
         kdl(
@@ -440,7 +440,7 @@ def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> N
     )
 
 
-def test_cskd_with_cutmix_on_digits(kdl) -> None:  # noqa: ANN001
+def test_cskd_with_cutmix_on_digits(kdl) -> None:
     assert (
         kdl(
             "fit",
@@ -484,12 +484,12 @@ class CrashAtEpoch(L.Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def on_train_epoch_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+    def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
             raise RuntimeError("injected crash")
 
 
-def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     ssup = write_teacher(tmp_path / "ssup.ckpt", 10, 1, mean=(0.3053,), std=(0.3760,), net="tinynet")
@@ -512,7 +512,7 @@ def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Pa
     restored: dict[str, torch.Tensor] = {}
 
     class CheckStore(L.Callback):
-        def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+        def on_train_start(self, trainer, pl_module):
             restored.update(pl_module.store.state_dict())
 
     extra[:] = [CheckStore()]

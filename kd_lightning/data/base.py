@@ -387,7 +387,8 @@ class ImageDataModule(L.LightningDataModule):
 
 def augments(dm: Any) -> bool:
     """Whether ``dm`` shows a sample different images from epoch to epoch: its ``augment`` flag (a DataModule
-    without one does not augment). Methods that cache per-sample outputs check this."""
+    without one does not augment). Methods that cache per-sample outputs check this.
+    """
     return bool(getattr(dm, "augment", False))
 
 

@@ -64,7 +64,7 @@ class CUB200DataModule(ImageDataModule):
         verify: bool = False,
         image_size: int | None = None,
         **kwargs,
-    ) -> None:  # noqa: ANN003
+    ) -> None:
         super().__init__(root=root, image_size=image_size, **kwargs)
         self.native_size = self.image_size  # images are resized to image_size on load
         self.bbox_crop, self.verify = bbox_crop, verify

@@ -192,7 +192,7 @@ class FGVCAircraftDataModule(FineGrainedDataModule):
 
     def __init__(
         self, root: str | None = None, train_split: Literal["trainval", "train"] = "trainval", **kwargs
-    ) -> None:  # noqa: ANN003
+    ) -> None:
         if train_split not in ("trainval", "train"):
             raise ConfigError(f"train_split={train_split!r}; expected 'trainval' or 'train'")
         self.train_split = train_split

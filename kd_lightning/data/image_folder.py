@@ -46,7 +46,7 @@ class ImageFolderDataModule(ImageDataModule):
         grayscale: bool = False,
         verify: bool = False,
         **kwargs,
-    ) -> None:  # noqa: ANN003
+    ) -> None:
         super().__init__(root=root, **kwargs)
         self.native_size = self.image_size  # images are resized to image_size on load
         self.train_dir, self.test_dir, self.verify = train_dir, test_dir, verify

@@ -86,7 +86,7 @@ class ImageNet100DataModule(ImageFolderDataModule):
         test_split: Literal["val", "holdout"] = "val",
         holdout_size: int = 10000,
         **kwargs,
-    ) -> None:  # noqa: ANN003
+    ) -> None:
         if test_split not in ("val", "holdout"):
             raise ConfigError(f"test_split={test_split!r}; expected 'val' or 'holdout'")
         if holdout_size < 1:
@@ -98,7 +98,8 @@ class ImageNet100DataModule(ImageFolderDataModule):
 
     def build_dataset(self, split: Split) -> Dataset:
         """``test_split="val"``: ImageNet's train and val folders. ``"holdout"`` (cGAN-KD's protocol): a fixed
-        random ``holdout_size`` of the training images is the test set, the rest the training set."""
+        random ``holdout_size`` of the training images is the test set, the rest the training set.
+        """
         if self.test_split == "val":
             return super().build_dataset(split)
         full = super().build_dataset("train")

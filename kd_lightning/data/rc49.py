@@ -57,7 +57,7 @@ class RC49DataModule(ImageDataModule):
         max_angle: float = 90.0,
         test_fraction: float = 0.2,
         **kwargs,
-    ) -> None:  # noqa: ANN003
+    ) -> None:
         if not min_angle < max_angle:
             raise ConfigError(f"min_angle={min_angle}, max_angle={max_angle}; expected min_angle < max_angle")
         super().__init__(root=root, **kwargs)

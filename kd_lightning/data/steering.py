@@ -75,7 +75,7 @@ class SteeringAngleDataModule(ImageDataModule):
         test_fraction: float = 0.2,
         verify: bool = False,
         **kwargs,
-    ) -> None:  # noqa: ANN003
+    ) -> None:
         if not min_angle < max_angle:
             raise ConfigError(f"min_angle={min_angle}, max_angle={max_angle}; expected min_angle < max_angle")
         if not 0 < test_fraction < 1:

@@ -49,7 +49,7 @@ class UTKFaceDataModule(ImageDataModule):
         test_fraction: float = 0.2,
         verify: bool = False,
         **kwargs,
-    ) -> None:  # noqa: ANN003
+    ) -> None:
         if not 0 <= min_age < max_age:
             raise ConfigError(f"min_age={min_age}, max_age={max_age}; expected 0 <= min_age < max_age")
         if not 0 < test_fraction < 1:

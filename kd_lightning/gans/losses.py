@@ -135,7 +135,8 @@ class VicinalSampler:
     def draw_unique(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` labels drawn uniformly, with replacement, from the DISTINCT training labels (the official code's
         ``np.random.choice(unique_train_labels, size=n, replace=True)``): every label value is equally likely,
-        whatever its frequency."""
+        whatever its frequency.
+        """
         return self.unique[torch.randint(len(self.unique), (n,), generator=generator)]
 
     def targets(

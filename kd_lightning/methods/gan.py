@@ -166,7 +166,8 @@ class GANTask(BaseTask):
     @torch.no_grad()
     def update_ema(self) -> None:
         """EMA of the generator: its parameters, and its float buffers (BN statistics) under ``ema_buffers:
-        average`` as BigGAN averages the whole state dict; other buffers are copied."""
+        average`` as BigGAN averages the whole state dict; other buffers are copied.
+        """
         decay = self.hparams.ema_decay if int(self.g_steps) > self.hparams.ema_start else 0.0
         for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
             pe.lerp_(p.detach(), 1.0 - decay)
