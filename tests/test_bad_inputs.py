@@ -157,7 +157,7 @@ def run_case(kdl, capsys: pytest.CaptureFixture[str], tmp_path: Path, case: Case
         path.write_bytes(content if isinstance(content, bytes) else (content or "").encode())
     capsys.readouterr()
     code = kdl(*case.args)
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     return code, err
 
 

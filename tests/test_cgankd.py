@@ -249,7 +249,7 @@ def test_mismatched_store_is_refused_and_corrupt_shards_are_named(parts: dict[st
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="shard-00002.bin is corrupt"):
+    with pytest.raises(StoreError, match=r"shard-00002.bin is corrupt"):
         open_store(out).load_images()
     assert generate_main([f"--generator={parts['gan']}", f"--out={tmp_path / 'x'}", "--per_clas=3"]) == 2  # unknown key
 

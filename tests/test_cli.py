@@ -93,7 +93,7 @@ def test_fit_writes_last_and_best_checkpoints_and_can_rerun(kdl, fake_mnist: Pat
     assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
     last = torch.load(ckpts / "last.ckpt", weights_only=False)
     assert last["epoch"] == 1
-    monitor = [v for k, v in last["callbacks"].items() if "KDCheckpoint" in k][0]
+    monitor = next(v for k, v in last["callbacks"].items() if "KDCheckpoint" in k)
     assert monitor["monitor"] == "val/acc1"
     assert list(tmp_path.glob("run/lightning_logs/version_*/config.yaml"))
     assert kdl(*args) == 0  # saving the config again never fails
@@ -182,7 +182,7 @@ def test_wrong_checkpoint_is_refused_clearly(kdl, fake_mnist: Path, tmp_path: Pa
     ]
     assert kdl("fit", *base, "--trainer.max_epochs", "1") == 0
     # a checkpoint for another number of classes
-    with pytest.raises(CheckpointError, match="checkpoint does not fit.*shape differs: net.fc"):
+    with pytest.raises(CheckpointError, match=r"checkpoint does not fit.*shape differs: net.fc"):
         ImageClassifier.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", num_classes=5)
     # a file that is no checkpoint at all
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")

@@ -245,7 +245,7 @@ def test_cifar100_pairs_build_and_reviewkd_refuses_a_cross_architecture_pair() -
 
 def test_a_pair_is_refused_when_the_student_is_built(tmp_path: Path) -> None:
     teacher = write_teacher(tmp_path / "t.ckpt", 10, 1)
-    with pytest.raises(ConfigError, match="ReviewKD needs teacher and student stages.*student's stages are"):
+    with pytest.raises(ConfigError, match=r"ReviewKD needs teacher and student stages.*student's stages are"):
         DistillModule(
             teacher=str(teacher), kd_losses=[ReviewKD()], net="resnet8", num_classes=10, in_channels=1, image_size=32
         )

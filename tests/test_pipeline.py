@@ -91,7 +91,7 @@ def lines(out: str) -> dict[str, str]:
     found = {}
     for ln in out.splitlines():
         if ln.startswith("["):
-            _, name, state, *_ = ln.split(maxsplit=3) + [""]
+            _, name, state, *_ = [*ln.split(maxsplit=3), ""]
             found[name] = state
     return found
 
@@ -292,7 +292,7 @@ def test_a_killed_pipeline_continues_where_it_stopped(fake, tmp_path: Path, monk
     proc.kill()
     proc.join()
     monkeypatch.delenv("FAKE_KDL_SLEEP")
-    b_pid = [e for e in fake() if e["root"] == "runs/b"][0]["pid"]
+    b_pid = next(e for e in fake() if e["root"] == "runs/b")["pid"]
     deadline = time.monotonic() + 30
     while _alive(b_pid):  # the orphaned stage stops on its own
         assert time.monotonic() < deadline, "the stage outlived its pipeline"
@@ -338,7 +338,7 @@ stages:
     proc.join(timeout=60)
     assert proc.exitcode == 128 + signal.SIGINT
     assert not _answers(url)  # the server was stopped
-    stage_pid = [e for e in fake() if e["command"] == "fit"][0]["pid"]
+    stage_pid = next(e for e in fake() if e["command"] == "fit")["pid"]
     assert not _alive(stage_pid)
     rec = json.loads((tmp_path / "runs/long/pipeline/long.json").read_text())
     assert rec["status"] == "interrupted" and rec["returncode"] == -signal.SIGTERM

@@ -391,10 +391,10 @@ def test_cutout_blanks_one_square_per_image() -> None:
 # ------------------------------------------------------------------------------------------ S_sup
 def test_ssup_of_another_architecture_or_class_count_is_refused(tmp_path: Path) -> None:
     other_net = write_teacher(tmp_path / "a.ckpt", 4, 1, net="resnet8")
-    with pytest.raises(ConfigError, match="'resnet8'.*net='tinynet'"):
+    with pytest.raises(ConfigError, match=r"'resnet8'.*net='tinynet'"):
         AIKD(pretrained=str(other_net), net="tinynet", num_classes=4, in_channels=1)
     other_classes = write_teacher(tmp_path / "b.ckpt", 5, 1, net="tinynet")
-    with pytest.raises(ConfigError, match="num_classes=5.*num_classes=4"):
+    with pytest.raises(ConfigError, match=r"num_classes=5.*num_classes=4"):
         AIKD(pretrained=str(other_classes), net="tinynet", num_classes=4, in_channels=1)
 
 

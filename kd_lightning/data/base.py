@@ -289,7 +289,7 @@ class ImageDataModule(L.LightningDataModule):
         n = len(base)  # type: ignore[arg-type]
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(n, generator=g)
-        n_val = int(round(self.val_fraction * n))
+        n_val = round(self.val_fraction * n)
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
         if self.train_size is not None and self.train_size >= len(train_idx):
             rank_zero_warn(

@@ -29,7 +29,7 @@ FGVC-Aircraft (Maji et al., 2013; ``fgvc-aircraft-2013b.tar.gz``) at the variant
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torch.utils.data import Dataset
 
@@ -157,7 +157,7 @@ class MIT67DataModule(FineGrainedDataModule):
     name = "MIT67"
     layout = "Images/<category>/*.jpg, TrainImages.txt and TestImages.txt"
     class_dir = "Images"
-    list_files = {"train": "TrainImages.txt", "test": "TestImages.txt"}
+    list_files: ClassVar[dict[str, str]] = {"train": "TrainImages.txt", "test": "TestImages.txt"}
 
     def build_dataset(self, split: Split) -> Dataset:
         root = self._root()

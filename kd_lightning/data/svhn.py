@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class SVHNDataModule(ImageDataModule):
     std = (0.1980, 0.2010, 0.1970)
     hflip = False  # digits are not mirror-symmetric
     name = "SVHN"
-    files: dict[str, tuple[str, ...]] = {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)}
+    files: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)}
     extra_file = "extra_32x32.mat"
 
     def __init__(self, root: str | None = None, extra: bool = False, **kwargs) -> None:  # noqa: ANN003
@@ -122,8 +123,11 @@ class SynDigitsDataModule(SVHNDataModule):
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
     name = "Synthetic Digits"
-    files = {"train": ("synth_train_32x32.mat",), "test": ("synth_test_32x32.mat",)}
-    torch_files = {"train": "synth_train.pt", "test": "synth_test.pt"}
+    files: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("synth_train_32x32.mat",),
+        "test": ("synth_test_32x32.mat",),
+    }
+    torch_files: ClassVar[dict[str, str]] = {"train": "synth_train.pt", "test": "synth_test.pt"}
 
     def __init__(self, root: str | None = None, **kwargs) -> None:  # noqa: ANN003
         super().__init__(root=root, extra=False, **kwargs)

@@ -324,7 +324,7 @@ class Generation:
             burned = cfg.burn_in if self.subsample else 0
             # not written yet: a resumed run repeats the (deterministic) burn-in until the unit's first shard
             state = {"next_chunk": 0, "accepted": 0, "proposed": 0, "burn_in": burned, "max_ratio": m, "done": False}
-        max_proposals = int(math.ceil(cfg.max_proposals_factor * unit.quota))
+        max_proposals = math.ceil(cfg.max_proposals_factor * unit.quota)
         buffer: list[dict[str, torch.Tensor]] = []
         buffered = 0
         while state["accepted"] < unit.quota:
