@@ -250,8 +250,9 @@ class KDLCLI(LightningCLI):
     before_test = before_predict = before_validate
 
     def check_checkpoint_matches(self, with_data: bool) -> None:
-        """Refuse a ``--ckpt_path`` whose net differs from the recipe's, and for ``fit`` (``with_data``) any
-        model or data key that differs, unless ``--allow_resume_mismatch true``: a net never, its weights
+        """Refuse a ``--ckpt_path`` whose net, or for ``fit`` (``with_data``) any model or data key, differs.
+
+        ``--allow_resume_mismatch true`` lifts the check for other keys, never for the net: its weights
         cannot load into another.
         """
         cfg = self._subcommand_config()
@@ -425,7 +426,7 @@ def check_config_files(argv: list[str]) -> None:
 
 
 def _suggestion(message: str, options: list[str]) -> str:
-    """ "did you mean ...?" for the first unrecognised ``--key`` in a parse error, when one is close."""
+    """Suggest "did you mean ...?" for the first unrecognised ``--key`` in a parse error, when one is close."""
     found = re.search(r"[Uu]nrecognized arguments:\s*(--[\w.\-]+)", message)
     if not found or not options:
         return ""
@@ -505,6 +506,7 @@ def main(args: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
+    """Run ``kdl``'s Trainer commands and exit with their status."""
     sys.exit(main())
 
 

@@ -22,6 +22,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the demo's command line."""
     p = argparse.ArgumentParser(prog="python -m kd_lightning.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=FASHION_MNIST_DEBIAN_ROOT, help="folder with the Fashion-MNIST idx files")
     p.add_argument("--teacher", default="resnet20")
@@ -84,6 +85,7 @@ def run_stage(
 
 
 def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> None:
+    """Print the results table of the teacher and student runs."""
     print(
         f"\nResults on {dataset} (held-out test split; checkpoint chosen on validation top-1), "
         f"{args.epochs} epochs, {rows[0]['n_train']} training images, seed {args.seed}:\n"
@@ -103,6 +105,7 @@ def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train the teacher and the students, then print the results table; return the exit status."""
     args = parse_args(argv)
     quiet_lightning()
     cpu_defaults()

@@ -480,6 +480,8 @@ def _file_sha(path: str) -> str:
 # ----------------------------------------------------------------------------------------- the runner
 @dataclass
 class Decision:
+    """What the planner decided for a stage, and why."""
+
     action: str  # skip | run | resume | blocked | start / idle (background) | off (not selected)
     reason: str
     missing: str | None = None  # blocked: the input that does not exist
@@ -487,12 +489,16 @@ class Decision:
 
 
 class StageFailed(KDLError):
+    """A stage exited with a non-zero ``status``."""
+
     def __init__(self, step: Step, status: int, message: str) -> None:
         super().__init__(message)
         self.step, self.status = step, status
 
 
 class Interrupted(Exception):
+    """The pipeline received the signal ``signum``."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -950,6 +956,7 @@ class Runner:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> Any:
+    """Build ``kdl pipeline``'s argument parser."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(
@@ -974,6 +981,7 @@ def build_parser() -> Any:
 
 
 def select(steps: list[Step], only: str | None, from_stage: str | None) -> set[str]:
+    """Return the names of the stages that ``--only`` and ``--from`` select; raise ConfigError on an unknown name."""
     names = [s.name for s in steps]
     chosen = set(names)
     if only:

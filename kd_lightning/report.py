@@ -107,8 +107,10 @@ def read_run(path: str | os.PathLike) -> Run:
 
 
 def group_key(run: Run, by: str) -> str:
-    """``method`` (model class and KD losses), ``parent`` (the run folder's parent's name), ``none``, or a
-    dotted config key such as ``model.init_args.net``.
+    """Return the group of ``run`` under ``by``.
+
+    ``by`` is ``method`` (model class and KD losses), ``parent`` (the run folder's parent's name), ``none``,
+    or a dotted config key such as ``model.init_args.net``.
     """
     if by == "method":
         return run.method()
@@ -157,8 +159,9 @@ def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
 
 
 def draw_curves(ax: Any, runs: list[Run], by: str, metric: str) -> bool:
-    """Draw the learning curves of ``metric`` on a matplotlib ``ax``, one colour per group (a notebook's
-    figure, or :func:`plot_curves`' file); False when no run logged it.
+    """Draw the learning curves of ``metric`` on a matplotlib ``ax``, one colour per group.
+
+    ``ax`` is a notebook's figure, or :func:`plot_curves`' file. Returns False when no run logged ``metric``.
     """
     having = [r for r in runs if r.curves.get(metric)]
     if not having:
@@ -195,6 +198,7 @@ def plot_curves(runs: list[Run], by: str, metric: str, path: str | os.PathLike) 
 
 
 def build_parser() -> ArgumentParser:
+    """Build ``kdl report``'s argument parser."""
     p = ArgumentParser(prog="kdl report", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("runs", nargs="+", type=str, help="run folders (trainer.default_root_dir of each run)")
     p.add_argument("--group-by", "--group_by", dest="group_by", type=str, default="method",
@@ -207,6 +211,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kdl report``; return the exit status."""
     try:
         args = build_parser().parse_args(argv)
     except Exception as e:  # noqa: BLE001 - jsonargparse reports usage errors as exceptions here

@@ -102,6 +102,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build ``kdl sample``'s argument parser."""
     p = argparse.ArgumentParser(prog="kdl sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by kdl fit with a ConditionalGAN/CcGAN/DCGAN")
     p.add_argument("--out", required=True, help="a .pt file, or a folder for PNGs (one sub-folder per label)")
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kdl sample``; return the exit status."""
     args = build_parser().parse_args(argv)
     if not args.weights_only:
         os.environ[TRUST_ENV] = "1"

@@ -91,6 +91,7 @@ def command_line(config: dict[str, Any], values: dict[str, Any]) -> list[str]:
 
 
 def build_parser() -> ArgumentParser:
+    """Build ``kdl sweep``'s argument parser."""
     p = ArgumentParser(prog="kdl sweep", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("file", type=str, help="a sweep file in W&B's format (recipes/sweeps/*.yaml)")
     p.add_argument("--count", type=int, default=None, help="run at most this many parameter sets")
@@ -101,6 +102,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kdl sweep``; return the exit status."""
     try:
         args = build_parser().parse_args(argv)
     except Exception as e:  # noqa: BLE001

@@ -1,5 +1,6 @@
-"""Callbacks: exact resume, clean interruption, NaN guard, atomic checkpoints (kdl adds these to every
-fit), training throughput, GAN sample quality, and temperature scaling with calibration reports.
+"""Callbacks for exact resume, clean interruption, NaN guard, checkpoints, throughput, GAN quality, calibration.
+
+kdl adds the first four (resume, interruption, NaN guard, atomic checkpoints) to every fit.
 """
 
 from kd_lightning.callbacks.calibration import TemperatureScaling

@@ -24,8 +24,9 @@ RESUME_IGNORED_KEYS = ("data.init_args.num_workers", "data.init_args.root", "dat
 
 
 def rng_states() -> dict[str, Any]:
-    """The current torch, CUDA, numpy and Python RNG states of this process (tensors and plain values only,
-    so that Lightning's ``weights_only`` checkpoint loading accepts them).
+    """Return the current torch, CUDA, numpy and Python RNG states of this process.
+
+    Tensors and plain values only, so that Lightning's ``weights_only`` checkpoint loading accepts them.
     """
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {

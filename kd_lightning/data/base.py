@@ -60,8 +60,9 @@ class IndexedDataset(Dataset):
 
 
 class UInt8Transform:
-    """A v2 pipeline of ToImage, Pad, RandomCrop(padding), RandomHorizontalFlip, ToDtype(float32, scale), run on a
-    plain uint8 tensor without torchvision's per-call dispatch.
+    """Run v2's ToImage, Pad, RandomCrop(padding), RandomHorizontalFlip, ToDtype(float32, scale) without dispatch.
+
+    It works on a plain uint8 tensor, without torchvision's per-call dispatch.
 
     The same operations, in the same order, with the same random draws from the global RNG (crop top, crop left,
     flip), so the outputs and the random stream are bitwise those of the v2 pipeline (checked in
@@ -386,15 +387,19 @@ class ImageDataModule(L.LightningDataModule):
 
 
 def augments(dm: Any) -> bool:
-    """Whether ``dm`` shows a sample different images from epoch to epoch: its ``augment`` flag (a DataModule
-    without one does not augment). Methods that cache per-sample outputs check this.
+    """Return whether ``dm`` shows a sample different images from epoch to epoch.
+
+    That is its ``augment`` flag (a DataModule without one does not augment). Methods that cache per-sample
+    outputs check this.
     """
     return bool(getattr(dm, "augment", False))
 
 
 def dataset_labels(ds: Dataset) -> torch.Tensor:
-    """Every label of ``ds`` in order, as its samples carry them (a regression label normalised by the
-    ``IndexedDataset``'s ``target_transform``; class ids as stored: call ``.long()`` for classes).
+    """Return every label of ``ds`` in order, as its samples carry them.
+
+    A regression label is normalised by the ``IndexedDataset``'s ``target_transform``; class ids are as
+    stored: call ``.long()`` for classes.
 
     Reads ``targets`` through ``Subset``, ``IndexedDataset`` and wrappers with a ``base`` without loading
     images; a dataset without ``targets`` is iterated.

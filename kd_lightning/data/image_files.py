@@ -24,6 +24,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
+    """Return whether ``path`` ends in one of the image extensions we read (case-insensitive)."""
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 

@@ -97,7 +97,9 @@ class ImageNet100DataModule(ImageFolderDataModule):
         self.num_classes = len(wnids)  # also when the folders are missing (reported by setup())
 
     def build_dataset(self, split: Split) -> Dataset:
-        """``test_split="val"``: ImageNet's train and val folders. ``"holdout"`` (cGAN-KD's protocol): a fixed
+        """Build the ``split`` from ImageNet's train and val folders, or from a hold-out of the training images.
+
+        ``test_split="val"``: ImageNet's train and val folders. ``"holdout"`` (cGAN-KD's protocol): a fixed
         random ``holdout_size`` of the training images is the test set, the rest the training set.
         """
         if self.test_split == "val":

@@ -54,6 +54,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_idx_file(root: Path, stem: str) -> Path:
+    """Return the idx file ``stem`` under ``root``, gzipped or raw; raise DataNotFoundError naming ``root``."""
     for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):  # also accept the "t10k-images.idx3-ubyte" spelling
         if (root / name).is_file():
             return root / name

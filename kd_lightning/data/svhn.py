@@ -113,8 +113,10 @@ def read_torch_digits(path: str | os.PathLike, what: str) -> tuple[torch.Tensor,
 
 
 class SynDigitsDataModule(SVHNDataModule):
-    """Synthetic Digits (SynNumbers): ~480k rendered 32x32 digits, Ganin's ``synth_*_32x32.mat`` release
-    (or, when it is absent, the ``synth_*.pt`` re-pack that MEKD's official code reads).
+    """Synthetic Digits (SynNumbers): ~480k rendered 32x32 digits.
+
+    Ganin's ``synth_*_32x32.mat`` release, or, when it is absent, the ``synth_*.pt`` re-pack that MEKD's
+    official code reads.
 
     MEKD's out-of-domain setting trains the teacher here and distils a student on SVHN. Normalisation
     constants are nominal (0.5 / 0.25), not measured on the release.

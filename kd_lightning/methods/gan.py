@@ -165,8 +165,10 @@ class GANTask(BaseTask):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """EMA of the generator: its parameters, and its float buffers (BN statistics) under ``ema_buffers:
-        average`` as BigGAN averages the whole state dict; other buffers are copied.
+        """Update the EMA of the generator: its parameters, and under ``ema_buffers: average`` its float buffers.
+
+        Averaging the float buffers (BN statistics) is what BigGAN does with the whole state dict; other
+        buffers are copied.
         """
         decay = self.hparams.ema_decay if int(self.g_steps) > self.hparams.ema_start else 0.0
         for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
@@ -261,8 +263,10 @@ class ConditionalGAN(GANTask):
 
 
 class DCGAN(GANTask):
-    """Unconditional DCGAN with DCGAN/DAFL-style nets; ``z_dim`` is the latent dimension (e.g. the number of
-    classes, as MEKD's deprivatisation sets it; MEKD's own DCGAN.py layout differs). Labels are ignored.
+    """Unconditional DCGAN with DCGAN/DAFL-style nets; labels are ignored.
+
+    ``z_dim`` is the latent dimension (e.g. the number of classes, as MEKD's deprivatisation sets it; MEKD's
+    own DCGAN.py layout differs).
 
     Args:
         **kwargs: see :class:`GANTask` (defaults here: non-saturating loss, Adam betas (0.5, 0.999)

@@ -69,4 +69,5 @@ class DenseNetCifar(nn.Module):
     "densenet121_cifar", stages=("dense1", "dense2", "dense3", "dense4"), penultimate="flatten", tags=("cifar",)
 )
 def densenet121_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build DenseNet-121 (growth rate 32) for 32x32 inputs."""
     return DenseNetCifar((6, 12, 24, 16), 32, num_classes, in_channels)

@@ -70,4 +70,5 @@ class MobileNetV2(nn.Module):
     "mobilenetv2", stages=("blocks.1", "blocks.2", "blocks.4", "blocks.6"), penultimate="flatten", tags=("cifar",)
 )
 def mobilenetv2(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build MobileNetV2 for 32x32 inputs."""
     return MobileNetV2(num_classes, in_channels)

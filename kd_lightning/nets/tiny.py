@@ -29,4 +29,5 @@ class TinyNet(nn.Module):
 
 @register_net("tinynet", stages=("stage1", "stage2"), penultimate="flatten", tags=("test",))
 def tinynet(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build the tiny test network."""
     return TinyNet(num_classes, in_channels)

@@ -132,6 +132,7 @@ for _name in _DENSENETS:
     **_IMAGENET,
 )
 def mobilenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build torchvision's MobileNetV2 with an ``in_channels`` first convolution."""
     net = TVMobileNetV2(num_classes=num_classes)
     _swap_first_conv(net.features[0], "0", in_channels)  # type: ignore[arg-type]
     return net
@@ -141,6 +142,7 @@ def mobilenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
     "shufflenet_v2", stages=("stage2", "stage3", "stage4", "conv5"), penultimate="flatten", head="fc", **_IMAGENET
 )
 def shufflenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build torchvision's ShuffleNetV2 (x1.0 widths) with an ``in_channels`` first convolution."""
     net = TVShuffleNetV2([4, 8, 4], [24, 116, 232, 464, 1024], num_classes=num_classes)
     _swap_first_conv(net.conv1, "0", in_channels)  # type: ignore[arg-type]
     return net

@@ -1,6 +1,6 @@
-"""``kdl serve-teacher``: serve a classifier checkpoint as a black-box teacher (FastAPI + uvicorn).
+r"""``kdl serve-teacher``: serve a classifier checkpoint as a black-box teacher (FastAPI + uvicorn).
 
-    kdl serve-teacher --ckpt runs/mekd/fashion_mnist/teacher/checkpoints/best.ckpt --responses soft \\
+    kdl serve-teacher --ckpt runs/mekd/fashion_mnist/teacher/checkpoints/best.ckpt --responses soft \
         [--host 127.0.0.1] [--port 8765] [--token SECRET | env KDL_TEACHER_TOKEN] [--max-batch 1024] [--log FILE]
 
 Endpoints:
@@ -73,6 +73,7 @@ def create_app(service: Any, token: str | None = None, max_body_bytes: int = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build ``kdl serve-teacher``'s argument parser."""
     p = argparse.ArgumentParser(prog="kdl serve-teacher", description="Serve a classifier checkpoint as a black box.")
     p.add_argument("--ckpt", required=True, help="the teacher's kdl checkpoint")
     p.add_argument("--responses", choices=("soft", "hard"), default="soft", help="probabilities or class ids")
