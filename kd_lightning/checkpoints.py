@@ -38,7 +38,7 @@ def check_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
     return path
 
 
-def safe_load(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
+def safe_load(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:  # noqa: ANN401 - what torch.load unpickled
     """``torch.load`` on CPU, refusing pickled code unless the user opted in (see the module docstring)."""
     path = check_file(path, what)
     trust = trusted()

@@ -19,13 +19,16 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from jsonargparse import ArgumentParser
 
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 #: validation metrics that select the epoch, in order of preference, with their direction
 MONITORS = (("val/acc1", max), ("val/mae", min), ("val/loss", min))
@@ -44,7 +47,7 @@ class Run:
     selected: dict[str, float] = field(default_factory=dict)  # validation metrics at the selected epoch
 
     @property
-    def seed(self) -> Any:
+    def seed(self) -> int | None:
         return self.config.get("seed_everything")
 
     def method(self) -> str:
@@ -158,7 +161,7 @@ def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def draw_curves(ax: Any, runs: list[Run], by: str, metric: str) -> bool:
+def draw_curves(ax: Axes, runs: list[Run], by: str, metric: str) -> bool:
     """Draw the learning curves of ``metric`` on a matplotlib ``ax``, one colour per group.
 
     ``ax`` is a notebook's figure, or :func:`plot_curves`' file. Returns False when no run logged ``metric``.

@@ -17,7 +17,7 @@ import argparse
 import io
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchvision.utils import save_image
@@ -27,9 +27,12 @@ from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes
 from kd_lightning.gans import labels_per_class
 
+if TYPE_CHECKING:
+    from kd_lightning.methods.gan import GANTask
+
 
 def sample_labels(
-    task: Any,
+    task: GANTask,
     per_class: int | None,
     per_label: int | None,
     label_values: list[float] | None,

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -27,7 +28,7 @@ from jsonargparse import ArgumentParser
 from kd_lightning.errors import ConfigError, KDLError
 
 
-def _sweeps() -> Any:
+def _sweeps() -> ModuleType:
     try:
         with warnings.catch_warnings():  # the package predates pydantic 2's renamed config keys
             warnings.simplefilter("ignore")

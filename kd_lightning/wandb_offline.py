@@ -73,7 +73,7 @@ def _records(data: bytes, path: Path) -> list[bytes]:
     return records
 
 
-def _put(target: dict[str, Any], item: Any) -> None:
+def _put(target: dict[str, Any], item: Any) -> None:  # noqa: ANN401 - a wandb protobuf item (no stubs)
     """Store an item's JSON value under its key, or under its nested keys as nested dicts (media, tables)."""
     keys = [item.key] if item.key else list(item.nested_key)
     for key in keys[:-1]:

@@ -23,7 +23,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's default writer.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: object | None = None
+    ) -> None:
         path = str(path)
         if "://" in path and not path.startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)

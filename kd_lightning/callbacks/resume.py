@@ -88,7 +88,7 @@ class ResumeState(L.Callback):
             self._pending = None
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: object, prefix: str = "") -> dict[str, Any]:
     """Nested dicts/lists as ``{"a.b.0": leaf}``."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}

@@ -98,7 +98,7 @@ class UInt8Transform:
                 return pipeline
         return cls(pipeline, pad, crop, flip)
 
-    def __call__(self, image: Any) -> torch.Tensor:
+    def __call__(self, image: object) -> torch.Tensor:
         if type(image) is not torch.Tensor or image.dtype != torch.uint8 or image.ndim != 3:
             return self.pipeline(image)
         x = image
@@ -280,7 +280,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"{type(self).__name__} is a regression DataModule without label_range")
         lo, hi = self.label_range
 
-        def normalise(y: Any) -> torch.Tensor:
+        def normalise(y: object) -> torch.Tensor:
             return ((torch.as_tensor(y, dtype=torch.float32) - lo) / (hi - lo)).clamp(0.0, 1.0)
 
         return normalise
@@ -386,7 +386,7 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.predict_dataset, False, self.eval_batch_size)
 
 
-def augments(dm: Any) -> bool:
+def augments(dm: object) -> bool:
     """Return whether ``dm`` shows a sample different images from epoch to epoch.
 
     That is its ``augment`` flag (a DataModule without one does not augment). Methods that cache per-sample

@@ -24,7 +24,7 @@ from kd_lightning.data.base import ImageDataModule, Split, TensorDataset
 from kd_lightning.errors import DataNotFoundError
 
 
-def _get(d: dict, key: str) -> Any:
+def _get(d: dict, key: str) -> Any:  # noqa: ANN401 - an unpickled value
     return d[key.encode()] if key.encode() in d else d[key]
 
 

@@ -8,6 +8,7 @@ their own loaders that read their distributed formats (:mod:`kd_lightning.data.i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -45,7 +46,7 @@ class ImageFolderDataModule(ImageDataModule):
         classes: list[str] | None = None,
         grayscale: bool = False,
         verify: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(root=root, **kwargs)
         self.native_size = self.image_size  # images are resized to image_size on load

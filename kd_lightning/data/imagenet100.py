@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -85,7 +85,7 @@ class ImageNet100DataModule(ImageFolderDataModule):
         test_dir: str = "val",
         test_split: Literal["val", "holdout"] = "val",
         holdout_size: int = 10000,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         if test_split not in ("val", "holdout"):
             raise ConfigError(f"test_split={test_split!r}; expected 'val' or 'holdout'")

@@ -6,6 +6,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,7 @@ class MNISTDataModule(ImageDataModule):
     hflip = False
     default_root: str | None = None
 
-    def __init__(self, root: str | None = None, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, root: str | None = None, **kwargs: Any) -> None:
         super().__init__(root=root if root is not None else self.default_root, **kwargs)
 
     def build_dataset(self, split: Split) -> Dataset:

@@ -8,6 +8,8 @@ h5py``); without it the DataModule says so. 20% of the images of every angle for
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ from kd_lightning.data.image_files import grouped_holdout
 from kd_lightning.errors import ConfigError, DataNotFoundError
 
 
-def _h5py():  # noqa: ANN202
+def _h5py() -> ModuleType:
     try:
         import h5py
     except ImportError:
@@ -56,7 +58,7 @@ class RC49DataModule(ImageDataModule):
         min_angle: float = 0.0,
         max_angle: float = 90.0,
         test_fraction: float = 0.2,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         if not min_angle < max_angle:
             raise ConfigError(f"min_angle={min_angle}, max_angle={max_angle}; expected min_angle < max_angle")

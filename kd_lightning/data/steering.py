@@ -14,6 +14,7 @@ resized to 64x64. Following cGAN-KD, the angle range is cut into disjoint interv
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -74,7 +75,7 @@ class SteeringAngleDataModule(ImageDataModule):
         min_per_interval: int = 40,
         test_fraction: float = 0.2,
         verify: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         if not min_angle < max_angle:
             raise ConfigError(f"min_angle={min_angle}, max_angle={max_angle}; expected min_angle < max_angle")

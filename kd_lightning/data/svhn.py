@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class SVHNDataModule(ImageDataModule):
     files: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)}
     extra_file = "extra_32x32.mat"
 
-    def __init__(self, root: str | None = None, extra: bool = False, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, root: str | None = None, extra: bool = False, **kwargs: Any) -> None:
         super().__init__(root=root, **kwargs)
         self.extra = extra
 
@@ -131,7 +131,7 @@ class SynDigitsDataModule(SVHNDataModule):
     }
     torch_files: ClassVar[dict[str, str]] = {"train": "synth_train.pt", "test": "synth_test.pt"}
 
-    def __init__(self, root: str | None = None, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, root: str | None = None, **kwargs: Any) -> None:
         super().__init__(root=root, extra=False, **kwargs)
 
     def build_dataset(self, split: Split) -> Dataset:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
 from kd_lightning.checkpoints import state_mismatch
 from kd_lightning.errors import CheckpointError, ConfigError
@@ -89,7 +90,7 @@ class BaseTask(L.LightningModule):
         """Parameters the optimiser updates (override to add connectors or exclude teachers)."""
         return (p for p in self.parameters() if p.requires_grad)
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -116,7 +117,7 @@ class BaseTask(L.LightningModule):
         if dm is not None:
             self.check_data(dm)
 
-    def check_data(self, dm: Any) -> None:
+    def check_data(self, dm: L.LightningDataModule) -> None:
         """Fail early, naming both values, when the data does not fit this model."""
         dm_task = getattr(dm, "task", self.task)
         if dm_task != self.task:

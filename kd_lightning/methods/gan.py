@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -148,7 +150,7 @@ class GANTask(BaseTask):
         d = self.discriminator_optimizer_factory([p for p in self.discriminator.parameters() if p.requires_grad])
         return [g, d]
 
-    def check_data(self, dm: Any) -> None:
+    def check_data(self, dm: L.LightningDataModule) -> None:
         super().check_data(dm)
         size = getattr(dm, "image_size", None)
         if size is not None and size != self.hparams.image_size:
@@ -159,7 +161,7 @@ class GANTask(BaseTask):
         """The generator used for samples: the EMA copy (default) or the raw one."""
         return self.generator_ema if ema else self.generator
 
-    def sample(self, labels: Any, **kwargs: Any) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor | Sequence[float] | int, **kwargs: Any) -> torch.Tensor:
         """Images in [0, 1] from the EMA generator; see :meth:`kd_lightning.gans.Generator.sample`."""
         return self.generator_ema.sample(labels, **kwargs)
 
@@ -196,7 +198,7 @@ class GANTask(BaseTask):
         return self.discriminator(self.augment(x), y)
 
     # ------------------------------------------------------------------ the loop
-    def _step(self, opt: Any, loss: torch.Tensor, net: nn.Module) -> None:
+    def _step(self, opt: LightningOptimizer | torch.optim.Optimizer, loss: torch.Tensor, net: nn.Module) -> None:
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.gradient_clip_val is not None:
@@ -285,7 +287,7 @@ class DCGAN(GANTask):
             hp.image_size, hp.in_channels, hp.d_ch
         )
 
-    def check_data(self, dm: Any) -> None:
+    def check_data(self, dm: L.LightningDataModule) -> None:
         """Any dataset with the right channels and size (labels are not used)."""
         theirs = getattr(dm, "in_channels", None)
         if theirs is not None and theirs != self.hparams.in_channels:

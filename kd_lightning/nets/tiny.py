@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from kd_lightning.nets.registry import register_net
@@ -23,7 +24,7 @@ class TinyNet(nn.Module):
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(2 * width, num_classes)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(self.avgpool(self.stage2(self.pool(self.stage1(x))))))
 
 

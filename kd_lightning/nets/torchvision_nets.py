@@ -9,6 +9,8 @@ unchanged, so torchvision checkpoints with a matching head load directly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision import models as tvm
@@ -40,7 +42,7 @@ def _swap_first_conv(parent: nn.Module, attr: str, in_channels: int) -> None:
 class TVResNet(tvm.ResNet):
     """torchvision ResNet whose pooled feature is the output of ``flatten``."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.flatten = nn.Flatten(1)
 
@@ -53,7 +55,7 @@ class TVResNet(tvm.ResNet):
 class TVDenseNet(tvm.DenseNet):
     """torchvision DenseNet whose final ReLU, pooling and flattening are named modules."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -66,7 +68,7 @@ class TVDenseNet(tvm.DenseNet):
 class TVMobileNetV2(tvm.MobileNetV2):
     """torchvision MobileNetV2 with named ``avgpool`` and ``flatten``."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
@@ -78,7 +80,7 @@ class TVMobileNetV2(tvm.MobileNetV2):
 class TVShuffleNetV2(tvm.ShuffleNetV2):
     """torchvision ShuffleNetV2 with named ``avgpool`` and ``flatten``."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)

@@ -27,15 +27,20 @@ import ipaddress
 import os
 import secrets
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd_lightning.errors import KDLError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from kd_lightning.serve.service import TeacherService
 
 TOKEN_ENV = "KDL_TEACHER_TOKEN"
 _CONTENT_TYPES = ("application/x-npy", "application/octet-stream")
 
 
-def create_app(service: Any, token: str | None = None, max_body_bytes: int = 256 * 2**20) -> Any:
+def create_app(service: "TeacherService", token: str | None = None, max_body_bytes: int = 256 * 2**20) -> "FastAPI":
     """The FastAPI app around a :class:`~kd_lightning.serve.service.TeacherService`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
