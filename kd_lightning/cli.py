@@ -154,7 +154,7 @@ class KDLCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as e:
-            e.kdl_options = known_options(parser)  # type: ignore[attr-defined]  (for "did you mean")
+            e.kdl_options = known_options(parser)  # type: ignore[attr-defined]  # for "did you mean"
             raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -91,7 +91,7 @@ def read_offline_run(folder: str | os.PathLike) -> OfflineRun:
         raise KDLError(f"expected one offline W&B run under {str(folder)!r}, found {len(logs)}")
     run = OfflineRun(path=logs[0].parent)
     for raw in _records(logs[0].read_bytes(), logs[0]):
-        record = pb.Record()
+        record = pb.Record()  # type: ignore[attr-defined]  # protobuf-generated, no stubs
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "run":

@@ -124,7 +124,7 @@ class ImageFileDataset(Dataset):
             x, y, w, h = self.boxes[i]
             img = img.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))  # noqa: RUF046 (numpy/torch scalars)
         if self.size is not None and img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.BILINEAR, reducing_gap=None)
+            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=None)
         return img, self.targets[i]
 
 

@@ -90,7 +90,7 @@ class RC49DataModule(ImageDataModule):
                 f"{str(path)!r}: images {images.shape} {images.dtype}, labels {labels.shape}; "
                 "expected N x 3 x H x W uint8 images and N angles"
             )
-        lo, hi = self.label_range  # type: ignore[misc]
+        lo, hi = self.label_range
         keep = (labels >= lo) & (labels <= hi)
         return torch.from_numpy(np.ascontiguousarray(images[keep])), torch.from_numpy(labels[keep])
 

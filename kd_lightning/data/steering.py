@@ -92,7 +92,7 @@ class SteeringAngleDataModule(ImageDataModule):
             raise DataNotFoundError(f"{type(self).__name__} needs root=<folder with {self.angle_file} and the images>")
         root = Path(self.root)
         ann = require_file(root / self.angle_file, "Steering Angle angle file")
-        lo, hi = self.label_range  # type: ignore[misc]
+        lo, hi = self.label_range
         paths, angles = [], []
         for n, line in enumerate(ann.read_text().splitlines(), start=1):
             if not line.strip():

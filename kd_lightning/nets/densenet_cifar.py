@@ -40,6 +40,15 @@ def _transition(cin: int, cout: int) -> nn.Sequential:
 class DenseNetCifar(nn.Module):
     """Stem ``conv1``, blocks ``dense1..dense4`` with ``trans1..trans3`` between, ``bn``-ReLU, ``flatten``, ``fc``."""
 
+    # registered by name in __init__ (add_module)
+    dense1: nn.Module
+    dense2: nn.Module
+    dense3: nn.Module
+    dense4: nn.Module
+    trans1: nn.Module
+    trans2: nn.Module
+    trans3: nn.Module
+
     def __init__(self, blocks: tuple[int, ...], growth: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         c = 2 * growth
