@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from kd_lightning.callbacks import TrainThroughput
 from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_stage(
     name: str, recipe: Path, net: str, args: argparse.Namespace, data_args: list[str], model_args: tuple[str, ...] = ()
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Fit ``recipe`` with ``net``, then test its best checkpoint; return the table row."""
     root_dir = str(Path(args.out) / name)
     common = [
@@ -62,7 +63,7 @@ def run_stage(
     print(f"\n=== {name}: {net} ({recipe.relative_to(RECIPES.parent)}) ===", flush=True)
     t0 = time.perf_counter()
     cli = build_cli(fit_args, run=False)
-    cli.trainer.callbacks.append(meter)
+    cli.trainer.callbacks.append(meter)  # type: ignore[attr-defined]  # Lightning sets Trainer.callbacks at run time
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.perf_counter() - t0
     best = Path(root_dir) / "checkpoints" / "best.ckpt"

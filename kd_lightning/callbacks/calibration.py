@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -68,7 +68,7 @@ class TemperatureScaling(L.Callback):
     @staticmethod
     def _gather(pl_module: L.LightningModule, t: torch.Tensor) -> torch.Tensor:
         if pl_module.trainer.world_size > 1:  # each rank holds its shard of the test split; rank 0 needs them all
-            t = pl_module.all_gather(t)
+            t = cast(torch.Tensor, pl_module.all_gather(t))
             t = t.reshape(-1, *t.shape[2:])
         return t.cpu()
 

@@ -98,7 +98,7 @@ class GracefulStop(L.Callback):
             return True
         loop = trainer.fit_loop
         try:
-            return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+            return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - private API: assume the common case (validation at epoch end only)
             return False
 

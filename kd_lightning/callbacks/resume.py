@@ -11,7 +11,7 @@ with the resuming recipe (:func:`config_differences`).
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -28,7 +28,7 @@ def rng_states() -> dict[str, Any]:
 
     Tensors and plain values only, so that Lightning's ``weights_only`` checkpoint loading accepts them.
     """
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),

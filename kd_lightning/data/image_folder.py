@@ -35,8 +35,8 @@ class ImageFolderDataModule(ImageDataModule):
     """
 
     native_size = 224
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __init__(
         self,
