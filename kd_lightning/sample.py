@@ -44,7 +44,7 @@ def sample_labels(
     if condition == "class":
         if per_class is None or per_class < 1:
             raise ConfigError(f"--per_class {per_class}: a class-conditional GAN needs --per_class N with N >= 1")
-        return labels_per_class(per_class, int(task.hparams.num_classes))  # type: ignore[attr-defined]  # AttributeDict
+        return labels_per_class(per_class, int(task.hparams.num_classes))
     if condition == "continuous":
         if per_label is None:
             raise ConfigError("a CcGAN needs --per_label N (with --label_values or --n_label_values)")

@@ -14,10 +14,11 @@ normalisations still work together on the same batch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
@@ -54,6 +55,11 @@ class BaseTask(L.LightningModule):
     #: ``__init__`` arguments that are not hyper-parameters (optimiser factories: callables) and so stay out of
     #: ``hparams`` and checkpoints; a subclass with more extends the tuple
     hparams_ignore: ClassVar[tuple[str, ...]] = ("optimizer", "lr_scheduler")
+
+    if TYPE_CHECKING:  # save_hyperparameters always stores an AttributeDict (Lightning's hint is a wider union)
+
+        @property
+        def hparams(self) -> AttributeDict: ...
 
     def __init__(
         self,
