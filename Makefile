@@ -48,13 +48,14 @@ test: install ## fast test suite (slow tests skipped)
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -q -m "slow or not slow"
 
-lint: install ## ruff lint + format check
-	$(PY) -m ruff check kd_lightning tests benchmarks
-	$(PY) -m ruff format --check kd_lightning tests benchmarks
+lint: install ## ruff lint + format check, mypy over the package
+	$(PY) -m ruff check kd_lightning tests benchmarks notebooks
+	$(PY) -m ruff format --check kd_lightning tests benchmarks notebooks
+	$(PY) -m mypy
 
 format: install ## apply ruff fixes and formatting
-	$(PY) -m ruff check --fix kd_lightning tests benchmarks
-	$(PY) -m ruff format kd_lightning tests benchmarks
+	$(PY) -m ruff check --fix kd_lightning tests benchmarks notebooks
+	$(PY) -m ruff format kd_lightning tests benchmarks notebooks
 
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ Timings vary with the machine's load (here 2x between runs): never assert them i
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -67,7 +68,7 @@ def _sync(device: torch.device) -> None:
 
 def steady_rate(starts: list[tuple[int, float]], batch: int, warmup: int) -> float:
     """Images/s from step start times: intervals between consecutive steps of an epoch, after warmup."""
-    intervals = [t1 - t0 for (e0, t0), (e1, t1) in zip(starts, starts[1:]) if e0 == e1][warmup:]
+    intervals = [t1 - t0 for (e0, t0), (e1, t1) in itertools.pairwise(starts) if e0 == e1][warmup:]
     return batch * len(intervals) / sum(intervals)
 
 

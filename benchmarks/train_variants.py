@@ -32,7 +32,7 @@ from kd_lightning.nets import create_net  # noqa: E402
 VARIANTS = {"channels-last eager": (True, False), "NCHW eager": (False, False), "channels-last compiled": (True, True)}
 
 
-def make_step(net_name: str, batch: int, channels_last: bool, compiled: bool):  # noqa: ANN201
+def make_step(net_name: str, batch: int, channels_last: bool, compiled: bool):
     net = create_net(net_name, num_classes=10, in_channels=1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)

@@ -25,7 +25,7 @@ class Fake(ImageDataModule):
     num_classes, in_channels, native_size = 10, 1, 28
 
 
-def per_second(fn, images: torch.Tensor) -> float:  # noqa: ANN001
+def per_second(fn, images: torch.Tensor) -> float:
     t0 = time.perf_counter()
     for im in images:
         fn(im)

@@ -38,7 +38,7 @@ def check_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
     return path
 
 
-def safe_load(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
+def safe_load(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:  # noqa: ANN401 - what torch.load unpickled
     """``torch.load`` on CPU, refusing pickled code unless the user opted in (see the module docstring)."""
     path = check_file(path, what)
     trust = trusted()
@@ -89,8 +89,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def state_mismatch(ours: dict[str, Any], theirs: dict[str, Any], shown: int = 4) -> str:
-    """How the state dict ``theirs`` does not fit ``ours`` ("missing: ...; unexpected: ...; shape differs:
-    ...", at most ``shown`` keys of each), or "" when it fits."""
+    """Describe how the state dict ``theirs`` does not fit ``ours``, or return "" when it fits.
+
+    The form is "missing: ...; unexpected: ...; shape differs: ...", with at most ``shown`` keys of each.
+    """
     missing = sorted(set(ours) - set(theirs))
     unexpected = sorted(set(theirs) - set(ours))
     reshaped = sorted(

@@ -16,6 +16,7 @@ unless ``--allow_resume_mismatch true`` is passed.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import glob
 import logging
@@ -31,9 +32,9 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -145,18 +146,18 @@ def cpu_has_fast_bf16() -> bool:
 class KDLCLI(LightningCLI):
     """LightningCLI with kd_lightning's links, checkpoint defaults and CPU checks."""
 
-    def init_parser(self, **kwargs: Any) -> Any:
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("allow_abbrev", False)  # a typo must fail, not silently match a longer key
         return super().init_parser(**kwargs)
 
-    def parse_arguments(self, parser: Any, args: Any) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as e:
-            e.kdl_options = known_options(parser)  # type: ignore[attr-defined]  (for "did you mean")
+            e.kdl_options = known_options(parser)  # type: ignore[attr-defined]  # for "did you mean"
             raise
 
-    def add_arguments_to_parser(self, parser: Any) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(KDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GracefulStop, "graceful_stop")
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
@@ -219,7 +220,7 @@ class KDLCLI(LightningCLI):
                 save_dir = cfg.get("trainer", {}).get("default_root_dir") or "."
             logger.init_args["save_dir"] = os.path.abspath(str(save_dir))
 
-    def _subcommand_config(self) -> Any:
+    def _subcommand_config(self) -> Namespace:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
 
     def recipe(self) -> dict[str, Any]:
@@ -256,8 +257,9 @@ class KDLCLI(LightningCLI):
     before_test = before_predict = before_validate
 
     def check_checkpoint_matches(self, with_data: bool) -> None:
-        """Refuse a ``--ckpt_path`` whose net differs from the recipe's, and for ``fit`` (``with_data``) any
-        model or data key that differs, unless ``--allow_resume_mismatch true``: a net never, its weights
+        """Refuse a ``--ckpt_path`` whose net, or for ``fit`` (``with_data``) any model or data key, differs.
+
+        ``--allow_resume_mismatch true`` lifts the check for other keys, never for the net: its weights
         cannot load into another.
         """
         cfg = self._subcommand_config()
@@ -291,7 +293,7 @@ def finish_wandb_run(trainer: L.Trainer) -> None:
             wandb.run.finish()
 
 
-def known_options(parser: Any) -> list[str]:
+def known_options(parser: argparse.ArgumentParser) -> list[str]:
     """Every ``--option`` of ``parser`` and of its subcommands' parsers."""
     options = [o for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
     for action in getattr(parser, "_actions", []):
@@ -300,7 +302,7 @@ def known_options(parser: Any) -> list[str]:
     return options
 
 
-def resolve_ckpt_path(ckpt_path: Any, trainer: L.Trainer) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, trainer: L.Trainer) -> str | None:
     """The file a ``fit`` would resume from: ``last`` is the newest ``last*.ckpt`` of the checkpoint folders."""
     if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
         return None
@@ -313,7 +315,7 @@ def resolve_ckpt_path(ckpt_path: Any, trainer: L.Trainer) -> str | None:
     return str(ckpt_path) if os.path.isfile(str(ckpt_path)) else None
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> Any:  # noqa: ANN401 - a JSON-like tree
     """A config value as dicts/lists of primitives (functions and classes by their dotted name)."""
     if hasattr(value, "as_dict"):
         value = value.as_dict()
@@ -384,7 +386,7 @@ def _user_error(exc: BaseException) -> BaseException | None:
 
 
 def _short_parse_error(msg: str) -> str:
-    """jsonargparse reports every union member it tried; keep the lines that name the problem."""
+    """Keep the lines of a jsonargparse error that name the problem (it reports every union member it tried)."""
     keep = [ln.strip() for ln in msg.splitlines() if ln.strip() and not re.search(_NOISE, ln.strip())]
     return "\n  ".join(keep[:6]) if keep else msg
 
@@ -431,7 +433,7 @@ def check_config_files(argv: list[str]) -> None:
 
 
 def _suggestion(message: str, options: list[str]) -> str:
-    """ "did you mean ...?" for the first unrecognised ``--key`` in a parse error, when one is close."""
+    """Suggest "did you mean ...?" for the first unrecognised ``--key`` in a parse error, when one is close."""
     found = re.search(r"[Uu]nrecognized arguments:\s*(--[\w.\-]+)", message)
     if not found or not options:
         return ""
@@ -511,6 +513,7 @@ def main(args: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
+    """Run ``kdl``'s Trainer commands and exit with their status."""
     sys.exit(main())
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from kd_lightning.callbacks import TrainThroughput
 from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning
@@ -22,6 +23,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the demo's command line."""
     p = argparse.ArgumentParser(prog="python -m kd_lightning.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=FASHION_MNIST_DEBIAN_ROOT, help="folder with the Fashion-MNIST idx files")
     p.add_argument("--teacher", default="resnet20")
@@ -35,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_stage(
     name: str, recipe: Path, net: str, args: argparse.Namespace, data_args: list[str], model_args: tuple[str, ...] = ()
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Fit ``recipe`` with ``net``, then test its best checkpoint; return the table row."""
     root_dir = str(Path(args.out) / name)
     common = [
@@ -61,7 +63,7 @@ def run_stage(
     print(f"\n=== {name}: {net} ({recipe.relative_to(RECIPES.parent)}) ===", flush=True)
     t0 = time.perf_counter()
     cli = build_cli(fit_args, run=False)
-    cli.trainer.callbacks.append(meter)
+    cli.trainer.callbacks.append(meter)  # type: ignore[attr-defined]  # Lightning sets Trainer.callbacks at run time
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.perf_counter() - t0
     best = Path(root_dir) / "checkpoints" / "best.ckpt"
@@ -84,6 +86,7 @@ def run_stage(
 
 
 def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> None:
+    """Print the results table of the teacher and student runs."""
     print(
         f"\nResults on {dataset} (held-out test split; checkpoint chosen on validation top-1), "
         f"{args.epochs} epochs, {rows[0]['n_train']} training images, seed {args.seed}:\n"
@@ -103,6 +106,7 @@ def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train the teacher and the students, then print the results table; return the exit status."""
     args = parse_args(argv)
     quiet_lightning()
     cpu_defaults()

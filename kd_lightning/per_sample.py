@@ -90,8 +90,10 @@ class PerSampleStore:
             )
 
     def rows(self, index: torch.Tensor, allocate: bool = False) -> torch.Tensor:
-        """The rows of ``index`` (on the store's device); sparse stores give -1 for an index not written yet, or
-        a new row with ``allocate``."""
+        """The rows of ``index``, on the store's device.
+
+        Sparse stores give -1 for an index not written yet, or a new row with ``allocate``.
+        """
         index = index.detach().long().flatten()
         if not self.sparse:
             if allocate:

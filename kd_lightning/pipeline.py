@@ -44,13 +44,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
 from kd_lightning.errors import ConfigError, KDLError
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
 
 #: kdl's Trainer subcommands: their run folder is ``trainer.default_root_dir``
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -192,7 +197,7 @@ def _deep_merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], key: str, value: object) -> None:
     parts = key.lstrip("-").split(".")
     node = tree
     for p in parts[:-1]:
@@ -202,7 +207,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _get_dotted(tree: dict[str, Any], key: str) -> Any:
+def _get_dotted(tree: dict[str, Any], key: str) -> Any:  # noqa: ANN401 - a YAML value
     node: Any = tree
     for p in key.split("."):
         if not isinstance(node, dict) or p not in node:
@@ -211,7 +216,7 @@ def _get_dotted(tree: dict[str, Any], key: str) -> Any:
     return node
 
 
-def _cli_value(value: Any) -> str:
+def _cli_value(value: object) -> str:
     """A YAML value as one command-line token (jsonargparse reads JSON for lists and dicts)."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -228,7 +233,7 @@ class _Resolver:
     def __init__(self, variables: dict[str, Any], steps: dict[str, Step], later: tuple[str, ...] = ()) -> None:
         self.variables, self.steps, self.later = variables, steps, later
 
-    def value(self, expr: str, where: str, refs: list[str]) -> Any:
+    def value(self, expr: str, where: str, refs: list[str]) -> Any:  # noqa: ANN401 - a YAML value
         m = _EXPR.match(expr.strip())
         if not m:
             raise ConfigError(f"{where}: ${{{expr}}} is malformed; expected ${{variable}} or ${{stage.attr}}")
@@ -252,7 +257,7 @@ class _Resolver:
         refs.append(f"{head}.{attr}")
         return step.artifacts[attr]
 
-    def __call__(self, obj: Any, where: str, refs: list[str]) -> Any:
+    def __call__(self, obj: Any, where: str, refs: list[str]) -> Any:  # noqa: ANN401 - a YAML tree in and out
         if isinstance(obj, str):
             m = _REF.fullmatch(obj)
             if m and m.group(0) != "$${":  # a whole-string reference keeps its type (numbers, bools)
@@ -480,6 +485,8 @@ def _file_sha(path: str) -> str:
 # ----------------------------------------------------------------------------------------- the runner
 @dataclass
 class Decision:
+    """What the planner decided for a stage, and why."""
+
     action: str  # skip | run | resume | blocked | start / idle (background) | off (not selected)
     reason: str
     missing: str | None = None  # blocked: the input that does not exist
@@ -487,12 +494,16 @@ class Decision:
 
 
 class StageFailed(KDLError):
+    """A stage exited with a non-zero ``status``."""
+
     def __init__(self, step: Step, status: int, message: str) -> None:
         super().__init__(message)
         self.step, self.status = step, status
 
 
 class Interrupted(Exception):
+    """The pipeline received the signal ``signum``."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -695,7 +706,7 @@ class Runner:
                 self.out.write(f"      $ {step.shown(extra)}\n")
 
     # ------------------------------------------------------------------ processes
-    def _popen(self, step: Step, extra: list[str], log: Any) -> subprocess.Popen:
+    def _popen(self, step: Step, extra: list[str], log: TextIO) -> subprocess.Popen:
         cmd = [*_launcher(), step.command, *step.argv, *extra]
         log.write(f"\n=== kdl pipeline: stage {step.name!r} at {_now()}\n=== {step.shown(extra)}\n")
         log.flush()
@@ -724,7 +735,7 @@ class Runner:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         first = self.interrupted is None
         self.interrupted = signum
         proc = self.current
@@ -791,7 +802,7 @@ class Runner:
         self.background.clear()
 
     @contextlib.contextmanager
-    def _lock(self, step: Step) -> Any:
+    def _lock(self, step: Step) -> Iterator[None]:
         """One process at a time per stage: a second pipeline running the same stage stops with a clear error."""
         import fcntl
 
@@ -949,7 +960,8 @@ class Runner:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def build_parser() -> Any:
+def build_parser() -> ArgumentParser:
+    """Build ``kdl pipeline``'s argument parser."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(
@@ -974,6 +986,7 @@ def build_parser() -> Any:
 
 
 def select(steps: list[Step], only: str | None, from_stage: str | None) -> set[str]:
+    """Return the names of the stages that ``--only`` and ``--from`` select; raise ConfigError on an unknown name."""
     names = [s.name for s in steps]
     chosen = set(names)
     if only:

@@ -19,13 +19,16 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from jsonargparse import ArgumentParser
 
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 #: validation metrics that select the epoch, in order of preference, with their direction
 MONITORS = (("val/acc1", max), ("val/mae", min), ("val/loss", min))
@@ -44,7 +47,7 @@ class Run:
     selected: dict[str, float] = field(default_factory=dict)  # validation metrics at the selected epoch
 
     @property
-    def seed(self) -> Any:
+    def seed(self) -> int | None:
         return self.config.get("seed_everything")
 
     def method(self) -> str:
@@ -107,8 +110,11 @@ def read_run(path: str | os.PathLike) -> Run:
 
 
 def group_key(run: Run, by: str) -> str:
-    """``method`` (model class and KD losses), ``parent`` (the run folder's parent's name), ``none``, or a
-    dotted config key such as ``model.init_args.net``."""
+    """Return the group of ``run`` under ``by``.
+
+    ``by`` is ``method`` (model class and KD losses), ``parent`` (the run folder's parent's name), ``none``,
+    or a dotted config key such as ``model.init_args.net``.
+    """
     if by == "method":
         return run.method()
     if by == "parent":
@@ -155,9 +161,11 @@ def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def draw_curves(ax: Any, runs: list[Run], by: str, metric: str) -> bool:
-    """Draw the learning curves of ``metric`` on a matplotlib ``ax``, one colour per group (a notebook's
-    figure, or :func:`plot_curves`' file); False when no run logged it."""
+def draw_curves(ax: Axes, runs: list[Run], by: str, metric: str) -> bool:
+    """Draw the learning curves of ``metric`` on a matplotlib ``ax``, one colour per group.
+
+    ``ax`` is a notebook's figure, or :func:`plot_curves`' file. Returns False when no run logged ``metric``.
+    """
     having = [r for r in runs if r.curves.get(metric)]
     if not having:
         return False
@@ -193,6 +201,7 @@ def plot_curves(runs: list[Run], by: str, metric: str, path: str | os.PathLike) 
 
 
 def build_parser() -> ArgumentParser:
+    """Build ``kdl report``'s argument parser."""
     p = ArgumentParser(prog="kdl report", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("runs", nargs="+", type=str, help="run folders (trainer.default_root_dir of each run)")
     p.add_argument("--group-by", "--group_by", dest="group_by", type=str, default="method",
@@ -205,6 +214,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kdl report``; return the exit status."""
     try:
         args = build_parser().parse_args(argv)
     except Exception as e:  # noqa: BLE001 - jsonargparse reports usage errors as exceptions here

@@ -17,7 +17,7 @@ import argparse
 import io
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchvision.utils import save_image
@@ -27,9 +27,12 @@ from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes
 from kd_lightning.gans import labels_per_class
 
+if TYPE_CHECKING:
+    from kd_lightning.methods.gan import GANTask
+
 
 def sample_labels(
-    task: Any,
+    task: GANTask,
     per_class: int | None,
     per_label: int | None,
     label_values: list[float] | None,
@@ -102,6 +105,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build ``kdl sample``'s argument parser."""
     p = argparse.ArgumentParser(prog="kdl sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by kdl fit with a ConditionalGAN/CcGAN/DCGAN")
     p.add_argument("--out", required=True, help="a .pt file, or a folder for PNGs (one sub-folder per label)")
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kdl sample``; return the exit status."""
     args = build_parser().parse_args(argv)
     if not args.weights_only:
         os.environ[TRUST_ENV] = "1"

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -27,7 +28,7 @@ from jsonargparse import ArgumentParser
 from kd_lightning.errors import ConfigError, KDLError
 
 
-def _sweeps() -> Any:
+def _sweeps() -> ModuleType:
     try:
         with warnings.catch_warnings():  # the package predates pydantic 2's renamed config keys
             warnings.simplefilter("ignore")
@@ -91,6 +92,7 @@ def command_line(config: dict[str, Any], values: dict[str, Any]) -> list[str]:
 
 
 def build_parser() -> ArgumentParser:
+    """Build ``kdl sweep``'s argument parser."""
     p = ArgumentParser(prog="kdl sweep", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("file", type=str, help="a sweep file in W&B's format (recipes/sweeps/*.yaml)")
     p.add_argument("--count", type=int, default=None, help="run at most this many parameter sets")
@@ -101,6 +103,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kdl sweep``; return the exit status."""
     try:
         args = build_parser().parse_args(argv)
     except Exception as e:  # noqa: BLE001

@@ -73,7 +73,7 @@ def _records(data: bytes, path: Path) -> list[bytes]:
     return records
 
 
-def _put(target: dict[str, Any], item: Any) -> None:
+def _put(target: dict[str, Any], item: Any) -> None:  # noqa: ANN401 - a wandb protobuf item (no stubs)
     """Store an item's JSON value under its key, or under its nested keys as nested dicts (media, tables)."""
     keys = [item.key] if item.key else list(item.nested_key)
     for key in keys[:-1]:
@@ -91,7 +91,7 @@ def read_offline_run(folder: str | os.PathLike) -> OfflineRun:
         raise KDLError(f"expected one offline W&B run under {str(folder)!r}, found {len(logs)}")
     run = OfflineRun(path=logs[0].parent)
     for raw in _records(logs[0].read_bytes(), logs[0]):
-        record = pb.Record()
+        record = pb.Record()  # type: ignore[attr-defined]  # protobuf-generated, no stubs
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "run":

@@ -158,7 +158,7 @@ class FaultProxy:
 
 
 @contextmanager
-def fault_proxy(upstream: str, plan: list[str], **kw) -> Iterator[FaultProxy]:  # noqa: ANN003
+def fault_proxy(upstream: str, plan: list[str], **kw) -> Iterator[FaultProxy]:
     proxy = FaultProxy(upstream, plan, **kw)
     try:
         yield proxy

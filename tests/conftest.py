@@ -46,7 +46,7 @@ def kdl_callbacks(monkeypatch: pytest.MonkeyPatch) -> list:
     extra: list = []
     original = cli.KDLCLI.after_instantiate_classes
 
-    def with_extra(self) -> None:  # noqa: ANN001
+    def with_extra(self) -> None:
         original(self)
         self.trainer.callbacks[:0] = extra
 

@@ -42,7 +42,7 @@ QUIET_TRAINER = ["--trainer.logger", "false", *QUIET]
 QUIET_TRAINER_KW = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
-def quiet_trainer(tmp_path: Path, **kw) -> L.Trainer:  # noqa: ANN003
+def quiet_trainer(tmp_path: Path, **kw) -> L.Trainer:
     """A CPU Trainer that writes nothing but what the test asks for (no logger, no checkpoints)."""
     return L.Trainer(default_root_dir=tmp_path, enable_checkpointing=False, accelerator="cpu", **QUIET_TRAINER_KW, **kw)
 
@@ -125,7 +125,7 @@ def write_sskd_teacher_head(
 
 
 # --------------------------------------------------------------------------------- small trained models
-def digits_classifier(**kw) -> tuple[ImageClassifier, DigitsDataModule]:  # noqa: ANN003
+def digits_classifier(**kw) -> tuple[ImageClassifier, DigitsDataModule]:
     dm = DigitsDataModule(batch_size=64, augment=False)
     model = ImageClassifier(
         net="tinynet",
@@ -163,7 +163,7 @@ def digit_value_regressor() -> tuple[ImageRegressor, DigitValue]:
     return model, dm
 
 
-def fit_and_save(model: L.LightningModule, dm: L.LightningDataModule, path: Path, **trainer_kw) -> Path:  # noqa: ANN003
+def fit_and_save(model: L.LightningModule, dm: L.LightningDataModule, path: Path, **trainer_kw) -> Path:
     trainer = quiet_trainer(path.parent, **trainer_kw)
     trainer.fit(model, dm)
     trainer.save_checkpoint(path)

@@ -42,7 +42,7 @@ TINY = [
 class Evil:
     """A pickle that would create a file when unpickled (what a malicious checkpoint does)."""
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.system, ("touch pwned",))
 
 
@@ -150,19 +150,19 @@ CASES: dict[str, Case] = {
 }
 
 
-def run_case(kdl, capsys: pytest.CaptureFixture[str], tmp_path: Path, case: Case) -> tuple[int, str]:  # noqa: ANN001
+def run_case(kdl, capsys: pytest.CaptureFixture[str], tmp_path: Path, case: Case) -> tuple[int, str]:
     for name, content in case.files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else (content or "").encode())
     capsys.readouterr()
     code = kdl(*case.args)
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     return code, err
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_gets_one_clear_message(name: str, kdl, capsys, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_bad_input_gets_one_clear_message(name: str, kdl, capsys, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     case = CASES[name]
     code, err = run_case(kdl, capsys, tmp_path, case)
@@ -194,13 +194,13 @@ MORE_CASES = (
 
 
 @pytest.fixture
-def trained(kdl, tmp_path: Path, monkeypatch) -> Path:  # noqa: ANN001
+def trained(kdl, tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert kdl("fit", "--config", STUDENT, *TINY) == 0
     return tmp_path / "run" / "checkpoints" / "last.ckpt"
 
 
-def test_untrusted_checkpoint_is_refused_and_runs_nothing(kdl, capsys, tmp_path: Path, trained: Path) -> None:  # noqa: ANN001
+def test_untrusted_checkpoint_is_refused_and_runs_nothing(kdl, capsys, tmp_path: Path, trained: Path) -> None:
     ckpt = torch.load(trained, weights_only=True)
     ckpt["payload"] = Evil()
     torch.save(ckpt, tmp_path / "evil.ckpt")
@@ -223,7 +223,7 @@ def test_untrusted_checkpoint_is_refused_and_runs_nothing(kdl, capsys, tmp_path:
         del os.environ[TRUST_ENV]
 
 
-def test_explicit_checkpoint_path_resumes_with_the_same_recipe(kdl, capsys, trained: Path) -> None:  # noqa: ANN001
+def test_explicit_checkpoint_path_resumes_with_the_same_recipe(kdl, capsys, trained: Path) -> None:
     steps = load_checkpoint(trained)["global_step"]
     copy = trained.parent.parent / "saved.ckpt"
     copy.write_bytes(trained.read_bytes())
@@ -233,7 +233,7 @@ def test_explicit_checkpoint_path_resumes_with_the_same_recipe(kdl, capsys, trai
     assert load_checkpoint(trained)["global_step"] == 2 * steps
 
 
-def test_resume_into_another_net_is_refused_even_when_allowed(kdl, capsys, trained: Path) -> None:  # noqa: ANN001
+def test_resume_into_another_net_is_refused_even_when_allowed(kdl, capsys, trained: Path) -> None:
     other = [a if a != "tinynet" else "resnet8" for a in TINY]
     for extra in ([], ["--allow_resume_mismatch", "true"]):
         capsys.readouterr()
@@ -249,13 +249,13 @@ def test_disk_full_while_saving_says_so_and_keeps_last(
     kdl,
     capsys,
     trained: Path,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
 
     before = trained.read_bytes()
 
-    def full(self, checkpoint, tmp):  # noqa: ANN001, ANN202
+    def full(self, checkpoint, tmp):
         with open(tmp, "wb") as f:
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -272,7 +272,7 @@ def test_disk_full_while_saving_says_so_and_keeps_last(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_sample_on_a_missing_cuda_device(kdl, capsys) -> None:  # noqa: ANN001
+def test_sample_on_a_missing_cuda_device(kdl, capsys) -> None:
     from tests.helpers import GAN_ARGS
 
     assert kdl("fit", *GAN_ARGS, "--trainer.max_steps", "2", "--trainer.default_root_dir", "gan") == 0
@@ -292,18 +292,18 @@ def test_sample_on_a_missing_cuda_device(kdl, capsys) -> None:  # noqa: ANN001
 
 
 # ---------------------------------------------------------------------------------------------- warnings, exits
-def test_train_size_above_the_data_warns_with_both_numbers(kdl, capsys) -> None:  # noqa: ANN001
+def test_train_size_above_the_data_warns_with_both_numbers(kdl, capsys) -> None:
     with pytest.warns(UserWarning, match=r"train_size=100000 but DigitsDataModule has \d+ training samples"):
         assert kdl("fit", "--config", STUDENT, *TINY, "--data.init_args.train_size", "100000") == 0
 
 
-def test_no_validation_split_says_what_is_written(kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_no_validation_split_says_what_is_written(kdl, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="val_fraction=0: no validation split.*last.ckpt is written"):
         assert kdl("fit", "--config", STUDENT, *TINY, "--data.init_args.val_fraction", "0") == 0
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
 
 
-def test_help_lists_every_command(kdl, capsys) -> None:  # noqa: ANN001
+def test_help_lists_every_command(kdl, capsys) -> None:
     assert kdl("--help") == 0
     out = capsys.readouterr().out
     for name in ("fit", "test", "sample", "generate", "pipeline", "serve-teacher"):

@@ -46,7 +46,7 @@ def server(digits8_teacher: Path, tmp_path_factory: pytest.TempPathFactory):  # 
         yield url, log
 
 
-def hard(url: str, **kw) -> HTTPTeacher:  # noqa: ANN003
+def hard(url: str, **kw) -> HTTPTeacher:
     return HTTPTeacher(url, token=TOKEN, responses="hard", **kw)
 
 
@@ -304,7 +304,7 @@ def test_a_teacher_that_stays_down_fails_clearly_and_keeps_the_intent(server: tu
     assert sum(paid.values()) == 4 and max(paid.values()) == 1  # sent once, when the run resumed
 
 
-def test_kdl_dispatches_serve_teacher_and_refuses_a_missing_checkpoint(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_kdl_dispatches_serve_teacher_and_refuses_a_missing_checkpoint(tmp_path: Path, capsys) -> None:
     from kd_lightning.cli import main
 
     with pytest.raises(SystemExit) as e:

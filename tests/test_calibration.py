@@ -95,7 +95,7 @@ def test_diagram_goes_to_wandb_when_a_wandb_logger_is_attached(tmp_path: Path) -
     wandb.log_image.assert_called_once_with(key="test/reliability", images=[str(png)])
 
 
-def test_kdl_test_fits_temperature_on_validation_and_writes_the_report(kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_kdl_test_fits_temperature_on_validation_and_writes_the_report(kdl, tmp_path: Path) -> None:
     common = [
         "--config",
         str(RECIPES / "fashion_mnist/pskd.yaml"),

@@ -249,7 +249,7 @@ def test_mismatched_store_is_refused_and_corrupt_shards_are_named(parts: dict[st
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="shard-00002.bin is corrupt"):
+    with pytest.raises(StoreError, match=r"shard-00002.bin is corrupt"):
         open_store(out).load_images()
     assert generate_main([f"--generator={parts['gan']}", f"--out={tmp_path / 'x'}", "--per_clas=3"]) == 2  # unknown key
 
@@ -365,7 +365,7 @@ def root_options(setting: str, fake_root: Path, augmented: bool) -> list[str]:
         pytest.param("rotated", marks=pytest.mark.slow),
     ],
 )
-def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Path) -> None:
     """Each stage's recipe under fast_dev_run (generate on a few samples), later stages fed tiny checkpoints."""
     from tests.helpers import make_fake_mnist
 

@@ -79,7 +79,7 @@ def real_datamodule(data: dict[str, Any], extra: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_the_pipeline_plans_every_stage(setting: str, fake_roots: dict[str, Path], tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_the_pipeline_plans_every_stage(setting: str, fake_roots: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -97,7 +97,7 @@ def test_the_pipeline_plans_every_stage(setting: str, fake_roots: dict[str, Path
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_every_student_is_tested_and_the_references_are_consistent(setting: str, monkeypatch) -> None:  # noqa: ANN001
+def test_every_student_is_tested_and_the_references_are_consistent(setting: str, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     steps = {s.name: s for s in load(setting)}
     recipes = {p.name for p in (REPO / "recipes/cgankd" / setting).glob("*.yaml")} - {"pipeline.yaml"}
@@ -127,7 +127,7 @@ def test_every_student_is_tested_and_the_references_are_consistent(setting: str,
     assert again["student_cgankd"].spec["config"]["model"]["init_args"]["net_weights"] is None  # from scratch
 
 
-def test_the_kd_teacher_can_differ_from_the_filtering_teacher(monkeypatch) -> None:  # noqa: ANN001
+def test_the_kd_teacher_can_differ_from_the_filtering_teacher(monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     steps = {s.name: s for s in load("cifar100")}
     primary = steps["teacher"].artifacts["best"]
@@ -147,7 +147,7 @@ def test_the_kd_teacher_can_differ_from_the_filtering_teacher(monkeypatch) -> No
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_every_stage_parses_and_its_data_resolves_on_fake_files(
     setting: str, fake_roots: dict[str, Path], monkeypatch
-) -> None:  # noqa: ANN001
+) -> None:
     monkeypatch.chdir(REPO)
     extra = FAKE_DATA_ARGS.get(setting, {})
     steps = load(setting, "--vars.data_root", str(fake_roots[setting]))
@@ -207,7 +207,7 @@ def tiny_store(setting: str, folder: Path) -> Path:
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_the_cgankd_student_takes_a_step_on_a_store(
     setting: str, fake_roots: dict[str, Path], kdl, tmp_path: Path
-) -> None:  # noqa: ANN001
+) -> None:
     recipe = REPO / "recipes/cgankd" / setting / "student_cgankd.yaml"
     store = tiny_store(setting, tmp_path)
     inner = "--data.init_args.datamodule.init_args."

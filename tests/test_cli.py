@@ -27,7 +27,7 @@ ALL_RECIPES = sorted(
 PENDING_MODELS: dict[str, str] = {}
 
 
-def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None:  # noqa: ANN001
+def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None:
     assert kdl("--help") == 0
     out = capsys.readouterr().out
     for sub in ("fit", "validate", "test", "predict"):
@@ -35,7 +35,7 @@ def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None
 
 
 @pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
-def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.CaptureFixture[str]) -> None:
     pending = recipe_model_class(recipe)
     if pending in PENDING_MODELS and not hasattr(kd_lightning.methods, pending):
         pytest.skip(f"{pending} is not in kd_lightning.methods yet ({PENDING_MODELS[pending]})")
@@ -45,7 +45,7 @@ def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.Captur
     assert cfg["seed_everything"] is not None  # every recipe is seeded
 
 
-def test_wandb_fragment_stacks_onto_a_recipe(kdl, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_wandb_fragment_stacks_onto_a_recipe(kdl, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         kdl(
             "fit",
@@ -62,7 +62,7 @@ def test_wandb_fragment_stacks_onto_a_recipe(kdl, capsys: pytest.CaptureFixture[
     assert cfg["model"]["init_args"]["net"] == "resnet8"
 
 
-def test_data_facts_are_linked_into_the_model(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_data_facts_are_linked_into_the_model(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     cli = build_cli(
         ["--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", str(fake_mnist)], run=False
@@ -74,7 +74,7 @@ def test_data_facts_are_linked_into_the_model(fake_mnist: Path, tmp_path: Path, 
     assert cli.model.net.fc.out_features == 10 and cli.model.net.conv1.in_channels == 1
 
 
-def test_fit_writes_last_and_best_checkpoints_and_can_rerun(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_fit_writes_last_and_best_checkpoints_and_can_rerun(kdl, fake_mnist: Path, tmp_path: Path) -> None:
     args = [
         "fit",
         "--config",
@@ -93,7 +93,7 @@ def test_fit_writes_last_and_best_checkpoints_and_can_rerun(kdl, fake_mnist: Pat
     assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file()
     last = torch.load(ckpts / "last.ckpt", weights_only=False)
     assert last["epoch"] == 1
-    monitor = [v for k, v in last["callbacks"].items() if "KDCheckpoint" in k][0]
+    monitor = next(v for k, v in last["callbacks"].items() if "KDCheckpoint" in k)
     assert monitor["monitor"] == "val/acc1"
     assert list(tmp_path.glob("run/lightning_logs/version_*/config.yaml"))
     assert kdl(*args) == 0  # saving the config again never fails
@@ -102,7 +102,7 @@ def test_fit_writes_last_and_best_checkpoints_and_can_rerun(kdl, fake_mnist: Pat
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 2
 
 
-def test_test_subcommand_reports_metrics(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_test_subcommand_reports_metrics(kdl, fake_mnist: Path, tmp_path: Path) -> None:
     common = [
         "--config",
         str(RECIPES / "fashion_mnist/student.yaml"),
@@ -169,7 +169,7 @@ def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
-def test_wrong_checkpoint_is_refused_clearly(kdl, fake_mnist: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_wrong_checkpoint_is_refused_clearly(kdl, fake_mnist: Path, tmp_path: Path, capsys) -> None:
     base = [
         "--config",
         str(RECIPES / "fashion_mnist/student.yaml"),
@@ -182,7 +182,7 @@ def test_wrong_checkpoint_is_refused_clearly(kdl, fake_mnist: Path, tmp_path: Pa
     ]
     assert kdl("fit", *base, "--trainer.max_epochs", "1") == 0
     # a checkpoint for another number of classes
-    with pytest.raises(CheckpointError, match="checkpoint does not fit.*shape differs: net.fc"):
+    with pytest.raises(CheckpointError, match=r"checkpoint does not fit.*shape differs: net.fc"):
         ImageClassifier.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", num_classes=5)
     # a file that is no checkpoint at all
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
@@ -193,7 +193,7 @@ def test_wrong_checkpoint_is_refused_clearly(kdl, fake_mnist: Path, tmp_path: Pa
 
 
 @pytest.mark.skipif(cpu_has_fast_bf16(), reason="this CPU has AMX bf16")
-def test_bf16_on_slow_cpu_warns(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_bf16_on_slow_cpu_warns(fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="bf16"):
         build_cli(

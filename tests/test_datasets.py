@@ -158,7 +158,7 @@ def test_tiny_imagenet_layout(tmp_path: Path) -> None:
     assert image.size == (64, 64)
     ann = root / "tiny-imagenet-200" / "val" / "val_annotations.txt"
     ann.write_text("val_0.JPEG\tn99999999\t0\t0\t1\t1\n")
-    with pytest.raises(DataNotFoundError, match="wnids.txt"):
+    with pytest.raises(DataNotFoundError, match=r"wnids.txt"):
         dm.build_dataset("test")
 
 
@@ -177,7 +177,7 @@ def test_cub_split_labels_and_bbox_crop(tmp_path: Path) -> None:
     assert img[2 * step :, 2 * step :].mean() < 90
     labels = root / "CUB_200_2011" / "image_class_labels.txt"
     labels.write_text("\n".join(labels.read_text().splitlines()[:-1]) + "\n")
-    with pytest.raises(DataNotFoundError, match="image_class_labels.txt"):
+    with pytest.raises(DataNotFoundError, match=r"image_class_labels.txt"):
         dm.build_dataset("train")
 
 
@@ -191,7 +191,7 @@ def test_image_folder_classes_and_errors(tmp_path: Path) -> None:
     assert sub.num_classes == 2 and sub.build_dataset("test").targets.tolist() == [0, 1]  # class_2 -> 0
     for f in (root / "train" / "class_1").iterdir():
         f.unlink()
-    with pytest.raises(DataNotFoundError, match="class_1.*holds no images"):
+    with pytest.raises(DataNotFoundError, match=r"class_1.*holds no images"):
         dm.build_dataset("train")
 
 
@@ -221,7 +221,7 @@ def test_steering_angle_file_and_interval_split(tmp_path: Path) -> None:
     assert angle_intervals(torch.tensor([3.0, 1.0, 1.0, 2.0, 2.0, 5.0]), 2).tolist() == [2, 0, 0, 1, 1, 2]
     assert angle_intervals(torch.tensor([3.0, 1.0, 1.0, 2.0, 2.0]), 2).tolist() == [1, 0, 0, 1, 1]  # short tail merges
     (root / "data.txt").write_text("0.jpg not-a-number\n")
-    with pytest.raises(DataNotFoundError, match="data.txt:1"):
+    with pytest.raises(DataNotFoundError, match=r"data.txt:1"):
         dm.build_dataset("train")
 
 

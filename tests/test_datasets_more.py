@@ -72,7 +72,7 @@ def test_syn_digits_reads_ganins_mat_release(tmp_path: Path) -> None:
     assert test.labels.tolist() == list(range(10))  # stored 0..9, unchanged
     assert dm.num_classes == 10 and not dm.hflip and not dm.extra
     truncate(root / "synth_train_32x32.mat", 0.5)
-    with pytest.raises(DataNotFoundError, match="synth_train_32x32.mat' is corrupt or truncated"):
+    with pytest.raises(DataNotFoundError, match=r"synth_train_32x32.mat' is corrupt or truncated"):
         dm.build_dataset("train")
 
 
@@ -86,14 +86,14 @@ def test_syn_digits_reads_mekds_torch_repack(nested: bool, tmp_path: Path) -> No
     assert torch.equal(test.images[4], raw_images[4].permute(2, 0, 1))  # H x W x C -> C x H x W
     assert len(SynDigitsDataModule(root=str(root)).build_dataset("train")) == 30
     truncate(folder / "synth_test.pt", 0.5)
-    with pytest.raises(DataNotFoundError, match="synth_test.pt' is corrupt or truncated"):
+    with pytest.raises(DataNotFoundError, match=r"synth_test.pt' is corrupt or truncated"):
         SynDigitsDataModule(root=str(root)).build_dataset("test")
     torch.save({"data": raw_images}, folder / "synth_test.pt")
-    with pytest.raises(DataNotFoundError, match="holds dict; expected a torch.save'd pair"):
+    with pytest.raises(DataNotFoundError, match=r"holds dict; expected a torch.save'd pair"):
         SynDigitsDataModule(root=str(root)).build_dataset("test")
     (folder / "synth_test.pt").unlink()
     with pytest.raises(
-        DataNotFoundError, match="expected synth_test_32x32.mat .Ganin's .mat release. or synth_test.pt"
+        DataNotFoundError, match=r"expected synth_test_32x32.mat .Ganin's .mat release. or synth_test.pt"
     ):
         SynDigitsDataModule(root=str(root)).build_dataset("test")
 
@@ -145,7 +145,7 @@ def test_mat_v73_is_named(tmp_path: Path) -> None:
     path = tmp_path / "test_32x32.mat"  # MATLAB's save -v7.3 writes HDF5 behind a 512-byte header with version 0x0200
     header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64".ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02IM"
     path.write_bytes(header.ljust(512, b"\x00") + b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
-    with pytest.raises(DataNotFoundError, match="is a MATLAB v7.3 .HDF5. file") as e:
+    with pytest.raises(DataNotFoundError, match=r"is a MATLAB v7.3 .HDF5. file") as e:
         SVHNDataModule(root=str(tmp_path)).build_dataset("test")
     assert str(path) in str(e.value)
 
@@ -185,7 +185,7 @@ def test_stanford_dogs_errors(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match="corrupt or truncated"):
         dm.build_dataset("train")
     lst.unlink()
-    with pytest.raises(DataNotFoundError, match="lists/train_list.mat"):
+    with pytest.raises(DataNotFoundError, match=r"lists/train_list.mat"):
         dm.build_dataset("train")
     bad = corrupt(next((root / "Images").rglob("*_1002.jpg")), "truncate")  # a test image
     ds = dm.build_dataset("test")
@@ -195,7 +195,7 @@ def test_stanford_dogs_errors(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match=str(bad)):
         StanfordDogsDataModule(root=str(root), image_size=16, verify=True).build_dataset("test")
     (root / "Images" / "n02085620-Breed_0" / "n02085620_1002.jpg").unlink()
-    with pytest.raises(DataNotFoundError, match="n02085620_1002.jpg' does not exist"):
+    with pytest.raises(DataNotFoundError, match=r"n02085620_1002.jpg' does not exist"):
         dm.build_dataset("test")
 
 
@@ -213,10 +213,10 @@ def test_mit67_lists_labels_and_errors(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match=r"TestImages.txt:2: 'library/library_0001.jpg'"):
         dm.build_dataset("test")
     (root / "TestImages.txt").write_text("")
-    with pytest.raises(DataNotFoundError, match="TestImages.txt' is empty"):
+    with pytest.raises(DataNotFoundError, match=r"TestImages.txt' is empty"):
         dm.build_dataset("test")
     (root / "TrainImages.txt").unlink()
-    with pytest.raises(DataNotFoundError, match="TrainImages.txt' does not exist"):
+    with pytest.raises(DataNotFoundError, match=r"TrainImages.txt' does not exist"):
         dm.build_dataset("train")
 
 
@@ -225,7 +225,7 @@ def test_mit67_damaged_image(how: str, tmp_path: Path) -> None:
     root = write_mit67(tmp_path, num_classes=2, n_train=2, n_test=1, size=24)
     bad = corrupt(root / "Images" / "bakery" / "bakery_0001.jpg", how)
     dm = MIT67DataModule(root=str(root), image_size=16, verify=True)
-    with pytest.raises(DataNotFoundError, match="empty|corrupt or truncated") as e:
+    with pytest.raises(DataNotFoundError, match=r"empty|corrupt or truncated") as e:
         dm.build_dataset("train")
     assert str(bad) in str(e.value)
 
@@ -250,10 +250,10 @@ def test_fgvc_aircraft_variants_and_splits(tmp_path: Path) -> None:
         dm.build_dataset("test")
     truncate(data / "images" / "1000007.jpg", 0.4)
     ds = FGVCAircraftDataModule(root=str(root), image_size=16).build_dataset("train")
-    with pytest.raises(DataNotFoundError, match="1000007.jpg' is corrupt or truncated"):
+    with pytest.raises(DataNotFoundError, match=r"1000007.jpg' is corrupt or truncated"):
         ds[0]
     (data / "variants.txt").unlink()
-    with pytest.raises(DataNotFoundError, match="no variants.txt"):
+    with pytest.raises(DataNotFoundError, match=r"no variants.txt"):
         FGVCAircraftDataModule(root=str(root)).build_dataset("train")
 
 
@@ -267,7 +267,7 @@ def test_shipped_class_list_is_cmcs_hundred_wnids() -> None:
 
 def test_imagenet100_filters_imagenet_by_the_class_list(tmp_path: Path) -> None:
     cmc = read_class_list("cmc")
-    root = write_imagenet(tmp_path / "imagenet", cmc + ["n09999999", "n00000001"], n_train=1, n_val=1, size=8)
+    root = write_imagenet(tmp_path / "imagenet", [*cmc, "n09999999", "n00000001"], n_train=1, n_val=1, size=8)
     dm = ImageNet100DataModule(root=str(root), image_size=8)
     assert dm.num_classes == 100 and dm.classes == sorted(cmc)  # the two other classes are left out
     train, test = dm.build_dataset("train"), dm.build_dataset("test")
@@ -317,7 +317,7 @@ def test_imagenet100_holdout_test_split_is_fixed_and_disjoint(tmp_path: Path) ->
     for paths, targets in ((train.paths, train.targets), (test.paths, test.targets)):
         assert [wnids.index(Path(p).parent.name) for p in paths] == targets.tolist()
     assert dms[1].build_dataset("test").paths == test.paths  # independent of the run's seed
-    with pytest.raises(DataNotFoundError, match="holdout_size=30 but .* holds only 30 images"):
+    with pytest.raises(DataNotFoundError, match=r"holdout_size=30 but .* holds only 30 images"):
         ImageNet100DataModule(
             root=str(root), class_list=str(listing), test_split="holdout", holdout_size=30
         ).build_dataset("test")
@@ -362,11 +362,11 @@ def _fine_grained_args(dataset: str, method: str, tmp_path: Path) -> list[str]:
         for m in METHODS
     ],
 )
-def test_fine_grained_recipe_fast_dev_run(dataset: str, method: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_fine_grained_recipe_fast_dev_run(dataset: str, method: str, kdl, tmp_path: Path) -> None:
     assert kdl("fit", *_fine_grained_args(dataset, method, tmp_path), *SIZE32, *FAST) == 0
 
 
-def test_fine_grained_overrides_resolve_to_the_shared_settings(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_fine_grained_overrides_resolve_to_the_shared_settings(tmp_path: Path, monkeypatch) -> None:
     """Every (shared base, dataset override) pair: the dataset's DataModule, run folder and S_sup path, and
     every shared setting (batch 32, 224 px, class pairs for CS-KD, the schedule) kept."""
     import yaml
@@ -404,7 +404,7 @@ def test_fine_grained_overrides_resolve_to_the_shared_settings(tmp_path: Path, m
 
 
 def test_shared_base_alone_says_what_to_stack() -> None:
-    with pytest.raises(ConfigError, match="recipes/stanford_dogs/aikd.yaml"):
+    with pytest.raises(ConfigError, match=r"recipes/stanford_dogs/aikd.yaml"):
         FineGrainedDataModule(root="data")
 
 
@@ -415,7 +415,7 @@ def test_shared_base_alone_says_what_to_stack() -> None:
         ("mekd/syn_digits_to_svhn.yaml", "SVHNDataModule"),
     ],
 )
-def test_mekd_templates(recipe: str, local: str, kdl, capsys) -> None:  # noqa: ANN001
+def test_mekd_templates(recipe: str, local: str, kdl, capsys) -> None:
     """The templates resolve to MEKD stage 2 with the paper's settings (running them needs a stage-1 generator)."""
     assert kdl("fit", "--config", str(RECIPES / recipe), "--print_config") == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
@@ -447,7 +447,7 @@ def test_missing_root_names_the_root(make: Callable, tmp_path: Path) -> None:
     assert str(missing) in str(e.value)
 
 
-def test_missing_root_is_one_line_from_kdl(kdl, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_missing_root_is_one_line_from_kdl(kdl, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nowhere"
     base, override = RECIPES / "finegrained/teacher.yaml", RECIPES / "mit67/teacher.yaml"
     assert (

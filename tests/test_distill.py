@@ -31,7 +31,7 @@ def value_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fit_and_save(model, dm, tmp_path_factory.mktemp("regressor") / "regressor.ckpt", max_epochs=2)
 
 
-def student(teacher: Path, losses: list, dm: DigitsDataModule | None = None, **kw) -> DistillModule:  # noqa: ANN003
+def student(teacher: Path, losses: list, dm: DigitsDataModule | None = None, **kw) -> DistillModule:
     dm = dm or DigitsDataModule(batch_size=32, augment=False)
     kw.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.05))
     return DistillModule(
@@ -95,7 +95,7 @@ def test_every_loss_trains_a_student_and_never_the_teacher(name: str, digits_tea
             if own:  # the loss's connectors learn with the student
                 assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
 
-        def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:  # noqa: ANN002
+        def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
             logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     quiet_trainer(tmp_path, max_steps=2, callbacks=[Grads()], limit_val_batches=0).fit(
@@ -122,7 +122,7 @@ def test_teacher_stays_in_eval_mode_through_fit_and_validation(digits_teacher: P
     modes = []
 
     class Spy(L.Callback):
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: DistillModule, *a) -> None:  # noqa: ANN002
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: DistillModule, *a) -> None:
             modes.append((pl_module.training, pl_module.teacher.training))
 
     quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[Spy()]).fit(
@@ -234,7 +234,7 @@ def test_crd_banks_are_checkpointed_and_reload(digits_teacher: Path, tmp_path: P
 
 def test_distill_resume_is_bit_exact(
     kdl, kdl_callbacks, digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # noqa: ANN001
+) -> None:
     """SIGTERM mid-epoch, resume: same weights, connectors, CRD banks and optimiser state as one run."""
     from kd_lightning.callbacks import EXIT_SIGTERM
     from tests.helpers import RECIPES, RESUME_ARGS, STEPS_PER_EPOCH, Interrupt, assert_same, final_state

@@ -106,7 +106,7 @@ def test_training_net_is_refused() -> None:
         fold_bn(net.train())
 
 
-def test_frozen_teacher_folds_only_its_inference_copy(tmp_path) -> None:  # noqa: ANN001
+def test_frozen_teacher_folds_only_its_inference_copy(tmp_path) -> None:
     torch.manual_seed(0)
     net = trained_like(create_net("resnet8", num_classes=10, in_channels=1))
     plain = FrozenTeacher(net, Normalize((0.3,), (0.4,), 1), "classification", 10, "resnet8")

@@ -360,7 +360,7 @@ def test_dcgan_latent_dimension_is_a_parameter(tmp_path: Path) -> None:
     assert torch.isfinite(model.sample(4, seed=0)).all()
 
 
-def test_fashion_gan_recipes_train_and_their_checkpoints_sample(kdl, fake_mnist: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_fashion_gan_recipes_train_and_their_checkpoints_sample(kdl, fake_mnist: Path, tmp_path: Path) -> None:
     quiet = QUIET_TRAINER
     root = ["--data.init_args.datamodule.init_args.root", str(fake_mnist)]
     assert (
@@ -444,7 +444,7 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_gan_resume_is_exact_and_sample_command_writes_counts(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_gan_resume_is_exact_and_sample_command_writes_counts(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:
     from kd_lightning.callbacks import EXIT_SIGTERM
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -491,7 +491,7 @@ TINY = [
 ]
 
 
-def test_cifar100_template_fast_dev_run(kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_cifar100_template_fast_dev_run(kdl, tmp_path: Path) -> None:
     from tests.fake_datasets import write_cifar
 
     root = write_cifar(tmp_path / "c100", hundred=True)
@@ -513,7 +513,7 @@ def test_cifar100_template_fast_dev_run(kdl, tmp_path: Path) -> None:  # noqa: A
 
 
 @pytest.mark.parametrize("dataset", ["utkface", "steering_angle"])
-def test_ccgan_templates_run_both_ili_stages(kdl, tmp_path: Path, dataset: str) -> None:  # noqa: ANN001
+def test_ccgan_templates_run_both_ili_stages(kdl, tmp_path: Path, dataset: str) -> None:
     from tests.fake_datasets import write_steering, write_utkface
 
     root = write_utkface(tmp_path / "d") if dataset == "utkface" else write_steering(tmp_path / "d")[0]

@@ -472,7 +472,7 @@ def test_sskd_heads_are_the_authors_and_bn_is_an_option() -> None:
     assert [type(m).__name__ for m in with_bn.teacher_head.mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
 
 
-def test_sskd_reference_schedule_loads_a_frozen_teacher_head(tmp_path) -> None:  # noqa: ANN001
+def test_sskd_reference_schedule_loads_a_frozen_teacher_head(tmp_path) -> None:
     from kd_lightning.errors import CheckpointError
     from kd_lightning.losses import StepContext
     from kd_lightning.methods import SSKDTeacherHead

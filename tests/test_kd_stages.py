@@ -245,7 +245,7 @@ def test_cifar100_pairs_build_and_reviewkd_refuses_a_cross_architecture_pair() -
 
 def test_a_pair_is_refused_when_the_student_is_built(tmp_path: Path) -> None:
     teacher = write_teacher(tmp_path / "t.ckpt", 10, 1)
-    with pytest.raises(ConfigError, match="ReviewKD needs teacher and student stages.*student's stages are"):
+    with pytest.raises(ConfigError, match=r"ReviewKD needs teacher and student stages.*student's stages are"):
         DistillModule(
             teacher=str(teacher), kd_losses=[ReviewKD()], net="resnet8", num_classes=10, in_channels=1, image_size=32
         )
@@ -284,7 +284,7 @@ def data_args(recipe: Path, tmp_path: Path) -> tuple[list[str], int, int]:
     return ["--data.init_args.root", str(make_fake_mnist(tmp_path / "fm"))], 10, 1
 
 
-def short_fit(kdl, recipe: Path, root: Path, data: list[str], *extra: str) -> Path:  # noqa: ANN001
+def short_fit(kdl, recipe: Path, root: Path, data: list[str], *extra: str) -> Path:
     args = ["fit", "--config", str(recipe), "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1"]
     limits = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
     assert kdl(*args, *limits, *data, *extra) == 0
@@ -292,7 +292,7 @@ def short_fit(kdl, recipe: Path, root: Path, data: list[str], *extra: str) -> Pa
 
 
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar100"])
-def test_ft_and_ab_run_as_two_stages(dataset: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_ft_and_ab_run_as_two_stages(dataset: str, kdl, tmp_path: Path) -> None:
     d = RECIPES / dataset
     names = {
         "fashion_mnist": ("ft_paraphraser", "ft", "ab_init", "ab"),
@@ -317,7 +317,7 @@ def test_ft_and_ab_run_as_two_stages(dataset: str, kdl, tmp_path: Path) -> None:
     assert ImageClassifier.load_from_checkpoint(ab).net.conv1.weight.shape == first["net.conv1.weight"].shape
 
 
-def test_takd_chain_and_simkd_student_loads_without_its_teacher(kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_takd_chain_and_simkd_student_loads_without_its_teacher(kdl, tmp_path: Path) -> None:
     data, classes, channels = data_args(FM / "takd.yaml", tmp_path)
     teacher = write_teacher(tmp_path / "teacher.ckpt", classes, channels, None, (0.2860,), (0.3530,), net="resnet8")
     assistant = short_fit(

@@ -61,7 +61,7 @@ def test_optimiser_factories_are_not_hyper_parameters() -> None:
     assert "critic_optimizer" in SelfKD.hparams_ignore
 
 
-def test_the_cli_path_leaves_the_factories_out_too(kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_the_cli_path_leaves_the_factories_out_too(kdl, tmp_path: Path) -> None:
     """Under kdl, Lightning hands the config to save_hyperparameters (the context variable above); the
     ignore list applies there as well: the checkpoint's hyper-parameters hold no optimiser."""
     import torch

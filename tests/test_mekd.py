@@ -21,7 +21,7 @@ from tests.helpers import quiet_trainer
 DIGITS = dict(num_classes=10, in_channels=1, image_size=8, mean=(0.3053,), std=(0.3760,))
 
 
-def deprivatizer(teacher: Path, **kw) -> MEKDDeprivatization:  # noqa: ANN003
+def deprivatizer(teacher: Path, **kw) -> MEKDDeprivatization:
     kw.setdefault("g_ch", 8)
     kw.setdefault("d_ch", 8)
     return MEKDDeprivatization(teacher=str(teacher), **DIGITS, **kw)
@@ -43,7 +43,7 @@ def pool(kind: str, size: int = 48, batch: int = 16) -> QueryPoolDataModule:
     return QueryPoolDataModule(DigitsEdgeCloud(part="edge", augment=False), pool=kind, pool_size=size, batch_size=batch)
 
 
-def mekd(generator: Path, teacher: Path, **kw) -> MEKD:  # noqa: ANN003
+def mekd(generator: Path, teacher: Path, **kw) -> MEKD:
     kw.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.05))
     return MEKD(generator=str(generator), teacher=str(teacher), net="tinynet", **DIGITS, **kw)
 

@@ -26,7 +26,7 @@ def test_every_mekd_recipe_is_exercised() -> None:
     assert shipped == {"teacher", "deprivatize_soft", "deprivatize_hard", "reference_true_labels", *STUDENTS}
 
 
-def test_mekd_stages_run_in_order_locally_and_against_a_live_server(kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_mekd_stages_run_in_order_locally_and_against_a_live_server(kdl, tmp_path: Path) -> None:
     make_fake_mnist(tmp_path / "fm", n_train=200, n_test=40)
     teacher = [
         "--model.init_args.net",
@@ -67,7 +67,7 @@ def test_student_recipes_name_a_budget_equal_to_their_pool(name: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_mekd_pipeline_serves_its_teacher_and_pays_each_query_once(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_the_mekd_pipeline_serves_its_teacher_and_pays_each_query_once(tmp_path: Path, monkeypatch) -> None:
     """The shipped pipeline at toy sizes: teacher, the API as a background stage, both MEKD stages through it."""
     import yaml
 

@@ -58,7 +58,7 @@ def outputs(nb: nbformat.NotebookNode, mime: str) -> list[Any]:
 
 
 @pytest.fixture
-def run_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def run_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Execute a notebook's text twin into tmp_path; the committed .ipynb files must not change."""
     # headless: matplotlib's inline backend (Agg rendering to PNG outputs); plain "Agg" would show no figure at all
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
@@ -118,7 +118,7 @@ def test_notebooks_use_only_the_public_api() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- execution
-def test_explore_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:  # noqa: ANN001
+def test_explore_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:
     from kd_lightning.data import FashionMNISTDataModule
     from kd_lightning.teachers import FrozenTeacher
 
@@ -162,7 +162,7 @@ def test_explore_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_no
     assert len(outputs(nb, "image/png")) == 6
 
 
-def test_explore_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:  # noqa: ANN001
+def test_explore_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:
     from kd_lightning.sampling import open_store
     from kd_lightning.sampling.generate import generate
     from tests.helpers import cfg, tiny_dr, tiny_gan, tiny_teacher
@@ -202,7 +202,7 @@ def test_explore_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_no
     assert len(outputs(nb, "image/png")) == 4  # grids, ratio histograms, error histograms, consistency
 
 
-def test_compare_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:  # noqa: ANN001
+def test_compare_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_notebook) -> None:
     from tests.helpers import fake_run
 
     nokd = [(0.80, [0.5, 0.80, 0.7]), (0.82, [0.5, 0.81, 0.7]), (0.81, [0.5, 0.82, 0.7])]

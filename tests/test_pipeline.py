@@ -91,7 +91,7 @@ def lines(out: str) -> dict[str, str]:
     found = {}
     for ln in out.splitlines():
         if ln.startswith("["):
-            _, name, state, *_ = ln.split(maxsplit=3) + [""]
+            _, name, state, *_ = [*ln.split(maxsplit=3), ""]
             found[name] = state
     return found
 
@@ -128,7 +128,7 @@ def test_run_then_everything_is_skipped(fake, capsys: pytest.CaptureFixture[str]
     assert set(lines(capsys.readouterr().out).values()) == {"skip"}
 
 
-def test_a_changed_value_reruns_its_stage_and_the_stages_that_consume_it(fake, capsys) -> None:  # noqa: ANN001
+def test_a_changed_value_reruns_its_stage_and_the_stages_that_consume_it(fake, capsys) -> None:
     assert main(["--config", "pipe.yaml"]) == 0
     before = {p: Path(f"runs/{p}/checkpoints/best.ckpt").read_bytes() for p in "abcd"}
     n = len(fake())
@@ -157,7 +157,7 @@ def test_a_changed_value_reruns_its_stage_and_the_stages_that_consume_it(fake, c
     assert set(lines(plan_text).values()) == {"run"}  # d sets its own width but uses a.best
 
 
-def test_an_output_changed_outside_the_pipeline_reruns_its_consumers(fake, capsys) -> None:  # noqa: ANN001
+def test_an_output_changed_outside_the_pipeline_reruns_its_consumers(fake, capsys) -> None:
     assert main(["--config", "pipe.yaml"]) == 0
     n = len(fake())
     Path("runs/b/checkpoints/best.ckpt").write_bytes(b"fine-tuned by hand")
@@ -170,7 +170,7 @@ def test_an_output_changed_outside_the_pipeline_reruns_its_consumers(fake, capsy
     assert ran(fake()[n:]) == ["runs/d"]
 
 
-def test_only_from_force_and_a_missing_input(fake, capsys) -> None:  # noqa: ANN001
+def test_only_from_force_and_a_missing_input(fake, capsys) -> None:
     # --only b on a fresh folder: b's input a.best does not exist
     assert main(["--config", "pipe.yaml", "--only", "b"]) == 2
     err = capsys.readouterr().err
@@ -192,7 +192,7 @@ def test_only_from_force_and_a_missing_input(fake, capsys) -> None:  # noqa: ANN
     assert main(["--config", "pipe.yaml", "--from", "nope"]) == 2
 
 
-def test_a_failing_stage_stops_the_pipeline_with_its_name_status_and_log(fake, capsys) -> None:  # noqa: ANN001
+def test_a_failing_stage_stops_the_pipeline_with_its_name_status_and_log(fake, capsys) -> None:
     Path("bad.yaml").write_text("fake: {fail: 3}\n")
     text = PIPELINE.replace(
         "config: recipe.yaml\n    dir: ${root}/c", "config: [recipe.yaml, bad.yaml]\n    dir: ${root}/c"
@@ -224,7 +224,7 @@ stages:
 """
 
 
-def test_overwrite_replaces_outputs_only_when_the_stage_runs_anew(fake, capsys) -> None:  # noqa: ANN001
+def test_overwrite_replaces_outputs_only_when_the_stage_runs_anew(fake, capsys) -> None:
     Path("pipe.yaml").write_text(OVERWRITE)
     assert main(["--config", "pipe.yaml"]) == 0
     marker = Path("runs/store/extra")
@@ -255,7 +255,7 @@ def test_overwrite_replaces_outputs_only_when_the_stage_runs_anew(fake, capsys) 
     assert not marker.exists()
 
 
-def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:  # noqa: ANN001
+def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:
     import fcntl
 
     Path("runs/a/pipeline").mkdir(parents=True)
@@ -269,14 +269,14 @@ def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:  # noqa: 
     assert main(["--config", "pipe.yaml", "--only", "a"]) == 0  # released: it runs
 
 
-def test_a_stage_that_does_not_write_its_declared_output_fails(fake, capsys) -> None:  # noqa: ANN001
+def test_a_stage_that_does_not_write_its_declared_output_fails(fake, capsys) -> None:
     Path("pipe.yaml").write_text("stages: [{name: g, command: generate, dir: runs/g, outputs: {store: runs/store}}]")
     assert main(["--config", "pipe.yaml"]) == 1
     assert "stage 'g' exited 0 but did not write runs/store; log: runs/g/pipeline/g.log" in capsys.readouterr().err
     assert json.loads(Path("runs/g/pipeline/g.json").read_text())["status"] == "failed"
 
 
-def test_a_killed_pipeline_continues_where_it_stopped(fake, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_a_killed_pipeline_continues_where_it_stopped(fake, tmp_path: Path, monkeypatch, capsys) -> None:
     """SIGKILL the pipeline during b: b's kdl gets SIGTERM (parent-death signal) and stops; the rerun skips a,
     resumes b with --ckpt_path last from its saved epoch, and runs the rest."""
     Path("pipe.yaml").write_text(PIPELINE.replace("epochs: 2}", "epochs: 40}"))
@@ -292,7 +292,7 @@ def test_a_killed_pipeline_continues_where_it_stopped(fake, tmp_path: Path, monk
     proc.kill()
     proc.join()
     monkeypatch.delenv("FAKE_KDL_SLEEP")
-    b_pid = [e for e in fake() if e["root"] == "runs/b"][0]["pid"]
+    b_pid = next(e for e in fake() if e["root"] == "runs/b")["pid"]
     deadline = time.monotonic() + 30
     while _alive(b_pid):  # the orphaned stage stops on its own
         assert time.monotonic() < deadline, "the stage outlived its pipeline"
@@ -317,7 +317,7 @@ def _exit_with(argv: list[str]) -> None:
     sys.exit(main(argv))
 
 
-def test_ctrl_c_stops_the_stage_and_the_background_server(fake, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_ctrl_c_stops_the_stage_and_the_background_server(fake, tmp_path: Path, monkeypatch) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     Path("pipe.yaml").write_text(f"""
@@ -338,7 +338,7 @@ stages:
     proc.join(timeout=60)
     assert proc.exitcode == 128 + signal.SIGINT
     assert not _answers(url)  # the server was stopped
-    stage_pid = [e for e in fake() if e["command"] == "fit"][0]["pid"]
+    stage_pid = next(e for e in fake() if e["command"] == "fit")["pid"]
     assert not _alive(stage_pid)
     rec = json.loads((tmp_path / "runs/long/pipeline/long.json").read_text())
     assert rec["status"] == "interrupted" and rec["returncode"] == -signal.SIGTERM
@@ -369,7 +369,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_a_background_stage_serves_the_later_stages_and_is_stopped(fake, capsys) -> None:  # noqa: ANN001
+def test_a_background_stage_serves_the_later_stages_and_is_stopped(fake, capsys) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     Path("pipe.yaml").write_text(f"""
@@ -407,7 +407,7 @@ stages:
     assert "server" not in lines(capsys.readouterr().out)
 
 
-def test_a_background_stage_that_is_never_ready_fails_with_its_log(fake, capsys) -> None:  # noqa: ANN001
+def test_a_background_stage_that_is_never_ready_fails_with_its_log(fake, capsys) -> None:
     port = _free_port()
     Path("pipe.yaml").write_text(f"""
 stages:
@@ -472,7 +472,7 @@ def test_references_variables_and_types_resolve() -> None:
     assert s.state_path == "r/s/pipeline/s.json" and s.log_path == "r/s/pipeline/s.log"
 
 
-def test_folder_hashes_cover_every_file_but_the_pipeline_records(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_folder_hashes_cover_every_file_but_the_pipeline_records(tmp_path: Path, monkeypatch) -> None:
     store = tmp_path / "store"
     (store / "shards").mkdir(parents=True)
     (store / "pipeline").mkdir()
@@ -537,14 +537,14 @@ def test_folder_hashes_cover_every_file_but_the_pipeline_records(tmp_path: Path,
         ([], {}, "no stages"),
     ],
 )
-def test_bad_pipelines_are_named(stages: list, variables: dict, message: str, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_bad_pipelines_are_named(stages: list, variables: dict, message: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pipeline.ConfigError, match=None) as e:
         resolve(stages, variables, tool_commands=("generate",))
     assert message in str(e.value)
 
 
-def test_an_unknown_stage_key_is_a_parse_error(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_an_unknown_stage_key_is_a_parse_error(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     Path("p.yaml").write_text("stages:\n  - {name: a, command: fit, dir: x, max_epochs: 3}\n")
     assert main(["--config", "p.yaml"]) == 2
@@ -553,7 +553,7 @@ def test_an_unknown_stage_key_is_a_parse_error(tmp_path: Path, monkeypatch, caps
 
 # ---------------------------------------------------------------------------------- real kdl stages
 @pytest.mark.slow
-def test_a_real_fit_stage_runs_once(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_a_real_fit_stage_runs_once(tmp_path: Path, monkeypatch, capsys) -> None:
     """A real ``kdl fit`` process (tinynet, one epoch) writes the run folder it writes alone; the rerun skips it."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -580,7 +580,7 @@ def _digits_pipeline_args(root: Path) -> list[str]:
     return ["--config", str(RECIPES / "pipelines/digits_kd.yaml"), "--vars.root", str(root)]
 
 
-def test_shipped_digits_pipeline_resolves(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_shipped_digits_pipeline_resolves(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root, like every recipe's
     steps, _ = pipeline.load(_digits_pipeline_args(tmp_path / "r"))
     assert [s.name for s in steps] == ["teacher", "student", "blkd", "test"]
@@ -593,7 +593,7 @@ SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml") if "stages" in (yaml.safe_lo
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
-def test_every_shipped_pipeline_resolves(path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_every_shipped_pipeline_resolves(path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     stages = yaml.safe_load(path.read_text())["stages"]
     configs = [c for s in stages for c in ([s["config"]] if isinstance(s.get("config"), str) else s.get("config", []))]
@@ -627,7 +627,7 @@ CGANKD_STAGES = ("teacher", "student", "cgan", "dr", "generate", "student_cgankd
 
 
 @pytest.mark.parametrize("setting", ["digits", "fashion_mnist", "rotated"])
-def test_cgankd_pipelines_parse(setting: str, monkeypatch) -> None:  # noqa: ANN001
+def test_cgankd_pipelines_parse(setting: str, monkeypatch) -> None:
     path = RECIPES / "cgankd" / setting / "pipeline.yaml"
     raw = yaml.safe_load(path.read_text())
     names = [s["name"] for s in raw["stages"]]
@@ -647,7 +647,7 @@ def test_cgankd_pipelines_parse(setting: str, monkeypatch) -> None:  # noqa: ANN
 
 
 @pytest.mark.slow
-def test_digits_pipeline_runs_then_skips_everything(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_digits_pipeline_runs_then_skips_everything(tmp_path: Path, monkeypatch, capsys) -> None:
     """The shipped toy pipeline at a toy size (~1-2 min on 1 thread), then again: every stage skipped."""
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -665,7 +665,7 @@ def test_digits_pipeline_runs_then_skips_everything(tmp_path: Path, monkeypatch,
 
 
 @pytest.mark.slow
-def test_a_killed_real_fit_stage_resumes_from_last_ckpt(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_a_killed_real_fit_stage_resumes_from_last_ckpt(tmp_path: Path, monkeypatch, capsys) -> None:
     """SIGTERM to a real pipeline while it trains: kdl fit saves last.ckpt and exits; the rerun resumes it."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv(pipeline.LAUNCHER_ENV, raising=False)

@@ -30,7 +30,7 @@ def generate_args(parts: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("quiet", [[], ["--quiet=true"], ["--progress=false"]], ids=["bar", "quiet", "no-progress"])
-def test_generate_shows_its_bar_unless_quiet(parts, tmp_path: Path, capsys, quiet: list[str]) -> None:  # noqa: ANN001
+def test_generate_shows_its_bar_unless_quiet(parts, tmp_path: Path, capsys, quiet: list[str]) -> None:
     assert generate_main(generate_args(parts, tmp_path / "store", *quiet)) == 0
     err = capsys.readouterr().err
     assert "store " in err and "30 accepted" in err  # the summary line is always there
@@ -42,7 +42,7 @@ def test_generate_shows_its_bar_unless_quiet(parts, tmp_path: Path, capsys, quie
 
 
 @pytest.mark.parametrize("quiet", [False, True], ids=["bar", "quiet"])
-def test_report_shows_its_bar_unless_quiet(tmp_path: Path, capsys, quiet: bool) -> None:  # noqa: ANN001
+def test_report_shows_its_bar_unless_quiet(tmp_path: Path, capsys, quiet: bool) -> None:
     runs = [str(fake_run(tmp_path / f"seed{s}", s, [0.5, 0.6], 0.7)) for s in range(3)]
     assert report_main([*runs, f"--quiet={str(quiet).lower()}"]) == 0
     captured = capsys.readouterr()

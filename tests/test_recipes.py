@@ -152,7 +152,7 @@ def prepare(recipe: Path, tmp: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("recipe", ALL, ids=lambda p: str(p.relative_to(RECIPES)))
-def test_recipe(recipe: Path, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_recipe(recipe: Path, kdl, tmp_path: Path) -> None:
     """Runs the recipe under fast_dev_run on fake data (a chained one runs in its CHAINED test)."""
     text = yaml.safe_load(recipe.read_text())
     if "seed_everything" not in text:  # a partial recipe: its chained test stacks it onto its base
@@ -182,7 +182,7 @@ def test_nothing_under_recipes_is_left_out() -> None:
         assert function in defined, f"CHAINED names {target}, which does not exist"
 
 
-def test_missing_teacher_is_one_clear_message(kdl, fake_mnist: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_missing_teacher_is_one_clear_message(kdl, fake_mnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = RECIPES / "fashion_mnist" / "blkd.yaml"
     teacher = ["--model.init_args.teacher", "/no/such/teacher.ckpt"]
     assert kdl("fit", "--config", str(recipe), "--data.init_args.root", str(fake_mnist), *teacher) == 2

@@ -328,7 +328,7 @@ def test_sskd_is_the_authors_student_loss(b: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- self-KD
-def self_kd_model(cls_name: str, tmp_path, **kw):  # noqa: ANN001, ANN201
+def self_kd_model(cls_name: str, tmp_path, **kw):
     """A self-KD module of tinynet; ``ssup=True`` writes an (untrained) S_sup checkpoint for it."""
     from kd_lightning.methods import ImageClassifier, self_kd
 
@@ -341,7 +341,7 @@ def self_kd_model(cls_name: str, tmp_path, **kw):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("b", BATCHES)
-def test_pskd_has_the_official_soft_target_gradient(b: int, tmp_path) -> None:  # noqa: ANN001
+def test_pskd_has_the_official_soft_target_gradient(b: int, tmp_path) -> None:
     """PS-KD's code: ``sum(-((1 - a) onehot + a p_prev) log_softmax(s)) / B``; ours equals it minus the constant
     ``a H(p_prev)``, so the gradients are the same."""
     from kd_lightning.data.mixing import MixedBatch
@@ -362,7 +362,7 @@ def test_pskd_has_the_official_soft_target_gradient(b: int, tmp_path) -> None:  
 
 
 @pytest.mark.parametrize("b", BATCHES)
-def test_cskd_is_the_official_class_wise_loss(b: int, tmp_path) -> None:  # noqa: ANN001
+def test_cskd_is_the_official_class_wise_loss(b: int, tmp_path) -> None:
     from kd_lightning.data.mixing import MixedBatch
 
     torch.manual_seed(b)
@@ -378,7 +378,7 @@ def test_cskd_is_the_official_class_wise_loss(b: int, tmp_path) -> None:  # noqa
 
 
 @pytest.mark.parametrize("b", BATCHES)
-def test_tfkd_self_and_regularisation_with_the_official_scale(b: int, tmp_path) -> None:  # noqa: ANN001
+def test_tfkd_self_and_regularisation_with_the_official_scale(b: int, tmp_path) -> None:
     from kd_lightning.data.mixing import MixedBatch
 
     torch.manual_seed(b)
@@ -411,7 +411,7 @@ def test_tfkd_self_and_regularisation_with_the_official_scale(b: int, tmp_path) 
 
 
 @pytest.mark.parametrize("b", BATCHES)
-def test_aikd_critic_and_adversarial_term_use_one_joint_batch(b: int, tmp_path) -> None:  # noqa: ANN001
+def test_aikd_critic_and_adversarial_term_use_one_joint_batch(b: int, tmp_path) -> None:
     """WGAN-GP with AI-KD's critic FC-BN1d-LeakyReLU-FC-LeakyReLU-FC, the BN over S_sup's and the student's logits
     (and the penalty's mix) as ONE batch; the student's L_A = -E[D(S_t)] sees the same statistics."""
     from kd_lightning.data.mixing import MixedBatch

@@ -34,7 +34,7 @@ def test_the_selected_epoch_is_the_best_validation_one(runs: dict[str, list[Path
     assert read_run(runs["BLKD"][0]).method() == "DistillModule[BLKD]"
 
 
-def test_report_table_is_mean_and_std_over_seeds(kdl, runs, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_report_table_is_mean_and_std_over_seeds(kdl, runs, tmp_path: Path, capsys) -> None:
     folders = [str(p) for ps in runs.values() for p in ps]
     out = tmp_path / "report" / "table.md"
     assert kdl("report", *folders, "--group-by", "parent", "--out", str(out), "--quiet", "true") == 0
@@ -56,7 +56,7 @@ def test_report_table_is_mean_and_std_over_seeds(kdl, runs, tmp_path: Path, caps
     assert "| resnet8 | 5 |" in capsys.readouterr().out
 
 
-def test_report_errors_name_the_folder(kdl, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_report_errors_name_the_folder(kdl, tmp_path: Path, capsys) -> None:
     assert kdl("report", str(tmp_path / "nope")) == 2
     assert "'" + str(tmp_path / "nope") + "' does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

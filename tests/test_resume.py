@@ -135,7 +135,7 @@ def test_loader_state_counts_batches_handed_out() -> None:
     other.load_state_dict(state)
     assert [b.tolist() for b in other] == rest
     assert len(other) == 5  # Lightning plans the epoch with the full length
-    assert sum(first + rest, []) == list(sampler.permutation(0))
+    assert [i for chunk in first + rest for i in chunk] == list(sampler.permutation(0))
 
 
 def test_train_loader_is_resumable_and_uses_no_global_rng() -> None:

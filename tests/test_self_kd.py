@@ -184,20 +184,20 @@ class RecordLogits(L.Callback):
         self.looked_up: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
         self._handle: Any = None
 
-    def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+    def on_train_start(self, trainer, pl_module):
         self._handle = pl_module.net.register_forward_hook(self._keep)
         self._last: torch.Tensor | None = None
 
-    def _keep(self, module, inputs, output):  # noqa: ANN001, ANN201
+    def _keep(self, module, inputs, output):
         if module.training and torch.is_grad_enabled():
             self._last = output.detach().clone()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == 1:
             logits, seen = pl_module.progressive.lookup(batch["index"])
             self.looked_up.append((batch["index"].tolist(), logits.clone(), seen.clone()))
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == 0:
             for i, row in zip(batch["index"].tolist(), self._last):
                 self.epoch0[i] = row
@@ -254,7 +254,7 @@ def test_class_pair_sampler_yields_same_class_pairs_and_resumes() -> None:
     assert item["index"] == 0 and item["pair_index"] == 3 and float(item["pair_image"].mean()) == 3.0
 
 
-def test_cskd_without_class_pairs_is_a_clear_error(fake_mnist: Path, kdl, capsys) -> None:  # noqa: ANN001
+def test_cskd_without_class_pairs_is_a_clear_error(fake_mnist: Path, kdl, capsys) -> None:
     rc = kdl(
         "fit",
         "--config",
@@ -407,14 +407,14 @@ def test_cutout_blanks_one_square_per_image() -> None:
 # ------------------------------------------------------------------------------------------ S_sup
 def test_ssup_of_another_architecture_or_class_count_is_refused(tmp_path: Path) -> None:
     other_net = write_teacher(tmp_path / "a.ckpt", 4, 1, net="resnet8")
-    with pytest.raises(ConfigError, match="'resnet8'.*net='tinynet'"):
+    with pytest.raises(ConfigError, match=r"'resnet8'.*net='tinynet'"):
         AIKD(pretrained=str(other_net), net="tinynet", num_classes=4, in_channels=1)
     other_classes = write_teacher(tmp_path / "b.ckpt", 5, 1, net="tinynet")
-    with pytest.raises(ConfigError, match="num_classes=5.*num_classes=4"):
+    with pytest.raises(ConfigError, match=r"num_classes=5.*num_classes=4"):
         AIKD(pretrained=str(other_classes), net="tinynet", num_classes=4, in_channels=1)
 
 
-def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:  # noqa: ANN001
+def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:
     root = write_cub(tmp_path / "cub", num_classes=3, per_class=3, size=16)
     rc = kdl(
         "fit",
@@ -433,7 +433,7 @@ def test_missing_ssup_is_one_clear_message(tmp_path: Path, kdl, capsys) -> None:
 
 
 @pytest.mark.parametrize("mixing", ["cutmix", "mixup", "cutout"])
-def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> None:  # noqa: ANN001
+def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> None:
     ssup = write_teacher(tmp_path / "ssup.ckpt", 10, 1, mean=(0.3053,), std=(0.3760,), net="resnet8")
     assert (
         kdl(
@@ -456,7 +456,7 @@ def test_aikd_on_digits_with_augmentation(mixing: str, kdl, tmp_path: Path) -> N
     )
 
 
-def test_cskd_with_cutmix_on_digits(kdl) -> None:  # noqa: ANN001
+def test_cskd_with_cutmix_on_digits(kdl) -> None:
     assert (
         kdl(
             "fit",
@@ -500,12 +500,12 @@ class CrashAtEpoch(L.Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def on_train_epoch_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+    def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
             raise RuntimeError("injected crash")
 
 
-def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     ssup = write_teacher(tmp_path / "ssup.ckpt", 10, 1, mean=(0.3053,), std=(0.3760,), net="tinynet")
@@ -529,7 +529,7 @@ def test_aikd_resume_restores_the_store_exactly(kdl, kdl_callbacks, tmp_path: Pa
     restored: dict[str, torch.Tensor] = {}
 
     class CheckStore(L.Callback):
-        def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+        def on_train_start(self, trainer, pl_module):
             restored.update(pl_module.progressive.store.state_dict()["fields"])
 
     extra[:] = [CheckStore()]
@@ -638,7 +638,7 @@ def test_a_new_term_is_one_class(tmp_path: Path) -> None:
         def name(self) -> str:
             return "confidence"
 
-        def forward(self, student, teacher, batch, ctx=None):  # noqa: ANN001, ANN201
+        def forward(self, student, teacher, batch, ctx=None):
             return F.softmax(student.logits, -1).max(-1).values.mean()
 
     model = SelfKD(net="tinynet", num_classes=10, in_channels=1, terms=[Confidence(weight=0.5)])
@@ -646,7 +646,7 @@ def test_a_new_term_is_one_class(tmp_path: Path) -> None:
     logged: dict[str, float] = {}
 
     class Keep(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     trainer = L.Trainer(max_steps=2, callbacks=[Keep()], default_root_dir=tmp_path, **QUIET_TRAINER_KW)

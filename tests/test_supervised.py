@@ -93,9 +93,9 @@ def test_regressor_refuses_classification_data(tmp_path: Path) -> None:
 def test_bad_arguments_name_the_value() -> None:
     from kd_lightning.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="label_smoothing=1.5"):
+    with pytest.raises(ConfigError, match=r"label_smoothing=1.5"):
         ImageClassifier(net="tinynet", num_classes=10, label_smoothing=1.5)
     with pytest.raises(ConfigError, match="needs num_classes"):
         ImageClassifier(net="tinynet")
-    with pytest.raises(ConfigError, match="mean=.*in_channels=3"):
+    with pytest.raises(ConfigError, match=r"mean=.*in_channels=3"):
         ImageClassifier(net="tinynet", num_classes=10, in_channels=3, mean=(0.1, 0.2), std=(1.0, 1.0))

@@ -31,7 +31,7 @@ def test_there_are_sweeps() -> None:
     assert {p.stem for p in SWEEPS} >= {"aikd", "blkd", "cgankd", "mekd"}
 
 
-def print_config(kdl, capsys, command: str, argv: list[str]) -> dict[str, Any]:  # noqa: ANN001
+def print_config(kdl, capsys, command: str, argv: list[str]) -> dict[str, Any]:
     """``kdl COMMAND ... --print_config`` through the real parser; the printed config."""
     capsys.readouterr()
     assert kdl(command, *argv, "--print_config") == 0, capsys.readouterr().err
@@ -51,7 +51,7 @@ def choices(spec: dict[str, Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_sweep_is_valid_and_every_swept_key_exists(path: Path, kdl, capsys, monkeypatch) -> None:  # noqa: ANN001
+def test_sweep_is_valid_and_every_swept_key_exists(path: Path, kdl, capsys, monkeypatch) -> None:
     """W&B's schema accepts the file; one drawn parameter set becomes the command line wandb agent runs, and that
     line goes through the real command's parser: ``kdl fit --print_config`` (every swept key is a recipe key with
     that value), or ``kdl pipeline --dry-run`` plus ``--print_config`` of every stage it resolves to (every swept
@@ -103,7 +103,7 @@ def test_invalid_sweeps_are_named(tmp_path: Path) -> None:
         parameter_sets(random)
 
 
-def test_dry_run_prints_every_command(kdl, capsys, monkeypatch) -> None:  # noqa: ANN001
+def test_dry_run_prints_every_command(kdl, capsys, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     assert kdl("sweep", "recipes/sweeps/blkd.yaml", "--dry-run", "true") == 0
     lines = capsys.readouterr().out.strip().splitlines()

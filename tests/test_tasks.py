@@ -39,7 +39,7 @@ def test_classification_spec() -> None:
     assert set(out) == {"index", "logits", "label"}
     with pytest.raises(ConfigError, match="needs num_classes"):
         spec.out_features(None)
-    with pytest.raises(ConfigError, match="label_smoothing=1.0"):
+    with pytest.raises(ConfigError, match=r"label_smoothing=1\.0"):
         Classification(1.0)
 
 

@@ -23,7 +23,7 @@ FAST = [
 @pytest.mark.filterwarnings("ignore")
 def test_an_offline_run_logs_config_scalars_images_table_and_model(
     kdl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # noqa: ANN001
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -95,7 +95,7 @@ def test_an_offline_run_logs_config_scalars_images_table_and_model(
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_a_student_on_a_store_shows_the_filter_histograms(kdl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_a_student_on_a_store_shows_the_filter_histograms(kdl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """cGAN-KD's M3 with the W&B fragment: the store's filter histograms are an image of the run."""
     from kd_lightning.sampling.generate import generate
 

@@ -1,5 +1,7 @@
-"""Callbacks: exact resume, clean interruption, NaN guard, atomic checkpoints (kdl adds these to every
-fit), training throughput, GAN sample quality, and temperature scaling with calibration reports."""
+"""Callbacks for exact resume, clean interruption, NaN guard, checkpoints, throughput, GAN quality, calibration.
+
+kdl adds the first four (resume, interruption, NaN guard, atomic checkpoints) to every fit.
+"""
 
 from kd_lightning.callbacks.calibration import TemperatureScaling
 from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
@@ -11,17 +13,17 @@ from kd_lightning.callbacks.throughput import TrainThroughput
 
 __all__ = [
     "EXIT_SIGTERM",
-    "exit_status_after_stop",
     "AtomicCheckpointIO",
     "GANQuality",
     "GracefulStop",
     "NaNGuard",
     "NonFiniteLossError",
-    "TrainThroughput",
     "ResumeState",
+    "TemperatureScaling",
+    "TrainThroughput",
     "config_differences",
+    "exit_status_after_stop",
     "last_checkpoint_path",
     "rng_states",
     "set_rng_states",
-    "TemperatureScaling",
 ]

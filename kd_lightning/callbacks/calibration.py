@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from kd_lightning.metrics.calibration import calibration_report, plot_reliability_diagram, report_lines
@@ -67,7 +68,7 @@ class TemperatureScaling(L.Callback):
     @staticmethod
     def _gather(pl_module: L.LightningModule, t: torch.Tensor) -> torch.Tensor:
         if pl_module.trainer.world_size > 1:  # each rank holds its shard of the test split; rank 0 needs them all
-            t = pl_module.all_gather(t)
+            t = cast(torch.Tensor, pl_module.all_gather(t))
             t = t.reshape(-1, *t.shape[2:])
         return t.cpu()
 
@@ -81,7 +82,7 @@ class TemperatureScaling(L.Callback):
             self._val = None
             return
 
-        def keep(_module: Any, _inputs: Any, output: Any) -> None:
+        def keep(_module: nn.Module, _inputs: tuple[object, ...], output: object) -> None:
             if isinstance(output, torch.Tensor):
                 self._last = output.detach()
 
@@ -91,8 +92,8 @@ class TemperatureScaling(L.Callback):
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
+        outputs: Any,  # noqa: ANN401 - Lightning's hook signature
+        batch: Any,  # noqa: ANN401 - Lightning's hook signature
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:

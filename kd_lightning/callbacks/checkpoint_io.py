@@ -14,15 +14,18 @@ from kd_lightning.fileio import atomic_replace
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to ``<path>.partial`` in the same folder, flush it to disk, then ``os.replace`` it
-    (:func:`kd_lightning.fileio.atomic_replace`).
+    """Write to ``<path>.partial`` in the same folder, flush it to disk, then ``os.replace`` it.
+
+    The replace is :func:`kd_lightning.fileio.atomic_replace`.
 
     ``os.replace`` is atomic on POSIX file systems, so readers (and ``--ckpt_path last``) see either
     the previous complete file or the new complete file. Remote paths (``s3://`` ...) fall back to
     Lightning's default writer.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: object | None = None
+    ) -> None:
         path = str(path)
         if "://" in path and not path.startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)

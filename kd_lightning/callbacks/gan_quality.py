@@ -128,7 +128,9 @@ class GANQuality(L.Callback):
             return torch.linspace(0, 1, self.n_label_values).repeat_interleave(n)
         return n * 10
 
-    def _real_reference(self, trainer: L.Trainer, pl_module: L.LightningModule, feats: TeacherFeatures) -> Any:
+    def _real_reference(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, feats: TeacherFeatures
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._real is None:
             ds = getattr(trainer.datamodule, "val_dataset", None) if trainer.datamodule is not None else None
             if ds is None or len(ds) == 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -55,7 +56,7 @@ class GracefulStop(L.Callback):
         self._trainer: L.Trainer | None = None
 
     # ------------------------------------------------------------------ signal plumbing
-    def _handler(self, signum: int, frame: Any) -> None:
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
         first = not self.requested
         if not first and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
@@ -97,12 +98,17 @@ class GracefulStop(L.Callback):
             return True
         loop = trainer.fit_loop
         try:
-            return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+            return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - private API: assume the common case (validation at epoch end only)
             return False
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,  # noqa: ANN401 - Lightning's hook signature
+        batch: Any,  # noqa: ANN401 - Lightning's hook signature
+        batch_idx: int,
     ) -> None:
         if not self.requested or trainer.world_size > 1 or self._followed_by_validation_or_epoch_end(trainer):
             return

@@ -11,7 +11,7 @@ with the resuming recipe (:func:`config_differences`).
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -24,9 +24,11 @@ RESUME_IGNORED_KEYS = ("data.init_args.num_workers", "data.init_args.root", "dat
 
 
 def rng_states() -> dict[str, Any]:
-    """The current torch, CUDA, numpy and Python RNG states of this process (tensors and plain values only,
-    so that Lightning's ``weights_only`` checkpoint loading accepts them)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    """Return the current torch, CUDA, numpy and Python RNG states of this process.
+
+    Tensors and plain values only, so that Lightning's ``weights_only`` checkpoint loading accepts them.
+    """
+    name, keys, pos, has_gauss, gauss = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
@@ -86,7 +88,7 @@ class ResumeState(L.Callback):
             self._pending = None
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: object, prefix: str = "") -> dict[str, Any]:
     """Nested dicts/lists as ``{"a.b.0": leaf}``."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}

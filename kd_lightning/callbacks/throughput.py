@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TrainThroughput(L.Callback):
@@ -32,7 +35,11 @@ class TrainThroughput(L.Callback):
         self._last_end = None
 
     def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,  # noqa: ANN401 - Lightning's hook signature
+        batch_idx: int,
     ) -> None:
         now = time.perf_counter()
         if self._last_end is not None:
@@ -40,7 +47,12 @@ class TrainThroughput(L.Callback):
         self._start = now
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,  # noqa: ANN401 - Lightning's hook signature
+        batch: Any,  # noqa: ANN401 - Lightning's hook signature
+        batch_idx: int,
     ) -> None:
         now = time.perf_counter()
         if self._start is not None:
@@ -53,7 +65,7 @@ class TrainThroughput(L.Callback):
             pl_module.log("train/img_per_s", self.images_per_second, on_epoch=True)
 
 
-def _batch_size(batch: Any) -> int:
+def _batch_size(batch: torch.Tensor | dict[str, torch.Tensor] | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> int:
     if isinstance(batch, dict):
         batch = batch.get("image", next(iter(batch.values())))
     if isinstance(batch, (list, tuple)):

@@ -20,15 +20,15 @@ from kd_lightning.data.utkface import UTKFaceDataModule
 
 __all__ = [
     "AugmentedDataModule",
-    "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "CUB200DataModule",
     "DigitsDataModule",
-    "FGVCAircraftDataModule",
     "DigitsEdgeCloud",
     "EdgeCloudSplit",
-    "FashionMNISTEdgeCloud",
+    "FGVCAircraftDataModule",
     "FashionMNISTDataModule",
+    "FashionMNISTEdgeCloud",
     "FilteredDataModule",
     "GeneratedDataModule",
     "ImageDataModule",

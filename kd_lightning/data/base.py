@@ -60,8 +60,9 @@ class IndexedDataset(Dataset):
 
 
 class UInt8Transform:
-    """A v2 pipeline of ToImage, Pad, RandomCrop(padding), RandomHorizontalFlip, ToDtype(float32, scale), run on a
-    plain uint8 tensor without torchvision's per-call dispatch.
+    """Run v2's ToImage, Pad, RandomCrop(padding), RandomHorizontalFlip, ToDtype(float32, scale) without dispatch.
+
+    It works on a plain uint8 tensor, without torchvision's per-call dispatch.
 
     The same operations, in the same order, with the same random draws from the global RNG (crop top, crop left,
     flip), so the outputs and the random stream are bitwise those of the v2 pipeline (checked in
@@ -97,7 +98,7 @@ class UInt8Transform:
                 return pipeline
         return cls(pipeline, pad, crop, flip)
 
-    def __call__(self, image: Any) -> torch.Tensor:
+    def __call__(self, image: object) -> torch.Tensor:
         if type(image) is not torch.Tensor or image.dtype != torch.uint8 or image.ndim != 3:
             return self.pipeline(image)
         x = image
@@ -279,7 +280,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"{type(self).__name__} is a regression DataModule without label_range")
         lo, hi = self.label_range
 
-        def normalise(y: Any) -> torch.Tensor:
+        def normalise(y: object) -> torch.Tensor:
             return ((torch.as_tensor(y, dtype=torch.float32) - lo) / (hi - lo)).clamp(0.0, 1.0)
 
         return normalise
@@ -289,7 +290,7 @@ class ImageDataModule(L.LightningDataModule):
         n = len(base)  # type: ignore[arg-type]
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(n, generator=g)
-        n_val = int(round(self.val_fraction * n))
+        n_val = round(self.val_fraction * n)
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
         if self.train_size is not None and self.train_size >= len(train_idx):
             rank_zero_warn(
@@ -385,15 +386,20 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.predict_dataset, False, self.eval_batch_size)
 
 
-def augments(dm: Any) -> bool:
-    """Whether ``dm`` shows a sample different images from epoch to epoch: its ``augment`` flag (a DataModule
-    without one does not augment). Methods that cache per-sample outputs check this."""
+def augments(dm: object) -> bool:
+    """Return whether ``dm`` shows a sample different images from epoch to epoch.
+
+    That is its ``augment`` flag (a DataModule without one does not augment). Methods that cache per-sample
+    outputs check this.
+    """
     return bool(getattr(dm, "augment", False))
 
 
 def dataset_labels(ds: Dataset) -> torch.Tensor:
-    """Every label of ``ds`` in order, as its samples carry them (a regression label normalised by the
-    ``IndexedDataset``'s ``target_transform``; class ids as stored: call ``.long()`` for classes).
+    """Return every label of ``ds`` in order, as its samples carry them.
+
+    A regression label is normalised by the ``IndexedDataset``'s ``target_transform``; class ids are as
+    stored: call ``.long()`` for classes.
 
     Reads ``targets`` through ``Subset``, ``IndexedDataset`` and wrappers with a ``base`` without loading
     images; a dataset without ``targets`` is iterated.

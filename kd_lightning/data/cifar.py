@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from kd_lightning.data.base import ImageDataModule, Split, TensorDataset
 from kd_lightning.errors import DataNotFoundError
 
 
-def _get(d: dict, key: str) -> Any:
+def _get(d: dict, key: str) -> Any:  # noqa: ANN401 - an unpickled value
     return d[key.encode()] if key.encode() in d else d[key]
 
 
@@ -57,7 +57,7 @@ class CIFAR10DataModule(ImageDataModule):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
     folder = "cifar-10-batches-py"
-    files: dict[str, tuple[str, ...]] = {
+    files: ClassVar[dict[str, tuple[str, ...]]] = {
         "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
         "test": ("test_batch",),
     }
@@ -95,5 +95,5 @@ class CIFAR100DataModule(CIFAR10DataModule):
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
     folder = "cifar-100-python"
-    files = {"train": ("train",), "test": ("test",)}
+    files: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("train",), "test": ("test",)}
     label_key = "fine_labels"

@@ -16,6 +16,7 @@ Layout (as extracted from ``CUB_200_2011.tgz``)::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -63,8 +64,8 @@ class CUB200DataModule(ImageDataModule):
         bbox_crop: bool = False,
         verify: bool = False,
         image_size: int | None = None,
-        **kwargs,
-    ) -> None:  # noqa: ANN003
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root=root, image_size=image_size, **kwargs)
         self.native_size = self.image_size  # images are resized to image_size on load
         self.bbox_crop, self.verify = bbox_crop, verify

@@ -29,7 +29,7 @@ FGVC-Aircraft (Maji et al., 2013; ``fgvc-aircraft-2013b.tar.gz``) at the variant
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from torch.utils.data import Dataset
 
@@ -77,7 +77,9 @@ class FineGrainedDataModule(ImageDataModule):
     layout = ""
     class_dir: str | None = None  # folder under root whose sub-folders are the classes, if any
 
-    def __init__(self, root: str | None = None, verify: bool = False, image_size: int | None = None, **kwargs) -> None:  # noqa: ANN003
+    def __init__(
+        self, root: str | None = None, verify: bool = False, image_size: int | None = None, **kwargs: Any
+    ) -> None:
         if type(self) is FineGrainedDataModule:
             raise ConfigError(
                 "FineGrainedDataModule is the shared base of the fine-grained recipes; stack a dataset's override on "
@@ -157,7 +159,7 @@ class MIT67DataModule(FineGrainedDataModule):
     name = "MIT67"
     layout = "Images/<category>/*.jpg, TrainImages.txt and TestImages.txt"
     class_dir = "Images"
-    list_files = {"train": "TrainImages.txt", "test": "TestImages.txt"}
+    list_files: ClassVar[dict[str, str]] = {"train": "TrainImages.txt", "test": "TestImages.txt"}
 
     def build_dataset(self, split: Split) -> Dataset:
         root = self._root()
@@ -191,8 +193,8 @@ class FGVCAircraftDataModule(FineGrainedDataModule):
     folder = "fgvc-aircraft-2013b"
 
     def __init__(
-        self, root: str | None = None, train_split: Literal["trainval", "train"] = "trainval", **kwargs
-    ) -> None:  # noqa: ANN003
+        self, root: str | None = None, train_split: Literal["trainval", "train"] = "trainval", **kwargs: Any
+    ) -> None:
         if train_split not in ("trainval", "train"):
             raise ConfigError(f"train_split={train_split!r}; expected 'trainval' or 'train'")
         self.train_split = train_split

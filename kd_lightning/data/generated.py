@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADERS
 from torch.utils.data import ConcatDataset, Dataset
 
 from kd_lightning.data.base import ImageDataModule
@@ -111,15 +112,15 @@ class _FakeTrainBase(ImageDataModule):
             raise ConfigError(f"generated images have {images.shape[1]} channels but the data has {self.in_channels}")
         self.native_size = int(images.shape[-1])
 
-    def val_dataloader(self) -> Any:
+    def val_dataloader(self) -> EVAL_DATALOADERS:
         return self.real.val_dataloader() if self.real is not None else []
 
-    def test_dataloader(self) -> Any:
+    def test_dataloader(self) -> EVAL_DATALOADERS:
         if self.real is None:
             raise ConfigError(f"{type(self).__name__} has no test split without a real datamodule")
         return self.real.test_dataloader()
 
-    def predict_dataloader(self) -> Any:
+    def predict_dataloader(self) -> EVAL_DATALOADERS:
         return self.test_dataloader()
 
 
@@ -319,7 +320,7 @@ class AugmentedDataModule(ImageDataModule):
         index = torch.arange(self.n_fake) + (self.num_train_indices - self.n_fake)  # type: ignore[operator]
         return index, logits
 
-    def train_dataloader(self) -> Any:
+    def train_dataloader(self) -> TRAIN_DATALOADERS:
         if self.fake_share is None:
             return super().train_dataloader()
         from kd_lightning.data.sampler import ResumableDataLoader
@@ -335,13 +336,13 @@ class AugmentedDataModule(ImageDataModule):
             generator=torch.Generator().manual_seed(self.shuffle_seed()),
         )
 
-    def val_dataloader(self) -> Any:
+    def val_dataloader(self) -> EVAL_DATALOADERS:
         return self.real.val_dataloader()
 
-    def test_dataloader(self) -> Any:
+    def test_dataloader(self) -> EVAL_DATALOADERS:
         return self.real.test_dataloader()
 
-    def predict_dataloader(self) -> Any:
+    def predict_dataloader(self) -> EVAL_DATALOADERS:
         return self.real.predict_dataloader()
 
 

@@ -24,6 +24,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
+    """Return whether ``path`` ends in one of the image extensions we read (case-insensitive)."""
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -121,9 +122,9 @@ class ImageFileDataset(Dataset):
         img = load_image(self.paths[i], self.mode)
         if self.boxes is not None:
             x, y, w, h = self.boxes[i]
-            img = img.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))
+            img = img.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))  # noqa: RUF046 (numpy/torch scalars)
         if self.size is not None and img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.BILINEAR, reducing_gap=None)
+            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=None)
         return img, self.targets[i]
 
 
@@ -137,6 +138,6 @@ def grouped_holdout(groups: torch.Tensor, fraction: float, seed: int) -> torch.T
     mask = torch.zeros(len(groups), dtype=torch.bool)
     for v in groups.unique():
         idx = (groups == v).nonzero().flatten()
-        k = int(round(fraction * len(idx)))
+        k = round(fraction * len(idx))
         mask[idx[torch.randperm(len(idx), generator=g)[:k]]] = True
     return mask

@@ -8,6 +8,7 @@ their own loaders that read their distributed formats (:mod:`kd_lightning.data.i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -34,8 +35,8 @@ class ImageFolderDataModule(ImageDataModule):
     """
 
     native_size = 224
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __init__(
         self,
@@ -45,8 +46,8 @@ class ImageFolderDataModule(ImageDataModule):
         classes: list[str] | None = None,
         grayscale: bool = False,
         verify: bool = False,
-        **kwargs,
-    ) -> None:  # noqa: ANN003
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root=root, **kwargs)
         self.native_size = self.image_size  # images are resized to image_size on load
         self.train_dir, self.test_dir, self.verify = train_dir, test_dir, verify

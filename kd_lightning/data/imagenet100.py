@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -85,8 +85,8 @@ class ImageNet100DataModule(ImageFolderDataModule):
         test_dir: str = "val",
         test_split: Literal["val", "holdout"] = "val",
         holdout_size: int = 10000,
-        **kwargs,
-    ) -> None:  # noqa: ANN003
+        **kwargs: Any,
+    ) -> None:
         if test_split not in ("val", "holdout"):
             raise ConfigError(f"test_split={test_split!r}; expected 'val' or 'holdout'")
         if holdout_size < 1:
@@ -97,8 +97,11 @@ class ImageNet100DataModule(ImageFolderDataModule):
         self.num_classes = len(wnids)  # also when the folders are missing (reported by setup())
 
     def build_dataset(self, split: Split) -> Dataset:
-        """``test_split="val"``: ImageNet's train and val folders. ``"holdout"`` (cGAN-KD's protocol): a fixed
-        random ``holdout_size`` of the training images is the test set, the rest the training set."""
+        """Build the ``split`` from ImageNet's train and val folders, or from a hold-out of the training images.
+
+        ``test_split="val"``: ImageNet's train and val folders. ``"holdout"`` (cGAN-KD's protocol): a fixed
+        random ``holdout_size`` of the training images is the test set, the rest the training set.
+        """
         if self.test_split == "val":
             return super().build_dataset(split)
         full = super().build_dataset("train")

@@ -6,9 +6,11 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 from torch.utils.data import Dataset
 
 from kd_lightning.data.base import ImageDataModule, Split, TensorDataset
@@ -20,7 +22,7 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, DTypeLike] = {
     0x08: np.uint8,
     0x09: np.int8,
     0x0B: np.dtype(">i2"),
@@ -54,6 +56,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_idx_file(root: Path, stem: str) -> Path:
+    """Return the idx file ``stem`` under ``root``, gzipped or raw; raise DataNotFoundError naming ``root``."""
     for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):  # also accept the "t10k-images.idx3-ubyte" spelling
         if (root / name).is_file():
             return root / name
@@ -91,7 +94,7 @@ class MNISTDataModule(ImageDataModule):
     hflip = False
     default_root: str | None = None
 
-    def __init__(self, root: str | None = None, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, root: str | None = None, **kwargs: Any) -> None:
         super().__init__(root=root if root is not None else self.default_root, **kwargs)
 
     def build_dataset(self, split: Split) -> Dataset:

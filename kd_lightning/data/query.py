@@ -77,7 +77,7 @@ class EdgeCloudSplit:
         cloud = parts["cloud"]
         g = torch.Generator().manual_seed(self.seed)  # type: ignore[attr-defined]
         perm = cloud[torch.randperm(len(cloud), generator=g)]
-        n_val = int(round(self.val_fraction * len(cloud)))  # type: ignore[attr-defined]
+        n_val = round(self.val_fraction * len(cloud))  # type: ignore[attr-defined]
         return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 

@@ -8,6 +8,8 @@ h5py``); without it the DataModule says so. 20% of the images of every angle for
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ from kd_lightning.data.image_files import grouped_holdout
 from kd_lightning.errors import ConfigError, DataNotFoundError
 
 
-def _h5py():  # noqa: ANN202
+def _h5py() -> ModuleType:
     try:
         import h5py
     except ImportError:
@@ -56,8 +58,8 @@ class RC49DataModule(ImageDataModule):
         min_angle: float = 0.0,
         max_angle: float = 90.0,
         test_fraction: float = 0.2,
-        **kwargs,
-    ) -> None:  # noqa: ANN003
+        **kwargs: Any,
+    ) -> None:
         if not min_angle < max_angle:
             raise ConfigError(f"min_angle={min_angle}, max_angle={max_angle}; expected min_angle < max_angle")
         super().__init__(root=root, **kwargs)
@@ -88,7 +90,7 @@ class RC49DataModule(ImageDataModule):
                 f"{str(path)!r}: images {images.shape} {images.dtype}, labels {labels.shape}; "
                 "expected N x 3 x H x W uint8 images and N angles"
             )
-        lo, hi = self.label_range  # type: ignore[misc]
+        lo, hi = self.label_range
         keep = (labels >= lo) & (labels <= hi)
         return torch.from_numpy(np.ascontiguousarray(images[keep])), torch.from_numpy(labels[keep])
 

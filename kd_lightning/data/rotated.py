@@ -24,7 +24,7 @@ from kd_lightning.errors import ConfigError
 def inscribed_side(size: int, max_abs_angle: float) -> int:
     """Side of the largest axis-aligned square inside a ``size`` square rotated by up to ``max_abs_angle``."""
     a = math.radians(min(abs(max_abs_angle), 45.0))
-    return max(1, int(math.floor(size / (math.cos(a) + math.sin(a)))))
+    return max(1, math.floor(size / (math.cos(a) + math.sin(a))))
 
 
 class RotatedDataset(Dataset):
@@ -106,7 +106,7 @@ class RotatedDataModule(ImageDataModule):
         n_src = base.n_src  # type: ignore[attr-defined]
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(n_src, generator=g)
-        n_val = int(round(self.val_fraction * n_src))
+        n_val = round(self.val_fraction * n_src)
         is_val = torch.zeros(n_src, dtype=torch.bool)
         is_val[perm[:n_val]] = True
         src = torch.arange(len(base)) % n_src  # type: ignore[arg-type]

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kd_lightning.errors import CheckpointError
 
@@ -133,7 +133,7 @@ class ResumableDataLoader(DataLoader):
     The count is exact because Lightning does not prefetch from loaders with a length.
     """
 
-    def __init__(self, dataset: Any, sampler: Any = None, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, sampler: Sampler | Iterable | None = None, **kwargs: Any) -> None:
         # Lightning may rebuild the loader with another sampler (``overfit_batches``): then it is a plain loader
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._epoch_start = 0  # sampler position where the current pass began

@@ -14,6 +14,7 @@ resized to 64x64. Following cGAN-KD, the angle range is cut into disjoint interv
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -74,8 +75,8 @@ class SteeringAngleDataModule(ImageDataModule):
         min_per_interval: int = 40,
         test_fraction: float = 0.2,
         verify: bool = False,
-        **kwargs,
-    ) -> None:  # noqa: ANN003
+        **kwargs: Any,
+    ) -> None:
         if not min_angle < max_angle:
             raise ConfigError(f"min_angle={min_angle}, max_angle={max_angle}; expected min_angle < max_angle")
         if not 0 < test_fraction < 1:
@@ -91,7 +92,7 @@ class SteeringAngleDataModule(ImageDataModule):
             raise DataNotFoundError(f"{type(self).__name__} needs root=<folder with {self.angle_file} and the images>")
         root = Path(self.root)
         ann = require_file(root / self.angle_file, "Steering Angle angle file")
-        lo, hi = self.label_range  # type: ignore[misc]
+        lo, hi = self.label_range
         paths, angles = [], []
         for n, line in enumerate(ann.read_text().splitlines(), start=1):
             if not line.strip():

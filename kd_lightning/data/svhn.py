@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -63,10 +64,10 @@ class SVHNDataModule(ImageDataModule):
     std = (0.1980, 0.2010, 0.1970)
     hflip = False  # digits are not mirror-symmetric
     name = "SVHN"
-    files: dict[str, tuple[str, ...]] = {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)}
+    files: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)}
     extra_file = "extra_32x32.mat"
 
-    def __init__(self, root: str | None = None, extra: bool = False, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, root: str | None = None, extra: bool = False, **kwargs: Any) -> None:
         super().__init__(root=root, **kwargs)
         self.extra = extra
 
@@ -112,8 +113,10 @@ def read_torch_digits(path: str | os.PathLike, what: str) -> tuple[torch.Tensor,
 
 
 class SynDigitsDataModule(SVHNDataModule):
-    """Synthetic Digits (SynNumbers): ~480k rendered 32x32 digits, Ganin's ``synth_*_32x32.mat`` release
-    (or, when it is absent, the ``synth_*.pt`` re-pack that MEKD's official code reads).
+    """Synthetic Digits (SynNumbers): ~480k rendered 32x32 digits.
+
+    Ganin's ``synth_*_32x32.mat`` release, or, when it is absent, the ``synth_*.pt`` re-pack that MEKD's
+    official code reads.
 
     MEKD's out-of-domain setting trains the teacher here and distils a student on SVHN. Normalisation
     constants are nominal (0.5 / 0.25), not measured on the release.
@@ -122,10 +125,13 @@ class SynDigitsDataModule(SVHNDataModule):
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
     name = "Synthetic Digits"
-    files = {"train": ("synth_train_32x32.mat",), "test": ("synth_test_32x32.mat",)}
-    torch_files = {"train": "synth_train.pt", "test": "synth_test.pt"}
+    files: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("synth_train_32x32.mat",),
+        "test": ("synth_test_32x32.mat",),
+    }
+    torch_files: ClassVar[dict[str, str]] = {"train": "synth_train.pt", "test": "synth_test.pt"}
 
-    def __init__(self, root: str | None = None, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, root: str | None = None, **kwargs: Any) -> None:
         super().__init__(root=root, extra=False, **kwargs)
 
     def build_dataset(self, split: Split) -> Dataset:

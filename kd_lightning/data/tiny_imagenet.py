@@ -15,6 +15,7 @@ at ``tiny-imagenet-200``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -35,7 +36,7 @@ class TinyImageNetDataModule(ImageDataModule):
     std = (0.2770, 0.2691, 0.2821)
     folder = "tiny-imagenet-200"
 
-    def __init__(self, root: str | None = None, verify: bool = False, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, root: str | None = None, verify: bool = False, **kwargs: Any) -> None:
         super().__init__(root=root, **kwargs)
         self.verify = verify
         wnids = self._base() / "wnids.txt" if root is not None else None

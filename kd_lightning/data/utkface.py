@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -48,8 +49,8 @@ class UTKFaceDataModule(ImageDataModule):
         max_age: int = 60,
         test_fraction: float = 0.2,
         verify: bool = False,
-        **kwargs,
-    ) -> None:  # noqa: ANN003
+        **kwargs: Any,
+    ) -> None:
         if not 0 <= min_age < max_age:
             raise ConfigError(f"min_age={min_age}, max_age={max_age}; expected 0 <= min_age < max_age")
         if not 0 < test_fraction < 1:

@@ -133,9 +133,11 @@ class VicinalSampler:
         self.radius = self.kappa if vicinity == "hard" else math.sqrt(-math.log(soft_threshold) / self.nu)
 
     def draw_unique(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` labels drawn uniformly, with replacement, from the DISTINCT training labels (the official code's
-        ``np.random.choice(unique_train_labels, size=n, replace=True)``): every label value is equally likely,
-        whatever its frequency."""
+        """Draw ``n`` labels uniformly, with replacement, from the DISTINCT training labels.
+
+        As the official code's ``np.random.choice(unique_train_labels, size=n, replace=True)``: every label
+        value is equally likely, whatever its frequency.
+        """
         return self.unique[torch.randint(len(self.unique), (n,), generator=generator)]
 
     def targets(

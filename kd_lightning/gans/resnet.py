@@ -20,6 +20,7 @@ Sizes: the number of up/down-sampling blocks follows the image side: 28 px (7 ->
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -144,7 +145,7 @@ class ResNetGenerator(Generator):
             cond_dim = 0
         self.uses_embedding = condition == "continuous" and label_embed is not None
         self.linear = nn.Linear(z_dim, widths[0] * self.bottom**2)
-        self.blocks = nn.ModuleList(GenBlock(a, b, cond_dim) for a, b in zip(widths[:-1], widths[1:]))
+        self.blocks = nn.ModuleList(GenBlock(a, b, cond_dim) for a, b in itertools.pairwise(widths))
         self.out_bn = nn.BatchNorm2d(widths[-1])
         self.out_conv = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
 
@@ -222,7 +223,7 @@ class ResNetDiscriminator(nn.Module):
         n_down = n_up - 1 if bottom == 4 and n_up > 1 else n_up  # the last blocks work on 7x7 or 8x8 maps
         widths = [ch * 2 ** min(i, 3) for i in range(n_down + 1)]
         blocks: list[nn.Module] = [DisBlock(in_channels, widths[0], down=True, first=True)]
-        blocks += [DisBlock(a, b, down=True) for a, b in zip(widths[:-2], widths[1:-1])]
+        blocks += [DisBlock(a, b, down=True) for a, b in itertools.pairwise(widths[:-1])]
         blocks += [DisBlock(widths[-2], widths[-1], down=False), DisBlock(widths[-1], widths[-1], down=False)]
         self.blocks = nn.Sequential(*blocks)
         feat = widths[-1]

@@ -115,8 +115,11 @@ class KDLoss(nn.Module):
 
 
 def _losses() -> dict[str, type[KDLoss]]:
-    """Every public subclass of :class:`KDLoss` defined in kd_lightning, by class name: the same classes
-    jsonargparse resolves a recipe's ``class_path: NAME`` against (it, too, walks the imported subclasses)."""
+    """Every public teacher-student subclass of :class:`KDLoss` in kd_lightning, by class name.
+
+    These are the classes jsonargparse resolves a recipe's ``class_path: NAME`` against (it, too, walks the
+    imported subclasses).
+    """
     import kd_lightning.losses  # noqa: F401  (defines the built-in losses)
 
     found: dict[str, type[KDLoss]] = {}

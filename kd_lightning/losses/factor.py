@@ -36,7 +36,7 @@ class Paraphraser(nn.Module):
         super().__init__()
         if rate <= 0:
             raise ConfigError(f"FT: rate={rate}; expected a positive paraphrase rate")
-        k = max(1, int(round(channels * rate)))
+        k = max(1, round(channels * rate))
         self.channels, self.rate, self.factor_channels = channels, rate, k
         self.encoder = nn.Sequential(*_conv(channels, channels), *_conv(channels, k), *_conv(k, k))
         self.decoder = nn.Sequential(*_conv(k, k, True), *_conv(k, channels, True), *_conv(channels, channels, True))
@@ -65,7 +65,7 @@ class _Frozen(nn.Module):
     def train(self, mode: bool = True) -> _Frozen:
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> Any:
+    def forward(self, x: torch.Tensor) -> Any:  # noqa: ANN401 - whatever the wrapped module returns
         with torch.no_grad():
             return self.module(x)
 

@@ -34,9 +34,11 @@ KLReduction = Literal["batchmean", "mean"]
 
 
 def designed_teacher(label: torch.Tensor, num_classes: int, correct_prob: float, temperature: float) -> torch.Tensor:
-    """TF-KD_reg's manually designed teacher at temperature tau: ``softmax(p^d / tau)`` with ``p^d(k) = a`` for
-    the true class and ``(1 - a) / (K - 1)`` for the others (the official code softens p^d, a probability
-    vector, with the softmax at tau)."""
+    """TF-KD_reg's manually designed teacher at temperature tau: ``softmax(p^d / tau)``.
+
+    ``p^d(k) = a`` for the true class and ``(1 - a) / (K - 1)`` for the others (the official code softens p^d,
+    a probability vector, with the softmax at tau).
+    """
     p_d = torch.full((len(label), num_classes), (1.0 - correct_prob) / (num_classes - 1), device=label.device)
     p_d.scatter_(1, label.long().view(-1, 1), correct_prob)
     return F.softmax(p_d / temperature, dim=-1)
@@ -77,9 +79,11 @@ class SelfKDTerm(KDLoss):
 
 
 class GuideKL(SelfKDTerm):
-    """Guide term: ``tau^2 KL(p_sup(x; tau) || p_t(x; tau))`` to the frozen pre-trained copy S_sup (AI-KD's a_G
-    term, TF-KD's self-training), or to TF-KD_reg's manually designed teacher (``target: designed``), whose term is
-    ``KL(p^d_tau || p_t(x; tau))`` without ``tau^2`` (TF-KD Eq. 9 and its code).
+    """Guide term: ``tau^2 KL(p_sup(x; tau) || p_t(x; tau))`` to the frozen pre-trained copy S_sup.
+
+    AI-KD's a_G term and TF-KD's self-training; or to TF-KD_reg's manually designed teacher
+    (``target: designed``), whose term is ``KL(p^d_tau || p_t(x; tau))`` without ``tau^2`` (TF-KD Eq. 9 and its
+    code).
 
     Args:
         T: tau_G.
@@ -141,9 +145,11 @@ class GuideKL(SelfKDTerm):
 
 
 class ProgressiveKL(SelfKDTerm):
-    """Progressive term: ``tau^2 KL(p_{t-1}(x; tau) || p_t(x; tau))`` to the logits each sample got when it was
-    last trained on (PS-KD; AI-KD's a_P term), kept in a :class:`~kd_lightning.per_sample.PerSampleStore` keyed by
-    ``batch["index"]`` (field ``logits``; saved in checkpoints as this module's extra state).
+    """Progressive term: ``tau^2 KL(p_{t-1}(x; tau) || p_t(x; tau))`` to each sample's last logits.
+
+    The logits each sample got when it was last trained on (PS-KD; AI-KD's a_P term), kept in a
+    :class:`~kd_lightning.per_sample.PerSampleStore` keyed by ``batch["index"]`` (field ``logits``; saved in
+    checkpoints as this module's extra state).
 
     A sample with no stored prediction yet (all of epoch 0) gets its one-hot label as target, as in PS-KD's code.
     Under Mixup/CutMix the targets of the two source images are mixed like the images.
@@ -212,8 +218,9 @@ class ProgressiveKL(SelfKDTerm):
 
 
 class ClassWiseKL(SelfKDTerm):
-    """Class-wise term (CS-KD): ``T^2 KL(p(x'; T) || p(x; T))`` to a same-class partner x' (its logits from a
-    no-gradient forward pass of the student in training mode, as in CS-KD's code).
+    """Class-wise term (CS-KD): ``T^2 KL(p(x'; T) || p(x; T))`` to a same-class partner x'.
+
+    The partner's logits come from a no-gradient forward pass of the student in training mode, as in CS-KD's code.
 
     Args:
         T: the temperature.

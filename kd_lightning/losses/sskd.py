@@ -26,8 +26,10 @@ def rotation_similarity(rotated: torch.Tensor, normal: torch.Tensor) -> torch.Te
 
 
 def keep_by_rank(scores: torch.Tensor, target: torch.Tensor, ratio: float) -> torch.Tensor:
-    """SSKD's error-level filter: rows where ``target`` ranks first, plus the ``ratio`` of the
-    others whose target ranks best (sorted row indices)."""
+    """SSKD's error-level filter: the sorted indices of the rows to keep.
+
+    The rows where ``target`` ranks first, plus the ``ratio`` of the others whose target ranks best.
+    """
     rank = (scores > scores.gather(1, target.unsqueeze(1))).sum(1)  # 0 when the target is the top score
     order = torch.argsort(rank, stable=True)
     wrong = int((rank > 0).sum())
@@ -36,8 +38,10 @@ def keep_by_rank(scores: torch.Tensor, target: torch.Tensor, ratio: float) -> to
 
 
 class ProjectionHead(nn.Module):
-    """SSKD's SS module on the penultimate feature: Linear - ReLU - Linear, as the authors' code builds it
-    (``batch_norm=True`` adds a BatchNorm1d after the first Linear)."""
+    """SSKD's SS module on the penultimate feature: Linear - ReLU - Linear, as the authors' code builds it.
+
+    ``batch_norm=True`` adds a BatchNorm1d after the first Linear.
+    """
 
     def __init__(self, dim: int, batch_norm: bool = False) -> None:
         super().__init__()

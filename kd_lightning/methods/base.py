@@ -14,11 +14,13 @@ normalisations still work together on the same batch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
 from kd_lightning.checkpoints import state_mismatch
 from kd_lightning.errors import CheckpointError, ConfigError
@@ -53,6 +55,11 @@ class BaseTask(L.LightningModule):
     #: ``__init__`` arguments that are not hyper-parameters (optimiser factories: callables) and so stay out of
     #: ``hparams`` and checkpoints; a subclass with more extends the tuple
     hparams_ignore: ClassVar[tuple[str, ...]] = ("optimizer", "lr_scheduler")
+
+    if TYPE_CHECKING:  # save_hyperparameters always stores an AttributeDict (Lightning's hint is a wider union)
+
+        @property
+        def hparams(self) -> AttributeDict: ...
 
     def __init__(
         self,
@@ -89,7 +96,7 @@ class BaseTask(L.LightningModule):
         """Parameters the optimiser updates (override to add connectors or exclude teachers)."""
         return (p for p in self.parameters() if p.requires_grad)
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -116,7 +123,7 @@ class BaseTask(L.LightningModule):
         if dm is not None:
             self.check_data(dm)
 
-    def check_data(self, dm: Any) -> None:
+    def check_data(self, dm: L.LightningDataModule) -> None:
         """Fail early, naming both values, when the data does not fit this model."""
         dm_task = getattr(dm, "task", self.task)
         if dm_task != self.task:
@@ -132,8 +139,10 @@ class BaseTask(L.LightningModule):
 
 
 class StageSteps:
-    """Training, validation and test steps that all run ``self.model_step(batch, stage)`` (a mixin for tasks whose
-    three steps differ only in the stage name they log under)."""
+    """Training, validation and test steps that all run ``self.model_step(batch, stage)``.
+
+    A mixin for tasks whose three steps differ only in the stage name they log under.
+    """
 
     def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         """The loss of one batch; logs under ``stage`` (``train``, ``val`` or ``test``)."""

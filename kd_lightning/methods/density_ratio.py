@@ -24,12 +24,15 @@ file.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
+from torch.optim.optimizer import ParamsT
 
 from kd_lightning.data.base import augments
 from kd_lightning.errors import CheckpointError, ConfigError
@@ -46,7 +49,7 @@ MLP_WIDTHS = {
 }
 
 
-def dr_adam(params: Any) -> torch.optim.Optimizer:
+def dr_adam(params: ParamsT) -> torch.optim.Optimizer:
     """Adam, lr 1e-4, betas (0.5, 0.999), weight decay 1e-4 (cDR-RS's DR optimiser)."""
     return torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.999), weight_decay=1e-4)
 
@@ -260,11 +263,11 @@ class DensityRatioEstimator(BaseTask):
             g.to(self.device)
         return g.eval()
 
-    def trainable_parameters(self) -> Any:
+    def trainable_parameters(self) -> Iterable[torch.Tensor]:
         return (p for p in self.model.head.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ data
-    def check_data(self, dm: Any) -> None:
+    def check_data(self, dm: L.LightningDataModule) -> None:
         super().check_data(dm)
         if self.hparams.cache_real_features and augments(dm):
             raise ConfigError(

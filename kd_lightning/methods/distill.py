@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -142,7 +144,7 @@ class DistillModule(NetTask):
 
     @staticmethod
     @torch.no_grad()
-    def _probe(net: nn.Module, normalize: nn.Module, hp: Any) -> dict[str, torch.Size]:
+    def _probe(net: nn.Module, normalize: nn.Module, hp: AttributeDict) -> dict[str, torch.Size]:
         """Shapes (without the batch axis) of every declared stage and the penultimate feature."""
         info = net.net_info
         names = [stage_name(i) for i in range(len(info.stages))] + [PENULTIMATE, PREPOOL]
@@ -178,7 +180,7 @@ class DistillModule(NetTask):
             if self.hparams.cache_teacher and hasattr(dm, "stored_teacher_outputs"):
                 self._prefill_teacher_cache(dm)
 
-    def _prefill_teacher_cache(self, dm: Any) -> None:
+    def _prefill_teacher_cache(self, dm: L.LightningDataModule) -> None:
         """Take the teacher logits a sample store already holds (same teacher file, same image size).
 
         Only when no KD loss needs teacher features: the store keeps the teacher's outputs, not its features.
@@ -258,9 +260,11 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def train_labels_by_index(dm: Any, n: int) -> torch.Tensor:
-    """The class of every index of the training range (``batch["index"]``: the position in the un-split
-    dataset); -1 for the indices that are not training samples (e.g. the validation split)."""
+def train_labels_by_index(dm: L.LightningDataModule, n: int) -> torch.Tensor:
+    """The class of every index of the training range; -1 for indices that are not training samples.
+
+    An index (``batch["index"]``) is the position in the un-split dataset; the validation split's are -1.
+    """
     ds: Dataset | None = getattr(dm, "train_dataset", None)
     if ds is None:
         raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot read its labels")
@@ -276,7 +280,7 @@ def train_labels_by_index(dm: Any, n: int) -> torch.Tensor:
     return out
 
 
-def num_indices(dm: Any) -> int:
+def num_indices(dm: L.LightningDataModule) -> int:
     """Size of the range of ``batch["index"]`` in the training data (the DataModule may say it itself)."""
     given = getattr(dm, "num_train_indices", None)
     if given is not None:

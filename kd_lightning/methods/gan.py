@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -148,7 +150,7 @@ class GANTask(BaseTask):
         d = self.discriminator_optimizer_factory([p for p in self.discriminator.parameters() if p.requires_grad])
         return [g, d]
 
-    def check_data(self, dm: Any) -> None:
+    def check_data(self, dm: L.LightningDataModule) -> None:
         super().check_data(dm)
         size = getattr(dm, "image_size", None)
         if size is not None and size != self.hparams.image_size:
@@ -159,14 +161,17 @@ class GANTask(BaseTask):
         """The generator used for samples: the EMA copy (default) or the raw one."""
         return self.generator_ema if ema else self.generator
 
-    def sample(self, labels: Any, **kwargs: Any) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor | Sequence[float] | int, **kwargs: Any) -> torch.Tensor:
         """Images in [0, 1] from the EMA generator; see :meth:`kd_lightning.gans.Generator.sample`."""
         return self.generator_ema.sample(labels, **kwargs)
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """EMA of the generator: its parameters, and its float buffers (BN statistics) under ``ema_buffers:
-        average`` as BigGAN averages the whole state dict; other buffers are copied."""
+        """Update the EMA of the generator: its parameters, and under ``ema_buffers: average`` its float buffers.
+
+        Averaging the float buffers (BN statistics) is what BigGAN does with the whole state dict; other
+        buffers are copied.
+        """
         decay = self.hparams.ema_decay if int(self.g_steps) > self.hparams.ema_start else 0.0
         for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
             pe.lerp_(p.detach(), 1.0 - decay)
@@ -193,7 +198,7 @@ class GANTask(BaseTask):
         return self.discriminator(self.augment(x), y)
 
     # ------------------------------------------------------------------ the loop
-    def _step(self, opt: Any, loss: torch.Tensor, net: nn.Module) -> None:
+    def _step(self, opt: LightningOptimizer | torch.optim.Optimizer, loss: torch.Tensor, net: nn.Module) -> None:
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.gradient_clip_val is not None:
@@ -260,8 +265,10 @@ class ConditionalGAN(GANTask):
 
 
 class DCGAN(GANTask):
-    """Unconditional DCGAN with DCGAN/DAFL-style nets; ``z_dim`` is the latent dimension (e.g. the number of
-    classes, as MEKD's deprivatisation sets it; MEKD's own DCGAN.py layout differs). Labels are ignored.
+    """Unconditional DCGAN with DCGAN/DAFL-style nets; labels are ignored.
+
+    ``z_dim`` is the latent dimension (e.g. the number of classes, as MEKD's deprivatisation sets it; MEKD's
+    own DCGAN.py layout differs).
 
     Args:
         **kwargs: see :class:`GANTask` (defaults here: non-saturating loss, Adam betas (0.5, 0.999)
@@ -280,7 +287,7 @@ class DCGAN(GANTask):
             hp.image_size, hp.in_channels, hp.d_ch
         )
 
-    def check_data(self, dm: Any) -> None:
+    def check_data(self, dm: L.LightningDataModule) -> None:
         """Any dataset with the right channels and size (labels are not used)."""
         theirs = getattr(dm, "in_channels", None)
         if theirs is not None and theirs != self.hparams.in_channels:

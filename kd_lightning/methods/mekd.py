@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +52,7 @@ class TeacherLink:
     query statistics are written to ``queries/stats.json`` next to it at the end of every epoch.
     """
 
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: L.LightningModule) -> None:
         self.module = module
         self.client: QueryClient | None = None
 
@@ -100,7 +101,7 @@ def answer_logits(answers: torch.Tensor, responses: Responses, num_classes: int)
     return F.one_hot(answers.long(), num_classes).float()
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+def _check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r}; expected one of {', '.join(repr(a) for a in allowed)}")
 
@@ -291,7 +292,7 @@ class BlackBoxStudent(NetTask):
         self.val_metrics = classification_metrics(n).clone(prefix="val/")
         self.test_metrics = classification_metrics(n).clone(prefix="test/")
 
-    def check_data(self, dm: Any) -> None:
+    def check_data(self, dm: L.LightningDataModule) -> None:
         super().check_data(dm)
         if getattr(dm, "pool", None) not in (None, self.pool):
             raise ConfigError(f"{type(self).__name__} queries pool={self.pool!r} but the data gives pool={dm.pool!r}")

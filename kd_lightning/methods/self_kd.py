@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import nn
 
 from kd_lightning.checkpoints import load_checkpoint
@@ -109,8 +110,11 @@ class LogitCritic(nn.Module):
 
 
 def critic_scores(critic: nn.Module, *batches: torch.Tensor, joint: bool = True) -> list[torch.Tensor]:
-    """The critic's scores of each batch: one forward pass on all of them concatenated (``joint``), so a
-    BatchNorm in the critic normalises them with shared statistics, or one pass per batch."""
+    """The critic's scores of each batch.
+
+    ``joint``: one forward pass on all of them concatenated, so a BatchNorm in the critic normalises them with
+    shared statistics; else one pass per batch.
+    """
     if joint:
         return list(critic(torch.cat(batches)).split([len(b) for b in batches]))
     return [critic(b) for b in batches]
@@ -143,8 +147,10 @@ def wgan_gp_critic_parts(
 def _interpolate(
     real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Detached fp32 ``real`` and ``fake`` and WGAN-GP's ``x_hat = eps real + (1 - eps) fake`` (``eps`` drawn from
-    torch's global generator unless given), which requires grad."""
+    """Detached fp32 ``real`` and ``fake`` and WGAN-GP's ``x_hat = eps real + (1 - eps) fake`` (requires grad).
+
+    ``eps`` is drawn from torch's global generator unless given.
+    """
     real, fake = real.detach().float(), fake.detach().float()
     if eps is None:
         eps = torch.rand(real.shape[0], 1).to(real.device)
@@ -153,8 +159,11 @@ def _interpolate(
 
 
 def adversarial_loss(critic: nn.Module, fake: torch.Tensor, real: torch.Tensor, joint: bool = True) -> torch.Tensor:
-    """The student's ``L_A = -E[D(fake)]`` (fp32, autocast off); with ``joint`` the critic scores ``fake`` in one
-    batch with the (detached) ``real`` logits, as in its own step, so its BN statistics include both."""
+    """The student's ``L_A = -E[D(fake)]`` (fp32, autocast off).
+
+    With ``joint`` the critic scores ``fake`` in one batch with the (detached) ``real`` logits, as in its own
+    step, so its BN statistics include both.
+    """
     with torch.autocast(device_type=fake.device.type, enabled=False):
         if joint:
             _, d_fake = critic_scores(critic, real.detach().float(), fake.float(), joint=True)
@@ -371,7 +380,7 @@ class SelfKD(ImageClassifier):
     def trainable_parameters(self) -> Iterable[torch.Tensor]:
         return (p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("critic."))
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         student = self.optimizer_factory(self.trainable_parameters())
         optimizers = [student]
         if self.critic is not None:
@@ -512,8 +521,10 @@ class SelfKD(ImageClassifier):
             self.net.train(was_training)
 
     def remember(self, index: torch.Tensor, logits: torch.Tensor) -> None:
-        """Hand this step's logits to the terms (:meth:`SelfKDTerm.after_step`) under their sample indices, gathered
-        from every rank under DDP (so each rank's store holds every sample)."""
+        """Hand this step's logits to the terms (:meth:`SelfKDTerm.after_step`) under their sample indices.
+
+        Under DDP they are gathered from every rank first, so each rank's store holds every sample.
+        """
         index, logits = index.detach(), logits.detach().float()
         if self._trainer is not None and self.trainer.world_size > 1:
             index = self.all_gather(index).reshape(-1)
@@ -522,8 +533,10 @@ class SelfKD(ImageClassifier):
             term.after_step(index, logits)
 
     def _step_schedulers_at_epoch_end(self, batch_idx: int) -> None:
-        """Step the epoch schedulers after the epoch's last batch, before validation and its checkpoint,
-        where Lightning steps them in automatic optimisation (so a resumed run has the same learning rates)."""
+        """Step the epoch schedulers after the epoch's last batch, before validation and its checkpoint.
+
+        That is where Lightning steps them in automatic optimisation, so a resumed run has the same learning rates.
+        """
         if not (self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches):
             return
         scheduler = self.lr_schedulers()
@@ -618,7 +631,7 @@ class CSKD(SelfKD):
 
 
 class TFKD(SelfKD):
-    """TF-KD (Yuan et al. 2020), both variants of the official code:
+    """TF-KD (Yuan et al. 2020), both variants of the official code.
 
     - ``self`` (self-training): ``(1 - a) CE + a T^2 KL(p_pre || p_t)`` from a pre-trained copy; defaults a = 0.95,
       T = 6 (the official ResNet-18 self-teacher setting; DenseNet-121's is a = 0.9, T = 20).

@@ -9,6 +9,7 @@ then freezes it for the student's run. :class:`SSKDTeacherHead` is that stage as
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ class SSKDTeacherHead(StageSteps, BaseTask):
         dim = DistillModule._probe(self.teacher.net, self.teacher.normalize, hp)["penultimate"].numel()
         self.head = ProjectionHead(dim, hp.head_batch_norm)
 
-    def trainable_parameters(self) -> Any:
+    def trainable_parameters(self) -> Iterable[torch.Tensor]:
         return self.head.parameters()
 
     def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:

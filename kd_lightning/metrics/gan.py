@@ -77,7 +77,7 @@ class TeacherFeatures(nn.Module):
 
 
 def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """torchmetrics' FID between two sets of precomputed features (N x F each, N >= 2)."""
+    """Compute torchmetrics' FID between two sets of precomputed features (N x F each, N >= 2)."""
     if len(real) < 2 or len(fake) < 2:
         raise ConfigError(f"FID needs at least 2 images per set, got {len(real)} real and {len(fake)} fake")
     metric = FrechetInceptionDistance(feature=_PassThrough(real.shape[1]), normalize=True)

@@ -40,6 +40,15 @@ def _transition(cin: int, cout: int) -> nn.Sequential:
 class DenseNetCifar(nn.Module):
     """Stem ``conv1``, blocks ``dense1..dense4`` with ``trans1..trans3`` between, ``bn``-ReLU, ``flatten``, ``fc``."""
 
+    # registered by name in __init__ (add_module)
+    dense1: nn.Module
+    dense2: nn.Module
+    dense3: nn.Module
+    dense4: nn.Module
+    trans1: nn.Module
+    trans2: nn.Module
+    trans3: nn.Module
+
     def __init__(self, blocks: tuple[int, ...], growth: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         c = 2 * growth
@@ -69,4 +78,5 @@ class DenseNetCifar(nn.Module):
     "densenet121_cifar", stages=("dense1", "dense2", "dense3", "dense4"), penultimate="flatten", tags=("cifar",)
 )
 def densenet121_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build DenseNet-121 (growth rate 32) for 32x32 inputs."""
     return DenseNetCifar((6, 12, 24, 16), 32, num_classes, in_channels)

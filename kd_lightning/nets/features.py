@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -36,13 +36,13 @@ class FeatureExtractor:
             else:
                 self._handles.append(modules[path].register_forward_hook(self._hook(name)))
 
-    def _hook(self, name: str):  # noqa: ANN202
+    def _hook(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def hook(_module: nn.Module, _inp: object, out: torch.Tensor) -> None:
             self.features[name] = out
 
         return hook
 
-    def _pre_hook(self, name: str):  # noqa: ANN202
+    def _pre_hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             self.features[name] = args[0]
 

@@ -17,7 +17,7 @@ _SETTING = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return layers + [nn.ReLU(inplace=True)] if relu else layers
+    return [*layers, nn.ReLU(inplace=True)] if relu else layers
 
 
 class InvertedResidual(nn.Module):
@@ -70,4 +70,5 @@ class MobileNetV2(nn.Module):
     "mobilenetv2", stages=("blocks.1", "blocks.2", "blocks.4", "blocks.6"), penultimate="flatten", tags=("cifar",)
 )
 def mobilenetv2(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build MobileNetV2 for 32x32 inputs."""
     return MobileNetV2(num_classes, in_channels)

@@ -13,6 +13,9 @@ from kd_lightning.errors import ConfigError
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, with the statistics stored as buffers in the checkpoint."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float], in_channels: int) -> None:
         super().__init__()
         mean_t, std_t = torch.tensor(list(mean), dtype=torch.float32), torch.tensor(list(std), dtype=torch.float32)

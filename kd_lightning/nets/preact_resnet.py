@@ -63,4 +63,5 @@ class PreActResNet(nn.Module):
     "preact_resnet18", stages=("layer1", "layer2", "layer3", "layer4"), penultimate="flatten", tags=("cifar",)
 )
 def preact_resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build the pre-activation ResNet-18."""
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels)

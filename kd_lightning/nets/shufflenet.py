@@ -158,9 +158,11 @@ class ShuffleNetV2(nn.Module):
 
 @register_net("shufflenetv1", stages=("layer1", "layer2", "layer3"), penultimate="flatten", tags=("cifar",))
 def shufflenetv1(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build ShuffleNetV1 for 32x32 inputs."""
     return ShuffleNetV1(num_classes, in_channels)
 
 
 @register_net("shufflenetv2", stages=("layer1", "layer2", "layer3", "conv2"), penultimate="flatten", tags=("cifar",))
 def shufflenetv2(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build ShuffleNetV2 for 32x32 inputs."""
     return ShuffleNetV2(num_classes, in_channels)

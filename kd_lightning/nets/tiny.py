@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from kd_lightning.nets.registry import register_net
@@ -23,10 +24,11 @@ class TinyNet(nn.Module):
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(2 * width, num_classes)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(self.avgpool(self.stage2(self.pool(self.stage1(x))))))
 
 
 @register_net("tinynet", stages=("stage1", "stage2"), penultimate="flatten", tags=("test",))
 def tinynet(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build the tiny test network."""
     return TinyNet(num_classes, in_channels)

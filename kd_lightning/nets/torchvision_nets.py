@@ -9,6 +9,8 @@ unchanged, so torchvision checkpoints with a matching head load directly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision import models as tvm
@@ -40,7 +42,7 @@ def _swap_first_conv(parent: nn.Module, attr: str, in_channels: int) -> None:
 class TVResNet(tvm.ResNet):
     """torchvision ResNet whose pooled feature is the output of ``flatten``."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.flatten = nn.Flatten(1)
 
@@ -53,7 +55,7 @@ class TVResNet(tvm.ResNet):
 class TVDenseNet(tvm.DenseNet):
     """torchvision DenseNet whose final ReLU, pooling and flattening are named modules."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -66,7 +68,7 @@ class TVDenseNet(tvm.DenseNet):
 class TVMobileNetV2(tvm.MobileNetV2):
     """torchvision MobileNetV2 with named ``avgpool`` and ``flatten``."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
@@ -78,7 +80,7 @@ class TVMobileNetV2(tvm.MobileNetV2):
 class TVShuffleNetV2(tvm.ShuffleNetV2):
     """torchvision ShuffleNetV2 with named ``avgpool`` and ``flatten``."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
@@ -132,6 +134,7 @@ for _name in _DENSENETS:
     **_IMAGENET,
 )
 def mobilenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build torchvision's MobileNetV2 with an ``in_channels`` first convolution."""
     net = TVMobileNetV2(num_classes=num_classes)
     _swap_first_conv(net.features[0], "0", in_channels)  # type: ignore[arg-type]
     return net
@@ -141,6 +144,7 @@ def mobilenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
     "shufflenet_v2", stages=("stage2", "stage3", "stage4", "conv5"), penultimate="flatten", head="fc", **_IMAGENET
 )
 def shufflenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build torchvision's ShuffleNetV2 (x1.0 widths) with an ``in_channels`` first convolution."""
     net = TVShuffleNetV2([4, 8, 4], [24, 116, 232, 464, 1024], num_classes=num_classes)
     _swap_first_conv(net.conv1, "0", in_channels)  # type: ignore[arg-type]
     return net

@@ -42,6 +42,7 @@ class VGG(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                assert m.bias is not None  # every conv here has a bias
                 nn.init.zeros_(m.bias)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:

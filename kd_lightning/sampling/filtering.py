@@ -20,6 +20,7 @@ from kd_lightning.errors import ConfigError
 
 
 def check_rho(rho: float) -> None:
+    """Raise ConfigError unless the quantile ``rho`` is in (0, 1]."""
     if not 0.0 < rho <= 1.0:
         raise ConfigError(f"rho={rho}; expected a quantile in (0, 1]")
 

@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,10 @@ from kd_lightning.sampling.filtering import (
 )
 from kd_lightning.sampling.rejection import accept, check_trials, chunk_generator, estimate_max
 from kd_lightning.sampling.store import SampleStore, sha256_file
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
+    from tqdm import tqdm
 
 
 @dataclass
@@ -309,7 +313,7 @@ class Generation:
         return out
 
     # ------------------------------------------------------------------ one unit
-    def run_unit(self, store: SampleStore, unit: Unit, bar: Any) -> None:
+    def run_unit(self, store: SampleStore, unit: Unit, bar: tqdm | None) -> None:
         cfg = self.cfg
         state = dict(store.progress(unit.name))
         if state.get("done"):
@@ -324,7 +328,7 @@ class Generation:
             burned = cfg.burn_in if self.subsample else 0
             # not written yet: a resumed run repeats the (deterministic) burn-in until the unit's first shard
             state = {"next_chunk": 0, "accepted": 0, "proposed": 0, "burn_in": burned, "max_ratio": m, "done": False}
-        max_proposals = int(math.ceil(cfg.max_proposals_factor * unit.quota))
+        max_proposals = math.ceil(cfg.max_proposals_factor * unit.quota)
         buffer: list[dict[str, torch.Tensor]] = []
         buffered = 0
         while state["accepted"] < unit.quota:
@@ -493,7 +497,7 @@ def generate(cfg: GenerateConfig) -> tuple[SampleStore, dict[str, Any]]:
     return store, {"seconds": seconds, "proposed": proposed, "burn_in": burn_in}
 
 
-def build_parser() -> Any:
+def build_parser() -> ArgumentParser:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="kdl generate", description=__doc__.split("\n\n")[0], exit_on_error=False)

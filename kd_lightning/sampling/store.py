@@ -88,7 +88,7 @@ def decode_arrays(data: bytes, source: str = "shard") -> dict[str, np.ndarray]:
     return out
 
 
-def canonical_json(obj: Any) -> bytes:
+def canonical_json(obj: object) -> bytes:
     """Stable JSON bytes (sorted keys, fixed separators; floats round-trip exactly)."""
     return (json.dumps(obj, sort_keys=True, indent=1) + "\n").encode()
 

@@ -1,6 +1,6 @@
-"""``kdl serve-teacher``: serve a classifier checkpoint as a black-box teacher (FastAPI + uvicorn).
+r"""``kdl serve-teacher``: serve a classifier checkpoint as a black-box teacher (FastAPI + uvicorn).
 
-    kdl serve-teacher --ckpt runs/mekd/fashion_mnist/teacher/checkpoints/best.ckpt --responses soft \\
+    kdl serve-teacher --ckpt runs/mekd/fashion_mnist/teacher/checkpoints/best.ckpt --responses soft \
         [--host 127.0.0.1] [--port 8765] [--token SECRET | env KDL_TEACHER_TOKEN] [--max-batch 1024] [--log FILE]
 
 Endpoints:
@@ -27,15 +27,20 @@ import ipaddress
 import os
 import secrets
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd_lightning.errors import KDLError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from kd_lightning.serve.service import TeacherService
 
 TOKEN_ENV = "KDL_TEACHER_TOKEN"
 _CONTENT_TYPES = ("application/x-npy", "application/octet-stream")
 
 
-def create_app(service: Any, token: str | None = None, max_body_bytes: int = 256 * 2**20) -> Any:
+def create_app(service: "TeacherService", token: str | None = None, max_body_bytes: int = 256 * 2**20) -> "FastAPI":
     """The FastAPI app around a :class:`~kd_lightning.serve.service.TeacherService`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
@@ -73,6 +78,7 @@ def create_app(service: Any, token: str | None = None, max_body_bytes: int = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build ``kdl serve-teacher``'s argument parser."""
     p = argparse.ArgumentParser(prog="kdl serve-teacher", description="Serve a classifier checkpoint as a black box.")
     p.add_argument("--ckpt", required=True, help="the teacher's kdl checkpoint")
     p.add_argument("--responses", choices=("soft", "hard"), default="soft", help="probabilities or class ids")

@@ -165,7 +165,7 @@ class TeacherService:
         record = {
             "time": round(time.time(), 3),
             "request_id": request_id,
-            "n": int(len(images)),
+            "n": len(images),
             "charged": charged,
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,

@@ -46,12 +46,15 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from kd_lightning.errors import ConfigError, KDLError
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 Responses = Literal["soft", "hard"]
 WireDType = Literal["uint8", "float16", "float32"]
@@ -489,13 +492,13 @@ class QueryClient:
         initial, longest, jitter = self.backoff
         backoff = wait_exponential_jitter(multiplier=initial, max=longest, jitter=jitter)
 
-        def wait(state: Any) -> float:
+        def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome is not None else None
             base = backoff(state)
             after = getattr(exc, "retry_after", None)
             return max(base, after) if after is not None else base
 
-        def count_retry(state: Any) -> None:
+        def count_retry(state: RetryCallState) -> None:
             self.stats.retries += 1
 
         retrying = Retrying(

@@ -138,7 +138,7 @@ class FrozenTeacher(nn.Module):
     def forward_features(self, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Outputs and the named features (``stage{i}``, ``penultimate``, ``prepool`` or module paths)."""
         wanted = list(names)
-        hooked = wanted + [self.head.feature] if self.head is not None and self.head.feature not in wanted else wanted
+        hooked = [*wanted, self.head.feature] if self.head is not None and self.head.feature not in wanted else wanted
         net = self.inference_net(hooked)
         if self._extractor is None or self._extractor.names != hooked or self._extractor.net is not net:
             if self._extractor is not None:
