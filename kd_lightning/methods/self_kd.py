@@ -43,7 +43,7 @@ the student's parameters).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -387,7 +387,8 @@ class SelfKD(ImageClassifier):
             optimizers.append(self.critic_optimizer_factory(self.critic.parameters()))
         if self.lr_scheduler_factory is None:
             return optimizers
-        return optimizers, [{"scheduler": self.lr_scheduler_factory(student), "interval": "epoch"}]
+        scheduler = {"scheduler": self.lr_scheduler_factory(student), "interval": "epoch"}
+        return cast(OptimizerLRScheduler, (optimizers, [scheduler]))
 
     # ------------------------------------------------------------------ loss
     def _progressive(self) -> ProgressiveKL | None:
@@ -527,10 +528,10 @@ class SelfKD(ImageClassifier):
         """
         index, logits = index.detach(), logits.detach().float()
         if self._trainer is not None and self.trainer.world_size > 1:
-            index = self.all_gather(index).reshape(-1)
-            logits = self.all_gather(logits).reshape(-1, logits.shape[-1])
+            index = cast(torch.Tensor, self.all_gather(index)).reshape(-1)
+            logits = cast(torch.Tensor, self.all_gather(logits)).reshape(-1, logits.shape[-1])
         for term in self.terms.values():
-            term.after_step(index, logits)
+            cast(SelfKDTerm, term).after_step(index, logits)
 
     def _step_schedulers_at_epoch_end(self, batch_idx: int) -> None:
         """Step the epoch schedulers after the epoch's last batch, before validation and its checkpoint.

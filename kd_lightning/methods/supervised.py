@@ -54,7 +54,7 @@ class NetTask(StageSteps, BaseTask):
             self.net.load_state_dict(load_state_dict_file(hp.net_weights))
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.student_head: nn.Module | None = None
+        self.student_head: ReusedTeacherHead | None = None
 
     def configure_losses(self) -> None:
         self.criterion = self.spec.criterion()
@@ -62,7 +62,7 @@ class NetTask(StageSteps, BaseTask):
     def configure_metrics(self) -> None:
         self.train_metrics, self.val_metrics, self.test_metrics = self.spec.metrics(self.hparams.num_classes)
 
-    def attach_head(self, head: nn.Module) -> None:
+    def attach_head(self, head: ReusedTeacherHead) -> None:
         """Predict through ``head``, which reads the net feature ``head.feature`` (SimKD: losses/simkd.py)."""
         self.student_head = head.to(self.device)
         self._head_features = FeatureExtractor(self.net, [head.feature])
