@@ -81,8 +81,29 @@ def fit_and_test(out: str, variant: str, seed: int, recipe: str, args: list[str]
     return [fit, [*test, "--trainer.enable_progress_bar", "false"]]
 
 
+def generate_no_subsample(out: str, gan_dir: str) -> list[list[str]]:
+    """``kdl generate`` of a second store without cDR-RS (M1 off), filtered like the main one."""
+    return [
+        [
+            *kdl(),
+            "generate",
+            "--config",
+            str(recipes() / "generate.yaml"),
+            "--generator",
+            f"{out}/{gan_dir}/checkpoints/last.ckpt",
+            "--density_ratio",
+            f"{out}/dr/checkpoints/best.ckpt",
+            "--teacher",
+            f"{out}/teacher/checkpoints/best.ckpt",
+            "--subsample",
+            "false",
+            "--out",
+            f"{out}/store_no_subsample",
+        ],
+    ]
+
+
 def jobs(out: str, seeds: list[int], mg: list[int]) -> list[Job]:
-    teacher = f"{out}/teacher/checkpoints/best.ckpt"
     store = f"{out}/store"
     js = [
         Job("teacher", [stage(out, "teacher")], priority=2),
@@ -91,24 +112,7 @@ def jobs(out: str, seeds: list[int], mg: list[int]) -> list[Job]:
         Job("generate", [stage(out, "generate")], ["dr"], priority=3),
         Job(
             "generate_no_subsample",
-            [
-                [
-                    *kdl(),
-                    "generate",
-                    "--config",
-                    str(recipes() / "generate.yaml"),
-                    "--generator",
-                    f"{out}/cgan/checkpoints/last.ckpt",
-                    "--density_ratio",
-                    f"{out}/dr/checkpoints/best.ckpt",
-                    "--teacher",
-                    teacher,
-                    "--subsample",
-                    "false",
-                    "--out",
-                    f"{out}/store_no_subsample",
-                ],
-            ],
+            generate_no_subsample(out, "cgan"),
             ["dr"],
         ),
     ]
@@ -179,24 +183,7 @@ def jobs_rotated(out: str, seeds: list[int]) -> list[Job]:
         Job("generate", [stage(out, "generate")], ["dr"], priority=3),
         Job(
             "generate_no_subsample",
-            [
-                [
-                    *kdl(),
-                    "generate",
-                    "--config",
-                    str(recipes() / "generate.yaml"),
-                    "--generator",
-                    f"{out}/ccgan/checkpoints/last.ckpt",
-                    "--density_ratio",
-                    f"{out}/dr/checkpoints/best.ckpt",
-                    "--teacher",
-                    f"{out}/teacher/checkpoints/best.ckpt",
-                    "--subsample",
-                    "false",
-                    "--out",
-                    f"{out}/store_no_subsample",
-                ],
-            ],
+            generate_no_subsample(out, "ccgan"),
             ["dr"],
             priority=-1,
         ),
