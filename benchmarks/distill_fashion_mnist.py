@@ -1,6 +1,6 @@
-"""Evidence for the white-box distillers: NOKD vs BLKD, FitNet, RKD, CRD, FT, AB, TAKD, ReviewKD, SemCKD and SimKD.
+"""Evidence for the 16 white-box distillers cGAN-KD compares with, against NOKD (the student alone).
 
-Every run goes through ``kdl`` with the shipped recipes (``recipes/fashion_mnist/{student,blkd,fitnet,rkd,crd}.yaml``),
+Every run goes through ``kdl`` with the shipped recipes (``recipes/fashion_mnist/<method>.yaml``),
 overriding only the budget: a stratified training subset, few epochs, no augmentation and the teacher's
 outputs cached (``cache_teacher``) so the teacher runs once per sample. Each run's checkpoint is chosen on
 the validation split (carved from the training set) and then tested once on the held-out test split.
@@ -29,8 +29,14 @@ METHODS = {
     "NOKD": "student.yaml",
     "BLKD": "blkd.yaml",
     "FitNet": "fitnet.yaml",
+    "AT": "at.yaml",
+    "PKT": "pkt.yaml",
+    "SP": "sp.yaml",
+    "VID": "vid.yaml",
     "RKD": "rkd.yaml",
     "CRD": "crd.yaml",
+    "SSKD": "sskd.yaml",
+    "DKD": "dkd.yaml",
     "FT": "ft.yaml",
     "AB": "ab.yaml",
     "TAKD": "takd.yaml",

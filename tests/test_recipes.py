@@ -108,7 +108,7 @@ DATA: dict[str, tuple[Callable[[Path], list[str]], tuple]] = {
 }
 #: losses that pair the two nets' stages one to one: the fake teacher gets the layout of the recipe's teacher
 #: (``runs/.../teacher_<net>/...``: a smaller net with the same stages) or else the student's
-SAME_LAYOUT_LOSSES = ("ReviewKD", "SemCKD", "SimKD", "FT", "AB")
+SAME_LAYOUT_LOSSES = ("ReviewKD", "SemCKD", "SimKD", "FT", "AB", "AT", "VID")
 STAND_INS = {"resnet32x4": "resnet8x4"}
 
 
