@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import QUIET
+
 REPO = Path(__file__).resolve().parents[1]
 SETTING = "fashion_mnist"  # or "rotated" (--setting): the recipes/cgankd/<setting> folder
 
@@ -75,8 +77,7 @@ def stage(out: str, name: str, seed: int = 0, extra: tuple[str, ...] = ()) -> li
 def fit_and_test(out: str, variant: str, seed: int, recipe: str, args: list[str]) -> list[list[str]]:
     run = f"{out}/{variant}/seed{seed}"
     common = ["--config", str(recipes() / recipe), "--seed_everything", str(seed), *args]
-    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    fit = [*kdl(), "fit", *common, "--trainer.default_root_dir", run, *quiet]
+    fit = [*kdl(), "fit", *common, "--trainer.default_root_dir", run, *QUIET]
     test = [*kdl(), "test", *common, "--trainer.default_root_dir", run, "--ckpt_path", f"{run}/checkpoints/best.ckpt"]
     return [fit, [*test, "--trainer.enable_progress_bar", "false"]]
 

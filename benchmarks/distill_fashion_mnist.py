@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import QUIET  # noqa: E402
+
 from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
 
 METHODS = {
@@ -111,10 +113,7 @@ def quiet(epochs: int) -> list[str]:
     return [
         "--trainer.max_epochs",
         str(epochs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *QUIET,
         "--model.init_args.lr_scheduler.init_args.T_max",
         str(epochs),
     ]
@@ -137,10 +136,7 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
         *common,
         "--trainer.max_epochs",
         str(args.epochs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *QUIET,
         "--model.init_args.lr_scheduler.init_args.T_max",
         str(args.epochs),
     ]

@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from common import report  # noqa: E402
 from profile_step import PhaseClock  # noqa: E402
 from throughput import fp32_peak_flops  # noqa: E402
 
@@ -152,11 +153,7 @@ def main() -> None:
             total = sum(c.totals.values())
             cells.append(f"{100 * c.totals.get(ph, 0.0) / total:.0f}%" if total else "-")
         lines.append(f"| {'host work (rest)' if ph == 'framework' else ph} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# kdl generate: proposals\n\n" + text + "\n")
+    report("\n".join(lines), args.out, "kdl generate: proposals")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from common import report  # noqa: E402
 from throughput import fp32_peak_flops  # noqa: E402
 
 from kd_lightning.cli import cpu_defaults  # noqa: E402
@@ -128,11 +129,7 @@ def main() -> None:
             for v in VARIANTS
         ],
     ]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# Frozen-network inference\n\n" + text + "\n")
+    report("\n".join(lines), args.out, "Frozen-network inference")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import QUIET
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "mekd" / "fashion_mnist"
 
@@ -48,7 +50,6 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     if name.startswith("gan_"):
         r = name.split("_")[1]
         cfg = ["--config", str(RECIPES / f"deprivatize_{r}.yaml"), "--model.init_args.teacher", args.teacher]
@@ -57,7 +58,7 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
         cfg += ["--model.init_args.im_batch_size", str(args.im_batch), "--model.init_args.ema_decay", str(args.ema)]
         cfg += ["--model.init_args.ema_start", str(args.gan_steps // 4)]
         t0 = time.perf_counter()
-        build_cli(["fit", *cfg, *quiet])
+        build_cli(["fit", *cfg, *QUIET])
         stats = json.loads((out / "queries" / "stats.json").read_text())
         result = {"job": name, "fit_s": time.perf_counter() - t0, "queries": stats}
         done.write_text(json.dumps(result, indent=1))
@@ -100,11 +101,11 @@ def run_job(name: str, args: argparse.Namespace) -> dict:
             str(args.batch),
         ]
     t0 = time.perf_counter()
-    cli = build_cli(["fit", *common, *quiet])
+    cli = build_cli(["fit", *common, *QUIET])
     fit_s = time.perf_counter() - t0
     val = float(cli.trainer.checkpoint_callback.best_model_score)  # type: ignore[union-attr]
     best = out / "checkpoints" / "best.ckpt"
-    test = build_cli(["test", *common, "--ckpt_path", str(best), *quiet])
+    test = build_cli(["test", *common, "--ckpt_path", str(best), *QUIET])
     m = test.trainer.callback_metrics
     stats_path = out / "queries" / "stats.json"
     result = {

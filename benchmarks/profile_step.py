@@ -50,6 +50,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+from common import NO_CHECKPOINTS, NO_LOGGER, report  # noqa: E402
 from throughput import fp32_peak_flops  # noqa: E402
 
 from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
@@ -199,12 +200,7 @@ def make_teacher(args: argparse.Namespace, root: str) -> str:
             "2",
             "--trainer.default_root_dir",
             root,
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
+            *NO_LOGGER,
             "--trainer.limit_val_batches",
             "0",
             "--trainer.accelerator",
@@ -220,18 +216,10 @@ def scenario_argv(kind: str, args: argparse.Namespace, teacher: str, root: str) 
     common = [
         "--trainer.default_root_dir",
         root,
-        "--trainer.logger",
-        "false",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *NO_LOGGER,
         "--trainer.limit_val_batches",
         "0",
-        "--checkpoint.save_last",
-        "false",
-        "--checkpoint.save_top_k",
-        "0",
+        *NO_CHECKPOINTS,
         "--trainer.accelerator",
         args.accelerator,
         "--trainer.precision",
@@ -369,12 +357,7 @@ def main(argv: list[str] | None = None) -> str:
         f"peak (fp32 matmul, measured before each run): median {statistics.median(all_peaks) / 1e9:.1f} GFLOP/s "
         f"(range {min(all_peaks) / 1e9:.1f}-{max(all_peaks) / 1e9:.1f})",
     ]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# One training step, phase by phase\n\n" + text + "\n")
-    return text
+    return report("\n".join(lines), args.out, "One training step, phase by phase")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import QUIET
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "fashion_mnist"
 
@@ -120,10 +122,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, ssup: Path) -> dic
         args.root,
         "--trainer.default_root_dir",
         str(run_dir),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *QUIET,
         *[a.replace("{ssup}", str(ssup)) for a in extra],
     ]
     log = run_dir / "log.txt"

@@ -23,6 +23,8 @@ import lightning as L
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import NO_LOGGER  # noqa: E402
+
 from kd_lightning.callbacks import TrainThroughput  # noqa: E402
 from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
 
@@ -55,12 +57,7 @@ def rate(kind: str, args: argparse.Namespace, tmp: str) -> float:
         str(args.epochs),
         "--trainer.default_root_dir",
         f"{tmp}/{kind}",
-        "--trainer.logger",
-        "false",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *NO_LOGGER,
     ]
     if kind != "nokd":
         cli_args += [

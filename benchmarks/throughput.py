@@ -39,6 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import NO_CHECKPOINTS, NO_LOGGER, report  # noqa: E402
+
 from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
 from kd_lightning.data import DigitsDataModule  # noqa: E402
 from kd_lightning.methods.base import Normalize  # noqa: E402
@@ -97,15 +99,7 @@ def run_kdl(args: argparse.Namespace, lean: bool) -> float:
         if args.limit_batches:
             argv += ["--trainer.limit_train_batches", str(args.limit_batches), "--trainer.limit_val_batches", "0"]
         if lean:
-            argv += [
-                "--trainer.logger",
-                "false",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.enable_model_summary",
-                "false",
-            ]
-            argv += ["--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
+            argv += [*NO_LOGGER, *NO_CHECKPOINTS]
         cli = build_cli(argv, run=False)
         timer = StepTimer()
         cli.trainer.callbacks.append(timer)
@@ -230,11 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         f"kdl: {med['kdl']:.1f} img/s = {100 * share:.1f}% of the peak (median over repeats of the share of that "
         f"repeat's peak; plain: {100 * shares['plain']:.1f}%)",
     ]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# Throughput: kdl fit vs a plain PyTorch loop\n\n" + text + "\n")
+    report("\n".join(lines), args.out, "Throughput: kdl fit vs a plain PyTorch loop")
 
 
 if __name__ == "__main__":
