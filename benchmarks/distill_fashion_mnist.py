@@ -46,6 +46,8 @@ METHODS = {
     "SemCKD": "semckd.yaml",
     "SimKD": "simkd.yaml",
 }
+#: the table's columns (``kdl report --metrics``)
+METRICS = "val/acc1,test/acc1,test/f1,test/ece"
 #: method -> (recipe of its earlier stage, epochs of that stage (None: --epochs), which checkpoint it hands on)
 PRE_STAGES = {
     "FT": ("ft_paraphraser.yaml", 1, "last"),  # RepDistiller: 30 of 240 epochs, i.e. 1/8
@@ -161,32 +163,29 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
     return result
 
 
-def table(results: list[dict], args: argparse.Namespace) -> str:
-    def ms(values: list[float]) -> str:
-        return (
-            f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-            if len(values) > 1
-            else f"{100 * values[0]:.2f}"
-        )
+def write_table(results: list[dict], args: argparse.Namespace) -> str:
+    """Write ``<out>/table.md`` by ``kdl report`` over the run folders (one group per method), plus the fit minutes."""
+    from kd_lightning.report import main as report
 
-    lines = [
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    runs = [str(Path(args.out) / m / f"seed{s}") for m in methods for s in args.seeds]
+    title = (
         f"Fashion-MNIST, teacher {args.teacher_name} -> student {args.student}, {args.train_size} training images "
         f"(stratified subset; 10% of the training set held out for validation), {args.epochs} epochs, batch 128, "
         f"no augmentation, seeds {', '.join(map(str, args.seeds))}; mean ± std over seeds; checkpoint chosen on "
-        "validation top-1, then tested once on the 10k test images.",
-        "",
-        "| method | val top-1 (%) | test top-1 (%) | test macro-F1 (%) | test ECE (%) | fit min / run |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for method in METHODS:
-        rs = [r for r in results if r["method"] == method]
-        if rs:
-            lines.append(
-                f"| {method} | {ms([r['val_acc1'] for r in rs])} | {ms([r['test_acc1'] for r in rs])} | "
-                f"{ms([r['test_f1'] for r in rs])} | {ms([r['test_ece'] for r in rs])} | "
-                f"{statistics.mean(r['fit_s'] for r in rs) / 60:.1f} |"
-            )
-    return "\n".join(lines)
+        "validation top-1, then tested once on the 10k test images."
+    )
+    out = Path(args.out) / "table.md"
+    argv = [*runs, "--group-by", "parent", "--metrics", METRICS, "--title", title, "--out", str(out), "--quiet", "true"]
+    if report(argv) != 0:
+        raise SystemExit(f"kdl report failed on {args.out}")
+    minutes = ", ".join(
+        f"{m} {statistics.mean(r['fit_s'] for r in results if r['method'] == m) / 60:.1f}" for m in methods
+    )
+    line = f"fit minutes per run (mean over seeds, earlier stage included): {minutes}"
+    print("\n" + line)
+    out.write_text(out.read_text() + f"\n{line}\n")
+    return out.read_text()
 
 
 def main() -> int:
@@ -205,9 +204,7 @@ def main() -> int:
     _quiet_lightning()
     cpu_defaults()
     results = [run(m, s, args) for s in args.seeds for m in args.methods]
-    text = table(results, args)
-    print("\n" + text)
-    (Path(args.out) / "table.md").write_text(text + "\n")
+    write_table(results, args)
     return 0
 
 
