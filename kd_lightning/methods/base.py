@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from kd_lightning.checkpoints import state_mismatch
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.nets.normalize import Normalize
+from kd_lightning.nets.registry import Task
 
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -48,7 +49,7 @@ class BaseTask(L.LightningModule):
             per epoch; ``None`` keeps the learning rate constant.
     """
 
-    task: str = "classification"
+    task: Task = "classification"
     #: metric the default checkpoint callback tracks, and in which direction
     monitor: str = "val/acc1"
     monitor_mode: str = "max"

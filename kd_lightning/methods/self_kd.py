@@ -391,6 +391,11 @@ class SelfKD(ImageClassifier):
         return cast(OptimizerLRScheduler, (optimizers, [scheduler]))
 
     # ------------------------------------------------------------------ loss
+    @property
+    def term_map(self) -> dict[str, SelfKDTerm]:
+        """The terms by name, in the order of the sum (a typed view of the ``terms`` ModuleDict)."""
+        return cast("dict[str, SelfKDTerm]", dict(self.terms.items()))
+
     def _progressive(self) -> ProgressiveKL | None:
         term = dict(self.terms.items()).get("progressive")
         return term if isinstance(term, ProgressiveKL) else None
@@ -416,9 +421,9 @@ class SelfKD(ImageClassifier):
     def loss_weights(self) -> dict[str, float]:
         """The weight of every part at the current epoch (``ce`` = 1 minus the weights the terms take from it)."""
         epoch = self._epoch_and_max()
-        weights = {name: term.weight_at(*epoch) for name, term in self.terms.items()}  # type: ignore[operator]
+        weights = {name: term.weight_at(*epoch) for name, term in self.term_map.items()}
         ce = 1.0
-        for name, term in self.terms.items():
+        for name, term in self.term_map.items():
             if term.shares_ce_weight:
                 ce -= weights[name]
         return {"ce": ce, **weights, "adv": float(self.hparams.adversarial_weight)}
@@ -454,7 +459,7 @@ class SelfKD(ImageClassifier):
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum_k weight_k * part_k`` with :meth:`loss_weights`."""
         weights = self.loss_weights()
-        return sum(weights[k] * v for k, v in parts.items())  # type: ignore[return-value]
+        return cast(torch.Tensor, sum(weights[k] * v for k, v in parts.items()))  # parts holds "ce" at least
 
     def critic_parts(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
         """WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * GP`` (:func:`wgan_gp_critic_parts`)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torchmetrics import MetricCollection
 
 from kd_lightning.losses.simkd import HEAD_KEY, ReusedTeacherHead
 from kd_lightning.methods.base import BaseTask, StageSteps
@@ -47,7 +47,7 @@ class NetTask(StageSteps, BaseTask):
         self.spec = self.make_task_spec()
         self.monitor, self.monitor_mode = self.spec.monitor, self.spec.monitor_mode
         num_classes = self.spec.out_features(hp.num_classes)
-        self.net = create_net(hp.net, num_classes=num_classes, in_channels=hp.in_channels, task=self.task)  # type: ignore[arg-type]
+        self.net = create_net(hp.net, num_classes=num_classes, in_channels=hp.in_channels, task=self.task)
         if hp.net_weights:
             from kd_lightning.checkpoints import load_state_dict_file
 
@@ -121,8 +121,8 @@ class NetTask(StageSteps, BaseTask):
         lo, hi = self.hparams.label_range
         return y * (hi - lo) + lo
 
-    def log_metrics(self, stage: str, metrics: nn.Module) -> None:
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")  # type: ignore[arg-type]
+    def log_metrics(self, stage: str, metrics: MetricCollection) -> None:
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
 
 
 class ImageClassifier(NetTask):
