@@ -49,8 +49,9 @@ class BaseTask(L.LightningModule):
     """
 
     task: str = "classification"
-    #: metric the default checkpoint callback tracks, and in which direction
-    monitor: str = "val/acc1"
+    #: metric the default checkpoint callback tracks (``None``: none, checkpoints keep the latest state), and in
+    #: which direction
+    monitor: str | None = "val/acc1"
     monitor_mode: str = "max"
     #: ``__init__`` arguments that are not hyper-parameters (optimiser factories: callables) and so stay out of
     #: ``hparams`` and checkpoints; a subclass with more extends the tuple
