@@ -72,6 +72,10 @@ class CRD(KDLoss):
     """
 
     uses_indices = True
+    z_s: torch.Tensor
+    z_t: torch.Tensor
+    embed_s: Embed
+    embed_t: Embed
 
     def __init__(
         self,

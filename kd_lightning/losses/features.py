@@ -36,13 +36,18 @@ def pair_stages(loss: KDLoss, info: SetupInfo, names: Sequence[str] | None) -> l
     return s
 
 
+def pool_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Average-pool the map ``x`` to the spatial size (last two dimensions) of ``like``."""
+    return F.adaptive_avg_pool2d(x, (like.shape[-2], like.shape[-1]))
+
+
 def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Average-pool the larger of two maps to the other's spatial size."""
     if a.shape[-2:] == b.shape[-2:]:
         return a, b
     if a.shape[-1] > b.shape[-1]:
-        return F.adaptive_avg_pool2d(a, b.shape[-2:]), b
-    return a, F.adaptive_avg_pool2d(b, a.shape[-2:])
+        return pool_to(a, b), b
+    return a, pool_to(b, a)
 
 
 class FitNet(KDLoss):

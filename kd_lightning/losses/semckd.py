@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
-from kd_lightning.losses.features import _stage_names
+from kd_lightning.losses.features import _stage_names, pool_to
 
 
 class MLPEmbed(nn.Sequential):
@@ -100,11 +100,11 @@ class SemCKD(KDLoss):
         dists = []
         for s, row in zip(s_feats, self.projectors):
             per = []
-            for t, proj in zip(t_feats, row):
+            for t, proj in zip(t_feats, cast(nn.ModuleList, row)):
                 if s.shape[-1] > t.shape[-1]:
-                    src, tgt = F.adaptive_avg_pool2d(s, t.shape[-2:]), t
+                    src, tgt = pool_to(s, t), t
                 else:
-                    src, tgt = s, F.adaptive_avg_pool2d(t, s.shape[-2:])
+                    src, tgt = s, pool_to(t, s)
                 per.append((proj(src).float() - tgt.float()).pow(2).flatten(1).mean(1))
             dists.append(torch.stack(per, 1))
         d = torch.stack(dists, 1)  # b x S x T

@@ -17,6 +17,7 @@ from torch import nn
 
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext, require_shape
+from kd_lightning.losses.features import pool_to
 from kd_lightning.nets.features import PREPOOL
 
 #: checkpoint key holding the plain description of a student's replaced head
@@ -51,7 +52,8 @@ class ReusedTeacherHead(nn.Module):
         super().__init__()
         mid = max(1, teacher_channels // factor)
         self.student_channels, self.teacher_channels, self.num_outputs = student_channels, teacher_channels, num_outputs
-        self.factor, self.size, self.feature = factor, tuple(size) if size else None, feature
+        self.factor, self.feature = factor, feature
+        self.size: tuple[int, int] | None = (size[0], size[1]) if size else None
         self.projector = nn.Sequential(
             nn.Conv2d(student_channels, mid, 1, bias=False),
             nn.BatchNorm2d(mid),
@@ -166,5 +168,5 @@ class SimKD(KDLoss):
         s = self.head.project(student.features[self.student_features[0]])
         t = teacher.features[self.teacher_features[0]]
         if t.shape[-2:] != s.shape[-2:]:
-            t = F.adaptive_avg_pool2d(t, s.shape[-2:])
+            t = pool_to(t, s)
         return F.mse_loss(s.float(), t.float())

@@ -25,7 +25,6 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from kd_lightning.checkpoints import state_mismatch
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.nets.normalize import Normalize
-from kd_lightning.nets.registry import Task
 
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -49,9 +48,11 @@ class BaseTask(L.LightningModule):
             per epoch; ``None`` keeps the learning rate constant.
     """
 
-    task: Task = "classification"
-    #: metric the default checkpoint callback tracks, and in which direction
-    monitor: str = "val/acc1"
+    #: what the model learns: "classification", "regression" or (an unconditional GAN) "any"
+    task: str = "classification"
+    #: metric the default checkpoint callback tracks (``None``: none, checkpoints keep the latest state), and in
+    #: which direction
+    monitor: str | None = "val/acc1"
     monitor_mode: str = "max"
     #: ``__init__`` arguments that are not hyper-parameters (optimiser factories: callables) and so stay out of
     #: ``hparams`` and checkpoints; a subclass with more extends the tuple

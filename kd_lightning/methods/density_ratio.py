@@ -36,6 +36,7 @@ from torch.optim.optimizer import ParamsT
 
 from kd_lightning.data.base import augments
 from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.gans import Generator
 from kd_lightning.methods.base import BaseTask
 from kd_lightning.metrics.gan import fit_size
 from kd_lightning.nets import create_net
@@ -73,7 +74,12 @@ class RatioHead(nn.Module):
 
     def __init__(self, feat_dim: int, task: str, num_classes: int | None, widths: list[int], dropout: float) -> None:
         super().__init__()
-        cond = int(num_classes) if task == "classification" else 1  # type: ignore[arg-type]
+        if task != "classification":
+            cond = 1
+        elif num_classes is None:
+            raise ConfigError("RatioHead: task='classification' needs num_classes; got None")
+        else:
+            cond = int(num_classes)
         self.label_emb = nn.Embedding(cond, cond) if task == "classification" else None
         layers: list[nn.Module] = []
         d = feat_dim + cond
@@ -257,7 +263,7 @@ class DensityRatioEstimator(BaseTask):
         self._cached = torch.zeros(0, dtype=torch.bool)
 
     @property
-    def generator(self) -> nn.Module:
+    def generator(self) -> Generator:
         g = self._gen_holder[0]
         if next(g.parameters()).device != self.device:
             g.to(self.device)
@@ -295,7 +301,9 @@ class DensityRatioEstimator(BaseTask):
                 self._real_cache = feats.new_zeros((len(self._cached), feats.shape[1]))
             self._real_cache[idx[new].to(feats.device)] = feats
             self._cached[idx[new]] = True
-        return self._real_cache[idx.to(self._real_cache.device)]  # type: ignore[index]
+        cache = self._real_cache
+        assert cache is not None, "an index is marked cached only once the cache exists"
+        return cache[idx.to(cache.device)]
 
     # ------------------------------------------------------------------ fakes
     @torch.no_grad()

@@ -15,7 +15,8 @@ fake samples and the teacher never runs on them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Iterable, Sized
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import lightning as L
 import torch
@@ -26,12 +27,22 @@ from torch.utils.data import Dataset, Subset
 from kd_lightning.data.base import augments
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext
+from kd_lightning.losses.simkd import ReusedTeacherHead
 from kd_lightning.methods.supervised import NetTask
 from kd_lightning.methods.tasks import TaskSpec, task_spec
-from kd_lightning.nets import FeatureExtractor
+from kd_lightning.nets import FeatureExtractor, NetInfo
 from kd_lightning.nets.features import PENULTIMATE, PREPOOL, stage_name
 from kd_lightning.per_sample import PerSampleStore
 from kd_lightning.teachers import FrozenTeacher
+
+
+@runtime_checkable
+class StoresTeacherOutputs(Protocol):
+    """A DataModule whose sample store may hold the outputs of the teacher that filtered it (AugmentedDataModule)."""
+
+    def stored_teacher_outputs(
+        self, teacher_sha256: str, image_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 class DistillModule(NetTask):
@@ -132,8 +143,8 @@ class DistillModule(NetTask):
             raise ConfigError(
                 f"kd_losses: {', '.join(type(t).__name__ for t in heads)} each replace the student's head; keep one"
             )
-        if heads:
-            self.attach_head(heads[0].head)
+        if heads:  # the only loss that replaces the head is SimKD, whose head is a ReusedTeacherHead
+            self.attach_head(cast(ReusedTeacherHead, heads[0].head))
         self.kd_terms = nn.ModuleList(losses)
         self.kd_names = _unique_names([t.name for t in losses])
         self.student_feature_names = sorted({n for t in losses for n in t.student_features})
@@ -146,7 +157,7 @@ class DistillModule(NetTask):
     @torch.no_grad()
     def _probe(net: nn.Module, normalize: nn.Module, hp: AttributeDict) -> dict[str, torch.Size]:
         """Shapes (without the batch axis) of every declared stage and the penultimate feature."""
-        info = net.net_info
+        info = cast(NetInfo, net.net_info)  # create_net sets it on every registered net
         names = [stage_name(i) for i in range(len(info.stages))] + [PENULTIMATE, PREPOOL]
         was_training = net.training
         net.eval()
@@ -168,19 +179,23 @@ class DistillModule(NetTask):
                 "augments its training images (augment=true); set data.init_args.augment false or "
                 "cache_teacher false"
             )
-        if any(t.uses_indices for t in self.kd_terms) or self.hparams.cache_teacher:
+        if any(t.uses_indices for t in self.iter_kd_terms()) or self.hparams.cache_teacher:
             n = num_indices(dm)
-            for term in self.kd_terms:
+            for term in self.iter_kd_terms():
                 if term.uses_indices:
                     term.setup_data(n)
                 if term.uses_labels:
                     term.setup_labels(train_labels_by_index(dm, n))
             # at most len(train_dataset) rows are needed, whatever the index range
             self.teacher_cache.resize(n, capacity=len(dm.train_dataset))
-            if self.hparams.cache_teacher and hasattr(dm, "stored_teacher_outputs"):
+            if self.hparams.cache_teacher and isinstance(dm, StoresTeacherOutputs):
                 self._prefill_teacher_cache(dm)
 
-    def _prefill_teacher_cache(self, dm: L.LightningDataModule) -> None:
+    def iter_kd_terms(self) -> Iterable[KDLoss]:
+        """The KD terms, in order (``kd_terms`` is an ``nn.ModuleList``, which types its items as plain Modules)."""
+        return cast("Iterable[KDLoss]", self.kd_terms)
+
+    def _prefill_teacher_cache(self, dm: StoresTeacherOutputs) -> None:
         """Take the teacher logits a sample store already holds (same teacher file, same image size).
 
         Only when no KD loss needs teacher features: the store keeps the teacher's outputs, not its features.
@@ -201,7 +216,7 @@ class DistillModule(NetTask):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
-        for i, term in enumerate(self.kd_terms):
+        for i, term in enumerate(self.iter_kd_terms()):
             term.resize_for_state(state, f"kd_terms.{i}.")
         super().on_load_checkpoint(checkpoint)
 
@@ -237,13 +252,13 @@ class DistillModule(NetTask):
         parts: dict[str, torch.Tensor] = {"task": task.detach()}
         total = self.hparams.task_weight * task
         ctx = StepContext(self.student_outputs, self.teacher_outputs, epoch=self.current_epoch, training=True)
-        for name, term in zip(self.kd_names, self.kd_terms):
+        for name, term in zip(self.kd_names, self.iter_kd_terms()):
             value = term(student, teacher, batch, ctx)
             if isinstance(value, dict):
                 for k, v in value.items():
                     parts[f"kd/{name}/{k}"] = v.detach()
-                value = sum(value.values())  # type: ignore[assignment]
-            parts[f"kd/{name}"] = value.detach()  # type: ignore[union-attr]
+                value = sum(value.values())
+            parts[f"kd/{name}"] = value.detach()
             total = total + term.weight * value
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True)
@@ -271,7 +286,9 @@ def train_labels_by_index(dm: L.LightningDataModule, n: int) -> torch.Tensor:
     from kd_lightning.data.base import dataset_labels
 
     labels = dataset_labels(ds)
-    positions = torch.arange(len(ds))  # type: ignore[arg-type]
+    if not isinstance(ds, Sized):
+        raise ConfigError(f"{type(dm).__name__}'s train_dataset ({type(ds).__name__}) has no len(); cannot map labels")
+    positions = torch.arange(len(ds))
     while isinstance(ds, Subset):
         positions = torch.as_tensor(ds.indices, dtype=torch.long)[positions]
         ds = ds.dataset
@@ -290,7 +307,9 @@ def num_indices(dm: L.LightningDataModule) -> int:
         ds = ds.dataset
     if ds is None:
         raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot size per-sample state")
-    return len(ds)  # type: ignore[arg-type]
+    if not isinstance(ds, Sized):
+        raise ConfigError(f"{type(dm).__name__}'s train_dataset ({type(ds).__name__}) has no len(); cannot size it")
+    return len(ds)
 
 
 __all__ = ["DistillModule", "num_indices", "train_labels_by_index"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
@@ -134,6 +134,9 @@ class GANTask(BaseTask):
     # ------------------------------------------------------------------ models
     generator: Generator
     discriminator: nn.Module
+    generator_ema: Generator
+    d_steps: torch.Tensor  # buffers: discriminator and generator steps taken
+    g_steps: torch.Tensor
 
     def configure_models(self) -> None:
         self.generator, self.discriminator = self.build_nets()
@@ -202,11 +205,16 @@ class GANTask(BaseTask):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.gradient_clip_val is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+            # a LightningOptimizer is an instance of its optimiser's class (Lightning subclasses it on the fly)
+            self.clip_gradients(
+                cast(torch.optim.Optimizer, opt),
+                gradient_clip_val=self.hparams.gradient_clip_val,
+                gradient_clip_algorithm="norm",
+            )
         opt.step()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        opt_g, opt_d = cast("list[LightningOptimizer]", self.optimizers())  # configure_optimizers returns two
         self.discriminator.train()
         with self.toggled_optimizer(opt_d):
             parts = self.discriminator_step_losses(batch)
@@ -339,6 +347,8 @@ class CcGAN(GANTask):
 
     task = "regression"
     condition = "continuous"
+    generator: ResNetGenerator  # continuous-label ResNet generator (see build_nets)
+    generator_ema: ResNetGenerator
 
     def __init__(
         self,
@@ -375,8 +385,8 @@ class CcGAN(GANTask):
         hp = self.hparams
         ili = hp.label_input == "ili"
         y2h = LabelToEmbedding(hp.embed_dim) if ili else None
-        if ili and hp.embedding_checkpoint:
-            y2h.load_state_dict(load_label_embedding(hp.embedding_checkpoint, hp.embed_dim))  # type: ignore[union-attr]
+        if y2h is not None and hp.embedding_checkpoint:
+            y2h.load_state_dict(load_label_embedding(hp.embedding_checkpoint, hp.embed_dim))
         g = ResNetGenerator(
             hp.image_size, hp.in_channels, hp.z_dim, hp.g_ch, "continuous", label_embed=y2h, embed_dim=hp.embed_dim
         )
@@ -414,14 +424,15 @@ class CcGAN(GANTask):
     def cond(self, y: torch.Tensor) -> torch.Tensor:
         """What the discriminator takes for labels ``y``: the labels (NLI) or their embeddings (ILI)."""
         y = y.float().to(self.device)
-        if self.generator.uses_embedding:  # type: ignore[attr-defined]
+        if self.generator.uses_embedding:
             with torch.no_grad():
-                return self.generator.label_embed(y)  # type: ignore[attr-defined]
+                return self.generator.label_embed(y)
         return y
 
     def real_images(self, idx: torch.Tensor) -> torch.Tensor:
         ds = self._real_dataset
-        return torch.stack([ds[int(i)]["image"] for i in idx]).to(self.device)  # type: ignore[index]
+        assert ds is not None, "on_train_start keeps the training dataset"
+        return torch.stack([ds[int(i)]["image"] for i in idx]).to(self.device)
 
     def discriminator_step_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         v = self.vicinal
@@ -535,7 +546,7 @@ class LabelEmbedding(BaseTask):
                 raise ConfigError("LabelEmbedding label_draw='unique' needs a DataModule with a train_dataset")
             y = self._unique_labels[torch.randint(len(self._unique_labels), (len(y),))].to(y.device)
         y = (y + self.hparams.label_noise * torch.randn_like(y)).clamp(0.0, 1.0)
-        lin = self.embedder.h2y[0]
+        lin = cast(nn.Linear, self.embedder.h2y[0])  # h2y = Linear(dim, 1) + ReLU
         pred = F.relu(F.linear(self.y2h(y), lin.weight.detach(), lin.bias.detach())).squeeze(1)
         loss = F.mse_loss(pred, y)
         self.log("train/y2h_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -573,7 +584,9 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
 
     token = _given_hyperparameters.set(None)
     try:
-        task = cls.load_from_checkpoint(path, map_location=map_location, weights_only=not trusted(), **overrides)
+        task = cls.load_from_checkpoint(
+            os.fspath(path), map_location=map_location, weights_only=not trusted(), **overrides
+        )
     finally:
         _given_hyperparameters.reset(token)
     return task.eval()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
@@ -38,6 +38,7 @@ from kd_lightning.fileio import atomic_write_bytes
 from kd_lightning.gans import Generator, MEKDDiscriminator, MEKDGenerator, g_loss
 from kd_lightning.losses import BLKD, DKD
 from kd_lightning.losses.base import Outputs
+from kd_lightning.methods.base import BaseTask
 from kd_lightning.methods.gan import DCGAN
 from kd_lightning.methods.supervised import NetTask
 from kd_lightning.metrics import classification_metrics
@@ -52,7 +53,7 @@ class TeacherLink:
     query statistics are written to ``queries/stats.json`` next to it at the end of every epoch.
     """
 
-    def __init__(self, module: L.LightningModule) -> None:
+    def __init__(self, module: BaseTask) -> None:
         self.module = module
         self.client: QueryClient | None = None
 
@@ -294,8 +295,9 @@ class BlackBoxStudent(NetTask):
 
     def check_data(self, dm: L.LightningDataModule) -> None:
         super().check_data(dm)
-        if getattr(dm, "pool", None) not in (None, self.pool):
-            raise ConfigError(f"{type(self).__name__} queries pool={self.pool!r} but the data gives pool={dm.pool!r}")
+        given = getattr(dm, "pool", None)
+        if given not in (None, self.pool):
+            raise ConfigError(f"{type(self).__name__} queries pool={self.pool!r} but the data gives pool={given!r}")
 
     pool = "local"
 
@@ -327,10 +329,10 @@ class BlackBoxStudent(NetTask):
         x = client.prepare(self.query_images(batch).detach())
         answers = client.query(x)
         parts = self.distill_loss(x, self(x), answers)
-        loss = sum(parts.values())
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)  # type: ignore[arg-type]
+        loss = cast(torch.Tensor, sum(parts.values()))  # distill_loss gives at least one part
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, on_step=True, on_epoch=True)
-        return loss  # type: ignore[return-value]
+        return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         logits = self(batch["image"])

@@ -11,6 +11,7 @@ from kd_lightning.losses.simkd import HEAD_KEY, ReusedTeacherHead
 from kd_lightning.methods.base import BaseTask, StageSteps
 from kd_lightning.methods.tasks import Classification, Regression, TaskSpec, task_spec
 from kd_lightning.nets import FeatureExtractor, create_net, net_info
+from kd_lightning.nets.registry import Task
 
 
 class NetTask(StageSteps, BaseTask):
@@ -30,6 +31,8 @@ class NetTask(StageSteps, BaseTask):
         channels_last: keep weights and inputs in channels-last memory format (faster convs).
         **kwargs: see :class:`~kd_lightning.methods.base.BaseTask`.
     """
+
+    task: Task = "classification"
 
     def __init__(
         self, net: str = "resnet20", net_weights: str | None = None, channels_last: bool = True, **kwargs: Any
