@@ -121,8 +121,9 @@ class KDCheckpoint(ModelCheckpoint):
         """Fill in defaults from the trainer and the model (called by kdl before the run)."""
         if self.dirpath is None:
             self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
-        if self.monitor is None and getattr(model, "monitor", None):
-            self.monitor = model.monitor
+        monitor = getattr(model, "monitor", None)  # BaseTask's selection metric; other modules have none
+        if self.monitor is None and monitor:
+            self.monitor = monitor
             if not self._mode_given:
                 mode = getattr(model, "monitor_mode", "min")
                 self.mode, self.kth_value = mode, torch.tensor(torch.inf if mode == "min" else -torch.inf)
@@ -230,11 +231,13 @@ class KDLCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         trainer = self.trainer
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        # the Trainer's callback list: its CallbackConnector sets the attribute, so Trainer declares none
+        callbacks: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        for cb in callbacks:
             if isinstance(cb, KDCheckpoint):
                 cb.bind(trainer, self.model)
-        if not any(isinstance(cb, ResumeState) for cb in trainer.callbacks):  # type: ignore[attr-defined]
-            trainer.callbacks.insert(0, ResumeState(self.recipe()))  # type: ignore[attr-defined]
+        if not any(isinstance(cb, ResumeState) for cb in callbacks):
+            callbacks.insert(0, ResumeState(self.recipe()))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for logger in trainer.loggers:
@@ -377,11 +380,12 @@ _NOISE = (
 def _user_error(exc: BaseException) -> BaseException | None:
     """The user-fixable error behind ``exc`` (jsonargparse wraps constructor errors), if any."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (KDLError, MisconfigurationException, FileNotFoundError)):
-            return exc
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (KDLError, MisconfigurationException, FileNotFoundError)):
+            return current
+        current = current.__cause__ or current.__context__
     return None
 
 
@@ -504,10 +508,10 @@ def main(args: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         user_error = _user_error(e)
-        message = str(user_error) if user_error is not None else _optimizer_error(e)
-        if debug or message is None:
+        reason = str(user_error) if user_error is not None else _optimizer_error(e)
+        if debug or reason is None:
             raise
-        print(f"kdl: error: {message}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
+        print(f"kdl: error: {reason}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -37,6 +37,9 @@ from kd_lightning.metrics.gan import (
     label_consistency,
     per_class_take,
 )
+
+if TYPE_CHECKING:
+    from kd_lightning.methods.gan import GANTask
 
 
 def save_grid_png(images: torch.Tensor, path: str, nrow: int) -> None:
@@ -120,8 +123,8 @@ class GANQuality(L.Callback):
             self._features = TeacherFeatures(teacher.to(pl_module.device), size)
         return self._features
 
-    def _labels(self, pl_module: L.LightningModule, n: int) -> torch.Tensor | int:
-        condition = pl_module.generator.condition  # type: ignore[union-attr]
+    def _labels(self, pl_module: GANTask, n: int) -> torch.Tensor | int:
+        condition = pl_module.generator.condition
         if condition == "class":
             return labels_per_class(n, int(pl_module.hparams.num_classes))
         if condition == "continuous":
@@ -129,19 +132,20 @@ class GANQuality(L.Callback):
         return n * 10
 
     def _real_reference(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, feats: TeacherFeatures
+        self, trainer: L.Trainer, pl_module: GANTask, feats: TeacherFeatures
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._real is None:
-            ds = getattr(trainer.datamodule, "val_dataset", None) if trainer.datamodule is not None else None
+            dm = getattr(trainer, "datamodule", None)
+            ds = getattr(dm, "val_dataset", None) if dm is not None else None
             if ds is None or len(ds) == 0:
                 raise ConfigError("GANQuality needs real validation images (a DataModule with val_fraction > 0)")
             items = [ds[i] for i in range(len(ds))]
             images = torch.stack([it["image"] for it in items])
             labels = torch.stack([torch.as_tensor(it["label"]) for it in items])
-            if pl_module.generator.condition == "class":  # type: ignore[union-attr]
+            if pl_module.generator.condition == "class":
                 images, labels = per_class_take(images, labels, self.n_per_class)
             else:
-                n = self.n_per_class * (self.n_label_values if pl_module.generator.condition == "continuous" else 10)  # type: ignore[union-attr]
+                n = self.n_per_class * (self.n_label_values if pl_module.generator.condition == "continuous" else 10)
                 images, labels = images[:n], labels[:n]
             f, out = feats.batched(images)
             self._real = (f, labels, out)
@@ -153,12 +157,16 @@ class GANQuality(L.Callback):
         Building the teacher draws initial weights from the global RNG: the CPU RNG state is put back
         afterwards, so a run with this callback trains exactly as one without it.
         """
+        from kd_lightning.methods.gan import GANTask
+
+        if not isinstance(pl_module, GANTask):
+            raise ConfigError(f"GANQuality evaluates GANs; {type(pl_module).__name__} is not a GANTask")
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             return self._evaluate(trainer, pl_module)
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    def _evaluate(self, trainer: L.Trainer, pl_module: GANTask) -> dict[str, Any]:
         self._last_step = trainer.global_step
-        gen = pl_module.sampler_generator(ema=self.use_ema)  # type: ignore[operator]
+        gen = pl_module.sampler_generator(ema=self.use_ema)
         folder = self._folder(trainer)
         grid = gen.sample(self._labels(pl_module, self.grid_per_class), seed=self.seed)
         rows = self.grid_per_class if gen.condition != "none" else 10
@@ -175,6 +183,7 @@ class GANQuality(L.Callback):
             f_real, y_real, _ = self._real_reference(trainer, pl_module, feats)
             metrics["quality/fid"] = fid_from_features(f_real, f_fake)
             if gen.condition == "class":
+                assert isinstance(labels, torch.Tensor)  # class ids (a count only without a condition)
                 metrics["quality/intra_fid"], _ = intra_fid(f_real, y_real, f_fake, labels)
                 metrics["quality/label_consistency"] = label_consistency(out_fake, labels)
             elif gen.condition == "continuous":
@@ -189,6 +198,7 @@ class GANQuality(L.Callback):
                 if metrics:
                     logger.log_metrics(metrics, step=log_step)
                 if type(logger).__name__ == "WandbLogger":
+                    # Lightning's Logger has no log_image; WandbLogger does (matched by name: wandb is optional)
                     logger.log_image(key="samples", images=[png], step=log_step)  # type: ignore[attr-defined]
             atomic_write_bytes(os.path.join(folder, "quality.json"), json.dumps(self.history, indent=1).encode())
         return metrics

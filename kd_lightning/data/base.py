@@ -13,7 +13,7 @@ train, an optional stratified training subset, augmentation, padding/resizing, l
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from typing import Any, Literal
 
 import lightning as L
@@ -51,7 +51,7 @@ class IndexedDataset(Dataset):
         self.target_transform = target_transform
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return dataset_len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, label = self.base[i]
@@ -287,7 +287,7 @@ class ImageDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- splits
     def _split_indices(self, base: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(base)  # type: ignore[arg-type]
+        n = dataset_len(base)
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(n, generator=g)
         n_val = round(self.val_fraction * n)
@@ -327,7 +327,7 @@ class ImageDataModule(L.LightningDataModule):
             ds,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(ds) > batch_size,  # type: ignore[arg-type]
+            drop_last=shuffle and dataset_len(ds) > batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -348,11 +348,14 @@ class ImageDataModule(L.LightningDataModule):
         ds = self.train_dataset
         if ds is None:
             raise RuntimeError("setup() has not built this split yet")
+        if not isinstance(ds, Sized):
+            raise TypeError(f"the training set needs a length; {type(ds).__name__} has no __len__")
         trainer = getattr(self, "trainer", None)
         dist_kwargs = (getattr(trainer, "distributed_sampler_kwargs", None) or {}) if trainer is not None else {}
         replicas, rank = int(dist_kwargs.get("num_replicas", 1)), int(dist_kwargs.get("rank", 0))
-        per_rank = len(ds) // replicas  # type: ignore[arg-type]
-        sampler_kwargs = dict(
+        per_rank = len(ds) // replicas
+        sampler: ResumableSampler
+        sampler_kwargs: dict[str, Any] = dict(
             seed=self.shuffle_seed(), shuffle=True, num_replicas=replicas, rank=rank, drop_last=replicas > 1
         )
         if self.class_pairs:
@@ -374,9 +377,9 @@ class ImageDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.shuffle_seed()),
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.val_fraction == 0:
-            return []  # type: ignore[return-value]
+            return []  # no validation split: Lightning skips validation
         return self._loader(self.val_dataset, False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
@@ -393,6 +396,13 @@ def augments(dm: object) -> bool:
     outputs check this.
     """
     return bool(getattr(dm, "augment", False))
+
+
+def dataset_len(ds: Dataset) -> int:
+    """``len(ds)`` (torch's ``Dataset`` does not declare ``__len__``, though every map-style dataset here has one)."""
+    if not isinstance(ds, Sized):
+        raise TypeError(f"{type(ds).__name__} has no __len__; expected a map-style dataset with a length")
+    return len(ds)
 
 
 def dataset_labels(ds: Dataset) -> torch.Tensor:
@@ -415,5 +425,5 @@ def dataset_labels(ds: Dataset) -> torch.Tensor:
     inner = getattr(ds, "base", None)
     if isinstance(inner, Dataset):
         return dataset_labels(inner)
-    items = (ds[i] for i in range(len(ds)))  # type: ignore[arg-type]
+    items = (ds[i] for i in range(dataset_len(ds)))
     return torch.stack([torch.as_tensor(x["label"] if isinstance(x, dict) else x[1]) for x in items])

@@ -90,7 +90,8 @@ class CUB200DataModule(ImageDataModule):
         is_train = read_id_table(base / "train_test_split.txt", 1, "the train/test split")
         boxes = read_id_table(base / "bounding_boxes.txt", 4, "bounding boxes") if self.bbox_crop else None
         want = "1" if split == "train" else "0"
-        paths, ys, crops = [], [], []
+        paths, ys = [], []
+        crops: list[tuple[float, float, float, float]] = []
         for image_id, (rel,) in sorted(images.items()):
             for table, name in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")) + (
                 ((boxes, "bounding_boxes.txt"),) if boxes is not None else ()
@@ -108,7 +109,8 @@ class CUB200DataModule(ImageDataModule):
             paths.append(base / "images" / rel.strip())
             ys.append(y)
             if boxes is not None:
-                crops.append(tuple(float(v) for v in boxes[image_id]))
+                x, y0, w, h = (float(v) for v in boxes[image_id])
+                crops.append((x, y0, w, h))
         if not paths:
             raise DataNotFoundError(f"{base / 'train_test_split.txt'} marks no image as {split}")
         return ImageFileDataset(

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADERS
 from torch.utils.data import ConcatDataset, Dataset
 
-from kd_lightning.data.base import ImageDataModule
+from kd_lightning.data.base import ImageDataModule, dataset_len
 from kd_lightning.data.sampler import ResumableSampler
 from kd_lightning.errors import ConfigError
 
@@ -171,7 +171,9 @@ class GeneratedDataModule(_FakeTrainBase):
         if self.gen.condition == "class":
             if self.per_class is None:
                 raise ConfigError("GeneratedDataModule with a class-conditional GAN needs per_class")
-            labels = labels_per_class(self.per_class, int(self.gen.num_classes))
+            num_classes = self.gen.num_classes
+            assert num_classes is not None  # a class-conditional generator has classes
+            labels = labels_per_class(self.per_class, int(num_classes))
         else:
             if self.per_value is None:
                 raise ConfigError(
@@ -267,6 +269,8 @@ class AugmentedDataModule(ImageDataModule):
             from kd_lightning.methods.distill import num_indices
 
             real_train = self.real.train_dataset
+            if real_train is None:
+                raise RuntimeError(f"{type(self.real).__name__}.setup('fit') built no training set")
             offset = num_indices(self.real)
             images, labels, rows, store = store_samples(self.store_path, self.filtered, self.replaced)
             if self.max_fake is not None and self.max_fake < len(images):
@@ -277,8 +281,8 @@ class AugmentedDataModule(ImageDataModule):
                 raise ConfigError(f"store images have {images.shape[1]} channels but the data has {self.in_channels}")
             fake_tf = self._fake_transform(int(images.shape[-1]))
             fake = FakeDataset(images, _store_labels(labels, self.task), fake_tf, offset)
-            self.train_dataset = ConcatDataset([real_train, fake])  # type: ignore[list-item]
-            self.n_real, self.n_fake = len(real_train), len(fake)  # type: ignore[arg-type]
+            self.train_dataset = ConcatDataset([real_train, fake])
+            self.n_real, self.n_fake = dataset_len(real_train), len(fake)
             self.num_train_indices = offset + len(fake)
             self._store_rows, self._store = rows, store
             self._log_filter_histogram()
@@ -317,7 +321,8 @@ class AugmentedDataModule(ImageDataModule):
         if "teacher" not in table.columns:
             return None
         logits = torch.from_numpy(table["teacher"][self._store_rows]).float()
-        index = torch.arange(self.n_fake) + (self.num_train_indices - self.n_fake)  # type: ignore[operator]
+        assert self.num_train_indices is not None  # set by setup() with the store
+        index = torch.arange(self.n_fake) + (self.num_train_indices - self.n_fake)
         return index, logits
 
     def train_dataloader(self) -> TRAIN_DATALOADERS:
@@ -325,6 +330,8 @@ class AugmentedDataModule(ImageDataModule):
             return super().train_dataloader()
         from kd_lightning.data.sampler import ResumableDataLoader
 
+        if self.train_dataset is None:
+            raise RuntimeError("setup() has not built this split yet")
         sampler = ShareSampler(self.n_real, self.n_fake, self.batch_size, self.fake_share, self.shuffle_seed())
         return ResumableDataLoader(
             self.train_dataset,

@@ -105,10 +105,12 @@ class ImageNet100DataModule(ImageFolderDataModule):
         if self.test_split == "val":
             return super().build_dataset(split)
         full = super().build_dataset("train")
+        if not isinstance(full, ImageFileDataset):
+            raise TypeError(f"expected the training folder as an ImageFileDataset, got {type(full).__name__}")
         n = len(full)
         if self.holdout_size >= n:
             raise DataNotFoundError(
-                f"holdout_size={self.holdout_size} but {str(Path(self.root) / self.train_dir)!r} holds only {n} "
+                f"holdout_size={self.holdout_size} but {str(self._split_dir('train'))!r} holds only {n} "
                 "images of the listed classes; expected more training images than the held-out test set"
             )
         held = torch.zeros(n, dtype=torch.bool)

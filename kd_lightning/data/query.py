@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kd_lightning.data.base import ImageDataModule, augments, default_num_workers
+from kd_lightning.data.base import ImageDataModule, augments, dataset_len, default_num_workers
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.mnist import FashionMNISTDataModule
 from kd_lightning.errors import ConfigError
@@ -40,6 +40,9 @@ class EdgeCloudSplit:
         **kwargs: the dataset's DataModule arguments.
     """
 
+    seed: int  # set by the ImageDataModule this is mixed into
+    val_fraction: float
+
     def __init__(
         self,
         part: Part = "edge",
@@ -58,7 +61,7 @@ class EdgeCloudSplit:
             edge_val_size,
             partition_seed,
         )
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
     def partition(self, n: int) -> dict[str, torch.Tensor]:
         """Sorted indices of ``edge``, ``edge_val`` and ``cloud`` in a training split of ``n`` images."""
@@ -71,13 +74,13 @@ class EdgeCloudSplit:
         return {"edge": perm[:e].sort().values, "edge_val": perm[e:v].sort().values, "cloud": perm[v:].sort().values}
 
     def _split_indices(self, base: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = self.partition(len(base))  # type: ignore[arg-type]
+        parts = self.partition(dataset_len(base))
         if self.part == "edge":
             return parts["edge"], parts["edge_val"]
         cloud = parts["cloud"]
-        g = torch.Generator().manual_seed(self.seed)  # type: ignore[attr-defined]
+        g = torch.Generator().manual_seed(self.seed)
         perm = cloud[torch.randperm(len(cloud), generator=g)]
-        n_val = round(self.val_fraction * len(cloud))  # type: ignore[attr-defined]
+        n_val = round(self.val_fraction * len(cloud))
         return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
@@ -113,7 +116,7 @@ class _ViewPool(Dataset):
         return self.size
 
     def __getitem__(self, j: int) -> dict[str, Any]:
-        n = len(self.images)  # type: ignore[arg-type]
+        n = dataset_len(self.images)
         x = self.images[j % n]["image"]
         view = j // n
         if view:
@@ -142,6 +145,7 @@ class QueryPoolDataModule(L.LightningDataModule):
 
     label_range = None
     task = "classification"
+    num_classes: int | None  # copied from ``local`` with the other dataset facts
 
     def __init__(
         self,
@@ -170,21 +174,30 @@ class QueryPoolDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        self.local.trainer = getattr(self, "trainer", None)  # type: ignore[assignment]
+        self.local.trainer = getattr(self, "trainer", None)
         self.local.setup(stage)
         if stage in ("fit", None) and self.train_dataset is None:
             if self.pool == "latent":
-                self.train_dataset = _LatentPool(self.pool_size, self.z_dim or int(self.num_classes), self.seed)
+                z_dim = self.z_dim or self.num_classes
+                if z_dim is None:
+                    raise ConfigError(f"z_dim=None and {type(self.local).__name__} has no num_classes to take")
+                self.train_dataset = _LatentPool(self.pool_size, int(z_dim), self.seed)
             else:
-                self.train_dataset = _ViewPool(self.local.train_dataset, self.pool_size, self.seed, self.local.hflip)
+                local_train = self.local.train_dataset
+                if local_train is None:
+                    raise RuntimeError(f"{type(self.local).__name__}.setup('fit') built no training set")
+                self.train_dataset = _ViewPool(local_train, self.pool_size, self.seed, self.local.hflip)
 
     @property
     def num_local(self) -> int:
-        return len(self.local.train_dataset or [])  # type: ignore[arg-type]
+        ds = self.local.train_dataset
+        return 0 if ds is None else dataset_len(ds)
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError("setup() has not built this split yet")
         return DataLoader(
-            self.train_dataset,  # type: ignore[arg-type]
+            self.train_dataset,
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=self.pool_size > self.batch_size,
@@ -192,7 +205,7 @@ class QueryPoolDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.local.val_dataloader()
 
     def test_dataloader(self) -> DataLoader:

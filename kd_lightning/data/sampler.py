@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sized
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -49,18 +49,23 @@ class ResumableSampler(DistributedSampler):
         drop_last: bool = False,
     ) -> None:
         super().__init__(
-            data_source,
+            cast(Dataset, data_source),  # DistributedSampler only takes its len()
             num_replicas=num_replicas,
             rank=rank,
             shuffle=shuffle,
-            seed=seed,  # type: ignore[arg-type]
+            seed=seed,
             drop_last=drop_last,
         )
         self._start = 0  # samples of this rank's share of ``self.epoch`` to skip on the next iteration
 
+    @property
+    def dataset_size(self) -> int:
+        """Length of ``data_source`` (a ``Sized``, which ``DistributedSampler`` stores as ``self.dataset``)."""
+        return len(cast(Sized, self.dataset))
+
     def permutation(self, epoch: int) -> list[int]:
         """This rank's indices for ``epoch`` in the order they are drawn (without any skipping)."""
-        n = len(self.dataset)  # type: ignore[arg-type]
+        n = self.dataset_size
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(n, generator=g).tolist()
@@ -95,12 +100,12 @@ class ResumableSampler(DistributedSampler):
             "consumed": consumed,
             "num_replicas": self.num_replicas,
             "num_samples": self.num_samples,
-            "dataset_size": len(self.dataset),
-        }  # type: ignore[arg-type]
+            "dataset_size": self.dataset_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at the saved epoch and position (rescaled when the number of ranks changed)."""
-        size = len(self.dataset)  # type: ignore[arg-type]
+        size = self.dataset_size
         if state["dataset_size"] != size:
             raise CheckpointError(
                 f"the checkpoint's training set has {state['dataset_size']} samples but this "
@@ -143,7 +148,8 @@ class ResumableDataLoader(DataLoader):
     def resumable(self) -> bool:
         return isinstance(self.sampler, ResumableSampler)
 
-    def __iter__(self) -> Iterator[Any]:
+    # a generator that counts the batches, not a ``_BaseDataLoaderIter``: Lightning only iterates it
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         # the body runs at the first ``next`` (after Lightning's ``set_epoch``), not at ``iter``
         self._epoch_start, self._batches = getattr(self.sampler, "_start", 0), 0
         for batch in super().__iter__():
@@ -151,15 +157,15 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        if not self.resumable:
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler):  # not ``resumable``
             return {}
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         consumed = min(self._epoch_start + self._batches * (self.batch_size or 1), sampler.num_samples)
         return {"sampler": sampler.state_dict(consumed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.resumable and state.get("sampler"):
-            self.sampler.load_state_dict(state["sampler"])  # type: ignore[attr-defined]
+        if isinstance(self.sampler, ResumableSampler) and state.get("sampler"):  # ``resumable``
+            self.sampler.load_state_dict(state["sampler"])
         self._epoch_start, self._batches = 0, 0
 
 

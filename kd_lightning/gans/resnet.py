@@ -53,6 +53,13 @@ def _check_condition(condition: str, num_classes: int | None) -> None:
         raise ConfigError(f"a class-conditional GAN needs num_classes >= 1, got {num_classes}")
 
 
+def _label(y: torch.Tensor | None) -> torch.Tensor:
+    """``y``, which a conditional GAN needs."""
+    if y is None:
+        raise ValueError("this GAN is conditional: pass the labels y")
+    return y
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm without affine parameters whose gain ``1 + g(c)`` and bias ``b(c)`` are linear in ``c``."""
 
@@ -136,7 +143,8 @@ class ResNetGenerator(Generator):
         widths = [ch * 2 ** min(i, 3) for i in range(n_up, -1, -1)]  # bottom-up, capped at 8 ch
         self.widths = widths
         if condition == "class":
-            self.shared = nn.Embedding(num_classes, shared_dim)  # type: ignore[arg-type]
+            assert num_classes is not None  # _check_condition
+            self.shared = nn.Embedding(num_classes, shared_dim)
             cond_dim = shared_dim + z_dim
         elif condition == "continuous" and label_embed is not None:
             self.label_embed = label_embed.requires_grad_(False)
@@ -154,14 +162,14 @@ class ResNetGenerator(Generator):
             return torch.cat([self.shared(y), z], dim=1)
         if self.uses_embedding:
             self.label_embed.eval()
-            return self.label_embed(y.float())
+            return self.label_embed(_label(y).float())
         return None
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c = self.condition_vector(z, y)
         h = self.linear(z)
         if self.condition == "continuous" and not self.uses_embedding:
-            h = h + y.float().view(-1, 1)  # NLI: the label is added to every element of the first feature map
+            h = h + _label(y).float().view(-1, 1)  # NLI: the label is added to every element of the first feature map
         h = h.view(len(z), -1, self.bottom, self.bottom)
         for block in self.blocks:
             h = block(h, c)
@@ -185,6 +193,7 @@ class DisBlock(nn.Module):
             h = F.avg_pool2d(h, 2)
         s = x
         if self.first:  # optimised block: pool then 1x1 conv
+            assert self.shortcut is not None  # a first block changes the width and pools
             s = self.shortcut(F.avg_pool2d(x, 2) if self.down else x)
         elif self.shortcut is not None:
             s = self.shortcut(x)
@@ -229,7 +238,8 @@ class ResNetDiscriminator(nn.Module):
         feat = widths[-1]
         self.linear = spectral_norm(nn.Linear(feat, 1))
         if condition == "class":
-            self.embed = spectral_norm(nn.Embedding(num_classes, feat))  # type: ignore[arg-type]
+            assert num_classes is not None  # _check_condition
+            self.embed = spectral_norm(nn.Embedding(num_classes, feat))
         elif condition == "continuous":
             self.embed = spectral_norm(nn.Linear(embed_dim if label_is_embedding else 1, feat, bias=False))
 
@@ -243,6 +253,7 @@ class ResNetDiscriminator(nn.Module):
             out = out + (self.embed(y) * h).sum(1)
         elif self.condition == "continuous":
             # NLI projects y + 1 (as the CcGAN code), so that y = 0 still carries a condition
+            y = _label(y)
             e = self.embed(y.float() if self.label_is_embedding else y.float().view(-1, 1) + 1)
             out = out + (e * h).sum(1)
         return out

@@ -18,6 +18,9 @@ import copy
 
 import torch
 from torch import nn
+from torch.fx.node import Target
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -35,7 +38,7 @@ def conv_bn_pairs(net: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
     except Exception:  # noqa: BLE001 - look inside the children instead
         return [pair for name, child in net.named_children() for pair in conv_bn_pairs(child, f"{prefix}{name}.")]
     modules = dict(net.named_modules())
-    calls: dict[str, int] = {}
+    calls: dict[Target, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
@@ -61,14 +64,17 @@ def conv_bn_pairs(net: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
+def fold_conv_bn(conv: _ConvNd, bn: _BatchNorm) -> None:
     """Fold eval-mode ``bn`` into ``conv`` in place (``conv`` gains a bias if it had none)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise ValueError(f"fold_conv_bn needs a BatchNorm with running statistics; {bn} has none")
+    scale = bn.weight / torch.sqrt(var + bn.eps) if bn.affine else 1 / torch.sqrt(var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(mean)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
     weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
     conv.weight = nn.Parameter(weight.contiguous(memory_format=_format_of(conv.weight)), requires_grad=False)
-    conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
+    conv.bias = nn.Parameter((bias - mean) * scale + shift, requires_grad=False)
 
 
 def _format_of(t: torch.Tensor) -> torch.memory_format:
@@ -93,7 +99,9 @@ def fold_bn(net: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
     folded = copy.deepcopy(net)
     modules = dict(folded.named_modules())
     for conv_path, bn_path in pairs:
-        fold_conv_bn(modules[conv_path], modules[bn_path])
+        conv, bn = modules[conv_path], modules[bn_path]
+        assert isinstance(conv, _CONVS) and isinstance(bn, _BNS)  # conv_bn_pairs pairs only these
+        fold_conv_bn(conv, bn)
         parent, _, leaf = bn_path.rpartition(".")
         setattr(folded.get_submodule(parent) if parent else folded, leaf, nn.Identity())
     folded.requires_grad_(False)

@@ -9,7 +9,7 @@ unchanged, so torchvision checkpoints with a matching head load directly.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import nn
@@ -21,22 +21,22 @@ from kd_lightning.nets.registry import register_net
 
 def _swap_first_conv(parent: nn.Module, attr: str, in_channels: int) -> None:
     """Replace ``parent.<attr>`` (a Conv2d on 3 channels) by the same conv on ``in_channels``."""
-    old = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]  # type: ignore[index]
+    old = parent.get_submodule(attr)  # a digit is the child's name in an nn.Sequential
+    if not isinstance(old, nn.Conv2d):
+        raise TypeError(f"expected a Conv2d at {attr!r} of {type(parent).__name__}, got {type(old).__name__}")
     if in_channels == old.in_channels:
         return
+    pair = tuple[int, int]  # a Conv2d stores its sizes as 2-tuples (padding: or a mode string)
     new = nn.Conv2d(
         in_channels,
         old.out_channels,
-        old.kernel_size,
-        old.stride,
-        old.padding,  # type: ignore[arg-type]
+        cast(pair, old.kernel_size),
+        cast(pair, old.stride),
+        cast("str | pair", old.padding),
         bias=old.bias is not None,
     )
     nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
-    if attr.isdigit():
-        parent[int(attr)] = new  # type: ignore[index]
-    else:
-        setattr(parent, attr, new)
+    setattr(parent, attr, new)  # replaces the child in place: the state_dict key order is unchanged
 
 
 class TVResNet(tvm.ResNet):
@@ -96,7 +96,14 @@ _RESNETS = {
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
 _DENSENETS = {"densenet121": (32, (6, 12, 24, 16), 64), "densenet161": (48, (6, 12, 36, 24), 96)}
-_IMAGENET = {"native_size": 224, "tags": ("imagenet", "torchvision")}
+
+
+class _NetMeta(TypedDict):
+    native_size: int
+    tags: tuple[str, ...]
+
+
+_IMAGENET: _NetMeta = {"native_size": 224, "tags": ("imagenet", "torchvision")}
 
 
 def _register_resnet(name: str) -> None:
@@ -136,7 +143,7 @@ for _name in _DENSENETS:
 def mobilenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
     """Build torchvision's MobileNetV2 with an ``in_channels`` first convolution."""
     net = TVMobileNetV2(num_classes=num_classes)
-    _swap_first_conv(net.features[0], "0", in_channels)  # type: ignore[arg-type]
+    _swap_first_conv(net.features[0], "0", in_channels)
     return net
 
 
@@ -146,5 +153,5 @@ def mobilenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
 def shufflenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
     """Build torchvision's ShuffleNetV2 (x1.0 widths) with an ``in_channels`` first convolution."""
     net = TVShuffleNetV2([4, 8, 4], [24, 116, 232, 464, 1024], num_classes=num_classes)
-    _swap_first_conv(net.conv1, "0", in_channels)  # type: ignore[arg-type]
+    _swap_first_conv(net.conv1, "0", in_channels)
     return net

@@ -208,13 +208,13 @@ class Generation:
             self._add_teacher(take)
 
     def _add_teacher(self, take: dict[str, torch.Tensor]) -> None:
+        teacher, size = self.teacher, self.teacher_size
+        assert teacher is not None and size is not None  # add_teacher checked; a teacher comes with its size
         if "teacher" not in take:
             xq = take["image"].float().to(self.device) / 255
             bs = self.cfg.forward_batch
-            outs = [
-                self.teacher(fit_size(xq[s : s + bs], self.teacher_size)).float().cpu() for s in range(0, len(xq), bs)
-            ]
-            take["teacher"] = torch.cat(outs) if outs else torch.zeros(0, self.teacher.num_classes or 1)
+            outs = [teacher(fit_size(xq[s : s + bs], size)).float().cpu() for s in range(0, len(xq), bs)]
+            take["teacher"] = torch.cat(outs) if outs else torch.zeros(0, teacher.num_classes or 1)
         t, y = take["teacher"], take["label"]
         take["error"] = classification_errors(t, y) if self.task == "classification" else regression_errors(t, y)
 
@@ -223,7 +223,9 @@ class Generation:
         if self.task == "classification":
             if cfg.per_class is None or cfg.per_class < 1:
                 raise ConfigError(f"per_class={cfg.per_class}; a class-conditional GAN needs a positive per_class")
-            return [Unit(f"class-{c}", c, cfg.per_class) for c in range(int(self.gen.num_classes))]
+            num_classes = self.gen.num_classes
+            assert num_classes is not None  # a class-conditional generator has classes
+            return [Unit(f"class-{c}", c, cfg.per_class) for c in range(int(num_classes))]
         if cfg.per_value is None or cfg.per_value < 1:
             raise ConfigError(f"per_value={cfg.per_value}; a CcGAN needs a positive per_value")
         values = cfg.label_values or np.linspace(0, 1, cfg.n_label_values).tolist()
@@ -404,9 +406,10 @@ class Generation:
         hist = None
         if "error" in table:
             errors = table["error"].astype(np.float64)
+            cutoffs: dict[int, float] | float
             if self.task == "classification":
-                cutoffs: dict[int, float] | float = class_cutoffs(errors[accepted], labels[accepted], self.rho)
-                report["cutoffs"] = {str(k): v for k, v in cutoffs.items()}
+                cutoffs = per_class = class_cutoffs(errors[accepted], labels[accepted], self.rho)
+                report["cutoffs"] = {str(k): v for k, v in per_class.items()}
             else:
                 cutoffs = global_cutoff(errors[accepted], self.rho)
                 report["cutoff"] = cutoffs
@@ -515,12 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - jsonargparse's parse errors
         print(f"kdl generate: error: {e}", file=sys.stderr)
         return 2
-    ns = ns.as_dict() if hasattr(ns, "as_dict") else vars(ns)
-    ns.pop("config", None)
-    if ns.pop("quiet", False):
-        ns["progress"] = False
+    args = ns.as_dict() if hasattr(ns, "as_dict") else vars(ns)
+    args.pop("config", None)
+    if args.pop("quiet", False):
+        args["progress"] = False
     try:
-        cfg = GenerateConfig(**ns)
+        cfg = GenerateConfig(**args)
         store, timing = generate(cfg)
     except KDLError as e:
         print(f"kdl generate: error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ from torch import nn
 
 from kd_lightning.checkpoints import NET_PREFIX, load_checkpoint, load_state_dict_file, net_state, state_mismatch
 from kd_lightning.errors import CheckpointError, ConfigError
-from kd_lightning.losses.simkd import head_from_checkpoint
+from kd_lightning.losses.simkd import ReusedTeacherHead, head_from_checkpoint
 from kd_lightning.nets import FeatureExtractor, create_net, net_info, resolve_feature_path
 from kd_lightning.nets.normalize import Normalize
 from kd_lightning.nets.registry import Task
@@ -52,7 +52,7 @@ class FrozenTeacher(nn.Module):
         num_classes: int | None,
         net_name: str,
         source: str = "",
-        head: nn.Module | None = None,
+        head: ReusedTeacherHead | None = None,
         fold_bn: bool = False,
     ) -> None:
         super().__init__()
