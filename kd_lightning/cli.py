@@ -51,6 +51,7 @@ from kd_lightning.callbacks import (
 from kd_lightning.checkpoints import CONFIG_KEY, TRUST_ENV, load_checkpoint
 from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
 from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.wandb_media import wandb_loggers
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
@@ -289,7 +290,7 @@ class KDLCLI(LightningCLI):
 
 def finish_wandb_run(trainer: L.Trainer) -> None:
     """Close this command's W&B run, so the next command in the same process starts its own."""
-    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+    if wandb_loggers(trainer):
         import wandb
 
         if wandb.run is not None:

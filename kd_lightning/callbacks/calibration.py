@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from kd_lightning.metrics.calibration import calibration_report, plot_reliability_diagram, report_lines
+from kd_lightning.wandb_media import log_image, log_table
 
 
 class TemperatureScaling(L.Callback):
@@ -148,21 +149,11 @@ class TemperatureScaling(L.Callback):
 
     @staticmethod
     def _log_table(trainer: L.Trainer, rows: list[tuple[int, float, int]]) -> None:
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.log_table(  # type: ignore[attr-defined]
-                    key="test/per_class_accuracy", columns=["class", "accuracy", "n"], data=[list(r) for r in rows]
-                )
+        log_table(trainer, "test/per_class_accuracy", ["class", "accuracy", "n"], [list(r) for r in rows])
 
     @staticmethod
     def _log_image(trainer: L.Trainer, png: Path) -> None:
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-        except ImportError:  # pragma: no cover
-            return
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="test/reliability", images=[str(png)])
+        log_image(trainer, "test/reliability", png)
 
 
 def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, float, int]]:

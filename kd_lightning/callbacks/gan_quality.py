@@ -37,6 +37,7 @@ from kd_lightning.metrics.gan import (
     label_consistency,
     per_class_take,
 )
+from kd_lightning.wandb_media import log_image
 
 if TYPE_CHECKING:
     from kd_lightning.methods.gan import GANTask
@@ -197,9 +198,7 @@ class GANQuality(L.Callback):
             for logger in trainer.loggers:
                 if metrics:
                     logger.log_metrics(metrics, step=log_step)
-                if type(logger).__name__ == "WandbLogger":
-                    # Lightning's Logger has no log_image; WandbLogger does (matched by name: wandb is optional)
-                    logger.log_image(key="samples", images=[png], step=log_step)  # type: ignore[attr-defined]
+            log_image(trainer, "samples", png, step=log_step)
             atomic_write_bytes(os.path.join(folder, "quality.json"), json.dumps(self.history, indent=1).encode())
         return metrics
 

@@ -401,7 +401,7 @@ def augments(dm: object) -> bool:
 def dataset_len(ds: Dataset) -> int:
     """``len(ds)`` (torch's ``Dataset`` does not declare ``__len__``, though every map-style dataset here has one)."""
     if not isinstance(ds, Sized):
-        raise TypeError(f"{type(ds).__name__} has no __len__; expected a map-style dataset with a length")
+        raise ConfigError(f"{type(ds).__name__} has no __len__; expected a map-style dataset with a length")
     return len(ds)
 
 

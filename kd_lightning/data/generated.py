@@ -28,6 +28,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from kd_lightning.data.base import ImageDataModule, dataset_len
 from kd_lightning.data.sampler import ResumableSampler
 from kd_lightning.errors import ConfigError
+from kd_lightning.wandb_media import log_image
 
 
 class FakeDataset(Dataset):
@@ -293,9 +294,7 @@ class AugmentedDataModule(ImageDataModule):
         hist = os.path.join(self.store_path, "filter_hist.png")
         if trainer is None or not os.path.isfile(hist):
             return
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="store/filter_hist", images=[hist])
+        log_image(trainer, "store/filter_hist", hist)
 
     def _fake_transform(self, native: int) -> Callable[[Any], torch.Tensor]:
         """The real training transform, with padding computed from the fake images' own size."""

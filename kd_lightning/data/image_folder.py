@@ -51,6 +51,7 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(root=root, **kwargs)
         self.native_size = self.image_size  # images are resized to image_size on load
         self.train_dir, self.test_dir, self.verify = train_dir, test_dir, verify
+        self.folder = Path(root)
         if grayscale:
             self.in_channels, self.mean, self.std = 1, (0.449,), (0.226,)
         self.requested_classes = classes
@@ -65,7 +66,7 @@ class ImageFolderDataModule(ImageDataModule):
             self.num_classes = 2
 
     def _find_classes(self) -> list[str]:
-        train = require_dir(Path(self.root) / self.train_dir, f"{type(self).__name__} training folder")  # type: ignore[arg-type]
+        train = require_dir(self.folder / self.train_dir, f"{type(self).__name__} training folder")
         found = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
         if self.requested_classes is not None:
             missing = [c for c in self.requested_classes if c not in found]
@@ -77,7 +78,7 @@ class ImageFolderDataModule(ImageDataModule):
         return found
 
     def _split_dir(self, split: Split) -> Path:
-        root = Path(self.root)  # type: ignore[arg-type]
+        root = self.folder
         if split == "train":
             return root / self.train_dir
         if self.test_dir is not None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from kd_lightning.data.base import dataset_len
 from kd_lightning.data.sampler import ResumableSampler
 from kd_lightning.errors import ConfigError
 
@@ -70,7 +71,7 @@ class PairedDataset(Dataset):
         self.base = base
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return dataset_len(self.base)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         if not isinstance(key, tuple):

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from kd_lightning.data.base import ImageDataModule, Split, stratified_subset
+from kd_lightning.data.base import ImageDataModule, Split, dataset_len, stratified_subset
 from kd_lightning.errors import ConfigError
 
 
@@ -33,7 +33,7 @@ class RotatedDataset(Dataset):
     def __init__(self, base: Dataset, angles: torch.Tensor, size: int, crop: int) -> None:
         self.base, self.angles, self.size, self.crop = base, angles, size, crop
         self.targets = angles
-        self.n_src = len(base)  # type: ignore[arg-type]
+        self.n_src = dataset_len(base)
 
     def __len__(self) -> int:
         return len(self.angles)
@@ -93,7 +93,7 @@ class RotatedDataModule(ImageDataModule):
 
     def build_dataset(self, split: Split) -> Dataset:
         base = self.source.build_dataset(split)
-        n = len(base)  # type: ignore[arg-type]
+        n = dataset_len(base)
         g = torch.Generator().manual_seed(self.ANGLE_SEED + (split == "test"))
         angles = self.min_angle + (self.max_angle - self.min_angle) * torch.rand(n * self.k, generator=g)
         size = self.native_size
@@ -103,14 +103,16 @@ class RotatedDataModule(ImageDataModule):
 
     def _split_indices(self, base: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Validation holds whole source images (all their rotated copies)."""
-        n_src = base.n_src  # type: ignore[attr-defined]
+        if not isinstance(base, RotatedDataset):
+            raise TypeError(f"expected the RotatedDataset that build_dataset returns, got {type(base).__name__}")
+        n_src = base.n_src
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(n_src, generator=g)
         n_val = round(self.val_fraction * n_src)
         is_val = torch.zeros(n_src, dtype=torch.bool)
         is_val[perm[:n_val]] = True
-        src = torch.arange(len(base)) % n_src  # type: ignore[arg-type]
+        src = torch.arange(len(base)) % n_src
         val_idx, train_idx = is_val[src].nonzero().flatten(), (~is_val[src]).nonzero().flatten()
         if self.train_size is not None and self.train_size < len(train_idx):
-            train_idx = train_idx[stratified_subset(base.targets[train_idx], self.train_size, g)]  # type: ignore[attr-defined]
+            train_idx = train_idx[stratified_subset(base.targets[train_idx], self.train_size, g)]
         return train_idx, val_idx

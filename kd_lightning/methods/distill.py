@@ -15,7 +15,7 @@ fake samples and the teacher never runs on them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import lightning as L
@@ -283,12 +283,10 @@ def train_labels_by_index(dm: L.LightningDataModule, n: int) -> torch.Tensor:
     ds: Dataset | None = getattr(dm, "train_dataset", None)
     if ds is None:
         raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot read its labels")
-    from kd_lightning.data.base import dataset_labels
+    from kd_lightning.data.base import dataset_labels, dataset_len
 
     labels = dataset_labels(ds)
-    if not isinstance(ds, Sized):
-        raise ConfigError(f"{type(dm).__name__}'s train_dataset ({type(ds).__name__}) has no len(); cannot map labels")
-    positions = torch.arange(len(ds))
+    positions = torch.arange(dataset_len(ds))
     while isinstance(ds, Subset):
         positions = torch.as_tensor(ds.indices, dtype=torch.long)[positions]
         ds = ds.dataset
@@ -307,9 +305,9 @@ def num_indices(dm: L.LightningDataModule) -> int:
         ds = ds.dataset
     if ds is None:
         raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot size per-sample state")
-    if not isinstance(ds, Sized):
-        raise ConfigError(f"{type(dm).__name__}'s train_dataset ({type(ds).__name__}) has no len(); cannot size it")
-    return len(ds)
+    from kd_lightning.data.base import dataset_len
+
+    return dataset_len(ds)
 
 
 __all__ = ["DistillModule", "num_indices", "train_labels_by_index"]
