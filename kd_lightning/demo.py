@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 from kd_lightning.callbacks import TrainThroughput
 from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning
 from kd_lightning.data.mnist import FASHION_MNIST_DEBIAN_ROOT
@@ -67,7 +69,9 @@ def run_stage(
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.perf_counter() - t0
     best = Path(root_dir) / "checkpoints" / "best.ckpt"
-    val_acc = float(cli.trainer.checkpoint_callback.best_model_score)  # type: ignore[union-attr]
+    checkpoint = cli.trainer.checkpoint_callback
+    assert isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None
+    val_acc = float(checkpoint.best_model_score)
     test = build_cli(["test", *common, "--ckpt_path", str(best)])
     m = test.trainer.callback_metrics
     return {

@@ -127,7 +127,8 @@ class Regression(TaskSpec):
         return nn.MSELoss() if self.loss_name == "mse" else nn.L1Loss()
 
     def metrics(self, num_classes: int | None) -> tuple[MetricCollection, MetricCollection, MetricCollection]:
-        return tuple(regression_metrics().clone(prefix=f"{s}/") for s in ("train", "val", "test"))  # type: ignore[return-value]
+        base = regression_metrics()
+        return base.clone(prefix="train/"), base.clone(prefix="val/"), base.clone(prefix="test/")
 
     def prediction(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.squeeze(-1) if raw.ndim > 1 else raw

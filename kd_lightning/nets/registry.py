@@ -89,7 +89,7 @@ def create_net(name: str, num_classes: int = 10, in_channels: int = 3, task: Tas
         raise ConfigError(f"in_channels={in_channels!r} for net {name!r}; expected an integer >= 1")
     out = 1 if task == "regression" else num_classes
     net = info.factory(num_classes=out, in_channels=in_channels)
-    net.net_info = info  # type: ignore[assignment]
+    net.net_info = info  # type: ignore[assignment]  # nn.Module types attributes as Tensor | Module
     return net
 
 
