@@ -161,26 +161,44 @@ def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def draw_curves(ax: Axes, runs: list[Run], by: str, metric: str) -> bool:
-    """Draw the learning curves of ``metric`` on a matplotlib ``ax``, one colour per group.
+def group_curves(runs: list[Run], by: str, metric: str) -> dict[str, dict[int, list[float]]]:
+    """``group -> epoch -> [value of each run]`` of ``metric`` (scaled to % where it is a rate), in run order."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        points = dict(run.curves.get(metric) or [])  # the last value logged at an epoch wins
+        for epoch, value in points.items():
+            out.setdefault(group_key(run, by), {}).setdefault(epoch, []).append(_scale(metric) * value)
+    return out
 
-    ``ax`` is a notebook's figure, or :func:`plot_curves`' file. Returns False when no run logged ``metric``.
+
+def draw_curves(ax: Axes, runs: list[Run], by: str, metric: str) -> bool:
+    """Draw ``metric`` per epoch on a matplotlib ``ax``: one line per group (the mean of its runs), min-max shaded.
+
+    Up to 10 groups take matplotlib's default colours, up to 20 ``tab20``'s; beyond that the line styles vary
+    too. With more than 6 groups the legend sits outside the axes, on the right. ``ax`` is a notebook's
+    figure, or :func:`plot_curves`' file. Returns False when no run logged ``metric``.
     """
-    having = [r for r in runs if r.curves.get(metric)]
-    if not having:
+    groups = group_curves(runs, by, metric)
+    if not groups:
         return False
-    colours: dict[str, Any] = {}
-    for run in having:
-        key = group_key(run, by)
-        epochs, values = zip(*sorted(dict(run.curves[metric]).items()))
-        line = ax.plot(epochs, [_scale(metric) * v for v in values], color=colours.get(key), alpha=0.8)[0]
-        if key not in colours:
-            colours[key] = line.get_color()
-            line.set_label(key)
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["tab10" if len(groups) <= 10 else "tab20"]
+    styles = ("-", "--", ":", "-.")
+    for k, (name, by_epoch) in enumerate(groups.items()):
+        epochs = sorted(by_epoch)
+        values = [by_epoch[e] for e in epochs]
+        colour = cmap(k % cmap.N)
+        ax.plot(epochs, [sum(v) / len(v) for v in values], color=colour, ls=styles[(k // cmap.N) % 4], label=name)
+        if any(len(v) > 1 for v in values):
+            ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{metric} (%)" if _scale(metric) == 100 else metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(groups) > 6:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    else:
+        ax.legend(fontsize=8)
     return True
 
 
@@ -190,7 +208,8 @@ def plot_curves(runs: list[Run], by: str, metric: str, path: str | os.PathLike) 
 
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
-    fig = Figure(figsize=(6, 4))
+    wide = len(group_curves(runs, by, metric)) > 6  # room for the legend on the right
+    fig = Figure(figsize=(7.5 if wide else 6, 4))
     if not draw_curves(fig.subplots(), runs, by, metric):
         return False
     fig.tight_layout()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_lightning.report import read_run
+from kd_lightning.report import draw_curves, group_curves, read_run
 from tests.helpers import fake_run
 
 
@@ -54,6 +54,23 @@ def test_report_table_is_mean_and_std_over_seeds(kdl, runs, tmp_path: Path, caps
     assert "DistillModule[BLKD]" in printed and "ImageClassifier" in printed and "val/acc1" not in printed
     assert kdl("report", *folders, "--group-by", "model.init_args.net", "--quiet", "true") == 0
     assert "| resnet8 | 5 |" in capsys.readouterr().out
+
+
+def test_curves_are_one_mean_line_per_group_with_its_min_max_band(runs: dict[str, list[Path]]) -> None:
+    from matplotlib.figure import Figure
+
+    read = [read_run(p) for ps in runs.values() for p in ps]
+    curves = group_curves(read, "parent", "val/acc1")
+    assert list(curves) == ["NOKD", "BLKD"]
+    assert curves["NOKD"][1] == pytest.approx([80.0, 81.0, 82.0])  # epoch 1 of seeds 0-2, in %
+    assert curves["BLKD"][2] == pytest.approx([90.0, 89.0])
+    ax = Figure().subplots()
+    assert draw_curves(ax, read, "parent", "val/acc1")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["NOKD", "BLKD"]  # one line per group, not one per run
+    assert list(lines["NOKD"].get_ydata()) == pytest.approx([50.0, 81.0, 70.0])
+    assert len(ax.collections) == 2  # a min-max band per group with several runs
+    assert not draw_curves(Figure().subplots(), read, "parent", "val/mae")
 
 
 def test_report_errors_name_the_folder(kdl, tmp_path: Path, capsys) -> None:
