@@ -1,0 +1,37 @@
+"""``make demo``'s precision choice and one tiny run of it on digits (the main job's code path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kd_lightning import demo
+
+
+@pytest.mark.parametrize(
+    ("amx", "cuda", "expected"), [(True, False, "bf16-mixed"), (False, False, "32-true"), (True, True, "32-true")]
+)
+def test_auto_precision_is_bf16_only_on_a_cpu_with_amx(
+    amx: bool, cuda: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(demo, "amx_bf16_available", lambda: amx)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert demo.resolve_precision("auto") == expected
+    for given in ("32-true", "bf16-mixed"):  # an explicit choice is kept
+        assert demo.resolve_precision(given) == given
+
+
+def test_demo_runs_teacher_and_students_on_digits_and_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--root", str(tmp_path / "none"), "--teacher", "tinynet", "--student", "tinynet", "--epochs", "1"]
+    assert demo.main([*argv, "--out", str(tmp_path / "out"), "--precision", "32-true"]) == 0
+    out = capsys.readouterr().out
+    assert "precision 32-true" in out and "scikit-learn digits" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["teacher", "student_nokd", "student_blkd"]
+    for name in ("teacher", "student_nokd", "student_blkd"):
+        assert (tmp_path / "out" / name / "checkpoints" / "best.ckpt").is_file()
