@@ -246,7 +246,7 @@ class SelfKD(ImageClassifier):
     prediction on a mixed image is not a prediction of sample ``index``.
     """
 
-    hparams_ignore = (*ImageClassifier.hparams_ignore, "critic_optimizer")
+    hparams_ignore = (*ImageClassifier.hparams_ignore, "critic_optimizer", "terms")  # terms: modules, in config.yaml
 
     def __init__(
         self,
