@@ -37,6 +37,19 @@ def test_model_checkpoint_private_hooks_are_unchanged(name: str) -> None:
     assert params == MODEL_CHECKPOINT_HOOKS[name], f"Lightning {L.__version__}: ModelCheckpoint.{name}{params}"
 
 
+def test_the_training_loop_privates_the_callbacks_read_are_unchanged() -> None:
+    """GracefulStop asks the epoch loop whether validation follows a batch (callbacks/interrupt.py), and GANQuality
+    logs at the loop's own batch count (callbacks/gan_quality.py); both fall back quietly, so check them here."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    hook = getattr(_TrainingEpochLoop, "_should_check_val_fx", None)
+    assert callable(hook), f"Lightning {L.__version__}: _TrainingEpochLoop._should_check_val_fx is gone"
+    assert list(inspect.signature(hook).parameters) == ["self", "data_fetcher"], (
+        f"Lightning {L.__version__}: _should_check_val_fx{inspect.signature(hook)}"
+    )
+    assert "_batches_that_stepped" in inspect.getsource(_TrainingEpochLoop.__init__)
+
+
 def test_given_hyperparameters_is_still_a_context_variable() -> None:
     """``load_gan`` clears it while a GAN loads inside another module's ``__init__`` (kd_lightning/methods/gan.py)."""
     assert isinstance(getattr(hparams_mixin, "_given_hyperparameters", None), ContextVar)
