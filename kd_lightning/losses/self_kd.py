@@ -44,9 +44,23 @@ def designed_teacher(label: torch.Tensor, num_classes: int, correct_prob: float,
     return F.softmax(p_d / temperature, dim=-1)
 
 
-def _check_temperature(owner: str, value: float) -> None:
+def check_temperature(owner: str, value: float) -> None:
+    """A clear error when temperature ``owner`` is not positive."""
     if value <= 0:
         raise ConfigError(f"{owner}={value}; expected a temperature > 0")
+
+
+def check_guide_settings(T: float, target: str, correct_prob: float, reduction: str, multiplier: float) -> None:
+    """The checks of :class:`GuideKL`'s settings, named as ``SelfKD``'s arguments (it runs them before building)."""
+    check_temperature("guide_temperature", T)
+    if target not in ("pretrained", "designed"):
+        raise ConfigError(f"guide_target={target!r}; expected 'pretrained' or 'designed'")
+    if reduction not in ("batchmean", "mean"):
+        raise ConfigError(f"guide_reduction={reduction!r}; expected 'batchmean' or 'mean'")
+    if not 0.0 < correct_prob < 1.0:
+        raise ConfigError(f"designed_correct_prob={correct_prob}; expected a probability in (0, 1)")
+    if multiplier < 0:
+        raise ConfigError(f"guide_multiplier={multiplier}; expected a weight >= 0")
 
 
 class SelfKDTerm(KDLoss):
@@ -110,15 +124,7 @@ class GuideKL(SelfKDTerm):
         multiplier: float = 1.0,
     ) -> None:
         super().__init__(weight)
-        _check_temperature("guide_temperature", T)
-        if target not in ("pretrained", "designed"):
-            raise ConfigError(f"guide_target={target!r}; expected 'pretrained' or 'designed'")
-        if reduction not in ("batchmean", "mean"):
-            raise ConfigError(f"guide_reduction={reduction!r}; expected 'batchmean' or 'mean'")
-        if not 0.0 < correct_prob < 1.0:
-            raise ConfigError(f"designed_correct_prob={correct_prob}; expected a probability in (0, 1)")
-        if multiplier < 0:
-            raise ConfigError(f"guide_multiplier={multiplier}; expected a weight >= 0")
+        check_guide_settings(T, target, correct_prob, reduction, multiplier)
         self.T, self.target, self.correct_prob = T, target, correct_prob
         self.tempered_student, self.reduction, self.multiplier = tempered_student, reduction, multiplier
         self.needs_teacher = target == "pretrained"
@@ -166,7 +172,7 @@ class ProgressiveKL(SelfKDTerm):
 
     def __init__(self, num_classes: int, T: float = 1.0, weight: float = 0.3, ramp: bool = False) -> None:
         super().__init__(weight)
-        _check_temperature("progressive_temperature", T)
+        check_temperature("progressive_temperature", T)
         self.T, self.ramp, self.num_classes = T, ramp, num_classes
         self.store = PerSampleStore(name="the progressive term's store of last predictions")
 
@@ -231,7 +237,7 @@ class ClassWiseKL(SelfKDTerm):
 
     def __init__(self, T: float = 4.0, weight: float = 1.0) -> None:
         super().__init__(weight)
-        _check_temperature("class_wise_temperature", T)
+        check_temperature("class_wise_temperature", T)
         self.T = T
 
     @property

@@ -61,6 +61,8 @@ from kd_lightning.losses.self_kd import (
     KLReduction,
     ProgressiveKL,
     SelfKDTerm,
+    check_guide_settings,
+    check_temperature,
 )
 from kd_lightning.methods.supervised import ImageClassifier
 
@@ -284,23 +286,13 @@ class SelfKD(ImageClassifier):
             ("adversarial_weight", adversarial_weight),
             ("class_wise_weight", class_wise_weight),
             ("gp_weight", gp_weight),
-            ("guide_multiplier", guide_multiplier),
         ):
             if value < 0:
                 raise ConfigError(f"{name}={value}; expected a weight >= 0")
-        for name, value in (
-            ("guide_temperature", guide_temperature),
-            ("progressive_temperature", progressive_temperature),
-            ("class_wise_temperature", class_wise_temperature),
-        ):
-            if value <= 0:
-                raise ConfigError(f"{name}={value}; expected a temperature > 0")
-        if guide_target not in ("pretrained", "designed"):
-            raise ConfigError(f"guide_target={guide_target!r}; expected 'pretrained' or 'designed'")
-        if guide_reduction not in ("batchmean", "mean"):
-            raise ConfigError(f"guide_reduction={guide_reduction!r}; expected 'batchmean' or 'mean'")
-        if not 0.0 < designed_correct_prob < 1.0:
-            raise ConfigError(f"designed_correct_prob={designed_correct_prob}; expected a probability in (0, 1)")
+        # the terms' own checks, before anything is built (configure_models builds the terms)
+        check_guide_settings(guide_temperature, guide_target, designed_correct_prob, guide_reduction, guide_multiplier)
+        check_temperature("progressive_temperature", progressive_temperature)
+        check_temperature("class_wise_temperature", class_wise_temperature)
         if critic_norm not in CRITIC_NORMS:
             raise ConfigError(f"critic_norm={critic_norm!r}; expected one of {', '.join(CRITIC_NORMS)}")
         if guide_weight + progressive_weight > 1.0:
