@@ -163,7 +163,7 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict:
     return result
 
 
-def write_table(results: list[dict], args: argparse.Namespace) -> str:
+def write_table(results: list[dict], args: argparse.Namespace) -> None:
     """Write ``<out>/table.md`` by ``kdl report`` over the run folders (one group per method), plus the fit minutes."""
     from kd_lightning.report import main as report
 
@@ -184,8 +184,8 @@ def write_table(results: list[dict], args: argparse.Namespace) -> str:
     )
     line = f"fit minutes per run (mean over seeds, earlier stage included): {minutes}"
     print("\n" + line)
-    out.write_text(out.read_text() + f"\n{line}\n")
-    return out.read_text()
+    with out.open("a") as f:
+        f.write(f"\n{line}\n")
 
 
 def main() -> int:

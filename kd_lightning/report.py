@@ -208,10 +208,12 @@ def plot_curves(runs: list[Run], by: str, metric: str, path: str | os.PathLike) 
 
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
-    wide = len(group_curves(runs, by, metric)) > 6  # room for the legend on the right
-    fig = Figure(figsize=(7.5 if wide else 6, 4))
-    if not draw_curves(fig.subplots(), runs, by, metric):
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    if not draw_curves(ax, runs, by, metric):
         return False
+    if len(ax.get_lines()) > 6:  # one line per group; the legend sits on the right
+        fig.set_size_inches(7.5, 4)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
