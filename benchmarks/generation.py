@@ -41,20 +41,21 @@ from kd_lightning.sampling.generate import GenerateConfig, Generation, Unit  # n
 
 RUNS = Path("/work/runs/i12/fmnist")
 
-#: name -> (inference_mode, forward_batch, fast_inference); forward_batch None = the chunk
+#: name -> (inference_mode, forward_batch, fast_inference, compile); forward_batch None = the chunk
 VARIANTS = {
-    "no_grad, one pass per chunk (as before)": (False, None, False),
-    "+ inference_mode": (True, None, False),
-    "+ forward_batch 100 (default now)": (True, 100, False),
-    "+ forward_batch 50": (True, 50, False),
-    "+ fast_inference": (True, 100, True),
+    "no_grad, one pass per chunk (as before)": (False, None, False, False),
+    "+ inference_mode": (True, None, False, False),
+    "+ forward_batch 100 (default now)": (True, 100, False, False),
+    "+ forward_batch 50": (True, 50, False, False),
+    "+ fast_inference": (True, 100, True, False),
+    "+ fast_inference + compile": (True, 100, True, True),
 }
 
 
-def configure(run: Generation, inference: bool, forward_batch: int | None, fast: bool) -> None:
+def configure(run: Generation, inference: bool, forward_batch: int | None, fast: bool, compiled: bool = False) -> None:
     run.grad_mode = torch.inference_mode if inference else torch.no_grad
     run.cfg.forward_batch = forward_batch or run.cfg.batch_size
-    run.set_fast_inference(fast)
+    run.set_fast_inference(fast, compiled)
 
 
 def hook_phases(run: Generation, clock: PhaseClock) -> list:
@@ -66,7 +67,8 @@ def hook_phases(run: Generation, clock: PhaseClock) -> list:
             for net in {id(ft.net): ft.net, id(ft.inference_net()): ft.inference_net()}.values():
                 nets[f"{label} ({'folded' if net is not ft.net else 'unfolded'})"] = net
     for label, m in nets.items():
-        if m is not None:
+        # a compiled net's hooks would be traced into its graph: its time stays in "host work (rest)"
+        if m is not None and getattr(m, "_compiled_call_impl", None) is None:
             handles.append(m.register_forward_pre_hook(lambda *_, n=label: clock.push(n)))
             handles.append(m.register_forward_hook(lambda *_, n=label: clock.pop(n), always_call=True))
     return handles
@@ -106,9 +108,9 @@ def main() -> None:
     peaks: list[float] = []
     for r in range(args.repeats):
         peaks.append(fp32_peak_flops(seconds=0.6))
-        for name, (inference, forward_batch, fast) in VARIANTS.items():
-            configure(run, inference, forward_batch, fast)
-            one_chunk(run, unit, 0)  # warm-up (and the folded copies are built here)
+        for name, (inference, forward_batch, fast, compiled) in VARIANTS.items():
+            configure(run, inference, forward_batch, fast, compiled)
+            one_chunk(run, unit, 0)  # warm-up (the folded copies are built and compiled here)
             handles = hook_phases(run, clocks[name])
             clocks[name].start()
             t0 = time.perf_counter()

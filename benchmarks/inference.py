@@ -14,6 +14,7 @@ Timings vary with the machine's load: never assert them in tests.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -30,18 +31,21 @@ sys.path.insert(0, str(HERE))
 from common import report  # noqa: E402
 from throughput import fp32_peak_flops  # noqa: E402
 
+from kd_lightning.callbacks.compile import compile_frozen  # noqa: E402
 from kd_lightning.cli import cpu_defaults  # noqa: E402
 from kd_lightning.nets import create_net  # noqa: E402
 from kd_lightning.nets.fold import fold_bn  # noqa: E402
 
-#: name -> (channels-last, inference_mode, folded, batch multiplier); None = --batch
-VARIANTS: dict[str, tuple[bool, bool, bool, float | None]] = {
-    "no_grad, NCHW, unfolded": (False, False, False, None),
-    "+ channels-last": (True, False, False, None),
-    "+ inference_mode": (True, True, False, None),
-    "+ BN folded": (True, True, True, None),
-    "+ BN folded, batch x4": (True, True, True, 4),
-    "+ BN folded, batch /4": (True, True, True, 0.25),
+#: name -> (channels-last, inference_mode, folded, batch multiplier, compiled); None = --batch
+VARIANTS: dict[str, tuple[bool, bool, bool, float | None, bool]] = {
+    "no_grad, NCHW, unfolded": (False, False, False, None, False),
+    "+ channels-last": (True, False, False, None, False),
+    "+ inference_mode": (True, True, False, None, False),
+    "+ BN folded": (True, True, True, None, False),
+    "+ BN folded, batch x4": (True, True, True, 4, False),
+    "+ BN folded, batch /4": (True, True, True, 0.25, False),
+    "+ BN folded + compiled (inductor, freezing)": (True, True, True, None, True),
+    "+ BN folded + compiled, batch /4": (True, True, True, 0.25, True),
 }
 
 
@@ -88,21 +92,29 @@ def main() -> None:
     net = with_bn_stats(create_net(args.net, num_classes=10, in_channels=args.channels))
     folded, pairs = fold_bn(net)
     nets = {}
-    for cl, fold in ((False, False), (True, False), (True, True)):
-        m = folded if fold else net
-        nets[cl, fold] = (
-            __import__("copy").deepcopy(m).to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        )
     shape = (args.channels, args.image_size, args.image_size)
+    compile_seconds = {}
+    for name, (cl, _, fold, mult, compiled) in VARIANTS.items():
+        key = (cl, fold, mult if compiled else None, compiled)  # a compiled net per batch size (static shapes)
+        if key not in nets:
+            m = copy.deepcopy(folded if fold else net)
+            nets[key] = m.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        if compiled:
+            compile_frozen(nets[key], torch.device("cpu"))
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                nets[key](torch.rand(max(1, int(args.batch * (mult or 1))), *shape))
+            compile_seconds[name] = time.perf_counter() - t0
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     peaks: list[float] = []
     for r in range(args.repeats):
         peaks.append(fp32_peak_flops(seconds=0.6))  # per repeat: the load of the moment hits peak and nets alike
-        for name, (cl, inference, fold, mult) in VARIANTS.items():
+        for name, (cl, inference, fold, mult, compiled) in VARIANTS.items():
             x = torch.rand(max(1, int(args.batch * (mult or 1))), *shape)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            rates[name].append(images_per_second(nets[cl, fold], x, inference, args.seconds))
+            net_v = nets[cl, fold, mult if compiled else None, compiled]
+            rates[name].append(images_per_second(net_v, x, inference, args.seconds))
             print(f"repeat {r}: {name:26s} {rates[name][-1]:8.1f} img/s", flush=True)
     flops = forward_flops(net, torch.rand(8, *shape))
     x = torch.rand(16, *shape)
@@ -120,6 +132,7 @@ def main() -> None:
         f"fp32 matmul peak {statistics.median(peaks) / 1e9:.1f} GFLOP/s (median of one per repeat, same process; "
         f"{', '.join(f'{x / 1e9:.1f}' for x in peaks)}); forward {flops / 1e6:.1f} MFLOP per image; "
         f"{len(pairs)} conv+BN pairs folded, max |folded - unfolded| / max(1, max|logit|) = {diff:.1e}",
+        "compilation (first call): " + ", ".join(f"{v} {s:.1f} s" for v, s in compile_seconds.items()),
         "",
         "| variant | median img/s | median ratio to first | median % of the repeat's fp32 peak | runs (img/s) |",
         "|---|---|---|---|---|",

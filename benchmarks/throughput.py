@@ -13,6 +13,7 @@ counted with ``torch.utils.flop_counter`` on one training step: forward + backwa
     python benchmarks/throughput.py                      # ResNet-20, batch 64, digits at 32x32
     python benchmarks/throughput.py --lean               # also without logger/checkpoint/progress bar
     python benchmarks/throughput.py --out docs/results/throughput.md
+    python benchmarks/throughput.py --compile            # also both compiled (kdl: the Compile callback)
     python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --peak-flops 989e12   # MFU on a GPU
 
 Timings vary with the machine's load (here 2x between runs): never assert them in tests.
@@ -74,7 +75,7 @@ def steady_rate(starts: list[tuple[int, float]], batch: int, warmup: int) -> flo
     return batch * len(intervals) / sum(intervals)
 
 
-def run_kdl(args: argparse.Namespace, lean: bool) -> float:
+def run_kdl(args: argparse.Namespace, lean: bool, compiled: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
             "--config",
@@ -100,6 +101,8 @@ def run_kdl(args: argparse.Namespace, lean: bool) -> float:
             argv += ["--trainer.limit_train_batches", str(args.limit_batches), "--trainer.limit_val_batches", "0"]
         if lean:
             argv += [*NO_LOGGER, *NO_CHECKPOINTS]
+        if compiled:
+            argv += ["--trainer.callbacks+=kd_lightning.callbacks.Compile"]
         cli = build_cli(argv, run=False)
         timer = StepTimer()
         cli.trainer.callbacks.append(timer)
@@ -107,7 +110,7 @@ def run_kdl(args: argparse.Namespace, lean: bool) -> float:
         return steady_rate(timer.starts, args.batch, args.warmup_steps)
 
 
-def run_plain(args: argparse.Namespace) -> float:
+def run_plain(args: argparse.Namespace, compiled: bool = False) -> float:
     """The same net, data, augmentation, loss and optimiser in a hand-written loop."""
     dm = DigitsDataModule(batch_size=args.batch, image_size=args.image_size)
     dm.setup("fit")
@@ -123,6 +126,8 @@ def run_plain(args: argparse.Namespace) -> float:
     net = create_net(args.net, num_classes=10, in_channels=1).to(device, memory_format=torch.channels_last)
     normalize = Normalize(dm.mean, dm.std, 1).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if compiled:
+        net.compile(dynamic=False)  # what the Compile callback does
     criterion = nn.CrossEntropyLoss()
     net.train()
     bf16 = args.precision.startswith("bf16")
@@ -177,13 +182,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit-batches", type=int, help="training batches per epoch (default: all)")
     p.add_argument("--accelerator", default="cpu", help="cpu or gpu (kdl and the plain loop alike)")
     p.add_argument("--precision", default="32-true", help="32-true or bf16-mixed (the plain loop: autocast)")
+    p.add_argument(
+        "--compile", action="store_true", help="also time both with the net compiled (kdl: the Compile callback)"
+    )
     p.add_argument("--peak-flops", type=float, help="the peak to compare with (FLOP/s; a GPU's bf16 peak)")
     p.add_argument("--out", type=Path, help="write the results as a markdown table here")
     args = p.parse_args(argv)
     _quiet_lightning()
     cpu_defaults()
 
-    variants = ["kdl", "plain"] + (["kdl-lean"] if args.lean else [])
+    variants = (
+        ["kdl", "plain"]
+        + (["kdl-lean"] if args.lean else [])
+        + (["kdl-compiled", "plain-compiled"] if args.compile else [])
+    )
     rates: dict[str, list[float]] = {v: [] for v in variants}
     peaks: list[float] = []
     for r in range(args.repeats):
@@ -191,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         peaks.append(args.peak_flops or fp32_peak_flops(seconds=0.6))
         for v in variants:
             torch.manual_seed(r)
-            rate = run_plain(args) if v == "plain" else run_kdl(args, lean=v == "kdl-lean")
+            compiled = v.endswith("-compiled")
+            rate = run_plain(args, compiled) if v.startswith("plain") else run_kdl(args, v == "kdl-lean", compiled)
             rates[v].append(rate)
             print(f"repeat {r}: {v:9s} {rate:8.1f} img/s", flush=True)
     peak = statistics.median(peaks)
@@ -217,12 +230,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.lean:
         lean = [k / p for k, p in zip(rates["kdl-lean"], rates["plain"])]
         lines.append(f"median ratio kdl-lean/plain img/s: {statistics.median(lean):.3f}")
+    if args.compile:
+        for v in ("kdl", "plain"):
+            gain = [c / e for c, e in zip(rates[f"{v}-compiled"], rates[v])]
+            lines.append(f"median ratio {v}-compiled/{v} img/s: {statistics.median(gain):.3f}")
     lines += [
         f"{'given' if args.peak_flops else 'fp32 matmul'} peak: {peak / 1e9:.1f} GFLOP/s"
         f"{'' if args.peak_flops else ' (median of one measured before each repeat: ' + measured + ')'}"
         f"; training FLOPs per image: {flops / 1e6:.1f} MFLOP",
         f"kdl: {med['kdl']:.1f} img/s = {100 * share:.1f}% of the peak (median over repeats of the share of that "
-        f"repeat's peak; plain: {100 * shares['plain']:.1f}%)",
+        f"repeat's peak; " + "; ".join(f"{v}: {100 * shares[v]:.1f}%" for v in variants if v != "kdl") + ")",
     ]
     report("\n".join(lines), args.out, "Throughput: kdl fit vs a plain PyTorch loop")
 

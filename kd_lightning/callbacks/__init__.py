@@ -1,10 +1,11 @@
-"""Callbacks for exact resume, clean interruption, NaN guard, checkpoints, throughput, GAN quality, calibration.
+"""Callbacks: exact resume, interruption, NaN guard, checkpoints, throughput, GAN quality, calibration, compile.
 
 kdl adds the first four (resume, interruption, NaN guard, atomic checkpoints) to every fit.
 """
 
 from kd_lightning.callbacks.calibration import TemperatureScaling
 from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
+from kd_lightning.callbacks.compile import Compile
 from kd_lightning.callbacks.gan_quality import GANQuality
 from kd_lightning.callbacks.interrupt import EXIT_SIGTERM, GracefulStop, exit_status_after_stop, last_checkpoint_path
 from kd_lightning.callbacks.nan_guard import NaNGuard, NonFiniteLossError
@@ -14,6 +15,7 @@ from kd_lightning.callbacks.throughput import TrainThroughput
 __all__ = [
     "EXIT_SIGTERM",
     "AtomicCheckpointIO",
+    "Compile",
     "GANQuality",
     "GracefulStop",
     "NaNGuard",

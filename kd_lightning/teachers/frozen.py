@@ -11,7 +11,9 @@ With ``fold_bn`` on, inference runs on a copy of the net whose BatchNorms are fo
 convolutions before them (:func:`kd_lightning.nets.fold.fold_bn`; ~1e-7 relative difference in the
 outputs, measurably faster on CPU, see docs/performance.md). The copy is not a submodule: ``state_dict``,
 checkpoints and ``.net`` keep the unfolded weights, and the copy is rebuilt whenever those weights, their
-device or dtype change.
+device or dtype change. With ``compile_inference`` also on, that copy is compiled with TorchInductor's freezing
+(weights as constants, convolutions with their ReLU/residual add fused; see docs/performance.md): faster once
+compiled, after seconds of compilation on the first call of each input shape.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class FrozenTeacher(nn.Module):
         source: where it was loaded from (for messages).
         head: a replaced classifier head (SimKD students), applied to its feature.
         fold_bn: run inference on a BatchNorm-folded copy of ``net`` (see the module docstring).
+        compile_inference: compile that folded copy with ``torch.compile`` (needs ``fold_bn``; on a CPU, a
+            C++ compiler).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class FrozenTeacher(nn.Module):
         source: str = "",
         head: ReusedTeacherHead | None = None,
         fold_bn: bool = False,
+        compile_inference: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
@@ -70,6 +75,7 @@ class FrozenTeacher(nn.Module):
             self.net.to(memory_format=torch.channels_last)
         self._extractor: FeatureExtractor | None = None
         self.fold_bn = fold_bn
+        self.compile_inference = compile_inference
         # (key, folded net, folded conv paths); a tuple, so the copy is no submodule (not in state_dict)
         self._folded: tuple[tuple, nn.Module, frozenset[str]] | None = None
 
@@ -156,15 +162,21 @@ class FrozenTeacher(nn.Module):
         unfolded net is used.
         """
         if not self.fold_bn:
+            if self.compile_inference:
+                raise ConfigError(f"compile_inference on {self.describe()} needs fold_bn: it compiles the folded copy")
             return self.net
         tensors = [*self.net.parameters(), *self.net.buffers()]
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        key = (self.compile_inference, *((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors))
         if self._folded is None or self._folded[0] != key:
             from kd_lightning.nets.fold import fold_bn
 
             folded, pairs = fold_bn(self.net)
             if self.channels_last:
                 folded.to(memory_format=torch.channels_last)
+            if self.compile_inference:
+                from kd_lightning.callbacks.compile import compile_frozen
+
+                compile_frozen(folded, tensors[0].device if tensors else torch.device("cpu"))
             self._folded = (key, folded, frozenset(conv for conv, _ in pairs))
         _, folded, convs = self._folded
         if any(resolve_feature_path(self.net, f) in convs for f in features):

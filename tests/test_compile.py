@@ -1,0 +1,83 @@
+"""The Compile callback: a compiled fit trains the same net as an eager one, checkpoints are unchanged, bad
+arguments and a missing C++ compiler are clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from kd_lightning.callbacks import Compile
+from kd_lightning.errors import ConfigError
+from kd_lightning.methods import ImageClassifier
+from tests.helpers import DIGITS_STUDENT, QUIET, digits_classifier, quiet_trainer
+
+
+def _fit(tmp_path: Path, compiled: bool) -> tuple[ImageClassifier, Compile | None]:
+    L.seed_everything(0)
+    model, dm = digits_classifier()
+    callback = Compile() if compiled else None
+    trainer = quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[callback] if callback else [])
+    trainer.fit(model, dm)
+    return model, callback
+
+
+def test_compiled_fit_matches_eager_and_keeps_checkpoint_keys(tmp_path: Path) -> None:
+    eager, _ = _fit(tmp_path / "eager", compiled=False)
+    compiled, callback = _fit(tmp_path / "compiled", compiled=True)
+    assert callback is not None and callback.compiled == ["net"]
+    assert compiled.net._compiled_call_impl is not None and eager.net._compiled_call_impl is None
+    start = digits_classifier()[0].state_dict()
+    ours, theirs = compiled.state_dict(), eager.state_dict()
+    assert list(ours) == list(theirs)  # nn.Module.compile adds no "_orig_mod." prefix: checkpoints load either way
+    moved = [k for k in ours if ours[k].is_floating_point() and not torch.equal(ours[k], start[k])]
+    assert len(moved) > 4  # 4 Adam steps changed the weights ...
+    for k in ours:  # ... exactly as eager did, up to the rounding of other kernels
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+    x = torch.rand(5, 1, 8, 8)
+    compiled.eval(), eager.eval()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_rejects_bad_arguments_naming_them(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mode='fast'.*expected one of"):
+        Compile(mode="fast")
+    with pytest.raises(ConfigError, match="compiles nothing"):
+        Compile(modules=[])
+    model, dm = digits_classifier()
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[Compile(modules=["student"])])
+    with pytest.raises(ConfigError, match=r"no submodule 'student'.*\['normalize', 'net'"):
+        trainer.fit(model, dm)
+
+
+def test_compile_without_a_cpp_compiler_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    model, dm = digits_classifier()
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[Compile()])
+    message = r"Compile needs a C\+\+ compiler.*'no-such-compiler\+\+' is not on PATH; install one"
+    with pytest.raises(ConfigError, match=message):
+        trainer.fit(model, dm)
+    assert model.net._compiled_call_impl is None
+
+
+@pytest.mark.slow
+def test_compile_from_the_command_line_checkpoint_loads_uncompiled(kdl, tmp_path: Path) -> None:
+    rc = kdl(
+        "fit",
+        "--config",
+        str(DIGITS_STUDENT),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.callbacks+=kd_lightning.callbacks.Compile",
+        *QUIET,
+    )
+    assert rc == 0
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    model = ImageClassifier.load_from_checkpoint(ckpt)
+    assert model.net._compiled_call_impl is None
+    keys = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert "net.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
