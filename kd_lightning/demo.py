@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="trainer precision; auto: bf16-mixed on a CPU-only machine with AMX bf16 tiles, else 32-true "
         "(docs/performance.md: 1.6x faster on such a CPU, 0.4-0.7 points lower top-1 for one seed)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the trained nets (the Compile callback; docs/performance.md: pays on runs of many minutes)",
+    )
     return p.parse_args(argv)
 
 
@@ -87,6 +92,7 @@ def run_stage(
         str(args.epochs),
         "--model.init_args.lr_scheduler.init_args.T_max",
         str(args.epochs),
+        *(["--trainer.callbacks+=kd_lightning.callbacks.Compile"] if args.compile else []),
     ]
     meter = TrainThroughput()
     print(f"\n=== {name}: {net} ({recipe.relative_to(RECIPES.parent)}) ===", flush=True)
@@ -120,7 +126,8 @@ def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> Non
     """Print the results table of the teacher and student runs."""
     print(
         f"\nResults on {dataset} (held-out test split; checkpoint chosen on validation top-1), "
-        f"{args.epochs} epochs, {rows[0]['n_train']} training images, seed {args.seed}, precision {args.precision}:\n"
+        f"{args.epochs} epochs, {rows[0]['n_train']} training images, seed {args.seed}, precision {args.precision}"
+        f"{', compiled' if args.compile else ''}:\n"
     )
     print("| run | net | params | val top-1 | test top-1 | test macro-F1 | test ECE | train img/s | fit min |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -35,3 +35,16 @@ def test_demo_runs_teacher_and_students_on_digits_and_prints_the_table(
     assert [r.split(" | ")[0].strip("| ") for r in rows] == ["teacher", "student_nokd", "student_blkd"]
     for name in ("teacher", "student_nokd", "student_blkd"):
         assert (tmp_path / "out" / name / "checkpoints" / "best.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_demo_compiles_its_fits_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--root", str(tmp_path / "none"), "--teacher", "tinynet", "--student", "tinynet", "--epochs", "1"]
+    assert demo.main([*argv, "--out", str(tmp_path / "out"), "--compile"]) == 0
+    out = capsys.readouterr().out
+    assert "precision 32-true, compiled:" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 3
+    for name in ("teacher", "student_nokd", "student_blkd"):  # each fit's saved config lists the callback
+        config = next((tmp_path / "out" / name).rglob("config.yaml")).read_text()
+        assert "kd_lightning.callbacks.Compile" in config
