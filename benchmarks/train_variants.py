@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,6 +81,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--flops-per-image", type=float, default=242.8e6, help="ResNet-20 training, 1x32x32")
     p.add_argument("--out", type=Path, help="write the results as a markdown table here")
+    p.add_argument("--profile", action="store_true", help="also torch.profiler's top operators of the first variant")
     args = p.parse_args()
     torch.manual_seed(0)
     steps = {}
@@ -117,7 +119,28 @@ def main() -> None:
         lines.append(
             f"| {name} | {first[name]:.1f} | {statistics.median(rates[name]):.1f} | {ratio:.2f} | {100 * share:.1f}% |"
         )
+    if args.profile:
+        lines += ["", *profile_ops(steps[base], args.steps)]
     report("\n".join(lines), args.out, "Training-step variants (plain loop)")
+
+
+def profile_ops(step: Callable[[], None], n: int, top: int = 12) -> list[str]:
+    """The ``top`` operators by self CPU time over ``n`` steps, as a markdown table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    rows = [f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% | {e.count // n} |" for e in ops[:top]]
+    return [
+        f"Top operators of the first variant, `torch.profiler` over {n} steps (self CPU time):",
+        "",
+        "| operator | share of the step | calls per step |",
+        "|---|---|---|",
+        *rows,
+    ]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from kd_lightning.callbacks import Compile
 from kd_lightning.errors import ConfigError
 from kd_lightning.methods import ImageClassifier
+from kd_lightning.nets import FeatureExtractor, create_net
 from tests.helpers import DIGITS_STUDENT, QUIET, digits_classifier, quiet_trainer
 
 
@@ -39,6 +40,22 @@ def test_compiled_fit_matches_eager_and_keeps_checkpoint_keys(tmp_path: Path) ->
     x = torch.rand(5, 1, 8, 8)
     compiled.eval(), eager.eval()
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_feature_hooks_see_the_compiled_nets_features() -> None:
+    torch.manual_seed(0)
+    net = create_net("tinynet", num_classes=10, in_channels=1)
+    x = torch.rand(6, 1, 8, 8)
+    with FeatureExtractor(net, ["stage1", "penultimate"]) as fe:
+        out, feats = fe(x)
+    net.compile(dynamic=False)  # what Compile does; hooks registered afterwards (as KD losses do)
+    with FeatureExtractor(net, ["stage1", "penultimate"]) as fe:
+        out_c, feats_c = fe(x)
+    assert net._compiled_call_impl is not None
+    torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-5)
+    assert feats_c.keys() == feats.keys() == {"stage1", "penultimate"}
+    for k in feats:
+        torch.testing.assert_close(feats_c[k], feats[k], rtol=1e-4, atol=1e-5)
 
 
 def test_compile_rejects_bad_arguments_naming_them(tmp_path: Path) -> None:
