@@ -94,8 +94,9 @@ class GenerateConfig:
         compile: with ``fast_inference``, also compile the generator copy and the folded frozen nets with
             TorchInductor (freezing: convolutions fused with their ReLU/residual add). About 1.12x more
             proposals per second than ``fast_inference`` alone on CPU, after 5-10 s of compilation
-            (docs/performance.md); worth it for stores of tens of thousands of proposals. Outputs differ from ``fast_inference`` alone at the
-            rounding level again, so it is part of the settings too. On a CPU it needs a C++ compiler.
+            (docs/performance.md); worth it for stores of tens of thousands of proposals. Outputs differ
+            from ``fast_inference`` alone at the rounding level again, so it is part of the settings too.
+            On a CPU it needs a C++ compiler.
         progress: show a progress bar (accepted / needed and the acceptance rate).
     """
 
