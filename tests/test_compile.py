@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from kd_lightning.callbacks import Compile
+from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import ConfigError
-from kd_lightning.methods import ImageClassifier
+from kd_lightning.losses import BLKD, FitNet
+from kd_lightning.methods import DistillModule, ImageClassifier
+from kd_lightning.methods.gan import ConditionalGAN
 from kd_lightning.nets import FeatureExtractor, create_net
-from tests.helpers import DIGITS_STUDENT, QUIET, digits_classifier, quiet_trainer
+from tests.helpers import DIGITS_STUDENT, QUIET, digits_classifier, quiet_trainer, write_teacher
 
 
 def _fit(tmp_path: Path, compiled: bool) -> tuple[ImageClassifier, Compile | None]:
@@ -69,6 +72,14 @@ def test_compile_rejects_bad_arguments_naming_them(tmp_path: Path) -> None:
         trainer.fit(model, dm)
 
 
+def test_compile_refuses_manual_optimisation_methods(tmp_path: Path) -> None:
+    gan = ConditionalGAN(num_classes=10, z_dim=8, g_ch=4, d_ch=4, in_channels=1, image_size=8, shared_dim=8)
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[Compile(modules=["generator"])])
+    with pytest.raises(ConfigError, match="ConditionalGAN optimises manually"):
+        trainer.fit(gan, DigitsDataModule(batch_size=16, augment=False))
+    assert gan.generator._compiled_call_impl is None
+
+
 def test_compile_without_a_cpp_compiler_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler++")
     model, dm = digits_classifier()
@@ -98,3 +109,33 @@ def test_compile_from_the_command_line_checkpoint_loads_uncompiled(kdl, tmp_path
     assert model.net._compiled_call_impl is None
     keys = torch.load(ckpt, weights_only=False)["state_dict"]
     assert "net.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+@pytest.mark.slow
+def test_compiled_student_and_teacher_distil_as_eager_ones(tmp_path: Path) -> None:
+    teacher = write_teacher(tmp_path / "teacher.ckpt", 10, image_size=8)
+    dm = DigitsDataModule(batch_size=32, augment=False)
+
+    def fit(compiled: bool) -> DistillModule:
+        L.seed_everything(0)
+        model = DistillModule(
+            teacher=str(teacher),
+            kd_losses=[BLKD(), FitNet(weight=1.0)],  # FitNet reads both nets' features through hooks
+            net="tinynet",
+            num_classes=10,
+            in_channels=1,
+            image_size=8,
+            mean=dm.mean,
+            std=dm.std,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
+        )
+        callbacks = [Compile(modules=["net", "teacher.net"])] if compiled else []
+        quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=callbacks).fit(model, dm)
+        return model
+
+    eager, compiled = fit(False), fit(True)
+    assert compiled.net._compiled_call_impl is not None and compiled.teacher.net._compiled_call_impl is not None
+    ours, theirs = compiled.state_dict(), eager.state_dict()
+    assert list(ours) == list(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)

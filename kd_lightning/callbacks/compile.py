@@ -1,16 +1,17 @@
 """Compile a LightningModule's nets with ``torch.compile`` (TorchInductor), in place, when a fit starts.
 
-On the 2-core AVX-512 CPU of ``docs/performance.md`` a compiled ResNet-20 trains 1.14x faster in fp32 and 1.12x
-faster than eager under ``bf16-mixed`` (2.05x over fp32 eager), after 10-30 s of compilation: worth it for runs
-of several minutes, not for a smoke test. Add it to a recipe or the command line::
+On the 2-core AVX-512 CPU of ``docs/performance.md``, kdl trains a compiled ResNet-20 1.10x faster than eager
+in fp32 and 1.09x faster under ``bf16-mixed`` (``benchmarks/throughput.py --compile``), after 10-30 s of
+compilation per graph: worth it for runs of several minutes, not for short ones (the demo's fits of 1-3
+minutes got slower). Add it to a recipe or the command line::
 
     kdl fit --config recipes/fashion_mnist/teacher.yaml --trainer.callbacks+=kd_lightning.callbacks.Compile
 
 Each module is compiled with :meth:`torch.nn.Module.compile`, which keeps the module object and its
-``state_dict`` keys: checkpoints, exact resume, feature hooks registered later and the teacher cache see the
-same module as without compilation. Compiled kernels round differently from eager ones (differences of about
-1e-6 relative per step), so a compiled run does not reproduce an eager run of the same seed bit for bit.
-Training mode, evaluation mode and each new batch shape compile a graph of their own (a few seconds each).
+``state_dict`` keys: checkpoints load with or without compilation, and feature hooks registered later see the
+compiled net's features. Compiled kernels round differently from eager ones (about 1e-6 relative per step), so
+a compiled run does not reproduce an eager run of the same seed bit for bit. Training mode, evaluation mode
+and each new batch shape (an epoch's last, smaller batch) compile a graph of their own.
 """
 
 from __future__ import annotations
@@ -61,16 +62,18 @@ class Compile(L.Callback):
 
     Args:
         modules: module paths inside the LightningModule (``pl_module.get_submodule`` paths), e.g. ``net``
-            (the trained net of every supervised or distillation method), ``teacher.net`` (a frozen teacher's
-            net), ``generator`` and ``discriminator`` (GANs). A path that does not exist is an error.
+            (the trained net of every supervised or distillation method) and ``teacher.net`` (a frozen
+            teacher's net). A path that does not exist is an error.
         mode: ``torch.compile``'s mode (``None``, ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``).
         dynamic: ``torch.compile``'s ``dynamic``; ``False`` (default) compiles one static graph per batch
             shape (the last, smaller batch of an epoch adds one), ``None`` lets PyTorch switch to a
             shape-generic graph after the first new shape.
 
-    Modules whose loss needs a second derivative (a gradient penalty with ``create_graph=True``) cannot be
-    compiled: ``torch.compile`` does not support double backward.
+    Methods with manual optimisation (the GANs, AI-KD, MEKD) are refused with a clear error: compiling the
+    conditional GAN's nets fails in its alternating updates (an autograd error about a tensor modified in
+    place), and the others were not checked. A loss that needs a second derivative (a gradient penalty with
+    ``create_graph=True``) cannot go through a compiled module either: ``torch.compile`` has no double backward.
     """
 
     def __init__(
@@ -88,6 +91,11 @@ class Compile(L.Callback):
         self.compiled: list[str] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not pl_module.automatic_optimization:
+            raise ConfigError(
+                f"Compile supports methods trained with automatic optimisation; {type(pl_module).__name__} "
+                "optimises manually (GANs, AI-KD, MEKD), where compiled nets are not supported: drop the callback"
+            )
         check_cpp_compiler(trainer.strategy.root_device, "Compile")
         for path in self.modules:
             module = _submodule(pl_module, path)
