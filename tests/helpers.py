@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from kd_lightning.checkpoints import load_checkpoint
 from kd_lightning.data import DigitsDataModule, TensorDataset
 from kd_lightning.data.base import ImageDataModule
-from kd_lightning.methods import ImageClassifier, ImageRegressor, SSKDTeacherHead
+from kd_lightning.methods import DistillModule, ImageClassifier, ImageRegressor, SSKDTeacherHead
 from kd_lightning.methods.density_ratio import DensityRatioEstimator
 from kd_lightning.methods.gan import CcGAN, ConditionalGAN
 from kd_lightning.sampling.generate import GenerateConfig
@@ -137,6 +137,23 @@ def digits_classifier(**kw) -> tuple[ImageClassifier, DigitsDataModule]:
         **kw,
     )
     return model, dm
+
+
+def digits_student(teacher: Path, losses: list, dm: DigitsDataModule | None = None, **kw) -> DistillModule:
+    """A tinynet DistillModule student of ``teacher`` on 8x8 digits with ``losses`` (SGD, lr 0.05 by default)."""
+    dm = dm or DigitsDataModule(batch_size=32, augment=False)
+    kw.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.05))
+    return DistillModule(
+        teacher=str(teacher),
+        kd_losses=losses,
+        net="tinynet",
+        num_classes=10,
+        in_channels=1,
+        image_size=8,
+        mean=dm.mean,
+        std=dm.std,
+        **kw,
+    )
 
 
 class DigitValue(ImageDataModule):

@@ -16,7 +16,7 @@ from kd_lightning.losses import BLKD, FitNet
 from kd_lightning.methods import DistillModule, ImageClassifier
 from kd_lightning.methods.gan import ConditionalGAN
 from kd_lightning.nets import FeatureExtractor, create_net
-from tests.helpers import DIGITS_STUDENT, QUIET, digits_classifier, quiet_trainer, write_teacher
+from tests.helpers import DIGITS_STUDENT, QUIET, digits_classifier, digits_student, quiet_trainer, write_teacher
 
 
 def _fit(tmp_path: Path, compiled: bool) -> tuple[ImageClassifier, Compile | None]:
@@ -118,17 +118,7 @@ def test_compiled_student_and_teacher_distil_as_eager_ones(tmp_path: Path) -> No
 
     def fit(compiled: bool) -> DistillModule:
         L.seed_everything(0)
-        model = DistillModule(
-            teacher=str(teacher),
-            kd_losses=[BLKD(), FitNet(weight=1.0)],  # FitNet reads both nets' features through hooks
-            net="tinynet",
-            num_classes=10,
-            in_channels=1,
-            image_size=8,
-            mean=dm.mean,
-            std=dm.std,
-            optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
-        )
+        model = digits_student(teacher, [BLKD(), FitNet(weight=1.0)], dm)  # FitNet reads features through hooks
         callbacks = [Compile(modules=["net", "teacher.net"])] if compiled else []
         quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=callbacks).fit(model, dm)
         return model

@@ -14,7 +14,14 @@ from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses import AT, BLKD, CRD, RKD, FitNet, get_loss, list_losses
 from kd_lightning.methods import DistillModule, ImageClassifier
 from kd_lightning.teachers import FrozenTeacher
-from tests.helpers import DigitValue, digit_value_regressor, digits_classifier, fit_and_save, quiet_trainer
+from tests.helpers import (
+    DigitValue,
+    digit_value_regressor,
+    digits_classifier,
+    digits_student,
+    fit_and_save,
+    quiet_trainer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +36,6 @@ def value_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     L.seed_everything(0)
     model, dm = digit_value_regressor()
     return fit_and_save(model, dm, tmp_path_factory.mktemp("regressor") / "regressor.ckpt", max_epochs=2)
-
-
-def student(teacher: Path, losses: list, dm: DigitsDataModule | None = None, **kw) -> DistillModule:
-    dm = dm or DigitsDataModule(batch_size=32, augment=False)
-    kw.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.05))
-    return DistillModule(
-        teacher=str(teacher),
-        kd_losses=losses,
-        net="tinynet",
-        num_classes=10,
-        in_channels=1,
-        image_size=8,
-        mean=dm.mean,
-        std=dm.std,
-        **kw,
-    )
 
 
 def test_frozen_teacher_matches_its_classifier_and_stays_frozen(digits_teacher: Path) -> None:
@@ -79,7 +70,7 @@ def test_frozen_teacher_from_a_state_dict_file(digits_teacher: Path, tmp_path: P
 @pytest.mark.parametrize("name", list_losses())
 def test_every_loss_trains_a_student_and_never_the_teacher(name: str, digits_teacher: Path, tmp_path: Path) -> None:
     L.seed_everything(0)
-    model = student(digits_teacher, [get_loss(name)()])
+    model = digits_student(digits_teacher, [get_loss(name)()])
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in model.net.state_dict().items()}
     connectors_before = {  # tensors only: a per-sample store is the module's extra state, a dict
@@ -118,7 +109,7 @@ def test_every_loss_trains_a_student_and_never_the_teacher(name: str, digits_tea
 
 
 def test_teacher_stays_in_eval_mode_through_fit_and_validation(digits_teacher: Path, tmp_path: Path) -> None:
-    model = student(digits_teacher, [BLKD()])
+    model = digits_student(digits_teacher, [BLKD()])
     modes = []
 
     class Spy(L.Callback):
@@ -134,7 +125,7 @@ def test_teacher_stays_in_eval_mode_through_fit_and_validation(digits_teacher: P
 def test_blkd_student_learns_digits_from_its_teacher(digits_teacher: Path, tmp_path: Path) -> None:
     L.seed_everything(0)
     dm = DigitsDataModule(batch_size=32, augment=False)
-    model = student(
+    model = digits_student(
         digits_teacher, [BLKD(T=4, weight=0.9)], dm, task_weight=0.1, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)
     )
     trainer = quiet_trainer(tmp_path, max_epochs=4)
@@ -147,7 +138,7 @@ def test_teacher_cache_runs_the_teacher_once_per_sample(digits_teacher: Path, tm
     results = {}
     for cache in (False, True):
         L.seed_everything(0)
-        model = student(digits_teacher, [BLKD(), FitNet()], cache_teacher=cache)
+        model = digits_student(digits_teacher, [BLKD(), FitNet()], cache_teacher=cache)
         handle = model.teacher.net.register_forward_hook(lambda m, i, o: calls.append(len(o)))
         calls.clear()
         dm = DigitsDataModule(batch_size=64, augment=False, train_size=250)  # 3 full batches an epoch
@@ -162,7 +153,7 @@ def test_teacher_cache_runs_the_teacher_once_per_sample(digits_teacher: Path, tm
 
 
 def test_teacher_cache_refuses_augmented_data(digits_teacher: Path, tmp_path: Path) -> None:
-    model = student(digits_teacher, [BLKD()], cache_teacher=True)
+    model = digits_student(digits_teacher, [BLKD()], cache_teacher=True)
     with pytest.raises(ConfigError, match="augments its training images"):
         quiet_trainer(tmp_path, max_steps=1).fit(model, DigitsDataModule(batch_size=32, augment=True))
 
@@ -222,7 +213,7 @@ def test_mismatched_teacher_is_named(digits_teacher: Path) -> None:
 
 def test_crd_banks_are_checkpointed_and_reload(digits_teacher: Path, tmp_path: Path) -> None:
     L.seed_everything(0)
-    model = student(digits_teacher, [CRD(nce_k=64)])
+    model = digits_student(digits_teacher, [CRD(nce_k=64)])
     dm = DigitsDataModule(batch_size=32, augment=False)
     path = fit_and_save(model, dm, tmp_path / "crd.ckpt", max_steps=3, limit_val_batches=0)
     n = len(dm.train_dataset.dataset)
