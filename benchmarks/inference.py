@@ -31,9 +31,9 @@ sys.path.insert(0, str(HERE))
 from common import report  # noqa: E402
 from throughput import fp32_peak_flops  # noqa: E402
 
-from kd_lightning.callbacks.compile import compile_frozen  # noqa: E402
 from kd_lightning.cli import cpu_defaults  # noqa: E402
 from kd_lightning.nets import create_net  # noqa: E402
+from kd_lightning.nets.compile import compile_frozen  # noqa: E402
 from kd_lightning.nets.fold import fold_bn  # noqa: E402
 
 #: name -> (channels-last, inference_mode, folded, batch multiplier, compiled); None = --batch

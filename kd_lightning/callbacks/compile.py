@@ -16,45 +16,16 @@ and each new batch shape (an epoch's last, smaller batch) compile a graph of the
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
 
 import lightning as L
-import torch
 from torch import nn
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.nets.compile import check_cpp_compiler
 
 #: ``torch.compile`` modes (``None`` is the default mode)
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def cpp_compiler() -> str | None:
-    """The C++ compiler TorchInductor builds CPU kernels with (``$CXX``, else ``g++``), if it is on ``PATH``."""
-    return shutil.which(os.environ.get("CXX", "g++"))
-
-
-def check_cpp_compiler(device: torch.device, who: str) -> None:
-    """Fail with a clear message when compiling on ``device`` (a CPU) would need a C++ compiler that is missing."""
-    if device.type == "cpu" and cpp_compiler() is None:
-        raise ConfigError(
-            f"{who} needs a C++ compiler for CPU kernels: {os.environ.get('CXX', 'g++')!r} is not on PATH; "
-            "install one (apt-get install g++, or set CXX) or turn compilation off"
-        )
-
-
-def compile_frozen(net: nn.Module, device: torch.device) -> nn.Module:
-    """Compile a frozen eval-mode ``net`` in place for inference: TorchInductor with freezing.
-
-    Freezing treats the weights as constants, folds what it can and lets oneDNN fuse each convolution with the
-    ReLU or residual add after it. Only for a net whose weights never change afterwards (a private copy:
-    FrozenTeacher's folded net, the generator copy of ``kdl generate``); call it under ``no_grad`` or
-    ``inference_mode``. Shapes are static until a second one appears, then generic (``dynamic=None``).
-    """
-    check_cpp_compiler(device, "compiling a frozen net")
-    net.compile(options={"freezing": True})
-    return net
 
 
 class Compile(L.Callback):
@@ -88,7 +59,6 @@ class Compile(L.Callback):
         self.modules = list(modules)
         self.mode = mode
         self.dynamic = dynamic
-        self.compiled: list[str] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not pl_module.automatic_optimization:
@@ -101,8 +71,6 @@ class Compile(L.Callback):
             module = _submodule(pl_module, path)
             if getattr(module, "_compiled_call_impl", None) is None:  # compiled once, even over fit + test
                 module.compile(mode=self.mode, dynamic=self.dynamic)
-            if path not in self.compiled:
-                self.compiled.append(path)
 
 
 def _submodule(pl_module: L.LightningModule, path: str) -> nn.Module:

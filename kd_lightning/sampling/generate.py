@@ -211,7 +211,7 @@ class Generation:
             for block in getattr(self.run_gen, "blocks", []):  # up-sampling is ~4x faster channels-last on CPU
                 block.register_forward_pre_hook(_channels_last_input)
             if compiled:
-                from kd_lightning.callbacks.compile import compile_frozen
+                from kd_lightning.nets.compile import compile_frozen
 
                 compile_frozen(self.run_gen, self.device)
         else:

@@ -174,7 +174,7 @@ class FrozenTeacher(nn.Module):
             if self.channels_last:
                 folded.to(memory_format=torch.channels_last)
             if self.compile_inference:
-                from kd_lightning.callbacks.compile import compile_frozen
+                from kd_lightning.nets.compile import compile_frozen
 
                 compile_frozen(folded, tensors[0].device if tensors else torch.device("cpu"))
             self._folded = (key, folded, frozenset(conv for conv, _ in pairs))
