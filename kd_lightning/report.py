@@ -94,6 +94,8 @@ def read_run(path: str | os.PathLike) -> Run:
         if cfg_file.is_file() and not run.config:
             run.config = _read_config(cfg_file)
         _read_metrics(version / "metrics.csv", run)
+    if not run.config and (path / "config.yaml").is_file():  # a W&B-first run: Lightning saved it in the logger's dir
+        run.config = _read_config(path / "config.yaml")
     if not run.curves and not run.test:
         files = ", ".join(repr(str(v / "metrics.csv")) for v in versions)
         raise ConfigError(f"run folder {str(path)!r}: {files} hold(s) no numeric val/ or test/ metrics (empty?)")
