@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--token", default=None, help=f"bearer token required on /query (default: ${TOKEN_ENV}, or none)")
-    p.add_argument("--max-batch", type=int, default=1024, help="most images per request (more: 413)")
-    p.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body in MiB (more: 413)")
+    # --max_batch/--max_body_mb as every kdl option is spelt; the dash spellings stay as aliases
+    p.add_argument("--max_batch", "--max-batch", type=int, default=1024, help="most images per request (more: 413)")
+    p.add_argument("--max_body_mb", "--max-body-mb", type=float, default=256.0,
+                   help="largest request body in MiB (more: 413)")  # fmt: skip
     p.add_argument("--log", default=None, help="JSON-lines log of every answered request (what was charged)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for inference")
     return p
