@@ -274,7 +274,7 @@ def _report(folders: list[str], config: dict[str, Any], out: Path | None) -> Non
     metric = (config.get("metric") or {}).get("name")
     if metric:
         pick = min if (config.get("metric") or {}).get("goal") == "minimize" else max
-        scored = [(r.selected.get(metric), r) for r in runs if r.selected.get(metric) is not None]
+        scored = [(r.selected[metric], r) for r in runs if r.selected.get(metric) is not None]
         if scored:
             value, best = pick(scored, key=lambda vr: vr[0])
             text += f"\n\nbest trial on {metric}: {best.path} ({value:.4g})"
