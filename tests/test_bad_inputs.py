@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint
+from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint, trust_scope
+from kd_lightning.errors import CheckpointError
 from tests.helpers import QUIET_TRAINER, RECIPES, REPO
 
 STUDENT = str(RECIPES / "digits/student.yaml")
@@ -200,27 +201,55 @@ def trained(kdl, tmp_path: Path, monkeypatch) -> Path:
     return tmp_path / "run" / "checkpoints" / "last.ckpt"
 
 
-def test_untrusted_checkpoint_is_refused_and_runs_nothing(kdl, capsys, tmp_path: Path, trained: Path) -> None:
+def test_untrusted_checkpoint_is_refused_and_runs_nothing(
+    kdl, capsys, tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt = torch.load(trained, weights_only=True)
     ckpt["payload"] = Evil()
     torch.save(ckpt, tmp_path / "evil.ckpt")
+    pwned = tmp_path / "pwned"
+    OWN = ["--ckpt_path", str(trained)]  # noqa: N806 - the run's own checkpoint
     capsys.readouterr()
     for args in (
+        # trusting the run's own checkpoint trusts that file only, not a teacher given in the same command
+        ["test", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt", *OWN, "--weights_only", "false"],
+        ["fit", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt", "--trust", str(trained)],
         ["test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt"],
         ["fit", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt"],
         ["fit", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt"],
+        ["serve-teacher", "--ckpt", "evil.ckpt"],
     ):
-        assert kdl(*args) == 2
+        assert kdl(*args) == 2, args
         err = capsys.readouterr().err
-        assert "'evil.ckpt' holds more than tensors" in err and "--weights_only false" in err, err
+        assert not pwned.exists(), args
+        assert "'evil.ckpt' holds more than tensors" in err and "--trust evil.ckpt" in err, err
         assert "posix.system" in err or "os.system" in err
-        assert not (tmp_path / "pwned").exists()
-    # a user who trusts the file opts in, and then it loads (and its code runs, as they accepted)
-    os.environ[TRUST_ENV] = "1"
-    try:
+        assert "Traceback" not in err
+    # the old process-wide switch trusts nothing now, and says so
+    monkeypatch.setenv(TRUST_ENV, "1")
+    assert kdl("test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt") == 2
+    assert f"{TRUST_ENV}=1 no longer trusts every file" in capsys.readouterr().err
+    assert not pwned.exists()
+    monkeypatch.delenv(TRUST_ENV)
+    # a user who trusts the file names it, and then it loads (and its code runs, as they accepted)
+    for args in (
+        ["test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt", "--weights_only", "false"],
+        ["test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt", "--trust", "evil.ckpt"],
+    ):
+        assert kdl(*args) == 0, capsys.readouterr().err
+        assert pwned.exists(), args
+        pwned.unlink()
+    with trust_scope([tmp_path / "evil.ckpt"]):
         assert load_checkpoint(tmp_path / "evil.ckpt")["global_step"] > 0
-    finally:
-        del os.environ[TRUST_ENV]
+    pwned.unlink()
+    monkeypatch.setenv(TRUST_ENV, os.pathsep.join(["other.ckpt", str(tmp_path / "evil.ckpt")]))  # scoped: paths
+    assert load_checkpoint("evil.ckpt")["global_step"] > 0
+    pwned.unlink()
+    monkeypatch.delenv(TRUST_ENV)
+    with pytest.raises(CheckpointError, match="holds more than tensors"):  # the scopes ended: refused again
+        load_checkpoint(tmp_path / "evil.ckpt")
+    assert kdl("test", "--config", STUDENT, "--trust", "nope.ckpt") == 2
+    assert "--trust 'nope.ckpt' does not exist" in capsys.readouterr().err
 
 
 def test_explicit_checkpoint_path_resumes_with_the_same_recipe(kdl, capsys, trained: Path) -> None:
