@@ -208,11 +208,11 @@ def test_untrusted_checkpoint_is_refused_and_runs_nothing(
     ckpt["payload"] = Evil()
     torch.save(ckpt, tmp_path / "evil.ckpt")
     pwned = tmp_path / "pwned"
-    OWN = ["--ckpt_path", str(trained)]  # noqa: N806 - the run's own checkpoint
+    own = ["--ckpt_path", str(trained)]  # the run's own checkpoint
     capsys.readouterr()
     for args in (
         # trusting the run's own checkpoint trusts that file only, not a teacher given in the same command
-        ["test", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt", *OWN, "--weights_only", "false"],
+        ["test", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt", *own, "--weights_only", "false"],
         ["fit", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt", "--trust", str(trained)],
         ["test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt"],
         ["fit", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt"],
