@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import signal
 import stat
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ def test_catalogue_size() -> None:
 # ---------------------------------------------------------------------------------------------- cases with set-up
 MORE_CASES = (
     "test_untrusted_checkpoint_is_refused_and_runs_nothing",
+    "test_legacy_and_plain_pickle_checkpoints_say_what_they_are",
     "test_explicit_checkpoint_path_resumes_with_the_same_recipe",
     "test_resume_into_another_net_is_refused_even_when_allowed",
     "test_disk_full_while_saving_says_so_and_keeps_last",
@@ -250,6 +252,27 @@ def test_untrusted_checkpoint_is_refused_and_runs_nothing(
         load_checkpoint(tmp_path / "evil.ckpt")
     assert kdl("test", "--config", STUDENT, "--trust", "nope.ckpt") == 2
     assert "--trust 'nope.ckpt' does not exist" in capsys.readouterr().err
+
+
+def test_legacy_and_plain_pickle_checkpoints_say_what_they_are(kdl, capsys, tmp_path: Path, trained: Path) -> None:
+    ckpt = torch.load(trained, weights_only=True)
+    torch.save(ckpt, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)  # PyTorch's pre-1.6 format
+    torch.save({**ckpt, "payload": Evil()}, tmp_path / "old_evil.ckpt", _use_new_zipfile_serialization=False)
+    with open(tmp_path / "plain.ckpt", "wb") as f:
+        pickle.dump(ckpt, f)
+    test = ["test", "--config", STUDENT, *TINY, "--ckpt_path"]
+    capsys.readouterr()
+    assert kdl(*test, "old.ckpt") == 0, capsys.readouterr().err  # safe: it loads (not memory-mapped)
+    assert kdl(*test, "old_evil.ckpt") == 2
+    err = capsys.readouterr().err
+    assert "'old_evil.ckpt' (PyTorch's legacy pre-1.6 format) holds more than tensors" in err, err
+    assert "--trust old_evil.ckpt" in err and "mmap" not in err and not (tmp_path / "pwned").exists()
+    assert kdl(*test, "old_evil.ckpt", "--weights_only", "false") == 0, capsys.readouterr().err  # trusted: loads
+    assert (tmp_path / "pwned").exists()
+    assert kdl(*test, "plain.ckpt") == 2
+    err = capsys.readouterr().err
+    assert "'plain.ckpt' cannot be read: it is a plain Python pickle, not a torch.save file" in err, err
+    assert "torch.save(pickle.load(" in err and "Traceback" not in err and "mmap" not in err
 
 
 def test_explicit_checkpoint_path_resumes_with_the_same_recipe(kdl, capsys, trained: Path) -> None:
