@@ -409,8 +409,7 @@ def usage() -> str:
     lines = ["kdl commands:"]
     lines += [f"  kdl {name:<14} Lightning's {name} on a recipe (--config RECIPE.yaml)" for name in TRAINER_COMMANDS]
     lines += [f"  kdl {name:<14} {helptext}" for name, (_, helptext) in TOOL_COMMANDS.items()]
-    lines.append("`kdl COMMAND --help` shows a command's options. Every command takes --trust PATH (repeatable):")
-    lines.append("read that one checkpoint with full unpickling, which can run code (only for a file you trust).")
+    lines.append("`kdl COMMAND --help` shows a command's options; any command takes --trust CKPT (a file you trust).")
     return "\n".join(lines)
 
 
