@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ckpt, responses=args.responses, max_batch=args.max_batch, log_path=args.log, replay_path=args.replay_db
         )
     except (KDLError, ValueError) as e:
-        print(f"kdl serve-teacher: {e}", file=sys.stderr)
+        print(f"kdl serve-teacher: error: {e}", file=sys.stderr)
         return 2
     app = create_app(service, token, int(args.max_body_mb * 2**20))
     print(
