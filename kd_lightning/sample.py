@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torchvision.utils import save_image
 
-from kd_lightning.checkpoints import TRUST_ENV
+from kd_lightning.checkpoints import check_file, trust
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes
 from kd_lightning.flags import parse_bool
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights_only",
         type=lambda v: str(v).lower() not in ("false", "0", "no"),
         default=True,
-        help="false: unpickle a checkpoint you trust that holds more than tensors and plain values",
+        help="false: unpickle --ckpt (that file only; trust it) when it holds more than tensors and plain values",
     )
     # booleans follow kd_lightning.flags: a bare flag means true, and it also takes true/false
     p.add_argument("--raw", type=parse_bool, nargs="?", const=True, default=False,
@@ -134,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``kdl sample``; return the exit status."""
     args = build_parser().parse_args(argv)
-    if not args.weights_only:
-        os.environ[TRUST_ENV] = "1"
     try:
+        if not args.weights_only:
+            trust(check_file(args.ckpt))  # this file only
         from kd_lightning.methods.gan import load_gan
 
         device = resolve_device(args.device)
