@@ -229,7 +229,12 @@ def _executable(line: list[str]) -> list[str]:
 
 def build_parser() -> ArgumentParser:
     """Build ``kdl sweep``'s argument parser (its own options; the rest goes to every trial)."""
-    p = ArgumentParser(prog="kdl sweep", description=__doc__.split("\n\n")[0], exit_on_error=False)
+    p = ArgumentParser(
+        prog="kdl sweep",
+        description=__doc__.split("\n\n")[0],
+        epilog="Any other option (e.g. --trainer.max_epochs 1) is added to every trial's command line.",
+        exit_on_error=False,
+    )
     p.add_argument("file", type=str | None, nargs="?", default=None,
                    help="a sweep file in W&B's format (recipes/sweeps/*.yaml); or --config FILE")  # fmt: skip
     p.add_argument("--config", type=str | None, default=None, help="the sweep file (instead of the positional one)")
