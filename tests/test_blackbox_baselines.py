@@ -23,7 +23,7 @@ from kd_lightning.losses.blackbox import (
 from kd_lightning.methods import AL, AM, DAFL, DB3KD, KN
 from kd_lightning.teachers.blackbox import QueryBudgetExceeded
 from tests.blackbox_helpers import digits8_teacher  # noqa: F401  (module-scoped fixture)
-from tests.helpers import quiet_trainer
+from tests.helpers import QUIET, RECIPES, make_fake_mnist, quiet_trainer
 
 DIGITS = dict(num_classes=10, in_channels=1, image_size=8, mean=(0.3053,), std=(0.3760,), net="tinynet")
 
@@ -96,7 +96,7 @@ def test_soft_answer_methods_refuse_hard_answers(cls: type) -> None:
 def test_db3kd_is_decision_based_and_dafl_white_box() -> None:
     with pytest.raises(ConfigError, match="DB3KD needs hard answers"):
         DB3KD(teacher="x", responses="soft", **DIGITS)
-    with pytest.raises(ConfigError, match="DAFL is white-box.*not a URL"):
+    with pytest.raises(ConfigError, match=r"DAFL is white-box.*not a URL"):
         DAFL(teacher="http://127.0.0.1:1", **DIGITS)
 
 
@@ -129,7 +129,9 @@ def test_al_trains_student_and_discriminator_on_paid_answers(
     m = AL(teacher=str(digits8_teacher), adversarial=adversarial, query_budget=32, **DIGITS)
     d0 = [p.detach().clone() for p in m.discriminator.parameters()]
     s0 = [p.detach().clone() for p in m.net.parameters()]
-    quiet_trainer(tmp_path, max_steps=8, limit_val_batches=1).fit(m, pool(size=32))  # 2 optimisers x 4 batches: 2 epochs
+    quiet_trainer(tmp_path, max_steps=8, limit_val_batches=1).fit(
+        m, pool(size=32)
+    )  # 2 optimisers x 4 batches: 2 epochs
     assert stats(tmp_path)["journal_spent"] == 32  # the second epoch is answered by the journal
     assert any(not torch.equal(a, b) for a, b in zip(d0, m.discriminator.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(s0, m.net.parameters()))
@@ -180,7 +182,9 @@ def test_am_adds_the_most_uncertain_mixes_each_round_and_pays_for_them_once(
     assert stats(tmp_path)["journal_spent"] == 44
     trainer.save_checkpoint(tmp_path / "am.ckpt")
     resumed = AM(teacher=str(digits8_teacher), **kw)
-    quiet_trainer(tmp_path, max_epochs=4, limit_val_batches=0).fit(resumed, pool(size=32), ckpt_path=tmp_path / "am.ckpt")
+    quiet_trainer(tmp_path, max_epochs=4, limit_val_batches=0).fit(
+        resumed, pool(size=32), ckpt_path=tmp_path / "am.ckpt"
+    )
     assert torch.equal(resumed.mix_pairs, m.mix_pairs) and stats(tmp_path)["images_paid"] == 0
     with pytest.raises(ConfigError, match="exceed query_budget=40"):
         small = AM(teacher=str(digits8_teacher), **{**kw, "query_budget": 40, "journal": ""})
@@ -218,3 +222,61 @@ def test_db3kd_resume_reads_every_probe_from_the_journal(digits8_teacher: Path, 
     quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(DB3KD(**kw), pool(size=16, batch=4))
     s = stats(tmp_path)
     assert s["images_paid"] == 0 and s["journal_spent"] == spent  # same pool, same starts, same probes: all journalled
+
+
+# ---------------------------------------------------------------------------- recipes
+FASHION = RECIPES / "mekd" / "fashion_mnist"
+#: recipe -> extra arguments for a toy run (a pool of 40 fake images)
+BASELINE_RECIPES = {
+    "kn": ["--model.init_args.transfer_size", "40"],
+    "al": [],
+    "dafl": [],
+    "am": [],
+    "db3kd": ["--model.init_args.search_steps", "2"],
+}
+
+
+def test_fashion_baselines_run(kdl, tmp_path: Path) -> None:
+    make_fake_mnist(tmp_path / "fm", n_train=200, n_test=40)
+    edge = ["--data.init_args.edge_size", "40", "--data.init_args.edge_val_size", "20", "--data.init_args.root", "fm"]
+    local = [a.replace("--data.init_args.", "--data.init_args.local.init_args.") for a in edge]
+    teacher = ["--model.init_args.net", "tinynet", "--trainer.max_epochs", "1", *QUIET, *edge]
+    assert kdl("fit", "--config", str(FASHION / "teacher.yaml"), *teacher) == 0
+    for name, extra in BASELINE_RECIPES.items():
+        args = ["--trainer.fast_dev_run", "1", "--data.init_args.pool_size", "40", *QUIET, *local, *extra]
+        assert kdl("fit", "--config", str(FASHION / f"{name}.yaml"), *args) == 0, name
+        if name != "dafl":  # DAFL shows its images to a white-box teacher: no query client, no journal
+            spent = json.loads((tmp_path / f"runs/mekd/fashion_mnist/{name}/queries/stats.json").read_text())
+            assert 0 < spent["journal_spent"] <= spent["query_budget"], (name, spent)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINE_RECIPES))
+def test_fashion_mnist_baseline_recipes_fit_their_budget(name: str) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((FASHION / f"{name}.yaml").read_text())
+    model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert cfg["model"]["class_path"] == name.upper() and cfg["seed_everything"] == 0
+    rounds = len(model.get("round_epochs", [])) - 1
+    needed = {"kn": model.get("transfer_size"), "am": data["pool_size"] + rounds * model.get("mix_per_round", 0)}
+    if name in needed:
+        assert needed[name] == model["query_budget"]
+    assert ("hard" if name == "db3kd" else "soft") == model.get("responses", "soft")
+
+
+TEMPLATES = sorted((RECIPES / "mekd" / "baselines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", TEMPLATES, ids=[p.stem for p in TEMPLATES])
+def test_baseline_templates(recipe: Path, kdl, capsys) -> None:
+    """The CIFAR-10 and Syn Digits -> SVHN templates resolve to the method on MobileNetV2 with the setting's data."""
+    import yaml
+
+    assert kdl("fit", "--config", str(recipe), "--print_config") == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    model, data = cfg["model"], cfg["data"]
+    method = recipe.stem.rsplit("_", 1)[1].upper()
+    assert model["class_path"].endswith(f".{method}") and model["init_args"]["net"] == "mobilenetv2"
+    local = "SVHNDataModule" if recipe.stem.startswith("syn_digits") else "CIFAR10DataModule"
+    assert data["init_args"]["local"]["class_path"].endswith(local)
+    assert data["init_args"]["pool"] == ("latent" if method == "DAFL" else "local")
