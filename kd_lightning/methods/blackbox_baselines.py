@@ -21,14 +21,13 @@ docs/mekd.md lists, per method, what it queries and each difference from the MEK
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import nn
-from torch.utils.data import Dataset
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.blackbox import (
@@ -61,6 +60,13 @@ def default_generator_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.O
     return torch.optim.Adam(params, lr=0.2)
 
 
+def _with(student: Any, other: torch.optim.Optimizer) -> Any:  # noqa: ANN401 - Lightning's optimiser union
+    """The student's optimiser (and scheduler) from :meth:`BaseTask.configure_optimizers`, plus a second optimiser."""
+    if isinstance(student, dict):
+        return [student["optimizer"], other], [student["lr_scheduler"]["scheduler"]]
+    return [student, other]
+
+
 class _Baseline(BlackBoxStudent):
     """Shared: the client of a connected run, the pool dataset, and ``queries/spent`` at every validation."""
 
@@ -70,8 +76,8 @@ class _Baseline(BlackBoxStudent):
             raise RuntimeError(f"{type(self).__name__}: the teacher is not connected (on_fit_start has not run)")
         return self.link.client
 
-    def pool_dataset(self) -> Dataset:
-        dm = self.trainer.datamodule
+    def pool_dataset(self) -> Any:  # noqa: ANN401 - a map-style dataset with a length
+        dm = getattr(self.trainer, "datamodule", None)
         ds = getattr(dm, "train_dataset", None)
         if ds is None:
             raise ConfigError(f"{type(self).__name__} reads its local images from a QueryPoolDataModule (pool: local)")
@@ -148,7 +154,7 @@ class KN(_Baseline):
             answers[part] = self.client.query(x).float().cpu()
         self.transfer = answers
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:  # type: ignore[override]
         assert self.transfer is not None
         index = batch["index"].cpu()
         keep = ~self.transfer[index, 0].isnan()
@@ -243,9 +249,7 @@ class AL(_Baseline):
     def configure_optimizers(self) -> OptimizerLRScheduler:
         student = super().configure_optimizers()
         d_opt = self.discriminator_factory(self.discriminator.parameters())
-        if isinstance(student, dict):
-            return [student["optimizer"], d_opt], [student["lr_scheduler"]["scheduler"]]
-        return [student, d_opt]  # type: ignore[list-item]
+        return _with(student, d_opt)
 
     def al_parts(self, s: torch.Tensor, t: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(the student's loss parts, D's loss) for centred student logits ``s`` and teacher logits ``t``."""
@@ -258,7 +262,7 @@ class AL(_Baseline):
         return {"kl": hp.w_kl * kl, "adv": hp.w_adv * fool_loss(self.discriminator(s))}, d
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        s_opt, d_opt = self.optimizers()  # type: ignore[misc]
+        s_opt, d_opt = cast(list, self.optimizers())
         x = self.client.prepare(batch["image"].detach())
         t = answer_logits(self.client.query(x), "soft", self.hparams.num_classes).to(x.device)
         student = self(x)
@@ -353,9 +357,7 @@ class DAFL(BlackBoxStudent):
     def configure_optimizers(self) -> OptimizerLRScheduler:
         student = super().configure_optimizers()
         g_opt = self.generator_factory(self.generator.parameters())
-        if isinstance(student, dict):
-            return [student["optimizer"], g_opt], [student["lr_scheduler"]["scheduler"]]
-        return [student, g_opt]  # type: ignore[list-item]
+        return _with(student, g_opt)
 
     def on_fit_start(self) -> None:  # no black-box client: the teacher is white-box
         from kd_lightning.nets import FeatureExtractor
@@ -392,7 +394,7 @@ class DAFL(BlackBoxStudent):
                 f"DAFL: showing {n} more images to the teacher would exceed query_budget={hp.query_budget} "
                 f"({self.shown} shown)"
             )
-        s_opt, g_opt = self.optimizers()  # type: ignore[misc]
+        s_opt, g_opt = cast(list, self.optimizers())
         images = self.to_unit_range(self.generator(torch.randn(n, hp.z_dim, device=self.device)))
         logits, feats = self.teacher_outputs(images)
         self.shown += n
@@ -515,7 +517,8 @@ class AM(_Baseline):
         ws, tops = [], []
         for part in pairs.split(hp.score_batch):
             w, top = self.score(self.pool_images(part[:, 0]), self.pool_images(part[:, 1]))
-            ws.append(w.cpu()), tops.append(top.cpu())
+            ws.append(w.cpu())
+            tops.append(top.cpu())
         self.net.train(was)
         order = torch.cat(tops).argsort()[: hp.mix_per_round]
         new_pairs, new_w = pairs[order], torch.cat(ws)[order]
@@ -626,7 +629,10 @@ class DB3KD(_Baseline):
                 if t == int(self.labels[i]):
                     continue
                 for j in self.starts(i, t).tolist():
-                    rows.append(r * C + t), x0s.append(i), xts.append(j), targets.append(t)
+                    rows.append(r * C + t)
+                    x0s.append(i)
+                    xts.append(j)
+                    targets.append(t)
         dist = torch.full((len(idx) * C,), float("inf"))
         if not rows:
             return dist.view(len(idx), C)
@@ -661,7 +667,7 @@ class DB3KD(_Baseline):
         scores = boundary_soft_labels(self.boundary_distances(todo), self.labels[todo])
         self.scores[todo] = scores
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:  # type: ignore[override]
         assert self.scores is not None
         index = batch["index"].cpu()
         self.label_batch(index)
