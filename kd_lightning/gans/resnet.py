@@ -26,10 +26,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.gans.base import Generator
+from kd_lightning.gans.spectral_norm import power_iteration_hook, spectral_norm
 
 Condition = Literal["class", "continuous", "none"]
 
@@ -242,6 +242,7 @@ class ResNetDiscriminator(nn.Module):
             self.embed = spectral_norm(nn.Embedding(num_classes, feat))
         elif condition == "continuous":
             self.embed = spectral_norm(nn.Linear(embed_dim if label_is_embedding else 1, feat, bias=False))
+        power_iteration_hook(self)  # each training forward first updates every layer's u and v (eagerly)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.blocks(x)).sum(dim=(2, 3))
