@@ -61,11 +61,6 @@ class Compile(L.Callback):
         self.dynamic = dynamic
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not pl_module.automatic_optimization:
-            raise ConfigError(
-                f"Compile supports methods trained with automatic optimisation; {type(pl_module).__name__} "
-                "optimises manually (GANs, AI-KD, MEKD), where compiled nets are not supported: drop the callback"
-            )
         check_cpp_compiler(trainer.strategy.root_device, "Compile")
         for path in self.modules:
             module = _submodule(pl_module, path)
