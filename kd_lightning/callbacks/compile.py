@@ -41,10 +41,11 @@ class Compile(L.Callback):
             shape (the last, smaller batch of an epoch adds one), ``None`` lets PyTorch switch to a
             shape-generic graph after the first new shape.
 
-    Methods with manual optimisation (the GANs, AI-KD, MEKD) are refused with a clear error: compiling the
-    conditional GAN's nets fails in its alternating updates (an autograd error about a tensor modified in
-    place), and the others were not checked. A loss that needs a second derivative (a gradient penalty with
-    ``create_graph=True``) cannot go through a compiled module either: ``torch.compile`` has no double backward.
+    Manually optimised methods compile too: ``Compile(modules=["generator", "discriminator"])`` for the GANs
+    (their spectral norm updates its vectors outside the compiled graph, :mod:`kd_lightning.gans.spectral_norm`),
+    ``["net"]`` for AI-KD's student. A module that a method lists in its ``compile_refused`` attribute is refused
+    with the method's reason: AI-KD's critic, whose gradient penalty needs a second derivative
+    (``create_graph=True``), which ``torch.compile`` does not support.
     """
 
     def __init__(
@@ -62,6 +63,13 @@ class Compile(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_cpp_compiler(trainer.strategy.root_device, "Compile")
+        refused: dict[str, str] = getattr(pl_module, "compile_refused", {})
+        for path in self.modules:
+            if path in refused:
+                raise ConfigError(
+                    f"Compile(modules=[{path!r}]): {type(pl_module).__name__}'s {path!r} cannot be compiled: "
+                    f"{refused[path]}; leave it out of modules"
+                )
         for path in self.modules:
             module = _submodule(pl_module, path)
             if getattr(module, "_compiled_call_impl", None) is None:  # compiled once, even over fit + test

@@ -249,6 +249,8 @@ class SelfKD(ImageClassifier):
     """
 
     hparams_ignore = (*ImageClassifier.hparams_ignore, "critic_optimizer", "terms")  # terms: modules, in config.yaml
+    #: read by the Compile callback: the WGAN-GP penalty differentiates the critic twice (``create_graph=True``)
+    compile_refused = {"critic": "its gradient penalty needs a double backward, which torch.compile does not support"}
 
     def __init__(
         self,
