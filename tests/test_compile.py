@@ -135,7 +135,7 @@ def test_compiled_student_and_teacher_distil_as_eager_ones(tmp_path: Path) -> No
 def _sgd(params) -> torch.optim.Optimizer:
     """Plain SGD, so that weights differ from eager ones by the kernels' rounding only (Adam's first steps are
     ~lr * sign(grad), which turns a rounding difference in a near-zero gradient into a full step)."""
-    return torch.optim.SGD(params, lr=0.05)
+    return torch.optim.SGD(params, lr=0.01)
 
 
 def _gan(kind: str, **kw) -> tuple[GANTask, L.LightningDataModule]:
@@ -259,10 +259,11 @@ def test_bf16_mixed_gans_train_with_finite_losses_near_fp32(tmp_path: Path, kind
     scale = max(abs(v) for v in fp32_losses)
     assert losses == pytest.approx(fp32_losses, abs=0.02 * scale)  # bf16 keeps 8 bits of mantissa
     ours, theirs, start = bf16.state_dict(), fp32.state_dict(), _gan(kind)[0].state_dict()
+    params = dict(fp32.named_parameters())
     for k in ours:  # weights stay fp32 (autocast casts on the fly) and take fp32's steps, up to bf16's rounding (compounded by the game: ~12 % here)
         assert ours[k].dtype == theirs[k].dtype, k
-        step = (theirs[k] - start[k]).norm() if ours[k].is_floating_point() else 0
-        if step > 0 and ".0._" not in k:  # not the power iteration's unit vectors
+        step = (theirs[k] - start[k]).norm() if k in params else 0
+        if step > 0:  # parameters (BN statistics of 16 images and the power iteration's vectors are noisier)
             assert (ours[k] - theirs[k]).norm() <= 0.25 * step, (k, float((ours[k] - theirs[k]).norm() / step))
 
 
