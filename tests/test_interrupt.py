@@ -165,3 +165,35 @@ def test_nan_guard_names_the_bad_part(tmp_path: Path) -> None:
     assert "train/ce" not in str(info.value)  # only the bad part is named
     # the parameters were not touched by the bad step (BatchNorm statistics did see its forward pass)
     assert all(torch.equal(before[k], p) for k, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("bad_step", [3, 5])
+def test_nan_guard_checking_every_n_steps_reports_the_exact_step(tmp_path: Path, bad_step: int) -> None:
+    """With checks every 4 steps the guard still sees every step's loss (on the device) and names the step where
+    the loss first went bad: found at the next check (step 4, or 8 for a NaN at step 5), never missed."""
+
+    class BadAt(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = self.criterion(self(batch["image"]), batch["label"])
+            return loss + (math.nan if self.global_step == bad_step else 0.0)
+
+    torch.manual_seed(0)
+    model = BadAt(net="tinynet", num_classes=10, in_channels=1, image_size=8)
+    trainer = L.Trainer(
+        max_steps=20,
+        callbacks=[NaNGuard(check_every_n_steps=4)],
+        enable_checkpointing=False,
+        **QUIET_TRAINER_KW,
+        default_root_dir=tmp_path,
+    )
+    found = 4 if bad_step == 3 else 8
+    with pytest.raises(NonFiniteLossError, match=rf"step {bad_step} \(found at step {found}: checks run every 4"):
+        trainer.fit(model, DigitsDataModule(train_size=200, batch_size=20))
+    assert trainer.global_step == found
+
+
+def test_nan_guard_checks_every_step_on_a_cpu_by_default(tmp_path: Path) -> None:
+    trainer = L.Trainer(accelerator="cpu", **QUIET_TRAINER_KW, default_root_dir=tmp_path)
+    assert NaNGuard().every_n(trainer) == 1 and NaNGuard(check_every_n_steps=8).every_n(trainer) == 8
+    with pytest.raises(ValueError, match="check_every_n_steps=0"):
+        NaNGuard(check_every_n_steps=0)
