@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from kd_lightning.callbacks import Compile
-from kd_lightning.data import DigitsDataModule
+from kd_lightning.data import DigitsDataModule, RotatedDataModule
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses import BLKD, FitNet
-from kd_lightning.methods import DistillModule, ImageClassifier
-from kd_lightning.data import RotatedDataModule
 from kd_lightning.gans import ResNetDiscriminator
 from kd_lightning.gans.spectral_norm import spectral_norm
+from kd_lightning.losses import BLKD, FitNet
+from kd_lightning.methods import DistillModule, ImageClassifier
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask
 from kd_lightning.methods.self_kd import SelfKD
 from kd_lightning.nets import FeatureExtractor, create_net
@@ -176,7 +175,9 @@ def test_spectral_norm_trains_as_pytorchs_parametrization() -> None:
 
     def train(sn) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         torch.manual_seed(0)
-        net = torch.nn.Sequential(sn(torch.nn.Conv2d(2, 4, 3)), torch.nn.ReLU(), torch.nn.Flatten(), sn(torch.nn.Linear(16, 1)))
+        net = torch.nn.Sequential(
+            sn(torch.nn.Conv2d(2, 4, 3)), torch.nn.ReLU(), torch.nn.Flatten(), sn(torch.nn.Linear(16, 1))
+        )
         if sn is spectral_norm:
             from kd_lightning.gans.spectral_norm import power_iteration_hook
 
@@ -210,7 +211,9 @@ def test_compiled_discriminator_backpropagates_through_two_forwards() -> None:
     d.compile(dynamic=False)
     for _ in range(2):
         y = torch.randint(0, 10, (4,))
-        loss = torch.relu(1 - d(torch.randn(4, 1, 8, 8), y)).mean() + torch.relu(1 + d(torch.randn(4, 1, 8, 8), y)).mean()
+        loss = (
+            torch.relu(1 - d(torch.randn(4, 1, 8, 8), y)).mean() + torch.relu(1 + d(torch.randn(4, 1, 8, 8), y)).mean()
+        )
         d.zero_grad()
         loss.backward()
         assert math.isfinite(float(loss))
@@ -235,20 +238,27 @@ def test_compiled_gans_train_as_eager_ones(tmp_path: Path, kind: str) -> None:
 
 @pytest.mark.slow
 def test_compiled_gan_resumes_from_its_checkpoint(tmp_path: Path) -> None:
-    eager, _ = _fit_gan(tmp_path / "eager", "cgan", steps=8)
-    first, _ = _fit_gan(tmp_path / "run", "cgan", steps=4, compiled=True, enable_checkpointing=True)
-    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
-    assert not any("_orig_mod" in k for k in torch.load(ckpt, weights_only=False)["state_dict"])
+    """A compiled run's checkpoint has the eager keys, and resuming it compiled trains as resuming it eagerly."""
     L.seed_everything(0)
     gan, dm = _gan("cgan")
-    trainer = quiet_trainer(tmp_path / "run", max_steps=8, callbacks=[Compile(modules=["generator", "discriminator"])])
-    trainer.fit(gan, dm, ckpt_path=str(ckpt))
-    assert int(gan.d_steps) == int(gan.g_steps) == 4
-    ours, theirs = gan.state_dict(), eager.state_dict()
-    for k in ours:  # the resumed run draws other noise than the uninterrupted one after the restart: loose
-        assert torch.isfinite(ours[k].float()).all(), k
-    moved = [k for k in ours if ours[k].is_floating_point() and not torch.equal(ours[k], first.state_dict()[k])]
-    assert len(moved) > 10
+    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[Compile(modules=["generator", "discriminator"])])
+    trainer.fit(gan, dm)
+    ckpt = tmp_path / "compiled.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert not any("_orig_mod" in k for k in torch.load(ckpt, weights_only=False)["state_dict"])
+
+    def resume(compiled: bool) -> GANTask:
+        L.seed_everything(1)
+        gan, dm = _gan("cgan")
+        callbacks = [Compile(modules=["generator", "discriminator"])] if compiled else []
+        quiet_trainer(tmp_path / "resume", max_steps=8, callbacks=callbacks).fit(gan, dm, ckpt_path=str(ckpt))
+        return gan
+
+    eager, compiled = resume(False), resume(True)
+    assert int(compiled.d_steps) == int(compiled.g_steps) == 4
+    ours, theirs = compiled.state_dict(), eager.state_dict()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("kind", ["cgan", "ccgan", "dcgan"])
@@ -260,7 +270,9 @@ def test_bf16_mixed_gans_train_with_finite_losses_near_fp32(tmp_path: Path, kind
     assert losses == pytest.approx(fp32_losses, abs=0.02 * scale)  # bf16 keeps 8 bits of mantissa
     ours, theirs, start = bf16.state_dict(), fp32.state_dict(), _gan(kind)[0].state_dict()
     params = dict(fp32.named_parameters())
-    for k in ours:  # weights stay fp32 (autocast casts on the fly) and take fp32's steps, up to bf16's rounding (compounded by the game: ~12 % here)
+    # weights stay fp32 (autocast casts on the fly) and take fp32's steps, up to bf16's rounding compounded by the
+    # game (~12 % of a step here)
+    for k in ours:
         assert ours[k].dtype == theirs[k].dtype, k
         step = (theirs[k] - start[k]).norm() if k in params else 0
         if step > 0:  # parameters (BN statistics of 16 images and the power iteration's vectors are noisier)
@@ -274,6 +286,8 @@ def test_compile_refuses_a_net_that_needs_double_backward(tmp_path: Path) -> Non
     model, dm = digits_classifier()
     model.compile_refused = {"net": "for this test"}  # the same check on a module the test can build fast
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[Compile()])
-    with pytest.raises(ConfigError, match=r"Compile\(modules=\['net'\]\): ImageClassifier's 'net' cannot be compiled: for"):
+    with pytest.raises(
+        ConfigError, match=r"Compile\(modules=\['net'\]\): ImageClassifier's 'net' cannot be compiled: for"
+    ):
         trainer.fit(model, dm)
     assert model.net._compiled_call_impl is None

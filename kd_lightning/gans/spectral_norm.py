@@ -71,7 +71,9 @@ class SpectralNorm(nn.Module):
         return weight / sigma
 
 
-def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12) -> nn.Module:
+def spectral_norm(
+    module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12
+) -> nn.Module:
     """Register :class:`SpectralNorm` on ``module.<name>`` (PyTorch's ``dim`` choice: 1 for transposed convs).
 
     The net that holds ``module`` must run :func:`update_spectral_norms` before each training forward; the

@@ -43,7 +43,7 @@ the student's parameters).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -250,7 +250,9 @@ class SelfKD(ImageClassifier):
 
     hparams_ignore = (*ImageClassifier.hparams_ignore, "critic_optimizer", "terms")  # terms: modules, in config.yaml
     #: read by the Compile callback: the WGAN-GP penalty differentiates the critic twice (``create_graph=True``)
-    compile_refused = {"critic": "its gradient penalty needs a double backward, which torch.compile does not support"}
+    compile_refused: ClassVar[dict[str, str]] = {
+        "critic": "its gradient penalty needs a double backward, which torch.compile does not support"
+    }
 
     def __init__(
         self,
