@@ -99,3 +99,47 @@ def test_bad_arguments_name_the_value() -> None:
         ImageClassifier(net="tinynet")
     with pytest.raises(ConfigError, match=r"mean=.*in_channels=3"):
         ImageClassifier(net="tinynet", num_classes=10, in_channels=3, mean=(0.1, 0.2), std=(1.0, 1.0))
+
+
+def test_metrics_logged_once_per_epoch_give_the_epoch_values_of_logging_every_step(tmp_path: Path) -> None:
+    """log_metrics registers the torchmetrics objects on the first update after each reset only (each
+    ``self.log`` costs Lightning milliseconds); the epoch values stay those of logging them every step."""
+
+    class EveryStep(ImageClassifier):
+        def log_metrics(self, stage, metrics):
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.values: list[dict[str, float]] = []
+
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                self.values.append({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.values.append({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
+
+    def fit(cls: type[ImageClassifier]) -> list[dict[str, float]]:
+        L.seed_everything(0)
+        dm = DigitsDataModule(batch_size=64, augment=False)
+        opt = lambda p: torch.optim.Adam(p, lr=1e-2)  # noqa: E731
+        model = cls(net="tinynet", num_classes=10, in_channels=1, mean=dm.mean, std=dm.std, optimizer=opt)
+        record = Record()
+        quiet_trainer(tmp_path, max_epochs=3, limit_train_batches=4, limit_val_batches=2, callbacks=[record]).fit(
+            model, dm
+        )
+        return record.values
+
+    class Counted(ImageClassifier):
+        calls = 0
+
+        def log_dict(self, *args, **kwargs) -> None:
+            Counted.calls += 1
+            super().log_dict(*args, **kwargs)
+
+    ours, every_step = fit(Counted), fit(EveryStep)
+    assert Counted.calls == 3 + 3 + 1  # per epoch: once for train, once for val; once in the sanity check
+    assert len(ours) == 6 and {"train/acc1", "val/acc1"} <= set(ours[-1])
+    assert ours == every_step
+    assert len({v["train/acc1"] for v in ours if "train/acc1" in v}) > 1  # per-epoch values, not one frozen value
