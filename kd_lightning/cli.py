@@ -49,7 +49,7 @@ from kd_lightning.callbacks import (
     exit_status_after_stop,
 )
 from kd_lightning.checkpoints import CONFIG_KEY, TRUST_ENV, load_checkpoint
-from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
+from kd_lightning.commands import TOOL_COMMANDS, TRAINER_COMMANDS, run_tool_command, usage
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.wandb_media import wandb_loggers
 
@@ -396,18 +396,6 @@ def _short_parse_error(msg: str) -> str:
     return "\n  ".join(keep[:6]) if keep else msg
 
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-
-
-def usage() -> str:
-    """The list of kdl's commands, for ``kdl`` alone and the end of ``kdl --help``."""
-    lines = ["kdl commands:"]
-    lines += [f"  kdl {name:<14} Lightning's {name} on a recipe (--config RECIPE.yaml)" for name in TRAINER_COMMANDS]
-    lines += [f"  kdl {name:<14} {helptext}" for name, (_, helptext) in TOOL_COMMANDS.items()]
-    lines.append("`kdl COMMAND --help` shows a command's options.")
-    return "\n".join(lines)
-
-
 def check_config_files(argv: list[str]) -> None:
     """Every ``--config``/``-c`` file must exist and hold a YAML mapping of sections; name the file if not."""
     for i, arg in enumerate(argv):
@@ -476,9 +464,9 @@ def main(args: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] and argv[0] in TOOL_COMMANDS:  # not a Trainer subcommand
         return run_tool_command(argv[0], argv[1:])
-    if not argv:
-        print(usage(), file=sys.stderr)
-        return 2
+    if not argv or argv[0] in ("-h", "--help"):  # the command list (Lightning's global options are not for users)
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     debug = os.environ.get("KDL_DEBUG", "") not in ("", "0")
     if "--debug" in argv:
         argv.remove("--debug")
@@ -488,13 +476,7 @@ def main(args: list[str] | None = None) -> int:
     command = argv[0] if argv[0] in TRAINER_COMMANDS else None
     try:
         check_config_files(argv)
-        if argv[0] in ("-h", "--help"):
-            try:
-                build_cli(argv)
-            finally:  # Lightning printed its help and exits: add kdl's other commands
-                print("\n" + usage())
-        else:
-            build_cli(argv)
+        build_cli(argv)
     except SIGTERMException:
         status = exit_status_after_stop()
         name = signal.Signals(status - 128).name

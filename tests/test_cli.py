@@ -34,6 +34,26 @@ def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None
         assert sub in out
 
 
+def test_help_lists_every_command_without_importing_lightning() -> None:
+    """``kdl --help`` answers at once: building the command list imports neither Lightning nor torch."""
+    from kd_lightning.commands import TOOL_COMMANDS
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from kd_lightning import commands\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    status = commands.main(['--help'])\n"
+        "print(status, 'lightning' in sys.modules, 'torch' in sys.modules)\n"
+        "print(out.getvalue())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, _, help_text = done.stdout.partition("\n")
+    assert first == "0 False False"
+    for name in ("fit", "validate", "test", "predict", *TOOL_COMMANDS):
+        assert f"kdl {name} " in help_text
+
+
 @pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.CaptureFixture[str]) -> None:
     pending = recipe_model_class(recipe)
