@@ -221,6 +221,7 @@ class KDLCLI(LightningCLI):
             if save_dir in (None, "", "."):
                 save_dir = cfg.get("trainer", {}).get("default_root_dir") or "."
             logger.init_args["save_dir"] = os.path.abspath(str(save_dir))
+            os.makedirs(logger.init_args["save_dir"], exist_ok=True)  # else W&B warns "git root ... does not exist"
 
     def _subcommand_config(self) -> Namespace:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -239,16 +240,24 @@ class KDLCLI(LightningCLI):
                 cb.bind(trainer, self.model)
         if not any(isinstance(cb, ResumeState) for cb in callbacks):
             callbacks.insert(0, ResumeState(self.recipe()))
+        quiet_console(callbacks)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":  # the whole resolved recipe, not only the model's hparams
+                wandb_init: dict[str, Any] = getattr(logger, "_wandb_init", {})
+                if "anonymous" in wandb_init and wandb_init["anonymous"] is None:  # W&B warns it has no effect
+                    del wandb_init["anonymous"]
                 full = _plain(self._subcommand_config())
                 full.pop("config", None)
                 logger.log_hyperparams({"kdl": full})
 
     def before_fit(self) -> None:
         self.check_checkpoint_matches(with_data=True)
+        eval_modules = [m for m in self.model.modules() if not m.training]
+        if eval_modules and not any(p.requires_grad for m in eval_modules for p in m.parameters()):
+            # only frozen parts (a KD teacher) are in eval mode, as they must be: Lightning's warning is not news
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     def after_fit(self) -> None:
         finish_wandb_run(self.trainer)
@@ -286,6 +295,25 @@ class KDLCLI(LightningCLI):
                 f"refusing to resume from {path!r}: the recipe differs from the checkpoint's in "
                 f"{len(diffs)} key(s):\n{lines}\npass --allow_resume_mismatch true to resume anyway"
             )
+
+
+def quiet_console(callbacks: list[L.Callback]) -> None:
+    """Swap Lightning's console callbacks for kdl's: no FLOPs column of zeros; plain lines when stderr is no terminal.
+
+    A redrawn progress bar written into a log file is megabytes of carriage returns; there one line per epoch says
+    more. ``KDL_PROGRESS=bar`` keeps the bar, ``KDL_PROGRESS=plain`` forces the lines.
+    """
+    from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+
+    from kd_lightning.callbacks.progress import PlainProgress, QuietSummary
+
+    choice = os.environ.get("KDL_PROGRESS", "")
+    plain = choice == "plain" or (choice != "bar" and not sys.stderr.isatty())
+    for i, cb in enumerate(callbacks):
+        if type(cb) is ModelSummary:
+            callbacks[i] = QuietSummary(max_depth=cb._max_depth)
+        elif type(cb) is TQDMProgressBar and plain:
+            callbacks[i] = PlainProgress()
 
 
 def finish_wandb_run(trainer: L.Trainer) -> None:
@@ -350,9 +378,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLCLI:
     )
 
 
+#: Lightning's info lines that say nothing about the user's run (hardware it did not use, cloud tips)
+_DROPPED_INFO = ("Tip:", "GPU available:", "TPU available:", "HPU available:", "IPU available:")
+
+
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in str(record.msg)
+        msg = str(record.msg)
+        return not any(s in msg for s in _DROPPED_INFO)
 
 
 def quiet_lightning() -> None:

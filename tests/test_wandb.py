@@ -132,3 +132,21 @@ def test_a_student_on_a_store_shows_the_filter_histograms(kdl, tmp_path: Path, m
     logged = sorted({key for row in run.history for key in row})
     assert shown and shown[0]["_type"] == "images/separated", f"{run.path} logged {len(run.history)} rows: {logged}"
     assert list((run.path / "files" / "media" / "images").glob("store/filter_hist*.png"))
+
+
+def test_a_wandb_run_is_set_up_without_warnings_about_settings_kdl_chose(
+    kdl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B warns "anonymous setting has no effect" when Lightning passes ``anonymous=None``, and "git root ...
+    does not exist" when its save_dir is not there yet: kdl drops the one and creates the other before the run."""
+    from kd_lightning.cli import build_cli
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = ["--config", str(RECIPES / "digits/student.yaml"), "--config", str(RECIPES / "fragments/wandb.yaml")]
+    cli = build_cli([*args, "--trainer.default_root_dir", "run", "--seed_everything", "0"], run=False)
+    (logger,) = cli.trainer.loggers
+    assert "anonymous" not in logger._wandb_init
+    assert Path(logger._wandb_init["dir"]).is_dir() and Path(logger._wandb_init["dir"]) == tmp_path / "run"
+    import wandb
+
+    wandb.finish()
