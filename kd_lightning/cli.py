@@ -42,6 +42,7 @@ import kd_lightning.data  # registers the DataModules for short class names (and
 import kd_lightning.methods  # noqa: F401  (register LightningModules for short class names)
 from kd_lightning.callbacks import (
     AtomicCheckpointIO,
+    Curves,
     GracefulStop,
     NaNGuard,
     ResumeState,
@@ -163,6 +164,7 @@ class KDLCLI(LightningCLI):
         parser.add_lightning_class_args(KDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GracefulStop, "graceful_stop")
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
+        parser.add_lightning_class_args(Curves, "curves")
         parser.add_argument(
             "--allow_resume_mismatch",
             type=bool,

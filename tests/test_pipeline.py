@@ -128,6 +128,34 @@ def test_run_then_everything_is_skipped(fake, capsys: pytest.CaptureFixture[str]
     assert set(lines(capsys.readouterr().out).values()) == {"skip"}
 
 
+def test_the_pipeline_ends_with_a_results_table_and_its_plots(fake, capsys) -> None:
+    """Each fit's best validation metric and each test's metrics, run or skipped, then the PNGs of the run folders."""
+    for attempt in ("run", "skipped"):
+        assert main(["--config", "pipe.yaml"]) == 0
+        out = capsys.readouterr().out
+        table = out[out.index("Results") :]
+        rows = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
+        assert "best val/acc1 0.6000 (epoch 1) | runs/b |" in rows["b"], attempt  # max_epochs 2: 0.5, 0.6
+        assert "best val/acc1 0.5000 (epoch 0) | runs/a |" in rows["a"]
+        assert "| t | test | test/acc1 0.5000  test/loss 1.2500 | runs/b |" in rows["t"]
+        assert "Plots:\n  runs/a/plots/curves.png\n  runs/b/plots/curves.png" in out
+    # the stage's own progress: the fit wrote its epoch into the file the pipeline named for it
+    assert Path("runs/b/pipeline/b.progress").read_text().strip() == "epoch 2/2"
+    assert json.loads(Path("runs/b/pipeline/b.json").read_text())["results"]["value"] == 0.6
+
+
+def test_a_running_stage_shows_its_progress_file_or_else_its_log_s_last_line(tmp_path: Path) -> None:
+    from kd_lightning.pipeline_report import stage_progress
+
+    log, progress = tmp_path / "s.log", tmp_path / "s.progress"
+    log.write_text("=== kdl pipeline: stage 's'\nSeed set to 0\r\naccepted:  40%|####  | 400/1000\raccepted:  45%|")
+    assert stage_progress(str(progress), str(log), since=0) == "accepted:  45%|"  # a bar's latest redraw
+    progress.write_text("epoch 3/15 step 20/45\n")
+    assert stage_progress(str(progress), str(log), since=0) == "epoch 3/15 step 20/45"
+    assert stage_progress(str(progress), str(log), since=time.time() + 60) == "accepted:  45%|"  # stale file
+    assert stage_progress(str(progress), str(log), since=0, width=8) == "epoch 3/"
+
+
 def test_a_changed_value_reruns_its_stage_and_the_stages_that_consume_it(fake, capsys) -> None:
     assert main(["--config", "pipe.yaml"]) == 0
     before = {p: Path(f"runs/{p}/checkpoints/best.ckpt").read_bytes() for p in "abcd"}

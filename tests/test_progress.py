@@ -82,3 +82,11 @@ def test_a_fit_into_a_log_writes_plain_epoch_lines_and_no_noise(
         assert noise not in both, noise
     assert "Modules in eval mode" in both  # the summary itself stays
     assert (tmp_path / "progress.txt").read_text().startswith("epoch 2/2  train/loss")
+    # every fit leaves its learning curves in its run folder, drawn from its metrics.csv
+    from kd_lightning.callbacks.plots import read_epochs
+
+    for run in ("t", "b"):
+        assert (tmp_path / run / "plots/curves.png").stat().st_size > 0
+    metrics = read_epochs(next((tmp_path / "b/lightning_logs").rglob("metrics.csv")))
+    assert sorted(metrics["val/acc1"]) == [0, 1] and sorted(metrics["train/loss"]) == [0, 1]
+    assert f"curves: {tmp_path / 'b/plots/curves.png'}" in out

@@ -9,6 +9,7 @@ from kd_lightning.callbacks.compile import Compile
 from kd_lightning.callbacks.gan_quality import GANQuality
 from kd_lightning.callbacks.interrupt import EXIT_SIGTERM, GracefulStop, exit_status_after_stop, last_checkpoint_path
 from kd_lightning.callbacks.nan_guard import NaNGuard, NonFiniteLossError
+from kd_lightning.callbacks.plots import Curves
 from kd_lightning.callbacks.resume import ResumeState, config_differences, rng_states, set_rng_states
 from kd_lightning.callbacks.throughput import TrainThroughput
 
@@ -16,6 +17,7 @@ __all__ = [
     "EXIT_SIGTERM",
     "AtomicCheckpointIO",
     "Compile",
+    "Curves",
     "GANQuality",
     "GracefulStop",
     "NaNGuard",
