@@ -51,9 +51,11 @@ from kd_lightning.callbacks import (
 )
 from kd_lightning.checkpoints import CONFIG_KEY, TRUST_ENV, load_checkpoint
 from kd_lightning.commands import TOOL_COMMANDS, TRAINER_COMMANDS, run_tool_command, usage
-from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.errors import ConfigError, DataNotFoundError, KDLError
 from kd_lightning.wandb_media import wandb_loggers
 
+#: the line after a missing-data error: where datasets come from, and the quick check
+DATA_HINT = "where to get each dataset and its layout: docs/datasets.md; check it with `kdl check-data --config RECIPE`"
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
 
@@ -529,6 +531,8 @@ def main(args: list[str] | None = None) -> int:
         reason = str(user_error) if user_error is not None else _optimizer_error(e)
         if debug or reason is None:
             raise
+        if isinstance(user_error, DataNotFoundError):
+            reason += f"\n{DATA_HINT}"
         print(f"kdl: error: {reason}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
     "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
     "report": ("kd_lightning.report:main", "a table of runs (mean ± std over seeds) and learning curves"),
+    "check-data": ("kd_lightning.check_data:main", "check that a recipe's dataset is on disk and loads (split sizes)"),
     "sweep": ("kd_lightning.sweep:main", "check a W&B sweep file and run its command lines here (W&B offline)"),
 }
 

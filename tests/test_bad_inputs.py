@@ -107,7 +107,7 @@ CASES: dict[str, Case] = {
     # ---- data
     "missing data root": Case(
         ["fit", "--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", "/does/not/exist"],
-        ["'/does/not/exist' does not exist"],
+        ["'/does/not/exist' does not exist", "docs/datasets.md", "kdl check-data"],
     ),
     "data root is a file": Case(
         ["fit", "--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", "afile"],

@@ -611,8 +611,10 @@ def _digits_pipeline_args(root: Path) -> list[str]:
 def test_shipped_digits_pipeline_resolves(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root, like every recipe's
     steps, _ = pipeline.load(_digits_pipeline_args(tmp_path / "r"))
-    assert [s.name for s in steps] == ["teacher", "student", "blkd", "test"]
-    assert steps[2].refs == ["teacher.best"] and steps[3].refs == ["blkd.best", "teacher.best"]
+    assert [s.name for s in steps] == ["teacher", "student", "blkd", "test_teacher", "test_student", "test_blkd"]
+    assert steps[2].refs == ["teacher.best"] and steps[5].refs == ["blkd.best", "teacher.best"]
+    # every fit, the teacher's too, is tested on the held-out split
+    assert [s.refs[0] for s in steps if s.command == "test"] == ["teacher.best", "student.best", "blkd.best"]
     assert steps[2].spec["config"]["model"]["init_args"]["teacher"] == str(tmp_path / "r/teacher/checkpoints/best.ckpt")
     assert steps[2].dir == str(tmp_path / "r/seed0/blkd") and steps[2].spec["config"]["seed_everything"] == 0
 
@@ -683,13 +685,29 @@ def test_digits_pipeline_runs_then_skips_everything(tmp_path: Path, monkeypatch,
     args = [*_digits_pipeline_args(tmp_path / "r"), "--vars.epochs", "2", "--vars.train_size", "300"]
     assert main(args) == 0
     assert set(lines(capsys.readouterr().out).values()) == {"done"}
-    assert "test/acc1" in (tmp_path / "r/seed0/blkd/pipeline/test.log").read_text()
+    assert "test/acc1" in (tmp_path / "r/seed0/blkd/pipeline/test_blkd.log").read_text()
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert set(lines(out).values()) == {"skipped"} and "0 stage(s) run, 4 skipped" in out
+    assert set(lines(out).values()) == {"skipped"} and "0 stage(s) run, 6 skipped" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "stage" not in ln]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == [
+        "teacher",
+        "student",
+        "blkd",
+        "test_teacher",
+        "test_student",
+        "test_blkd",
+    ]
+    assert all("test/acc1" in r for r in rows[3:]) and all("best val/acc1" in r for r in rows[:3])
+    plots = out[out.index("Plots:") :]
+    assert plots.count("curves.png") == 3 and plots.count("reliability.png") == 3
     # another seed: new student folders, the same teacher
     assert main([*args, "--vars.seed", "1", "--dry-run"]) == 0
-    assert lines(capsys.readouterr().out) == {"teacher": "skip", "student": "run", "blkd": "run", "test": "run"}
+    plan = lines(capsys.readouterr().out)
+    assert plan == {"teacher": "skip", "student": "run", "blkd": "run", "test_teacher": "skip"} | {
+        "test_student": "run",
+        "test_blkd": "run",
+    }
 
 
 @pytest.mark.slow
