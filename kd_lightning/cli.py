@@ -193,6 +193,8 @@ class KDLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self.name_wandb_run()
+        root = (self._subcommand_config().get("trainer") or {}).get("default_root_dir")
+        _RUN_ROOTS.append(str(root or os.getcwd()))
         trainer = self._subcommand_config().get("trainer", {}) or {}
         precision, accelerator = str(trainer.get("precision") or ""), str(trainer.get("accelerator") or "auto")
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
@@ -265,8 +267,16 @@ class KDLCLI(LightningCLI):
 
     def after_fit(self) -> None:
         finish_wandb_run(self.trainer)
+        if getattr(self.trainer, "fast_dev_run", False):
+            print(
+                "fast_dev_run: a smoke test; no best.ckpt is chosen (a later stage naming best.ckpt will not find it)",
+                file=sys.stderr,
+            )
 
-    after_validate = after_test = after_predict = after_fit
+    def after_validate(self) -> None:
+        finish_wandb_run(self.trainer)
+
+    after_test = after_predict = after_validate
 
     def before_validate(self) -> None:
         self.check_checkpoint_matches(with_data=False)
@@ -299,6 +309,25 @@ class KDLCLI(LightningCLI):
                 f"refusing to resume from {path!r}: the recipe differs from the checkpoint's in "
                 f"{len(diffs)} key(s):\n{lines}\npass --allow_resume_mismatch true to resume anyway"
             )
+
+
+#: the run folders of the commands started in this process (a failed one's empty log folders are removed)
+_RUN_ROOTS: list[str] = []
+
+
+def remove_empty_log_dirs(root: str) -> list[str]:
+    """Remove ``<root>/lightning_logs/version_N`` folders that are empty, then the folders above if emptied."""
+    logs = os.path.join(root, "lightning_logs")
+    removed = []
+    for version in sorted(glob.glob(os.path.join(glob.escape(logs), "version_*"))):
+        if os.path.isdir(version) and not os.listdir(version):
+            os.rmdir(version)
+            removed.append(version)
+    for folder in (logs, root):
+        if removed and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+            removed.append(folder)
+    return removed
 
 
 def quiet_console(callbacks: list[L.Callback]) -> None:
@@ -511,6 +540,7 @@ def main(args: list[str] | None = None) -> int:
     quiet_lightning()
     cpu_defaults()
     command = argv[0] if argv[0] in TRAINER_COMMANDS else None
+    _RUN_ROOTS.clear()
     try:
         check_config_files(argv)
         build_cli(argv)
@@ -527,6 +557,8 @@ def main(args: list[str] | None = None) -> int:
         print(f"kdl: error: {message}\n(see `{hint}`; KDL_DEBUG=1 shows the full message)", file=sys.stderr)
         return 2
     except Exception as e:
+        for root in _RUN_ROOTS:  # a run that failed before logging anything leaves no empty version_N behind
+            remove_empty_log_dirs(root)
         user_error = _user_error(e)
         reason = str(user_error) if user_error is not None else _optimizer_error(e)
         if debug or reason is None:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.pipeline_report import find_plots, results_table, stage_progress, stage_results
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -173,6 +174,11 @@ class Step:
     @property
     def log_path(self) -> str:
         return os.path.join(self.dir, STATE_DIR, f"{self.name}.log")
+
+    @property
+    def progress_path(self) -> str:
+        """The one-line progress file the stage's command keeps (kd_lightning.progress), shown while it runs."""
+        return os.path.join(self.dir, STATE_DIR, f"{self.name}.progress")
 
     def shown(self, extra: list[str] | None = None) -> str:
         return shlex.join(["kdl", self.command, *self.argv, *(extra or [])])
@@ -698,6 +704,32 @@ class Runner:
             self.out.write(text + "\n")
         self.out.flush()
 
+    def _progress(self, step: Step, since: float, t0: float) -> str:
+        """The status line's detail for a running stage: its own progress (epoch/step, samples), then the time."""
+        width = shutil.get_terminal_size((100, 20)).columns - len(step.name) - 28
+        shown = stage_progress(step.progress_path, step.log_path, since, width=max(20, width))
+        return f"{time.monotonic() - t0:.0f} s  {shown or 'log: ' + step.log_path}"
+
+    def print_results(self) -> None:
+        """The results of the selected fit and test stages (this run's or a skipped stage's), and the plots."""
+        rows, folders = [], []
+        for step in self.steps:
+            rec = self.records.get(step.name) or {}
+            if step.name not in self.selected or rec.get("status") != "done":
+                continue
+            results = rec.get("results")
+            if results is None:  # a record from before results were kept
+                results = stage_results(step.command, step.dir)
+            rows.append((step.name, step.command, step.dir, results))
+            folders.append(step.dir)
+        table = results_table(rows)
+        if table:
+            self.out.write(f"\nResults (fits: best validation metric; tests: the test split):\n{table}\n")
+        plots = find_plots(folders)
+        if plots:
+            self.out.write("Plots:\n" + "".join(f"  {p}\n" for p in plots))
+        self.out.flush()
+
     def print_plan(self) -> None:
         for step, d in self.plan():
             self._line(step, d.action, d.reason + "".join(f"; replaces {p}" for p in self._replaced(step, d)))
@@ -710,7 +742,11 @@ class Runner:
         cmd = [*_launcher(), step.command, *step.argv, *extra]
         log.write(f"\n=== kdl pipeline: stage {step.name!r} at {_now()}\n=== {step.shown(extra)}\n")
         log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        from kd_lightning.progress import PROGRESS_ENV
+
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(step.progress_path)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: os.path.abspath(step.progress_path)}
         return subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -876,7 +912,7 @@ class Runner:
                         break
                     except subprocess.TimeoutExpired:
                         if self.tty:
-                            self._line(step, state, f"{time.monotonic() - t0:.0f} s  log: {step.log_path}", final=False)
+                            self._line(step, state, self._progress(step, attempt_start, t0), final=False)
             finally:
                 if proc.poll() is None:  # an exception in this process (not a signal): stop the stage cleanly
                     self._stop(proc)
@@ -916,6 +952,7 @@ class Runner:
                 step, 1, f"stage {step.name!r} exited 0 but did not write {gone[0]}; log: {step.log_path}"
             )
         rec.update(status="done", outputs=outputs, made_by={"config_hash": step.config_hash, "inputs": inputs})
+        rec["results"] = stage_results(step.command, step.dir, since=float(rec["run_started"]) - 1)
         rec["fingerprint"] = _sha(
             json.dumps([step.config_hash, inputs, {k: v["sha256"] for k, v in outputs.items()}], sort_keys=True)
         )
@@ -1035,6 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
     except KDLError as e:
         print(f"kdl pipeline: error: {e}", file=sys.stderr)
         return 2
+    runner.print_results()
     ran = sum(v in ("done", "resumed") for v in outcome.values())
     skipped = sum(v == "skipped" for v in outcome.values())
     print(f"kdl pipeline: {ran} stage(s) run, {skipped} skipped, {time.monotonic() - t0:.1f} s")

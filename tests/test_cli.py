@@ -229,3 +229,26 @@ def test_bf16_on_slow_cpu_warns(fake_mnist: Path, tmp_path: Path, monkeypatch) -
             ],
             run=False,
         )
+
+
+def test_a_failed_run_leaves_no_empty_log_folder(kdl, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = str(RECIPES / "fashion_mnist/student.yaml")
+    assert kdl("fit", "--config", recipe, "--data.init_args.root", "nowhere", "--trainer.default_root_dir", "run") == 2
+    assert "'nowhere' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "lightning_logs").exists()
+
+
+def test_a_fast_dev_run_teacher_is_named_in_the_missing_best_ckpt_message(
+    kdl, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fast_dev_run writes last.ckpt but chooses no best.ckpt: the stage after it says why it finds none."""
+    teacher = ["--config", str(RECIPES / "digits/teacher.yaml"), "--model.init_args.net", "tinynet"]
+    assert kdl("fit", *teacher, "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", "t") == 0
+    assert "fast_dev_run: a smoke test; no best.ckpt is chosen" in capsys.readouterr().err
+    student = ["--config", str(RECIPES / "digits/blkd.yaml"), "--model.init_args.net", "tinynet"]
+    assert (
+        kdl("fit", *student, "--model.init_args.teacher", "t/checkpoints/best.ckpt", "--trainer.fast_dev_run", "1") == 2
+    )
+    err = capsys.readouterr().err
+    assert "'t/checkpoints/best.ckpt' does not exist; only last.ckpt is in 't/checkpoints'" in err
+    assert "fast_dev_run" in err
