@@ -79,7 +79,7 @@ STORE_KEY = "kdl_self_kd_store"  # where checkpoints before the terms kept the s
 CriticNorm = Literal["joint", "none", "separate"]
 CRITIC_NORMS: tuple[str, ...] = ("joint", "none", "separate")
 #: (critic_lr, critic_betas) of SelfKD's default critic Adam; critic_optimizer replaces that Adam
-CRITIC_ADAM_DEFAULTS: tuple[float, tuple[float, float]] = (1e-4, (0.9, 0.999))
+CRITIC_ADAM_DEFAULTS: tuple[float, tuple[float, float]] = (1e-3, (0.0, 0.9))
 
 
 def default_critic_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -325,9 +325,9 @@ class SelfKD(ImageClassifier):
         critic_hidden: tuple[int, int] = (64, 32),
         critic_norm: CriticNorm = "joint",
         critic_optimizer: OptimizerCallable | None = None,
-        critic_steps: int = 1,
-        critic_lr: float = 1e-4,
-        critic_betas: tuple[float, float] = (0.9, 0.999),
+        critic_steps: int = 5,
+        critic_lr: float = 1e-3,
+        critic_betas: tuple[float, float] = (0.0, 0.9),
         critic_warmup_steps: int = 0,
         critic_warmup_epochs: int = 0,
         critic_lost_epochs: int = 3,
