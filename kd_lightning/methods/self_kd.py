@@ -32,6 +32,11 @@ no stored prediction yet (all of epoch 0) gets its one-hot label as progressive 
 PS-KD's code: with tau_P = 1 the term is then plain cross-entropy, i.e. the progressive
 distillation is off in the first epoch.
 
+The critic's schedule (``critic_steps`` updates per student step, its Adam's ``critic_lr``/``critic_betas``, a
+warm-up with the adversarial term off) is ours where the paper is silent; every epoch logs the critic's W estimate
+(``train/wasserstein_epoch``) and cos(adversarial, guide) of the gradients w.r.t. the student's logits
+(``train/adv_guide_cos``), and a critic whose W stays negative is warned about.
+
 Optimisation is manual (two optimisers): the student's optimiser and LR scheduler come from the
 recipe (``optimizer``/``lr_scheduler``; the scheduler is stepped here after each epoch's last batch), the critic's
 from ``critic_optimizer``. In manual mode the Trainer's ``gradient_clip_val`` and
@@ -279,7 +284,17 @@ class SelfKD(ImageClassifier):
         critic_norm: ``joint`` (default): the paper's BN1d, with S_sup's and the student's logits (and the
             penalty's mix) normalised as one batch; ``none``: no BN in the critic; ``separate``: the BN sees each
             set alone, which makes the critic blind to a logit offset or scale (the behaviour before this option).
-        critic_optimizer: builds the critic's optimiser (default Adam lr 1e-4).
+        critic_optimizer: builds the critic's optimiser; default None: Adam with ``critic_lr`` and ``critic_betas``
+            (giving both this and a non-default ``critic_lr``/``critic_betas`` is an error).
+        critic_steps: critic updates per student step (5, WGAN-GP's n_critic; the paper does not say), each on this
+            step's logits with its own penalty mix.
+        critic_lr: the default Adam's learning rate (1e-3, our choice: the paper's 1e-4 lets the critic fall behind
+            an SGD student; docs/distillation.md has the measurements).
+        critic_betas: the default Adam's betas ((0, 0.9), WGAN-GP's; the paper does not say).
+        critic_warmup_steps: student steps during which the critic trains but the adversarial term is off.
+        critic_warmup_epochs: the same in epochs (set one of the two).
+        critic_lost_epochs: warn once when the epoch-mean W = E[D(S_sup)] - E[D(S_t)] is negative this many epochs in
+            a row (0: never).
         gp_weight: weight of the critic's gradient penalty.
         class_wise_weight: lambda of CS-KD's ``T^2 KL(p(x') || p(x))`` to a same-class partner x'
             (needs ``data.init_args.class_pairs: true``); added on top of the CE weight, as in CS-KD.
