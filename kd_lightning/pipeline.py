@@ -572,13 +572,31 @@ class Runner:
 
     # ------------------------------------------------------------------ records
     @staticmethod
-    def _read_record(step: Step) -> dict[str, Any] | None:
+    def _load_record(path: str) -> dict[str, Any] | None:
         try:
-            with open(step.state_path) as f:
+            with open(path) as f:
                 rec = json.load(f)
         except (OSError, ValueError):
             return None
         return rec if isinstance(rec, dict) else None
+
+    @classmethod
+    def _read_record(cls, step: Step) -> dict[str, Any] | None:
+        """The stage's record; else a finished record of the same resolved config in its folder, under another name.
+
+        Two pipelines may name one run differently (seed 1's ``baseline`` is seed 0's ``guide`` in
+        recipes/pipelines/aikd_fashion_mnist_overfit.yaml): it is trained once and both skip it.
+        """
+        rec = cls._load_record(step.state_path)
+        if rec is not None:
+            return rec
+        folder = os.path.dirname(step.state_path)
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(folder)):
+                other = cls._load_record(os.path.join(folder, name)) if name.endswith(".json") else None
+                if other and other.get("status") == "done" and other.get("config_hash") == step.config_hash:
+                    return other
+        return None
 
     def _write_record(self, step: Step, rec: dict[str, Any]) -> None:
         from kd_lightning.fileio import atomic_write_bytes
@@ -803,19 +821,33 @@ class Runner:
 
     @contextlib.contextmanager
     def _lock(self, step: Step) -> Iterator[None]:
-        """One process at a time per stage: a second pipeline running the same stage stops with a clear error."""
+        """One process at a time per stage, and per fit folder: a second one stops with a clear error.
+
+        The fit lock (``<dir>/pipeline/fit.lock``) covers two pipelines whose stages of different names fit into
+        one folder (see :meth:`_read_record`).
+        """
+        os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
+        with contextlib.ExitStack() as held:
+            held.enter_context(
+                self._flock(step, step.state_path.removesuffix(".json") + ".lock", f"stage {step.name!r}")
+            )
+            if step.command == "fit":
+                fit_lock = os.path.join(os.path.dirname(step.state_path), "fit.lock")
+                held.enter_context(self._flock(step, fit_lock, f"a fit into {step.dir!r} (stage {step.name!r})"))
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _flock(step: Step, path: str, what: str) -> Iterator[None]:
         import fcntl
 
-        os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
-        with open(step.state_path.removesuffix(".json") + ".lock", "a+") as f:
+        with open(path, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "?"
-                raise StageFailed(
-                    step, 2, f"stage {step.name!r} is being run by another process (pid {holder}); {f.name}"
-                ) from None
+                raise StageFailed(step, 2, f"{what} is being run by another process (pid {holder}); {f.name}") from None
             f.truncate(0)
             f.write(str(os.getpid()))
             f.flush()
