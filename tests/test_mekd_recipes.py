@@ -78,6 +78,24 @@ def test_student_recipes_name_a_budget_equal_to_their_pool(name: str) -> None:
     assert "label" not in str(cfg["data"]["init_args"]["pool"])
 
 
+def test_the_mekd_pipeline_dry_run_shows_every_arm_on_one_budget_and_schedule(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from kd_lightning import pipeline
+
+    args = ["--config", str(DIR / "pipeline.yaml"), "--dry-run", "--vars.root", str(tmp_path), "--vars.budget", "50000"]
+    assert pipeline.main(args) == 0
+    out = capsys.readouterr().out
+    arms = ["mekd_soft_tau2", "mekd_soft_tau", "mekd_hard", "kd_gz", "kd_soft", "ce_hard", "reference"]
+    for name in ["teacher", "api_soft", "api_hard", "deprivatize", "gate", *arms, *(f"test_{a}" for a in arms)]:
+        assert f"] {name} " in out, name
+    fits = [ln for ln in out.splitlines() if ln.strip().startswith("$ kdl fit") and "/b50000/" in ln]
+    assert len(fits) == 6 and all("--trainer.max_steps 2500" in ln and "--query_budget" not in ln for ln in fits)
+    assert all("--model.init_args.query_budget 50000" in ln for ln in fits)
+    assert sum("spent_before" in ln for ln in fits) == 4  # the G(z) arms pay for stage 1's queries
+    assert "recipes/mekd/fashion_mnist/gate.yaml" in out and "--responses hard" in out
+
+
 @pytest.mark.slow
 def test_the_mekd_pipeline_runs_end_to_end_stops_at_the_gate_and_keeps_one_budget(
     tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
