@@ -25,10 +25,19 @@ def run_tool_command(name: str, argv: list[str]) -> int:
     """Run one of :data:`TOOL_COMMANDS` on ``argv``."""
     import importlib
 
+    from kd_lightning.checkpoints import pop_trust_args, trust_scope
+    from kd_lightning.errors import KDLError
+
     target, _ = TOOL_COMMANDS[name]
+    try:
+        argv, trusted = pop_trust_args(argv)  # --trust PATH: the same opt-in for every command
+    except KDLError as e:
+        print(f"kdl {name}: error: {e}", file=sys.stderr)
+        return 2
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(argv) or 0)
+    with trust_scope(trusted):
+        return int(func(argv) or 0)
 
 
 #: kdl's Trainer subcommands (LightningCLI's): they import torch and Lightning
@@ -40,7 +49,8 @@ def usage() -> str:
     lines = ["usage: kdl COMMAND [options]", "", "kdl commands:"]
     lines += [f"  kdl {name:<14} Lightning's {name} on a recipe (--config RECIPE.yaml)" for name in TRAINER_COMMANDS]
     lines += [f"  kdl {name:<14} {helptext}" for name, (_, helptext) in TOOL_COMMANDS.items()]
-    lines.append("`kdl COMMAND --help` shows a command's options (e.g. `kdl fit --help`).")
+    lines.append("`kdl COMMAND --help` shows a command's options (e.g. `kdl fit --help`); any command takes")
+    lines.append("--trust CKPT (a checkpoint file you trust).")
     return "\n".join(lines)
 
 
