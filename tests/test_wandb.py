@@ -144,7 +144,7 @@ def test_a_wandb_run_is_set_up_without_warnings_about_settings_kdl_chose(
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = ["--config", str(RECIPES / "digits/student.yaml"), "--config", str(RECIPES / "fragments/wandb.yaml")]
     cli = build_cli([*args, "--trainer.default_root_dir", "run", "--seed_everything", "0"], run=False)
-    (logger,) = cli.trainer.loggers
+    (logger,) = [lg for lg in cli.trainer.loggers if type(lg).__name__ == "WandbLogger"]
     assert "anonymous" not in logger._wandb_init
     assert Path(logger._wandb_init["dir"]).is_dir() and Path(logger._wandb_init["dir"]) == tmp_path / "run"
     import wandb
