@@ -43,6 +43,9 @@ from kd_lightning.sampling.filtering import (
 from kd_lightning.sampling.rejection import accept, check_trials, chunk_generator, estimate_max
 from kd_lightning.sampling.store import SampleStore, sha256_file
 
+#: images per network pass in generation: fixed, so that no batch-size-dependent kernel choice reaches a store
+MICRO_BATCH = 100
+
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
     from tqdm import tqdm
@@ -78,10 +81,11 @@ class GenerateConfig:
             stay available for comparisons; DataModules use accepted samples only.
         seed: seed of every random number (latent codes, labels, acceptance draws).
         batch_size: proposals per chunk (part of the settings: it decides the samples).
-        forward_batch: images per forward pass inside a chunk (not a setting: the nets give the same
-            bits for any split, checked in tests/test_generate_speed.py). Smaller passes keep the activations
-            in memory malloc reuses: at 500 a generator pass page-faulted ~0.5M times here and was 1.6x
-            slower (docs/performance.md).
+        forward_batch: deprecated and ignored (a warning says so). Every network pass runs on micro-batches
+            of :data:`MICRO_BATCH` (100) images, whatever this says: a store's bytes depend only on its settings
+            and seed, although BLAS libraries pick other kernels, and so other rounding, for other batch sizes
+            (MKL's AVX2 GEMMs do: AMD hosts use them). 100 was this option's default and its fastest value on CPU
+            (docs/performance.md), so stores written with the default are resumed bit for bit.
         shard_size: samples per shard (at least; a shard ends at a chunk boundary).
         ema: sample from the EMA generator.
         teacher_image_size: side the teacher takes (default: its checkpoint's ``image_size``).
@@ -120,7 +124,7 @@ class GenerateConfig:
     keep_rejected: bool = False
     seed: int = 0
     batch_size: int = 500
-    forward_batch: int = 100
+    forward_batch: int | None = None
     shard_size: int = 5000
     ema: bool = True
     teacher_image_size: int | None = None
@@ -148,10 +152,22 @@ class Generation:
         from kd_lightning.teachers import FrozenTeacher
 
         self.cfg = cfg
-        for name in ("batch_size", "forward_batch", "shard_size", "burn_in"):
+        for name in ("batch_size", "shard_size", "burn_in"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name}={getattr(cfg, name)}; expected a positive integer")
-        self.device = torch.device(cfg.device)
+        if cfg.forward_batch is not None:
+            import warnings
+
+            warnings.warn(
+                f"forward_batch={cfg.forward_batch} is ignored: kdl generate runs its networks on micro-batches of "
+                f"{MICRO_BATCH} images, so that the store does not depend on it",
+                FutureWarning,
+                stacklevel=2,
+            )
+        self.micro_batch = MICRO_BATCH  # benchmarks/generation.py changes it to time other splits
+        from kd_lightning.sample import resolve_device
+
+        self.device = resolve_device(cfg.device)
         gan = load_gan(cfg.generator)
         self.label_range = gan.hparams.get("label_range")
         self.gen = gan.sampler_generator(cfg.ema).to(self.device).eval()
@@ -229,7 +245,7 @@ class Generation:
         assert teacher is not None and size is not None  # add_teacher checked; a teacher comes with its size
         if "teacher" not in take:
             xq = take["image"].float().to(self.device) / 255
-            bs = self.cfg.forward_batch
+            bs = self.micro_batch
             outs = [teacher(fit_size(xq[s : s + bs], size)).float().cpu() for s in range(0, len(xq), bs)]
             take["teacher"] = torch.cat(outs) if outs else torch.zeros(0, teacher.num_classes or 1)
         t, y = take["teacher"], take["label"]
@@ -302,7 +318,7 @@ class Generation:
             k = self.cfg.kappa
             y_gen = (y - k + 2 * k * offsets).clamp(0, 1) if k > 0 else y
         images = []
-        fb = self.cfg.forward_batch
+        fb = self.micro_batch
         for s in range(0, n, fb):
             x = self.run_gen(z[s : s + fb].to(self.device), y_gen[s : s + fb].to(self.device))
             images.append(((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).cpu())
@@ -559,4 +575,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["GenerateConfig", "Generation", "generate", "main"]
+__all__ = ["MICRO_BATCH", "GenerateConfig", "Generation", "generate", "main"]
