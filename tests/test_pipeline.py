@@ -259,12 +259,13 @@ def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:
     import fcntl
 
     Path("runs/a/pipeline").mkdir(parents=True)
-    with open("runs/a/pipeline/a.lock", "w") as held:  # another pipeline is running stage a
+    with open("runs/a/pipeline/run-folder.lock", "w") as held:  # another pipeline is running a stage in runs/a
         fcntl.flock(held, fcntl.LOCK_EX)
-        held.write("4242")
+        held.write("pid 4242, stage 'x'")
         held.flush()
         assert main(["--config", "pipe.yaml"]) == 2
-    assert "stage 'a' is being run by another process (pid 4242)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stage 'a': its run folder 'runs/a' is in use by another process (pid 4242, stage 'x')" in err
     assert fake() == []
     assert main(["--config", "pipe.yaml", "--only", "a"]) == 0  # released: it runs
 
