@@ -305,7 +305,8 @@ class KDLCLI(LightningCLI):
         if given in ("last", "best"):
             path = named_checkpoint(given, self.trainer)
             if path is None:
-                folders = sorted({str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if cb.dirpath})
+                callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+                folders = sorted({str(cb.dirpath) for cb in callbacks if cb.dirpath})
                 raise ConfigError(
                     f"--ckpt_path {given}: no {given} checkpoint in {', '.join(folders) or root!r} "
                     f"(trainer.default_root_dir={root!r}); is that the run folder of the fit? "
@@ -433,7 +434,8 @@ def prefer_int_to_float(parser: argparse.ArgumentParser, prefix: str) -> None:
             continue
         args = typing.get_args(hint)
         if float in args and int in args and args.index(float) < args.index(int):
-            action._typehint = Union[(int, *(a for a in args if a is not int))]  # type: ignore[attr-defined]
+            # the same kind of hint as Lightning's (typing.Union), built from a tuple of members
+            action._typehint = Union[tuple([int, *(a for a in args if a is not int)])]  # noqa: UP007
 
 
 def _plain(value: object) -> Any:  # noqa: ANN401 - a JSON-like tree
