@@ -651,7 +651,12 @@ def main(args: list[str] | None = None) -> int:
         else:
             with trust_scope(trusted):
                 build_cli(argv)
-    except SystemExit:
+    except SIGTERMException:
+        status = exit_status_after_stop()
+        name = signal.Signals(status - 128).name
+        print(f"kdl: stopped by {name} after saving; resume with --ckpt_path last (exit {status})", file=sys.stderr)
+        return status
+    except SystemExit:  # after SIGTERMException, which is a SystemExit too
         if not GracefulStop.aborted:  # --help, or jsonargparse's own exit
             raise
         # Lightning caught the KeyboardInterrupt of the second Ctrl-C and called sys.exit(1)
@@ -662,11 +667,6 @@ def main(args: list[str] | None = None) -> int:
             raise
         print(f"kdl: interrupted by Ctrl-C; {_last_hint()} (exit 130)", file=sys.stderr)
         return 128 + int(signal.SIGINT)
-    except SIGTERMException:
-        status = exit_status_after_stop()
-        name = signal.Signals(status - 128).name
-        print(f"kdl: stopped by {name} after saving; resume with --ckpt_path last (exit {status})", file=sys.stderr)
-        return status
     except ArgumentError as e:
         if debug:
             raise
