@@ -53,7 +53,7 @@ from kd_lightning.callbacks import (
 from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
 from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
 from kd_lightning.errors import ConfigError, KDLError, require_writable_folder
-from kd_lightning.wandb_media import wandb_loggers
+from kd_lightning.wandb_media import prepare_wandb_run, sweep_trial, wandb_loggers
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
@@ -227,6 +227,9 @@ class KDLCLI(LightningCLI):
             recipes = [Path(str(p)) for p in cfg.get("config") or []]
             recipe = f"{recipes[0].parent.name}/{recipes[0].stem}" if recipes else method
             defaults = {"name": f"{method}-seed{seed}", "group": recipe, "tags": [method, f"seed{seed}", recipe]}
+            trial = sweep_trial()  # a kdl sweep trial: named by its swept values, grouped by its sweep
+            if trial is not None:
+                defaults |= {"name": trial["trial"], "group": trial["group"], "tags": [method, recipe, trial["name"]]}
             for key, value in defaults.items():  # wandb.init's own arguments, which jsonargparse exposes
                 if logger.init_args.get(key) is None:
                     logger.init_args[key] = value
@@ -261,6 +264,7 @@ class KDLCLI(LightningCLI):
                 full = _plain(self._subcommand_config())
                 full.pop("config", None)
                 logger.log_hyperparams({"kdl": full})
+        prepare_wandb_run(trainer, self.model, self.subcommand)
 
     def before_fit(self) -> None:
         if str(self._ckpt_path()).lower() == UNTRAINED:  # a fresh fit, as without --ckpt_path

@@ -580,13 +580,31 @@ class Runner:
 
     # ------------------------------------------------------------------ records
     @staticmethod
-    def _read_record(step: Step) -> dict[str, Any] | None:
+    def _load_record(path: str) -> dict[str, Any] | None:
         try:
-            with open(step.state_path) as f:
+            with open(path) as f:
                 rec = json.load(f)
         except (OSError, ValueError):
             return None
         return rec if isinstance(rec, dict) else None
+
+    @classmethod
+    def _read_record(cls, step: Step) -> dict[str, Any] | None:
+        """The stage's record; else a finished record of the same resolved config in its folder, under another name.
+
+        Two pipelines may name one run differently (seed 1's ``baseline`` is seed 0's ``guide`` in
+        recipes/pipelines/aikd_fashion_mnist_overfit.yaml): it is trained once and both skip it.
+        """
+        rec = cls._load_record(step.state_path)
+        if rec is not None:
+            return rec
+        folder = os.path.dirname(step.state_path)
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(folder)):
+                other = cls._load_record(os.path.join(folder, name)) if name.endswith(".json") else None
+                if other and other.get("status") == "done" and other.get("config_hash") == step.config_hash:
+                    return other
+        return None
 
     def _write_record(self, step: Step, rec: dict[str, Any]) -> None:
         from kd_lightning.fileio import atomic_write_bytes
@@ -811,25 +829,36 @@ class Runner:
 
     @contextlib.contextmanager
     def _lock(self, step: Step) -> Iterator[None]:
-        """One process at a time per run folder: a second pipeline running a stage there stops with a clear error.
+        """One process at a time per stage, and per fit folder: a second one stops with a clear error.
 
-        The lock is the folder's, not the stage name's, so two pipelines (or two stages of differently named
-        pipelines) that share a run folder cannot write it at the same time.
+        The fit lock (``<dir>/pipeline/fit.lock``) covers two pipelines whose stages of different names fit into
+        one folder (see :meth:`_read_record`).
         """
-        import fcntl
-
         require_writable_folder(step.dir, f"stage {step.name!r} dir")
         os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
-        with open(os.path.join(step.dir, STATE_DIR, "run-folder.lock"), "a+") as f:
+        with contextlib.ExitStack() as held:
+            held.enter_context(
+                self._flock(step, step.state_path.removesuffix(".json") + ".lock", f"stage {step.name!r}")
+            )
+            if step.command == "fit":
+                fit_lock = os.path.join(os.path.dirname(step.state_path), "fit.lock")
+                held.enter_context(self._flock(step, fit_lock, f"a fit into {step.dir!r} (stage {step.name!r})"))
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _flock(step: Step, path: str, what: str) -> Iterator[None]:
+        import fcntl
+
+        with open(path, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "?"
-                busy = f"stage {step.name!r}: its run folder {step.dir!r} is in use by another process ({holder})"
-                raise StageFailed(step, 2, f"{busy}; {f.name}") from None
+                raise StageFailed(step, 2, f"{what} is being run by another process (pid {holder}); {f.name}") from None
             f.truncate(0)
-            f.write(f"pid {os.getpid()}, stage {step.name!r}")
+            f.write(str(os.getpid()))
             f.flush()
             try:
                 yield
@@ -990,10 +1019,10 @@ def build_parser() -> ArgumentParser:
         help="pipeline variables, used as ${name}; one at a time: --vars.NAME VALUE",
     )
     p.add_argument("--stages", type=list[Stage], default=[], help="the stages, in order")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (each stage: skip or run, and why)")
+    p.add_argument("--dry_run", type=bool, default=False, help="print the plan (each stage: skip or run, and why)")
     p.add_argument("--only", type=str | None, default=None, metavar="STAGE[,STAGE]", help="run only these stages")
     p.add_argument("--from", dest="from_stage", type=str | None, default=None, metavar="STAGE", help="start here")
-    p.add_argument("--force", action="store_true", help="rerun the selected stages even when done")
+    p.add_argument("--force", type=bool, default=False, help="rerun the selected stages even when done")
     return p
 
 
@@ -1018,10 +1047,12 @@ def load(argv: list[str]) -> tuple[list[Step], Any]:
     """Parse ``kdl pipeline`` arguments and resolve the stages."""
     from jsonargparse import ArgumentError
 
+    from kd_lightning.flags import normalize
+
     parser = build_parser()
     files = _config_files(argv)
-    try:
-        cfg = parser.parse_args(argv)
+    try:  # kd_lightning.flags: --dry_run (old spelling --dry-run) and --force are flags that also take true/false
+        cfg = parser.parse_args(normalize(argv, bools=("--dry_run", "--force")))
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     except ArgumentError as e:
         raise ConfigError(str(e).strip()) from None

@@ -25,6 +25,7 @@ from torchvision.utils import save_image
 from kd_lightning.checkpoints import check_file, trust
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes
+from kd_lightning.flags import parse_bool
 from kd_lightning.gans import labels_per_class
 
 if TYPE_CHECKING:
@@ -123,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="false: unpickle --ckpt (that file only; trust it) when it holds more than tensors and plain values",
     )
-    p.add_argument("--raw", action="store_true", help="use the raw generator instead of its EMA copy")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    # booleans follow kd_lightning.flags: a bare flag means true, and it also takes true/false
+    p.add_argument("--raw", type=parse_bool, nargs="?", const=True, default=False,
+                   help="use the raw generator instead of its EMA copy")  # fmt: skip
+    p.add_argument("--no_progress", type=parse_bool, nargs="?", const=True, default=False, help="no progress bar")
     return p
 
 

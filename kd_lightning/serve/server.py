@@ -35,6 +35,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from kd_lightning.errors import KDLError
+from kd_lightning.flags import parse_bool
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -100,15 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=_port, default=8765, help="TCP port, 0..65535 (0: any free port)")
     p.add_argument("--token", default=None, help=f"bearer token required on /query (default: ${TOKEN_ENV}, or none)")
+    # options spelt as every kdl option is (kd_lightning.flags); the dash spellings stay as aliases
     p.add_argument(
+        "--insecure_no_token",
         "--insecure-no-token",
-        action="store_true",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
         help="serve on a non-loopback --host without a token (anyone who reaches it can query the teacher)",
     )
-    p.add_argument("--max-batch", type=int, default=1024, help="most images per request (more: 413)")
-    p.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body in MiB (more: 413)")
+    p.add_argument("--max_batch", "--max-batch", type=int, default=1024, help="most images per request (more: 413)")
+    p.add_argument("--max_body_mb", "--max-body-mb", type=float, default=256.0,
+                   help="largest request body in MiB (more: 413)")  # fmt: skip
     p.add_argument("--log", default=None, help="JSON-lines log of every answered request (what was charged)")
     p.add_argument(
+        "--replay_db",
         "--replay-db",
         default=None,
         help="SQLite file of answered request ids, kept across restarts so that retries are replayed, not charged "
