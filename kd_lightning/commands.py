@@ -15,6 +15,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kd_lightning.sampling.generate:main", "build a cGAN-KD sample store (subsample, filter, relabel)"),
     "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
     "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
+    "journal": ("kd_lightning.teachers.journal_tool:main", "check or repair a black-box query journal"),
     "report": ("kd_lightning.report:main", "a table of runs (mean ± std over seeds) and learning curves"),
     "check-data": ("kd_lightning.check_data:main", "check that a recipe's dataset is on disk and loads (split sizes)"),
     "sweep": ("kd_lightning.sweep:main", "check a W&B sweep file and run its command lines here (W&B offline)"),

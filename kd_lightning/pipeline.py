@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.errors import ConfigError, KDLError, require_writable_folder
 from kd_lightning.pipeline_report import find_plots, results_table, stage_progress, stage_results
 
 if TYPE_CHECKING:
@@ -277,6 +277,8 @@ class _Resolver:
                     raise ConfigError(f"{where}: ${{{m.group(1)}}} is a {type(v).__name__}; it cannot sit inside text")
                 return _cli_value(v)
 
+            if "${" in _REF.sub("", obj):
+                raise ConfigError(f"{where}: {obj!r} has a '${{' without its closing '}}'; expected ${{name}}")
             return _REF.sub(sub, obj)
         if isinstance(obj, list):
             return [self(v, f"{where}[{i}]", refs) for i, v in enumerate(obj)]
@@ -322,7 +324,7 @@ def resolve(
         raise ConfigError("the pipeline has no stages")
     stages = [_as_stage(s) for s in stages]
     steps: dict[str, Step] = {}
-    fit_dirs: dict[str, str] = {}
+    owners: dict[str, str] = {}  # run folder -> the fit or tool stage that writes it
     for i, stage in enumerate(stages):
         where = f"stage {stage.name!r}"
         if stage.name in steps:
@@ -364,10 +366,16 @@ def resolve(
         run_dir = os.path.normpath(str(run_dir))
         artifacts: dict[str, str] = {"dir": run_dir}
         required: list[str] = []
+        # a fit or a tool command makes its run folder; validate/test/predict may join an earlier stage's folder
+        if stage.command not in TRAINER_COMMANDS[1:]:
+            if run_dir in owners:
+                verb = "fits into" if steps[owners[run_dir]].command == "fit" else "writes"
+                raise ConfigError(
+                    f"{where}: stage {owners[run_dir]!r} already {verb} {run_dir!r}; give each fit or tool "
+                    "stage its own dir"
+                )
+            owners[run_dir] = stage.name
         if stage.command == "fit":
-            if run_dir in fit_dirs:
-                raise ConfigError(f"{where}: stage {fit_dirs[run_dir]!r} already fits into {run_dir!r}")
-            fit_dirs[run_dir] = stage.name
             ckpt_dir = _get_dotted(merged, "checkpoint.dirpath") or os.path.join(run_dir, "checkpoints")
             best = _get_dotted(merged, "checkpoint.filename") or "best"
             artifacts["best"] = os.path.normpath(os.path.join(str(ckpt_dir), f"{best}.ckpt"))
@@ -862,6 +870,7 @@ class Runner:
         The fit lock (``<dir>/pipeline/fit.lock``) covers two pipelines whose stages of different names fit into
         one folder (see :meth:`_read_record`).
         """
+        require_writable_folder(step.dir, f"stage {step.name!r} dir")
         os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
         with contextlib.ExitStack() as held:
             held.enter_context(
@@ -1078,12 +1087,60 @@ def load(argv: list[str]) -> tuple[list[Step], Any]:
     from kd_lightning.flags import normalize
 
     parser = build_parser()
+    files = _config_files(argv)
     try:  # kd_lightning.flags: --dry_run (old spelling --dry-run) and --force are flags that also take true/false
         cfg = parser.parse_args(normalize(argv, bools=("--dry_run", "--force")))
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     except ArgumentError as e:
         raise ConfigError(str(e).strip()) from None
-    return resolve(list(init.stages), dict(init.vars)), init
+    except ConfigError as e:
+        raise ConfigError(f"{', '.join(files) or 'the pipeline'}: {e}") from None
+    try:
+        check_command_line_vars(argv, files, cfg)
+        return resolve(list(init.stages), dict(init.vars)), init
+    except ConfigError as e:
+        raise ConfigError(f"{', '.join(files) or 'the pipeline'}: {e}") from None
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    """The pipeline files named by ``--config`` (for messages)."""
+    found = []
+    for i, tok in enumerate(argv):
+        if tok == "--config" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif tok.startswith("--config="):
+            found.append(tok.split("=", 1)[1])
+    return found
+
+
+def check_command_line_vars(argv: list[str], files: list[str], cfg: Any) -> None:  # noqa: ANN401 - jsonargparse's
+    """Refuse ``--vars.NAME`` for a variable that the pipeline neither declares nor uses (a typo would be ignored)."""
+    given = [tok[len("--vars.") :].split("=", 1)[0] for tok in argv if tok.startswith("--vars.")]
+    if not given:
+        return
+    declared: set[str] = set()
+    for path in files:
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            with open(path) as f:
+                data = yaml.safe_load(f)
+            if isinstance(data, dict) and isinstance(data.get("vars"), dict):
+                declared |= set(data["vars"])
+    text = json.dumps([_plain_tree(cfg.get("stages")), _plain_tree(cfg.get("vars"))], default=str)
+    used = {m.group(1).strip().split(".")[0] for m in _REF.finditer(text) if m.group(1)}
+    for name in given:
+        if name not in declared and name not in used:
+            known = ", ".join(sorted(declared | used)) or "none"
+            raise ConfigError(f"--vars.{name}: the pipeline has no variable {name!r} (variables: {known})")
+
+
+def _plain_tree(value: Any) -> Any:  # noqa: ANN401 - a parsed config tree
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_tree(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,7 @@ from kd_lightning.losses.self_kd import (
     check_guide_settings,
     check_temperature,
 )
+from kd_lightning.methods.base import checked_scheduler
 from kd_lightning.methods.supervised import ImageClassifier
 
 if TYPE_CHECKING:
@@ -458,7 +459,8 @@ class SelfKD(ImageClassifier):
                 f"S_sup {path!r} is a {guide.net_name!r} but the student is net={hp.net!r}; self-distillation "
                 "needs a pre-trained copy of the same architecture"
             )
-        guide.check_compatible("classification", hp.num_classes, hp.in_channels, who=f"the student ({hp.net})")
+        who, size = f"the student ({hp.net})", hp.get("image_size")
+        guide.check_compatible("classification", hp.num_classes, hp.in_channels, who=who, image_size=size)
         return guide
 
     def trainable_parameters(self) -> Iterable[torch.Tensor]:
@@ -471,7 +473,7 @@ class SelfKD(ImageClassifier):
             optimizers.append(self.critic_optimizer_factory(self.critic.parameters()))
         if self.lr_scheduler_factory is None:
             return optimizers
-        scheduler = {"scheduler": self.lr_scheduler_factory(student), "interval": "epoch"}
+        scheduler = {"scheduler": checked_scheduler(self.lr_scheduler_factory(student)), "interval": "epoch"}
         return cast(OptimizerLRScheduler, (optimizers, [scheduler]))
 
     # ------------------------------------------------------------------ loss

@@ -21,6 +21,7 @@ naming each difference.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -511,6 +512,11 @@ def _image_size(path: str) -> int:
 
 def generate(cfg: GenerateConfig) -> tuple[SampleStore, dict[str, Any]]:
     """Write (or resume) the store ``cfg.out``; returns it and a timing summary (not stored)."""
+    from kd_lightning.fileio import folder_problem
+
+    problem = folder_problem(cfg.out)
+    if problem:  # before the models load: a wrong --out fails at once
+        raise ConfigError(f"out={cfg.out!r}: {problem}; the store needs a writable folder")
     run = Generation(cfg)
     store = SampleStore(cfg.out, run.settings())
     start = time.perf_counter()
@@ -532,6 +538,29 @@ def generate(cfg: GenerateConfig) -> tuple[SampleStore, dict[str, Any]]:
     proposed = sum(int(p.get("proposed", 0)) for p in store.manifest["progress"].values())
     burn_in = sum(int(p.get("burn_in", 0)) for p in store.manifest["progress"].values())
     return store, {"seconds": seconds, "proposed": proposed, "burn_in": burn_in}
+
+
+def os_error_line(e: OSError, out: str | None, what: str = "the store") -> str:
+    """One line for an ``OSError`` met while writing ``out``: what failed, on which file, and what to do."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    reason = e.strerror or str(e)
+    written = os.path.abspath(str(e.filename)) if e.filename else ""
+    target = os.path.abspath(out) if out else ""
+    inside = bool(written and target) and (
+        written == target
+        or written.startswith(target + os.sep)
+        or (os.path.dirname(written) == os.path.dirname(target) and os.path.basename(written).startswith(".tmp-"))
+    )
+    if e.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device while writing {what} {out!r}{where}; free some space and run the same "
+            "command again: it resumes from the last complete shard"
+        )
+    if inside:
+        return f"cannot write {what} {out!r}: {reason}{where}; name a writable folder with --out"
+    return f"{reason}{where}"
 
 
 def build_parser() -> ArgumentParser:
@@ -567,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         store, timing = generate(cfg)
     except KDLError as e:
         print(f"kdl generate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder, --out through a file
+        print(f"kdl generate: error: {os_error_line(e, args.get('out'))}", file=sys.stderr)
         return 2
     rep = store.report
     lines = [f"store {cfg.out}: {rep.get('n_accepted')} accepted, {rep.get('n_kept')} kept"]
