@@ -265,6 +265,10 @@ class KDLCLI(LightningCLI):
         if not any(isinstance(cb, ResumeState) for cb in callbacks):
             callbacks.insert(0, ResumeState(self.recipe()))
         quiet_console(callbacks)
+        eval_modules = [m for m in self.model.modules() if not m.training]
+        if eval_modules and not any(p.requires_grad for m in eval_modules for p in m.parameters()):
+            # only frozen parts (a KD teacher) are in eval mode, as they must be: Lightning's warning is not news
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for logger in trainer.loggers:
@@ -281,10 +285,6 @@ class KDLCLI(LightningCLI):
         if str(self._ckpt_path()).lower() == UNTRAINED:  # a fresh fit, as without --ckpt_path
             self.config_init[self.subcommand]["ckpt_path"] = None
         self.check_checkpoint_matches(with_data=True)
-        eval_modules = [m for m in self.model.modules() if not m.training]
-        if eval_modules and not any(p.requires_grad for m in eval_modules for p in m.parameters()):
-            # only frozen parts (a KD teacher) are in eval mode, as they must be: Lightning's warning is not news
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     def after_fit(self) -> None:
         finish_wandb_run(self.trainer)
