@@ -1,0 +1,146 @@
+"""cGAN-KD's controls and options: the oracle store, relabelling, M^g as a multiple of D^r, augmented fakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_lightning.data import AugmentedDataModule, DigitsDataModule, FilteredDataModule
+from kd_lightning.errors import ConfigError
+from kd_lightning.sampling import open_store
+from kd_lightning.sampling.generate import generate
+from kd_lightning.sampling.oracle import OracleConfig, build_oracle, held_out_indices
+from kd_lightning.sampling.oracle import main as oracle_main
+from tests.helpers import cfg, cgankd_parts
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return cgankd_parts(tmp_path_factory.mktemp("cgankd_oracle"))
+
+
+@pytest.fixture(scope="module")
+def gan_store(parts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gan_store") / "s"
+    generate(cfg(parts, out, per_class=6))
+    return out
+
+
+def real_digits(**kw: object) -> DigitsDataModule:
+    args: dict[str, object] = {"batch_size": 32, "image_size": 16, "augment": False, "train_size": 500, **kw}
+    return DigitsDataModule(**args)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def oracle_store(parts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("oracle") / "o"
+    build_oracle(
+        OracleConfig(teacher=str(parts["teacher"]), out=str(out), per_class=6, batch_size=4, shard_size=8),
+        real_digits(),
+    )
+    return out
+
+
+def _layout(root: Path) -> dict[str, object]:
+    store = open_store(root)
+    m = store.manifest
+    shard = store.read_shard(0)
+    table = store.table()
+    return {
+        "manifest": sorted(m),
+        "settings": sorted(k for k in m["settings"] if k != "oracle"),
+        "progress": sorted(next(iter(m["progress"].values()))),
+        "shard_entry": sorted(m["shards"][0]),
+        "units": sorted({s["unit"] for s in m["shards"]}),
+        "shard": {k: (v.dtype.str, v.shape[1:]) for k, v in sorted(shard.items())},
+        "table": {k: (v.dtype.str, v.shape[1:]) for k, v in sorted(table.columns.items())},
+        "report": sorted(m["report"]),
+        "files": sorted(p.name for p in root.iterdir() if not p.name.startswith("shard-")),
+    }
+
+
+def test_oracle_store_has_the_format_of_a_generated_store(gan_store: Path, oracle_store: Path) -> None:
+    assert _layout(oracle_store) == _layout(gan_store)
+    assert open_store(oracle_store).settings["oracle"]["train_size"] == 500
+
+
+def test_oracle_store_holds_held_out_real_images_with_true_labels(parts: dict[str, Path], oracle_store: Path) -> None:
+    dm = real_digits()
+    base = dm.build_dataset("train")
+    train_idx, val_idx = dm._split_indices(base)
+    store = open_store(oracle_store)
+    table = store.table()
+    index = table["proposal"]  # the image's index in the real training set
+    assert len(index) == 60 and len(set(index.tolist())) == 60
+    assert not set(index.tolist()) & (set(train_idx.tolist()) | set(val_idx.tolist()))
+    assert set(index.tolist()) <= set(held_out_indices(dm).tolist())
+    images = store.load_images()
+    for row, i in enumerate(index):
+        image, label = base[int(i)]
+        padded = torch.nn.functional.pad(image, [4, 4, 4, 4])  # 8 px digits centred on the 16 px canvas
+        assert np.array_equal(images[row], padded.numpy()) and table["label"][row] == int(label)
+    assert np.bincount(table["label"], minlength=10).tolist() == [6] * 10
+    # the same M2 as kdl generate: per-class 0.9 quantile of the teacher's CE on the true label
+    err = table["error"].astype(np.float64)
+    for c in range(10):
+        sel = table["label"] == c
+        assert table["kept"][sel].tolist() == (err[sel] <= np.quantile(err[sel], 0.9)).tolist()
+    assert (table["final_label"] == table["label"]).all()
+
+
+def test_oracle_refuses_a_pool_too_small_and_bad_input_exits_2(parts: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"only .* held-out images of class 0"):
+        build_oracle(OracleConfig(teacher=str(parts["teacher"]), out=str(tmp_path / "o"), per_class=100), real_digits())
+    argv = ["--teacher", str(parts["teacher"]), "--out", str(tmp_path / "o2"), "--per_class", "5"]
+    assert oracle_main([*argv, "--data", "DigitsDataModule", "--data.image_size", "16"]) == 2  # no subset: no pool
+    ok = [*argv, "--data", "DigitsDataModule", "--data.image_size", "16", "--data.train_size", "500"]
+    assert oracle_main(ok) == 0 and open_store(tmp_path / "o2").report["n_accepted"] == 50
+
+
+def test_relabel_gives_the_teachers_labels_and_the_default_the_stores(gan_store: Path) -> None:
+    table = open_store(gan_store).table()
+    kept = table["kept"].astype(bool)
+    teacher_labels = table["teacher"][kept].argmax(1)
+    assert (teacher_labels != table["label"][kept]).any()  # the tiny teacher disagrees somewhere
+    paper = FilteredDataModule(str(gan_store), real_digits())
+    official = FilteredDataModule(str(gan_store), real_digits(), relabel=True)
+    for dm in (paper, official):
+        dm.setup("fit")
+    assert paper.train_dataset.labels.tolist() == table["label"][kept].tolist()
+    assert official.train_dataset.labels.tolist() == teacher_labels.tolist()
+    aug = AugmentedDataModule(real_digits(), str(gan_store), relabel=True)
+    aug.setup("fit")
+    assert aug.train_dataset.datasets[1].labels.tolist() == teacher_labels.tolist()
+
+
+def test_fake_ratio_takes_a_multiple_of_the_real_set(oracle_store: Path) -> None:
+    labels = {}
+    for ratio in (0.0, 0.02, 0.1):
+        dm = AugmentedDataModule(real_digits(), str(oracle_store), filtered=False, fake_ratio=ratio)
+        dm.setup("fit")
+        assert dm.n_fake == round(ratio * dm.n_real)  # n_real: 499, the stratified subset of 500
+        labels[ratio] = dm.train_dataset.datasets[1].labels
+    assert np.bincount(labels[0.1], minlength=10).tolist() == [5] * 10  # 50 of the 60: the class shares kept
+    assert set(np.bincount(labels[0.02], minlength=10).tolist()) == {1}
+    too_many = AugmentedDataModule(real_digits(), str(oracle_store), fake_ratio=1.0)
+    with pytest.raises(ConfigError, match=r"fake_ratio=1\.0 asks for 499"):
+        too_many.setup("fit")
+
+
+def test_fake_images_get_the_real_images_augmentation(oracle_store: Path) -> None:
+    dm = AugmentedDataModule(real_digits(augment=True), str(oracle_store), filtered=False)
+    dm.setup("fit")
+    fake = dm.train_dataset.datasets[1]
+    stored = torch.from_numpy(open_store(oracle_store).load_images()[: len(fake)]).float() / 255
+    torch.manual_seed(0)
+    draws = torch.stack([fake[i]["image"] for i in range(len(fake))])
+    assert draws.shape == stored.shape
+    moved = (draws - stored).abs().flatten(1).amax(1) > 1e-3
+    assert moved.float().mean() > 0.5  # random crops moved most of them
+    plain = AugmentedDataModule(real_digits(), str(oracle_store), filtered=False)
+    plain.setup("fit")
+    again = torch.stack([plain.train_dataset.datasets[1][i]["image"] for i in range(len(fake))])
+    assert torch.allclose(again, stored, atol=1e-6)  # no augmentation: the stored image (up to x/255 rounding)
