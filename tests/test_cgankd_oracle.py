@@ -144,3 +144,67 @@ def test_fake_images_get_the_real_images_augmentation(oracle_store: Path) -> Non
     plain.setup("fit")
     again = torch.stack([plain.train_dataset.datasets[1][i]["image"] for i in range(len(fake))])
     assert torch.allclose(again, stored, atol=1e-6)  # no augmentation: the stored image (up to x/255 rounding)
+
+
+# ---------------------------------------------------------------------- a store no better than chance
+STORE_WRITER = """
+import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+consistency = float(sys.argv[sys.argv.index("--consistency") + 1])
+os.makedirs(out, exist_ok=True)
+units = [[f"class-{c}", c, 5] for c in range(10)]
+manifest = {"finished": True, "settings": {"task": "classification", "units": units},
+            "report": {"label_consistency_before": consistency, "label_consistency_after": consistency}}
+open(os.path.join(out, "manifest.json"), "w").write(json.dumps(manifest))
+"""
+
+
+@pytest.mark.parametrize("consistency", [0.084, 0.85])
+def test_pipeline_warns_loudly_when_a_store_is_no_better_than_chance(
+    consistency: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from kd_lightning import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "writer.py").write_text(STORE_WRITER)
+    monkeypatch.setenv(pipeline.LAUNCHER_ENV, f"{sys.executable} {tmp_path / 'writer.py'}")
+    (tmp_path / "pipe.yaml").write_text(
+        "stages:\n  - name: generate\n    command: generate\n    dir: runs/g\n"
+        f"    args: {{out: runs/store, consistency: {consistency}}}\n    outputs: {{store: runs/store}}\n"
+    )
+    assert pipeline.main(["--config", "pipe.yaml"]) == 0
+    err = capsys.readouterr().err
+    if consistency < 0.2:
+        assert "stage 'generate': WARNING: the store's label consistency is 8.4% before filtering" in err
+        assert "no better than 2x chance (10.0% for 10 classes)" in err
+    else:
+        assert "WARNING" not in err
+
+
+def test_kdl_generate_warns_when_the_store_is_at_chance(
+    parts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kd_lightning.sampling.consistency import chance_warning
+    from kd_lightning.sampling.generate import main as generate_main
+
+    argv = ["--generator", str(parts["gan"]), "--density_ratio", str(parts["dr"]), "--teacher", str(parts["teacher"])]
+    argv += [
+        "--out",
+        str(tmp_path / "s"),
+        "--per_class",
+        "4",
+        "--burn_in",
+        "20",
+        "--batch_size",
+        "8",
+        "--progress",
+        "false",
+    ]
+    assert generate_main(argv) == 0
+    before = open_store(tmp_path / "s").report["label_consistency_before"]
+    err = capsys.readouterr().err
+    assert ("WARNING: the store's label consistency" in err) == (before <= 0.2)
+    assert chance_warning({"label_consistency_before": 0.21}, 10) is None
+    assert chance_warning({"label_consistency_before": 0.2}, 10) is not None
