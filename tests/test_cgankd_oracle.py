@@ -208,3 +208,61 @@ def test_kdl_generate_warns_when_the_store_is_at_chance(
     assert ("WARNING: the store's label consistency" in err) == (before <= 0.2)
     assert chance_warning({"label_consistency_before": 0.21}, 10) is None
     assert chance_warning({"label_consistency_before": 0.2}, 10) is not None
+
+
+# ---------------------------------------------------------------------- the Fashion-MNIST pipeline's arms
+FM_PIPELINE = "recipes/cgankd/fashion_mnist/pipeline.yaml"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fm_steps(*extra: str) -> dict[str, object]:
+    from kd_lightning.pipeline import load
+
+    steps, _ = load(["--config", str(REPO / FM_PIPELINE), *extra])
+    return {s.name: s for s in steps}
+
+
+def _arg(step: object, key: str) -> str | None:
+    argv = step.argv  # type: ignore[attr-defined]
+    return argv[argv.index(key) + 1] if key in argv else None
+
+
+def test_fashion_pipeline_has_every_arm_with_augmentation_and_the_mg_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    steps = _fm_steps()
+    arms = ["realonly", "cgankd", "cgankd_blkd", "cgankd_relabel", "cgankd_no_m1", "cgankd_no_m2", "oracle"]
+    for arm in arms:
+        assert f"student_{arm}" in steps and f"test_{arm}" in steps
+    assert steps["oracle"].command == "oracle"
+    cgan = steps["cgan"]
+    assert _arg(cgan, "--model.init_args.diffaugment") == "color,translation,cutout"
+    assert "GANQuality" in str(_arg(cgan, "--trainer.callbacks")) and _arg(cgan, "--trainer.max_steps") == "20000"
+    for name in ("student", "blkd"):
+        assert _arg(steps[name], "--data.init_args.augment") == "true"
+    for arm in arms:
+        step = steps[f"student_{arm}"]
+        assert _arg(step, "--data.init_args.datamodule.init_args.augment") == "true"  # crop + flip on every arm
+        assert _arg(step, "--data.init_args.fake_ratio") == ("0" if arm == "realonly" else "2")
+    assert _arg(steps["student_cgankd_relabel"], "--data.init_args.relabel") == "true"
+    assert _arg(steps["student_cgankd_no_m2"], "--data.init_args.filtered") == "false"
+    assert _arg(steps["generate_no_m1"], "--subsample") == "false"
+    assert _arg(steps["student_oracle"], "--data.init_args.store") == _arg(steps["oracle"], "--out")
+    assert _arg(steps["generate"], "--per_class") == _arg(steps["oracle"], "--per_class") == "1200"
+    half = _fm_steps("--vars.m_g", "0.5", "--vars.store_per_class", "300")
+    assert _arg(half["student_oracle"], "--data.init_args.fake_ratio") == "0.5"
+    assert _arg(half["student_cgankd"], "--data.init_args.fake_ratio") == "0.5"
+    assert _arg(half["oracle"], "--per_class") == _arg(half["generate"], "--per_class") == "300"
+    assert half["student_cgankd"].dir.endswith("cgankd/mg0.5/seed0")
+
+
+def test_cgankd_docs_state_the_official_settings() -> None:
+    doc = (REPO / "docs/cgankd.md").read_text()
+    assert "fixed after the burn-in (the paper)" not in doc
+    assert "uses lambda 0.01" in doc and "adjust_True" in doc
+    assert "the evidence used 3 (below)" not in doc
+    gen = (REPO / "recipes/cgankd/fashion_mnist/generate.yaml").read_text()
+    assert "~3%" not in gen and "~20 min" not in gen and "13.4%" in gen
+    for name in ("cifar100", "utkface", "steering_angle"):
+        assert "burn-in (the paper;" not in (REPO / f"recipes/cgankd/{name}/generate.yaml").read_text()
+    pipe = (REPO / FM_PIPELINE).read_text()
+    assert "the paper's limited-data regime" not in pipe and "full CIFAR-100 / ImageNet-100" in pipe
