@@ -48,10 +48,10 @@ from kd_lightning.callbacks import (
     config_differences,
     exit_status_after_stop,
 )
-from kd_lightning.checkpoints import CONFIG_KEY, TRUST_ENV, load_checkpoint
+from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
 from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
 from kd_lightning.errors import ConfigError, KDLError
-from kd_lightning.wandb_media import wandb_loggers
+from kd_lightning.wandb_media import prepare_wandb_run, sweep_trial, wandb_loggers
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
@@ -177,14 +177,17 @@ class KDLCLI(LightningCLI):
 
         Lightning's CLI would overwrite the recipe's model section with the checkpoint's; kdl keeps the
         recipe as written, so that resuming compares like with like (:meth:`check_checkpoint_matches`).
-        ``--weights_only false`` is the user's opt-in to unpickle checkpoints they trust.
+        ``--weights_only false`` trusts this one file (a teacher or other file stays weights-only); a file
+        trusted by ``--trust`` is passed to Lightning with ``weights_only=False`` too.
         """
         sub = self.config.get("subcommand")
         cfg = self.config.get(sub, {}) if sub else {}
-        if cfg.get("weights_only") is False:
-            os.environ[TRUST_ENV] = "1"
         path = cfg.get("ckpt_path")
         if path and path not in ("last", "best", "hpc", "registry"):
+            if cfg.get("weights_only") is False:
+                trust(path)
+            elif is_trusted(path):
+                cfg["weights_only"] = False
             load_checkpoint(path, mmap=True)
 
     def before_instantiate_classes(self) -> None:
@@ -212,6 +215,9 @@ class KDLCLI(LightningCLI):
             recipes = [Path(str(p)) for p in cfg.get("config") or []]
             recipe = f"{recipes[0].parent.name}/{recipes[0].stem}" if recipes else method
             defaults = {"name": f"{method}-seed{seed}", "group": recipe, "tags": [method, f"seed{seed}", recipe]}
+            trial = sweep_trial()  # a kdl sweep trial: named by its swept values, grouped by its sweep
+            if trial is not None:
+                defaults |= {"name": trial["trial"], "group": trial["group"], "tags": [method, recipe, trial["name"]]}
             for key, value in defaults.items():  # wandb.init's own arguments, which jsonargparse exposes
                 if logger.init_args.get(key) is None:
                     logger.init_args[key] = value
@@ -246,6 +252,7 @@ class KDLCLI(LightningCLI):
                 full = _plain(self._subcommand_config())
                 full.pop("config", None)
                 logger.log_hyperparams({"kdl": full})
+        prepare_wandb_run(trainer, self.model, self.subcommand)
 
     def before_fit(self) -> None:
         self.check_checkpoint_matches(with_data=True)
@@ -270,6 +277,8 @@ class KDLCLI(LightningCLI):
         path = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
         if path is None:
             return
+        if cfg.get("weights_only") is False:  # "last"/"best" resolved: the opt-in names this file
+            trust(path)
         saved = load_checkpoint(path, mmap=True).get(CONFIG_KEY)
         if not isinstance(saved, dict):
             return
@@ -404,7 +413,7 @@ def usage() -> str:
     lines = ["kdl commands:"]
     lines += [f"  kdl {name:<14} Lightning's {name} on a recipe (--config RECIPE.yaml)" for name in TRAINER_COMMANDS]
     lines += [f"  kdl {name:<14} {helptext}" for name, (_, helptext) in TOOL_COMMANDS.items()]
-    lines.append("`kdl COMMAND --help` shows a command's options.")
+    lines.append("`kdl COMMAND --help` shows a command's options; any command takes --trust CKPT (a file you trust).")
     return "\n".join(lines)
 
 
@@ -487,6 +496,7 @@ def main(args: list[str] | None = None) -> int:
     cpu_defaults()
     command = argv[0] if argv[0] in TRAINER_COMMANDS else None
     try:
+        argv, trusted = pop_trust_args(argv)
         check_config_files(argv)
         if argv[0] in ("-h", "--help"):
             try:
@@ -494,7 +504,8 @@ def main(args: list[str] | None = None) -> int:
             finally:  # Lightning printed its help and exits: add kdl's other commands
                 print("\n" + usage())
         else:
-            build_cli(argv)
+            with trust_scope(trusted):
+                build_cli(argv)
     except SIGTERMException:
         status = exit_status_after_stop()
         name = signal.Signals(status - 128).name

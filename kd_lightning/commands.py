@@ -25,10 +25,19 @@ def run_tool_command(name: str, argv: list[str]) -> int:
     """Run one of :data:`TOOL_COMMANDS` on ``argv``."""
     import importlib
 
+    from kd_lightning.checkpoints import pop_trust_args, trust_scope
+    from kd_lightning.errors import KDLError
+
     target, _ = TOOL_COMMANDS[name]
+    try:
+        argv, trusted = pop_trust_args(argv)  # --trust PATH: the same opt-in for every command
+    except KDLError as e:
+        print(f"kdl {name}: error: {e}", file=sys.stderr)
+        return 2
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(argv) or 0)
+    with trust_scope(trusted):
+        return int(func(argv) or 0)
 
 
 def entrypoint() -> None:

@@ -983,10 +983,10 @@ def build_parser() -> ArgumentParser:
         help="pipeline variables, used as ${name}; one at a time: --vars.NAME VALUE",
     )
     p.add_argument("--stages", type=list[Stage], default=[], help="the stages, in order")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (each stage: skip or run, and why)")
+    p.add_argument("--dry_run", type=bool, default=False, help="print the plan (each stage: skip or run, and why)")
     p.add_argument("--only", type=str | None, default=None, metavar="STAGE[,STAGE]", help="run only these stages")
     p.add_argument("--from", dest="from_stage", type=str | None, default=None, metavar="STAGE", help="start here")
-    p.add_argument("--force", action="store_true", help="rerun the selected stages even when done")
+    p.add_argument("--force", type=bool, default=False, help="rerun the selected stages even when done")
     return p
 
 
@@ -1011,9 +1011,11 @@ def load(argv: list[str]) -> tuple[list[Step], Any]:
     """Parse ``kdl pipeline`` arguments and resolve the stages."""
     from jsonargparse import ArgumentError
 
+    from kd_lightning.flags import normalize
+
     parser = build_parser()
-    try:
-        cfg = parser.parse_args(argv)
+    try:  # kd_lightning.flags: --dry_run (old spelling --dry-run) and --force are flags that also take true/false
+        cfg = parser.parse_args(normalize(argv, bools=("--dry_run", "--force")))
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     except ArgumentError as e:
         raise ConfigError(str(e).strip()) from None

@@ -1,6 +1,7 @@
 """``kdl report``: a table of runs (mean ± std over seeds) and their learning curves, from run folders alone.
 
     kdl report runs/evidence/distill/*/seed* --group-by parent --out docs/distill_report.md
+    kdl report runs/sweeps/blkd_digits/sweep-*/* --group-by run        # one row per run
 
 A run folder is a ``trainer.default_root_dir``: every ``lightning_logs/version_*/`` in it is read (the
 ``fit`` version has the curves, a later ``kdl test`` version the test metrics), with the ``config.yaml``
@@ -8,6 +9,11 @@ Lightning saved beside each ``metrics.csv``. Per run, the validation metrics are
 model's monitor picks (best ``val/acc1``, else lowest ``val/mae``, else lowest ``val/loss``), which is the
 epoch ``best.ckpt`` holds; test metrics are the last ones logged. Nothing is trained and nothing is read
 from the network: it works offline on any copy of the folders.
+
+Grouping never averages runs of different recipes: the default (``method``) puts runs together only when their
+model and data sections are the same except for the seed, and names a group by its method and net plus the keys
+that tell it from its namesakes. A folder given that holds no Lightning logs at all (a sample store beside the
+runs, a notes folder) is skipped and counted; a run whose files cannot be read is an error naming the file.
 """
 
 from __future__ import annotations
@@ -86,18 +92,13 @@ def read_run(path: str | os.PathLike) -> Run:
     for version in versions:
         cfg_file = version / "config.yaml"
         if cfg_file.is_file() and not run.config:
-            run.config = yaml.safe_load(cfg_file.read_text()) or {}
-        with open(version / "metrics.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                epoch = int(float(row.get("epoch") or 0)) if row.get("epoch") not in (None, "") else 0
-                for key, text in row.items():
-                    value = _float(text) if key not in ("epoch", "step") else None
-                    if value is None:
-                        continue
-                    if key.startswith("test/"):
-                        run.test[key] = value
-                    elif key.startswith("val/"):
-                        run.curves.setdefault(key, []).append((epoch, value))
+            run.config = _read_config(cfg_file)
+        _read_metrics(version / "metrics.csv", run)
+    if not run.config and (path / "config.yaml").is_file():  # a W&B-first run: Lightning saved it in the logger's dir
+        run.config = _read_config(path / "config.yaml")
+    if not run.curves and not run.test:
+        files = ", ".join(repr(str(v / "metrics.csv")) for v in versions)
+        raise ConfigError(f"run folder {str(path)!r}: {files} hold(s) no numeric val/ or test/ metrics (empty?)")
     for monitor, pick in MONITORS:
         if run.curves.get(monitor):
             best_epoch = pick(run.curves[monitor], key=lambda ev: ev[1])[0]
@@ -109,14 +110,108 @@ def read_run(path: str | os.PathLike) -> Run:
     return run
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` as a mapping; a clear error when it is not YAML or not a mapping."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{str(path)!r} is not valid YAML{at}; expected the config Lightning saved") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{str(path)!r} holds a {type(config).__name__}; expected the config mapping Lightning saved")
+    return config
+
+
+def _read_metrics(path: Path, run: Run) -> None:
+    """Add the ``val/`` curves and the ``test/`` values of one ``metrics.csv`` to ``run``."""
+    try:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                epoch_text = row.get("epoch")
+                epoch_value = _float(epoch_text) if epoch_text not in (None, "") else 0.0
+                epoch = int(epoch_value) if epoch_value is not None else 0
+                for key, text in row.items():
+                    value = _float(text) if key not in (None, "epoch", "step") else None
+                    if value is None or not isinstance(key, str):
+                        continue
+                    if key.startswith("test/"):
+                        run.test[key] = value
+                    elif key.startswith("val/"):
+                        run.curves.setdefault(key, []).append((epoch, value))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{str(path)!r} is not a CSV metrics file: {e}") from None
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder with a ``lightning_logs`` folder (a run, finished or not)."""
+    return (Path(path) / "lightning_logs").is_dir()
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:  # noqa: ANN401 - a config tree
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out |= _flat(v, f"{prefix}{k}.")
+        return out
+    if isinstance(tree, list):
+        out = {}
+        for i, v in enumerate(tree):
+            out |= _flat(v, f"{prefix}{i}.")
+        return out or {prefix[:-1]: "[]"}
+    return {prefix[:-1]: tree}
+
+
+def recipe_identity(run: Run) -> dict[str, Any]:
+    """The run's model and data settings, flattened (``model.init_args.net`` -> value): what seeds share."""
+    return {k: v for k, v in _flat({s: run.config.get(s) for s in ("model", "data")}).items()}
+
+
+def _short(key: str) -> str:
+    """``model.init_args.kd_losses.0.init_args.T`` -> ``T``: the last part that is not a list index."""
+    parts = [p for p in key.split(".") if not p.isdigit() and p != "init_args"]
+    return parts[-1] if parts else key
+
+
+def group_runs(runs: list[Run], by: str) -> dict[str, list[Run]]:
+    """The runs grouped under ``by`` (see :func:`group_key`), groups and members in the order first seen.
+
+    ``method`` first groups by method and net, then splits a group whose model or data settings differ other than
+    by seed, naming each part by the keys that differ (``DistillModule[BLKD] resnet8 (T=2)``).
+    """
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(group_key(run, by), []).append(run)
+    if by != "method":
+        return groups
+    out: dict[str, list[Run]] = {}
+    for name, members in groups.items():
+        identities = [recipe_identity(r) for r in members]
+        keys = sorted({k for ident in identities for k in ident})
+        differing = [k for k in keys if len({repr(ident.get(k)) for ident in identities}) > 1]
+        if not differing:
+            out[name] = members
+            continue
+        for run, ident in zip(members, identities):
+            label = ", ".join(f"{_short(k)}={ident.get(k)}" for k in differing)
+            out.setdefault(f"{name} ({label})", []).append(run)
+    return out
+
+
 def group_key(run: Run, by: str) -> str:
     """Return the group of ``run`` under ``by``.
 
-    ``by`` is ``method`` (model class and KD losses), ``parent`` (the run folder's parent's name), ``none``,
-    or a dotted config key such as ``model.init_args.net``.
+    ``by`` is ``method`` (model class, KD losses and net; :func:`group_runs` splits it further by recipe),
+    ``run`` (the run folder itself), ``parent`` (the run folder's parent's name), ``none``, or a dotted config key
+    such as ``model.init_args.net``.
     """
     if by == "method":
-        return run.method()
+        net = ((run.config.get("model") or {}).get("init_args") or {}).get("net")
+        return f"{run.method()} {net}" if isinstance(net, str) else run.method()
+    if by == "run":
+        return str(run.path)
     if by == "parent":
         return run.path.resolve().parent.name
     if by == "none":
@@ -142,9 +237,7 @@ def mean_std(values: list[float]) -> str:
 
 def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
     """The markdown table: one row per group, mean ± std over its runs for every metric."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(group_key(run, by), []).append(run)
+    groups = group_runs(runs, by)
     if metrics is None:
         val = sorted({k for r in runs for k in r.selected if k != "val/epoch"})
         test = sorted({k for r in runs for k in r.test})
@@ -164,10 +257,11 @@ def table(runs: list[Run], by: str, metrics: list[str] | None = None) -> str:
 def group_curves(runs: list[Run], by: str, metric: str) -> dict[str, dict[int, list[float]]]:
     """``group -> epoch -> [value of each run]`` of ``metric`` (scaled to % where it is a rate), in run order."""
     out: dict[str, dict[int, list[float]]] = {}
-    for run in runs:
-        points = dict(run.curves.get(metric) or [])  # the last value logged at an epoch wins
-        for epoch, value in points.items():
-            out.setdefault(group_key(run, by), {}).setdefault(epoch, []).append(_scale(metric) * value)
+    for name, members in group_runs(runs, by).items():
+        for run in members:
+            points = dict(run.curves.get(metric) or [])  # the last value logged at an epoch wins
+            for epoch, value in points.items():
+                out.setdefault(name, {}).setdefault(epoch, []).append(_scale(metric) * value)
     return out
 
 
@@ -222,41 +316,104 @@ def plot_curves(runs: list[Run], by: str, metric: str, path: str | os.PathLike) 
 
 
 def build_parser() -> ArgumentParser:
-    """Build ``kdl report``'s argument parser."""
+    """Build ``kdl report``'s argument parser (flags in :mod:`kd_lightning.flags`' convention)."""
     p = ArgumentParser(prog="kdl report", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("runs", nargs="+", type=str, help="run folders (trainer.default_root_dir of each run)")
-    p.add_argument("--group-by", "--group_by", dest="group_by", type=str, default="method",
-                   help="method, parent, none, or a dotted config key (e.g. model.init_args.net)")  # fmt: skip
+    p.add_argument("--group_by", type=str, default="method",
+                   help="method (same recipe but the seed), run (one row per run), parent, none, "
+                        "or a dotted config key (e.g. model.init_args.net)")  # fmt: skip
     p.add_argument("--metrics", type=str, default=None, help="comma-separated metrics (default: all val/ and test/)")
-    p.add_argument("--out", type=str, default=None, help="write the table here (markdown) and the curves beside it")
+    p.add_argument("--out", type=str, default=None,
+                   help="write the table (markdown) and its curves beside it; creates at most one folder")  # fmt: skip
     p.add_argument("--title", type=str, default="", help="a line above the table (budget, seeds, data ...)")
-    p.add_argument("--quiet", type=bool, default=False, help="no progress output")
+    p.add_argument("--quiet", type=bool, default=False, help="no progress output (a flag; also takes true/false)")
     return p
+
+
+#: old spellings still accepted
+ALIASES = {"--group-by": "--group_by"}
+
+
+def read_runs(folders: list[str], quiet: bool = True) -> tuple[list[Run], list[str]]:
+    """The runs of ``folders`` and the folders skipped because they hold no Lightning logs (not runs).
+
+    A path that does not exist is an error (a typo); a file or a folder without ``lightning_logs`` is skipped; a
+    run whose logs cannot be read is an error naming the file. No run at all is an error too.
+    """
+    from tqdm.auto import tqdm
+
+    runs, skipped = [], []
+    for folder in tqdm(folders, desc="reading runs", unit="run", disable=quiet):
+        if Path(folder).exists() and not is_run_folder(folder):
+            skipped.append(folder)
+            continue
+        runs.append(read_run(folder))
+    if not runs:
+        names = ", ".join(repr(f) for f in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        raise ConfigError(
+            f"no run among {len(skipped)} path(s) ({names}): each has no lightning_logs/version_*/metrics.csv; "
+            "expected trainer.default_root_dir folders"
+        )
+    return runs, skipped
+
+
+def output_path(out: str) -> Path:
+    """``--out``'s file; its folder is created only when that folder's parent exists (never a whole tree)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out!r} is a folder; expected a markdown file name (e.g. {out}/report.md)")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        if folder.exists():
+            raise ConfigError(f"--out {out!r}: {str(folder)!r} is a file, not a folder")
+        if not folder.parent.is_dir():
+            raise ConfigError(f"--out {out!r}: folder {str(folder.parent)!r} does not exist; create it first "
+                              "(kdl report creates only the last folder of --out)")  # fmt: skip
+        try:
+            folder.mkdir()
+        except OSError as e:
+            raise ConfigError(f"--out {out!r}: cannot create folder {str(folder)!r}: {e.strerror}") from None
+    return path
+
+
+def write_report(runs: list[Run], by: str, text: str, out: str) -> str:
+    """Write ``text`` and the curves of the first monitor to ``out``; return the text with the figure linked."""
+    path = output_path(out)
+    try:
+        for m in [m for m, _ in MONITORS if any(r.curves.get(m) for r in runs)][:1]:
+            png = path.with_name(f"{path.stem}_{m.replace('/', '_')}.png")
+            if plot_curves(runs, by, m, png):
+                text += f"\n\n![{m} per epoch]({png.name})"
+        atomic_write_bytes(path, (text + "\n").encode())
+    except OSError as e:
+        raise ConfigError(f"--out {out!r}: cannot write there: {e.strerror or e}") from None
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``kdl report``; return the exit status."""
+    from kd_lightning.flags import normalize
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(normalize(argv, bools=["--quiet"], aliases=ALIASES))
     except Exception as e:  # noqa: BLE001 - jsonargparse reports usage errors as exceptions here
         print(f"kdl report: error: {e}", file=sys.stderr)
         return 2
     try:
-        from tqdm.auto import tqdm
-
-        runs = [read_run(f) for f in tqdm(args.runs, desc="reading runs", unit="run", disable=args.quiet)]
+        runs, skipped = read_runs(args.runs, quiet=args.quiet)
+        if skipped:
+            shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+            print(
+                f"kdl report: skipped {len(skipped)} path(s) that are not runs (no lightning_logs): {shown}",
+                file=sys.stderr,
+            )
         metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
         text = table(runs, args.group_by, metrics)
         if args.title:
             text = f"{args.title}\n\n{text}"
         if args.out:
-            out = Path(args.out)
-            monitors = [m for m, _ in MONITORS if any(r.curves.get(m) for r in runs)][:1]
-            for m in monitors:
-                png = out.with_name(f"{out.stem}_{m.replace('/', '_')}.png")
-                if plot_curves(runs, args.group_by, m, png):
-                    text += f"\n\n![{m} per epoch]({png.name})"
-            atomic_write_bytes(out, (text + "\n").encode())
+            text = write_report(runs, args.group_by, text, args.out)
         print(text)
     except KDLError as e:
         print(f"kdl report: error: {e}", file=sys.stderr)

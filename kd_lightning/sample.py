@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torchvision.utils import save_image
 
-from kd_lightning.checkpoints import TRUST_ENV
+from kd_lightning.checkpoints import check_file, trust
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes
+from kd_lightning.flags import parse_bool
 from kd_lightning.gans import labels_per_class
 
 if TYPE_CHECKING:
@@ -121,19 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights_only",
         type=lambda v: str(v).lower() not in ("false", "0", "no"),
         default=True,
-        help="false: unpickle a checkpoint you trust that holds more than tensors and plain values",
+        help="false: unpickle --ckpt (that file only; trust it) when it holds more than tensors and plain values",
     )
-    p.add_argument("--raw", action="store_true", help="use the raw generator instead of its EMA copy")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    # booleans follow kd_lightning.flags: a bare flag means true, and it also takes true/false
+    p.add_argument("--raw", type=parse_bool, nargs="?", const=True, default=False,
+                   help="use the raw generator instead of its EMA copy")  # fmt: skip
+    p.add_argument("--no_progress", type=parse_bool, nargs="?", const=True, default=False, help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``kdl sample``; return the exit status."""
     args = build_parser().parse_args(argv)
-    if not args.weights_only:
-        os.environ[TRUST_ENV] = "1"
     try:
+        if not args.weights_only:
+            trust(check_file(args.ckpt))  # this file only
         from kd_lightning.methods.gan import load_gan
 
         device = resolve_device(args.device)

@@ -24,30 +24,41 @@
 # - the density ratios of accepted vs rejected proposals, with each class's M;
 # - the teacher's cross-entropy per class, kept vs dropped, with the cut-off (cGAN-KD Fig. 8).
 #
-# Inputs (environment variables): `KDL_STORE`, the store folder (default: the Fashion-MNIST store of 100
-# accepted samples per class whose outputs are committed here, `/work/runs/i12/fmnist/quality100/store`,
-# written with `keep_rejected: true`); `KDL_GRID_N`, samples per class in the grids (default 10).
-# `tests/test_notebooks.py` runs this notebook from its text twin (`explore_samples.py`) on a tiny store.
+# Inputs: the parameters cell below (papermill: `-p STORE runs/cgankd/digits/store`), or the environment
+# variables of the same names with a `KDL_` prefix: `STORE` (`KDL_STORE`), the store folder (default
+# `runs/cgankd/digits/store`, what `kdl pipeline --config recipes/cgankd/digits/pipeline.yaml` writes; a store
+# written with `keep_rejected: true` also shows the rejected proposals); `GRID_N` (`KDL_GRID_N`), samples per class
+# in the grids (default 10). A relative path is resolved against the project root (`$KDL_PROJECT_ROOT`, else this
+# repository), not the kernel's folder; a folder without a store is an error that names it. The committed outputs
+# come from the Fashion-MNIST store of docs/cgankd.md (100 accepted samples per class). `tests/test_notebooks.py`
+# runs this notebook with papermill, from another working directory, on a tiny store.
+
+# %% tags=["parameters"]
+import os
+
+STORE = os.environ.get("KDL_STORE", "runs/cgankd/digits/store")
+GRID_N = int(os.environ.get("KDL_GRID_N", "10"))
 
 # %%
-import os
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 
+from kd_lightning.paths import project_root, resolve
 from kd_lightning.sampling import open_store
 
-STORE = Path(os.environ.get("KDL_STORE", "/work/runs/i12/fmnist/quality100/store"))
-GRID_N = int(os.environ.get("KDL_GRID_N", "10"))
-
-store = open_store(STORE)  # a finished store; every shard and the table are checked against their SHA-256
+store_dir = resolve(STORE)
+if not (store_dir / "manifest.json").is_file():
+    raise FileNotFoundError(
+        f"no sample store at {str(store_dir)!r} (STORE={STORE!r}, relative paths resolved against {project_root()}); "
+        "run the cGAN-KD pipeline (kdl pipeline --config recipes/cgankd/digits/pipeline.yaml) or set STORE / KDL_STORE"
+    )
+store = open_store(store_dir)  # a finished store; every shard and the table are checked against their SHA-256
 table = store.table()
 report = store.report
 settings = store.settings
 if settings["task"] != "classification":
-    raise ValueError(f"{STORE} holds a {settings['task']} store; this notebook explores class-conditional stores")
-print(f"{STORE}: {len(table)} rows, task {settings['task']}, rho {settings['rho']}, seed {settings['seed']}")
+    raise ValueError(f"{store_dir} holds a {settings['task']} store; this notebook explores class-conditional stores")
+print(f"{store_dir}: {len(table)} rows, task {settings['task']}, rho {settings['rho']}, seed {settings['seed']}")
 print(f"columns: {', '.join(table.columns)}")
 
 # %%

@@ -22,22 +22,35 @@
 # - a t-SNE of the penultimate features of the teacher and of every student (AI-KD's Fig. 6);
 # - one student's confusion matrix, reliability diagram and the test images where it and the teacher disagree.
 #
-# Inputs (environment variables; the defaults are the runs whose outputs are committed with this notebook):
+# Inputs: the parameters cell below (papermill: `-p STUDENTS runs/demo/student_nokd,runs/demo/student_blkd`), or
+# the environment variables of the same names with a `KDL_` prefix:
 #
-# - `KDL_TEACHER`: the teacher's checkpoint (default `/work/runs/i15/teacher_resnet20_i12.ckpt`);
-# - `KDL_STUDENTS`: comma-separated student run folders, each with `checkpoints/best.ckpt` (default: the
-#   Fashion-MNIST NOKD, AB, ReviewKD and SimKD runs `/work/runs/i15/evidence/*/seed0`);
-# - `KDL_DATA`: a folder with the four Fashion-MNIST idx files (default `/usr/share/datasets/fashion-mnist`);
-# - `KDL_TSNE_N`: test images in the t-SNE (default 2000);
-# - `KDL_OUT`: where figure files go (the reliability diagram; default a temporary folder).
+# - `TEACHER` (`KDL_TEACHER`): the teacher's checkpoint (default `runs/demo/teacher/checkpoints/best.ckpt`, what
+#   `make demo` writes);
+# - `STUDENTS` (`KDL_STUDENTS`): comma-separated student run folders, each with `checkpoints/best.ckpt` (default
+#   `runs/demo/student_nokd,runs/demo/student_blkd`);
+# - `DATA` (`KDL_DATA`): a folder with the four Fashion-MNIST idx files (default `/usr/share/datasets/fashion-mnist`,
+#   where Debian's `dataset-fashion-mnist` puts them);
+# - `TSNE_N` (`KDL_TSNE_N`): test images in the t-SNE (default 2000);
+# - `OUT` (`KDL_OUT`): where figure files go (the reliability diagram; default a temporary folder).
 #
-# After `make demo`: `KDL_TEACHER=runs/demo/teacher/checkpoints/best.ckpt
-# KDL_STUDENTS=runs/demo/student_nokd,runs/demo/student_blkd`. A student's name is its folder's name (the parent's
-# for a `seed*` folder); the last student is the one examined in detail. `tests/test_notebooks.py` runs this
-# notebook from its text twin (`explore_student.py`) against tiny checkpoints and fake data.
+# A relative path is resolved against the project root (`$KDL_PROJECT_ROOT`, else this repository), not the
+# kernel's folder; a missing checkpoint is an error that names it. A student's name is its folder's name (the
+# parent's for a `seed*` folder); the last student is the one examined in detail. The committed outputs come from
+# a resnet20 teacher and resnet8 NOKD, AB, ReviewKD and SimKD students (Fashion-MNIST, 5,000 training images).
+# `tests/test_notebooks.py` runs this notebook with papermill, from another working directory, against tiny
+# checkpoints and fake data.
+
+# %% tags=["parameters"]
+import os
+
+TEACHER = os.environ.get("KDL_TEACHER", "runs/demo/teacher/checkpoints/best.ckpt")
+STUDENTS = os.environ.get("KDL_STUDENTS", "runs/demo/student_nokd,runs/demo/student_blkd")
+DATA = os.environ.get("KDL_DATA", "/usr/share/datasets/fashion-mnist")
+TSNE_N = int(os.environ.get("KDL_TSNE_N", "2000"))
+OUT = os.environ.get("KDL_OUT", "")
 
 # %%
-import os
 import tempfile
 from pathlib import Path
 
@@ -49,20 +62,19 @@ from sklearn.manifold import TSNE
 from kd_lightning.callbacks.calibration import per_class_accuracy
 from kd_lightning.data import FashionMNISTDataModule
 from kd_lightning.metrics.calibration import classification_summary, fit_temperature, plot_reliability_diagram
+from kd_lightning.paths import expand, project_root, resolve
 from kd_lightning.teachers import FrozenTeacher
 
-EVIDENCE = "/work/runs/i15/evidence"
-TEACHER = Path(os.environ.get("KDL_TEACHER", "/work/runs/i15/teacher_resnet20_i12.ckpt"))
-STUDENTS = [
-    Path(p)
-    for p in os.environ.get(
-        "KDL_STUDENTS", ",".join(f"{EVIDENCE}/{m}/seed0" for m in ("NOKD", "AB", "ReviewKD", "SimKD"))
-    ).split(",")
-]
-DATA = os.environ.get("KDL_DATA", "/usr/share/datasets/fashion-mnist")
-TSNE_N = int(os.environ.get("KDL_TSNE_N", "2000"))
-OUT = Path(os.environ.get("KDL_OUT") or tempfile.mkdtemp(prefix="explore_student_"))
 CLASSES = FashionMNISTDataModule.classes
+teacher_ckpt = resolve(TEACHER)
+student_dirs = expand(STUDENTS)
+out_dir = resolve(OUT) if OUT else Path(tempfile.mkdtemp(prefix="explore_student_"))
+missing = [str(p) for p in (teacher_ckpt, *(s / "checkpoints" / "best.ckpt" for s in student_dirs)) if not p.is_file()]
+if missing or not student_dirs:
+    raise FileNotFoundError(
+        f"checkpoint(s) not found (relative paths resolved against {project_root()}): {', '.join(missing) or 'none'}; "
+        f"students: {STUDENTS!r}. Run `make demo`, or set TEACHER / STUDENTS (KDL_TEACHER / KDL_STUDENTS)"
+    )
 
 
 def run_name(folder: Path) -> str:
@@ -70,8 +82,8 @@ def run_name(folder: Path) -> str:
 
 
 # FrozenTeacher loads any kdl checkpoint (students too) with its normalisation, frozen and in eval mode
-models = {"teacher": FrozenTeacher.from_checkpoint(TEACHER)}
-models |= {run_name(s): FrozenTeacher.from_checkpoint(s / "checkpoints" / "best.ckpt") for s in STUDENTS}
+models = {"teacher": FrozenTeacher.from_checkpoint(teacher_ckpt)}
+models |= {run_name(s): FrozenTeacher.from_checkpoint(s / "checkpoints" / "best.ckpt") for s in student_dirs}
 NAMES = list(models)
 FOCUS = NAMES[-1]
 for name, model in models.items():
@@ -79,7 +91,7 @@ for name, model in models.items():
 
 # %%
 # the same validation split as training (val_fraction 0.1, seed 0): used only to fit the temperature
-dm = FashionMNISTDataModule(root=DATA, image_size=32, eval_batch_size=500)
+dm = FashionMNISTDataModule(root=str(resolve(DATA)), image_size=32, eval_batch_size=500)
 dm.setup("fit")
 dm.setup("test")
 
@@ -201,7 +213,11 @@ plt.show()
 
 # %%
 png = plot_reliability_diagram(
-    test[FOCUS], labels, summary[FOCUS]["temperature"], OUT / f"{FOCUS}_reliability.png", title=f"{FOCUS}, test split"
+    test[FOCUS],
+    labels,
+    summary[FOCUS]["temperature"],
+    out_dir / f"{FOCUS}_reliability.png",
+    title=f"{FOCUS}, test split",
 )
 plt.figure(figsize=(8, 4))
 plt.imshow(plt.imread(png))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import signal
 import stat
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint
+from kd_lightning.checkpoints import TRUST_ENV, load_checkpoint, trust_scope
+from kd_lightning.errors import CheckpointError
 from tests.helpers import QUIET_TRAINER, RECIPES, REPO
 
 STUDENT = str(RECIPES / "digits/student.yaml")
@@ -186,6 +188,7 @@ def test_catalogue_size() -> None:
 # ---------------------------------------------------------------------------------------------- cases with set-up
 MORE_CASES = (
     "test_untrusted_checkpoint_is_refused_and_runs_nothing",
+    "test_legacy_and_plain_pickle_checkpoints_say_what_they_are",
     "test_explicit_checkpoint_path_resumes_with_the_same_recipe",
     "test_resume_into_another_net_is_refused_even_when_allowed",
     "test_disk_full_while_saving_says_so_and_keeps_last",
@@ -200,27 +203,76 @@ def trained(kdl, tmp_path: Path, monkeypatch) -> Path:
     return tmp_path / "run" / "checkpoints" / "last.ckpt"
 
 
-def test_untrusted_checkpoint_is_refused_and_runs_nothing(kdl, capsys, tmp_path: Path, trained: Path) -> None:
+def test_untrusted_checkpoint_is_refused_and_runs_nothing(
+    kdl, capsys, tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt = torch.load(trained, weights_only=True)
     ckpt["payload"] = Evil()
     torch.save(ckpt, tmp_path / "evil.ckpt")
+    pwned = tmp_path / "pwned"
+    own = ["--ckpt_path", str(trained)]  # the run's own checkpoint
     capsys.readouterr()
     for args in (
+        # trusting the run's own checkpoint trusts that file only, not a teacher given in the same command
+        ["test", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt", *own, "--weights_only", "false"],
+        ["fit", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt", "--trust", str(trained)],
         ["test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt"],
         ["fit", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt"],
         ["fit", "--config", BLKD, *TINY, "--model.init_args.teacher", "evil.ckpt"],
+        ["serve-teacher", "--ckpt", "evil.ckpt"],
     ):
-        assert kdl(*args) == 2
+        assert kdl(*args) == 2, args
         err = capsys.readouterr().err
-        assert "'evil.ckpt' holds more than tensors" in err and "--weights_only false" in err, err
+        assert not pwned.exists(), args
+        assert "'evil.ckpt' holds more than tensors" in err and "--trust evil.ckpt" in err, err
         assert "posix.system" in err or "os.system" in err
-        assert not (tmp_path / "pwned").exists()
-    # a user who trusts the file opts in, and then it loads (and its code runs, as they accepted)
-    os.environ[TRUST_ENV] = "1"
-    try:
+        assert "Traceback" not in err
+    # the old process-wide switch trusts nothing now, and says so
+    monkeypatch.setenv(TRUST_ENV, "1")
+    assert kdl("test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt") == 2
+    assert f"{TRUST_ENV}=1 no longer trusts every file" in capsys.readouterr().err
+    assert not pwned.exists()
+    monkeypatch.delenv(TRUST_ENV)
+    # a user who trusts the file names it, and then it loads (and its code runs, as they accepted)
+    for args in (
+        ["test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt", "--weights_only", "false"],
+        ["test", "--config", STUDENT, *TINY, "--ckpt_path", "evil.ckpt", "--trust", "evil.ckpt"],
+    ):
+        assert kdl(*args) == 0, capsys.readouterr().err
+        assert pwned.exists(), args
+        pwned.unlink()
+    with trust_scope([tmp_path / "evil.ckpt"]):
         assert load_checkpoint(tmp_path / "evil.ckpt")["global_step"] > 0
-    finally:
-        del os.environ[TRUST_ENV]
+    pwned.unlink()
+    monkeypatch.setenv(TRUST_ENV, os.pathsep.join(["other.ckpt", str(tmp_path / "evil.ckpt")]))  # scoped: paths
+    assert load_checkpoint("evil.ckpt")["global_step"] > 0
+    pwned.unlink()
+    monkeypatch.delenv(TRUST_ENV)
+    with pytest.raises(CheckpointError, match="holds more than tensors"):  # the scopes ended: refused again
+        load_checkpoint(tmp_path / "evil.ckpt")
+    assert kdl("test", "--config", STUDENT, "--trust", "nope.ckpt") == 2
+    assert "--trust 'nope.ckpt' does not exist" in capsys.readouterr().err
+
+
+def test_legacy_and_plain_pickle_checkpoints_say_what_they_are(kdl, capsys, tmp_path: Path, trained: Path) -> None:
+    ckpt = torch.load(trained, weights_only=True)
+    torch.save(ckpt, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)  # PyTorch's pre-1.6 format
+    torch.save({**ckpt, "payload": Evil()}, tmp_path / "old_evil.ckpt", _use_new_zipfile_serialization=False)
+    with open(tmp_path / "plain.ckpt", "wb") as f:
+        pickle.dump(ckpt, f)
+    test = ["test", "--config", STUDENT, *TINY, "--ckpt_path"]
+    capsys.readouterr()
+    assert kdl(*test, "old.ckpt") == 0, capsys.readouterr().err  # safe: it loads (not memory-mapped)
+    assert kdl(*test, "old_evil.ckpt") == 2
+    err = capsys.readouterr().err
+    assert "'old_evil.ckpt' (PyTorch's legacy pre-1.6 format) holds more than tensors" in err, err
+    assert "--trust old_evil.ckpt" in err and "mmap" not in err and not (tmp_path / "pwned").exists()
+    assert kdl(*test, "old_evil.ckpt", "--weights_only", "false") == 0, capsys.readouterr().err  # trusted: loads
+    assert (tmp_path / "pwned").exists()
+    assert kdl(*test, "plain.ckpt") == 2
+    err = capsys.readouterr().err
+    assert "'plain.ckpt' cannot be read: it is a plain Python pickle, not a torch.save file" in err, err
+    assert "torch.save(pickle.load(" in err and "Traceback" not in err and "mmap" not in err
 
 
 def test_explicit_checkpoint_path_resumes_with_the_same_recipe(kdl, capsys, trained: Path) -> None:

@@ -186,7 +186,7 @@ def test_regression_distils_with_feature_losses_and_refuses_logit_losses(
     # built in Python, its hyper-parameters hold the loss objects: reading it back needs the user's trust
     with pytest.raises(CheckpointError, match="holds more than tensors and plain values"):
         FrozenTeacher.from_checkpoint(tmp_path / "student.ckpt")
-    monkeypatch.setenv(TRUST_ENV, "1")
+    monkeypatch.setenv(TRUST_ENV, str(tmp_path / "student.ckpt"))  # trust names the file
     again = FrozenTeacher.from_checkpoint(tmp_path / "student.ckpt")
     assert again.task == "regression" and again.num_classes is None
 

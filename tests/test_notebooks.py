@@ -1,5 +1,7 @@
 """The notebooks: each .ipynb has a jupytext twin (py:percent) with the same cells, and each runs from its twin in
-a real Jupyter kernel (nbclient) on tiny artifacts built here, into tmp_path (the committed outputs stay as they are).
+a real Jupyter kernel under papermill (its parameters cell given relative paths, resolved against the project root
+the test sets, from another working directory) on tiny artifacts built here, into tmp_path (the committed outputs
+stay as they are).
 
 Re-execute a notebook on the real artifacts and update its committed .ipynb (outputs included):
 
@@ -14,6 +16,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,6 @@ import numpy as np
 import pytest
 import torch
 from jupytext.compare import compare_notebooks
-from nbclient import NotebookClient
 
 from tests.conftest import REPO, make_fake_mnist
 from tests.helpers import write_teacher
@@ -32,20 +34,31 @@ NOTEBOOKS = REPO / "notebooks"
 PROBE = "__probe__"
 
 
-def execute(source: Path, cwd: Path, probe: str | None = None, timeout: int | None = 900) -> nbformat.NotebookNode:
-    """Run the notebook read from ``source`` (its .py twin or the .ipynb) cell by cell in a fresh python3 kernel.
+def execute(
+    source: Path,
+    cwd: Path,
+    probe: str | None = None,
+    parameters: dict[str, Any] | None = None,
+    timeout: int | None = 900,
+) -> nbformat.NotebookNode:
+    """Run the notebook read from ``source`` (its .py twin or the .ipynb) with papermill in a fresh python3 kernel.
 
+    The kernel starts in ``cwd``; ``parameters`` go into a cell after the notebook's ``parameters`` cell.
     ``probe``: code appended as a last cell; what it prints after ``__probe__`` is JSON the test reads back.
-    The kernel inherits this process's environment (the notebooks' KDL_* inputs, MPLBACKEND).
+    The kernel inherits this process's environment (KDL_PROJECT_ROOT, MPLBACKEND).
     """
+    papermill = pytest.importorskip("papermill", reason="pip install -e '.[test]' (papermill runs the notebooks)")
     nb = jupytext.read(source)
     if probe is not None:
         nb.cells.append(nbformat.v4.new_code_cell(f"import json as _json\nprint({PROBE!r} + _json.dumps({probe}))"))
-    client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", record_timing=False, resources={"metadata": {"path": str(cwd)}}
-    )
-    client.execute()
-    return nb
+    with tempfile.TemporaryDirectory() as tmp:
+        path, out = Path(tmp) / source.with_suffix(".ipynb").name, Path(tmp) / "executed.ipynb"
+        nbformat.write(nb, path)
+        papermill.execute_notebook(
+            str(path), str(out), parameters=parameters or {}, cwd=str(cwd), kernel_name="python3",
+            progress_bar=False, execution_timeout=timeout,
+        )  # fmt: skip
+        return nbformat.read(out, as_version=4)
 
 
 def probed(nb: nbformat.NotebookNode) -> dict[str, Any]:
@@ -59,14 +72,21 @@ def outputs(nb: nbformat.NotebookNode, mime: str) -> list[Any]:
 
 @pytest.fixture
 def run_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Execute a notebook's text twin into tmp_path; the committed .ipynb files must not change."""
+    """Execute a notebook's text twin with papermill, its project root tmp_path and its working directory another
+    folder (tmp_path/elsewhere), so that relative parameters only work when resolved against the project root; the
+    committed .ipynb files must not change."""
     # headless: matplotlib's inline backend (Agg rendering to PNG outputs); plain "Agg" would show no figure at all
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("KDL_PROJECT_ROOT", str(tmp_path))
+    for name in [k for k in os.environ if k.startswith("KDL_") and k != "KDL_PROJECT_ROOT"]:
+        monkeypatch.delenv(name)  # the parameters alone say what the notebook reads
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in NOTEBOOKS.iterdir()}
 
-    def run(name: str, probe: str) -> nbformat.NotebookNode:
-        nb = execute(NOTEBOOKS / f"{name}.py", tmp_path, probe)
+    def run(name: str, probe: str, **parameters: Any) -> nbformat.NotebookNode:
+        nb = execute(NOTEBOOKS / f"{name}.py", elsewhere, probe, parameters)
         nbformat.write(nb, tmp_path / f"{name}.ipynb")
         return nb
 
@@ -129,16 +149,20 @@ def test_explore_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_no
         torch.manual_seed(i)
         write_teacher(folder / "checkpoints" / "best.ckpt", 10, 1, 32, (0.2860,), (0.3530,))
     data = make_fake_mnist(tmp_path / "data", n_train=100, n_test=40)
-    monkeypatch.setenv("KDL_TEACHER", str(folders["teacher"] / "checkpoints" / "best.ckpt"))
-    monkeypatch.setenv("KDL_STUDENTS", f"{folders['NOKD']},{folders['blkd']}")
-    monkeypatch.setenv("KDL_DATA", str(data))
-    monkeypatch.setenv("KDL_OUT", str(tmp_path / "out"))
     probe = (
         "{'names': NAMES, 'focus': FOCUS, 'labels': labels.tolist(), 'summary': summary, 'per_class': per_class,"
         " 'pred': {n: test[n].argmax(1).tolist() for n in NAMES}, 'confusion': confusion.tolist(),"
         " 'tsne': {n: list(e.shape) for n, e in embedded.items()}, 'feat_dim': feats['teacher'].shape[1]}"
     )
-    nb = run_notebook("explore_student", probe)
+    nb = run_notebook(  # paths relative to the project root (tmp_path), the kernel running elsewhere
+        "explore_student",
+        probe,
+        TEACHER="runs/teacher/checkpoints/best.ckpt",
+        STUDENTS="runs/NOKD/seed0,runs/blkd",
+        DATA="data",
+        OUT="out",
+        TSNE_N=2000,
+    )
     got = probed(nb)
     assert got["names"] == ["teacher", "NOKD", "blkd"] and got["focus"] == "blkd"
     labels = np.array(got["labels"])
@@ -171,13 +195,11 @@ def test_explore_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_no
     parts["dr"] = tiny_dr(tmp_path / "dr.ckpt", parts["gan"], parts["teacher"])
     generate(cfg(parts, tmp_path / "store", per_class=6, keep_rejected=True))
     table = open_store(tmp_path / "store").table()
-    monkeypatch.setenv("KDL_STORE", str(tmp_path / "store"))
-    monkeypatch.setenv("KDL_GRID_N", "4")
     probe = (
         "{'kinds': {k: int(m.sum()) for k, m in kinds.items()}, 'cutoffs': cutoffs, 'consistency': consistency,"
         " 'grid': class_grid(kept).tolist(), 'classes': classes}"
     )
-    nb = run_notebook("explore_samples", probe)
+    nb = run_notebook("explore_samples", probe, STORE="store", GRID_N=4)
     got = probed(nb)
     accepted, kept, labels = table["accepted"], table["kept"], table["label"]
     assert accepted.sum() == 60 and (~accepted).any()  # 6 per class accepted, and the rejected ones kept too
@@ -211,8 +233,8 @@ def test_compare_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_noteb
     for s, test_acc in enumerate((0.85, 0.86)):
         fake_run(tmp_path / "BLKD" / f"seed{s}", s, [0.6, 0.7, 0.9 - s / 100], test_acc, ("BLKD",))
     (tmp_path / "empty" / "seed0").mkdir(parents=True)  # a run without logs yet: skipped, named
-    monkeypatch.setenv("KDL_RUN_DIRS", f"{tmp_path}/*/seed*")
-    nb = run_notebook("compare_runs", "{'summary': summary, 'n': len(runs), 'skipped': skipped, 'metrics': metrics}")
+    probe = "{'summary': summary, 'n': len(runs), 'skipped': skipped, 'metrics': metrics}"
+    nb = run_notebook("compare_runs", probe, RUN_DIRS="*/seed*", GROUP_BY="parent")
     got = probed(nb)
     assert got["n"] == 5 and len(got["skipped"]) == 1 and "empty" in got["skipped"][0]
     assert got["metrics"] == ["val/acc1", "val/loss"]  # the fake runs log no ECE or F1
@@ -221,6 +243,36 @@ def test_compare_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_noteb
     assert f"{statistics.mean(nokd_test):.2f} ± {statistics.stdev(nokd_test):.2f}" in rows["NOKD"]
     assert "85.50 ± 0.71" in rows["BLKD"] and "| 3 | 0, 1, 2 |" in rows["NOKD"]
     assert len(outputs(nb, "image/png")) == 1 and outputs(nb, "text/markdown") == [got["summary"]]
+
+
+def test_no_run_found_is_a_clear_error(run_notebook) -> None:
+    """compare_runs with nothing to read stops at once, saying where it looked (it used to print "0 runs read")."""
+    papermill = pytest.importorskip("papermill")
+    with pytest.raises(papermill.PapermillExecutionError) as raised:
+        run_notebook("compare_runs", "None", RUN_DIRS="runs/nothing/*")
+    assert raised.value.ename == "FileNotFoundError"
+    assert "no run read from RUN_DIRS='runs/nothing/*'" in raised.value.evalue and "make demo" in raised.value.evalue
+
+
+def test_relative_inputs_resolve_against_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not against the working directory: $KDL_PROJECT_ROOT, else the repository holding the package."""
+    from kd_lightning.paths import expand, project_root, resolve
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KDL_PROJECT_ROOT", raising=False)
+    assert project_root() == REPO and resolve("runs/demo") == REPO / "runs/demo"
+    assert resolve("/abs/x") == Path("/abs/x")
+    monkeypatch.setenv("KDL_PROJECT_ROOT", str(tmp_path / "p"))
+    (tmp_path / "p/runs/a").mkdir(parents=True)
+    (tmp_path / "p/runs/b").mkdir()
+    assert expand("runs/*, runs/a,runs/missing*") == [tmp_path / "p/runs/a", tmp_path / "p/runs/b"]
+
+
+def test_every_notebook_has_a_parameters_cell() -> None:
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        cells = [c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(cells) == 1, path.name
+        assert "/work/" not in path.with_suffix(".py").read_text(), f"{path.name}: a default of another machine"
 
 
 if __name__ == "__main__":  # re-execute notebooks on the real artifacts and write their paired .ipynb

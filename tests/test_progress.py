@@ -46,7 +46,7 @@ def test_report_shows_its_bar_unless_quiet(tmp_path: Path, capsys, quiet: bool) 
     runs = [str(fake_run(tmp_path / f"seed{s}", s, [0.5, 0.6], 0.7)) for s in range(3)]
     assert report_main([*runs, f"--quiet={str(quiet).lower()}"]) == 0
     captured = capsys.readouterr()
-    assert "| ImageClassifier | 3 | 0, 1, 2 |" in captured.out
+    assert "| ImageClassifier resnet8 | 3 | 0, 1, 2 |" in captured.out
     if quiet:
         assert captured.err == ""
     else:

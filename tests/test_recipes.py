@@ -43,6 +43,12 @@ CHAINED: dict[str, str] = {
     "cgankd/utkface/*.yaml": "test_cgankd_templates.py::test_the_cgankd_student_takes_a_step_on_a_store",
     "cgankd/steering_angle/*.yaml": "test_cgankd_templates.py::test_the_cgankd_student_takes_a_step_on_a_store",
     "cgankd/*/*.yaml": "test_cgankd.py::test_every_cgankd_stage_recipe_runs_in_order",
+    "mekd/fashion_mnist/kn.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
+    "mekd/fashion_mnist/al.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
+    "mekd/fashion_mnist/dafl.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
+    "mekd/fashion_mnist/am.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
+    "mekd/fashion_mnist/db3kd.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
+    "mekd/baselines/*.yaml": "test_blackbox_baselines.py::test_baseline_templates",
     "mekd/fashion_mnist/*.yaml": (
         "test_mekd_recipes.py::test_mekd_stages_run_in_order_locally_and_against_a_live_server"
     ),

@@ -93,3 +93,103 @@ def test_a_metric_that_only_some_runs_have_says_how_many(tmp_path: Path) -> None
     runs = [read_run(tmp_path / "m/seed0"), read_run(tmp_path / "m/seed1")]
     row = table(runs, "parent", ["val/acc1", "test/acc1"]).splitlines()[-1]
     assert row == "| m | 2 | 0, 1 | 75.00 ± 7.07 | 70.00 (n=1) |"
+
+
+def set_config(run: Path, **init_args: object) -> Path:
+    """Change model init_args in every config.yaml of a fake run."""
+    import yaml
+
+    for cfg in run.glob("lightning_logs/version_*/config.yaml"):
+        config = yaml.safe_load(cfg.read_text())
+        config["model"]["init_args"].update(init_args)
+        cfg.write_text(yaml.safe_dump(config))
+    return run
+
+
+def rows_of(text: str) -> dict[str, str]:
+    return {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:] if line.startswith("| ")}
+
+
+def test_default_grouping_never_averages_different_nets_or_recipes(kdl, tmp_path: Path, capsys) -> None:
+    """The demo's teacher (resnet20) and NOKD student (resnet8), both ImageClassifier at seed 0, are two rows; two
+    BLKD temperatures are two rows named by T; seeds of one recipe are one row; ``--group_by run``: a row per run."""
+    teacher = set_config(fake_run(tmp_path / "teacher", 0, [0.5, 0.9], 0.9), net="resnet20")
+    nokd = fake_run(tmp_path / "student_nokd", 0, [0.5, 0.8], 0.8)
+    t2 = [
+        set_config(
+            fake_run(tmp_path / f"t2s{s}", s, [0.6, 0.8], 0.8, ("BLKD",)),
+            kd_losses=[{"class_path": "kd_lightning.losses.BLKD", "init_args": {"T": 2}}],
+        )
+        for s in (0, 1)
+    ]
+    t4 = set_config(
+        fake_run(tmp_path / "t4", 0, [0.6, 0.7], 0.7, ("BLKD",)),
+        kd_losses=[{"class_path": "kd_lightning.losses.BLKD", "init_args": {"T": 4}}],
+    )
+    folders = [str(p) for p in (teacher, nokd, *t2, t4)]
+    assert kdl("report", *folders, "--quiet") == 0
+    rows = rows_of(capsys.readouterr().out)
+    assert set(rows) == {
+        "ImageClassifier resnet20",
+        "ImageClassifier resnet8",
+        "DistillModule[BLKD] resnet8 (T=2)",
+        "DistillModule[BLKD] resnet8 (T=4)",
+    }
+    assert (
+        "| 1 | 0 |" in rows["ImageClassifier resnet20"] and "| 2 | 0, 1 |" in rows["DistillModule[BLKD] resnet8 (T=2)"]
+    )
+    assert kdl("report", *folders, "--group_by", "run", "--quiet", "true") == 0
+    rows = rows_of(capsys.readouterr().out)
+    assert list(rows) == folders and all("| 1 |" in r for r in rows.values())
+    assert kdl("report", *folders, "--group-by", "run", "--quiet") == 0  # the old spelling still works
+
+
+def test_folders_that_are_not_runs_are_skipped_and_counted(kdl, tmp_path: Path, capsys) -> None:
+    fake_run(tmp_path / "digits" / "student", 0, [0.5, 0.8], 0.8)
+    (tmp_path / "digits" / "store").mkdir()  # a sample store beside the runs: no lightning_logs
+    (tmp_path / "digits" / "store" / "manifest.json").write_text("{}")
+    (tmp_path / "digits" / "notes.md").write_text("x")
+    assert kdl("report", *sorted(str(p) for p in (tmp_path / "digits").iterdir()), "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert "skipped 2 path(s) that are not runs" in err and "store" in err
+    assert "| ImageClassifier resnet8 | 1 | 0 |" in out
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("", "no numeric val/ or test/ metrics"), ("epoch,step,val/acc1\nx,y,abc\n", "no numeric val/ or test/ metrics")],
+    ids=["empty", "non-numeric"],
+)
+def test_a_metrics_file_without_numbers_is_an_error(kdl, tmp_path: Path, capsys, content: str, expected: str) -> None:
+    run = fake_run(tmp_path / "run", 0, [0.5], 0.5)
+    import shutil
+
+    shutil.rmtree(run / "lightning_logs" / "version_1")
+    (run / "lightning_logs" / "version_0" / "metrics.csv").write_text(content)
+    assert kdl("report", str(run), "--quiet") == 2
+    err = capsys.readouterr().err
+    assert expected in err and "metrics.csv" in err and "None" not in err and "Traceback" not in err
+
+
+def test_a_malformed_config_yaml_is_one_line(kdl, tmp_path: Path, capsys) -> None:
+    run = fake_run(tmp_path / "run", 0, [0.5], 0.5)
+    (run / "lightning_logs" / "version_0" / "config.yaml").write_text("model: [unclosed\n  net: {")
+    assert kdl("report", str(run), "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.yaml' is not valid YAML" in err
+    (run / "lightning_logs" / "version_0" / "config.yaml").write_text("- a list\n")
+    assert kdl("report", str(run), "--quiet") == 2
+    assert "holds a list" in capsys.readouterr().err
+
+
+def test_out_creates_at_most_one_folder(kdl, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``--out`` under a missing folder whose parent is missing too is refused and creates nothing."""
+    run = str(fake_run(tmp_path / "run", 0, [0.5, 0.6], 0.5))
+    monkeypatch.chdir(tmp_path)
+    assert kdl("report", run, "--quiet", "--out", "a/b/report.md") == 2
+    assert "folder 'a' does not exist" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert kdl("report", run, "--quiet", "--out", "a/report.md") == 0  # the last level is created
+    assert (tmp_path / "a" / "report.md").is_file()
+    (tmp_path / "f").write_text("")
+    assert kdl("report", run, "--quiet", "--out", "f/report.md") == 2
+    assert "'f' is a file" in capsys.readouterr().err

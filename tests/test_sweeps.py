@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -107,4 +108,110 @@ def test_dry_run_prints_every_command(kdl, capsys, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     assert kdl("sweep", "recipes/sweeps/blkd.yaml", "--dry-run", "true") == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 16 and lines[0].startswith("[1/16] kdl fit --config recipes/fashion_mnist/blkd.yaml")
+    assert len(lines) == 16 and lines[0].startswith(
+        "[1/16] BLKD-T1-weight0.5-task_weight0.1-seed0: kdl fit --config recipes/fashion_mnist/blkd.yaml"
+    )
+
+
+def tiny_sweep(tmp_path: Path, values: list[int]) -> Path:
+    """A grid over BLKD's T on digits, naming the repository's recipes by absolute path."""
+    sweep = {
+        "name": "tiny",
+        "method": "grid",
+        "metric": {"name": "val/acc1", "goal": "maximize"},
+        "parameters": {"model.init_args.kd_losses.init_args.T": {"values": values}, "seed_everything": {"values": [0]}},
+        "command": [
+            "${env}",
+            "kdl",
+            "fit",
+            "--config",
+            str(RECIPES / "digits/blkd.yaml"),
+            "--config",
+            str(RECIPES / "fragments/wandb.yaml"),
+            "${args}",
+        ],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_every_trial_keeps_its_own_folder_name_and_wandb_run(kdl, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Two trials: two run folders with their own checkpoints, two W&B runs named by their values in the sweep's
+    group, the swept keys flat in each run's config, W&B's summary of val/acc1 its best epoch, the overrides applied
+    to every trial, and a results table (the kdl report of the trials) at the end."""
+    from kd_lightning.report import read_run
+    from kd_lightning.wandb_offline import read_offline_run
+    from tests.helpers import QUIET, write_teacher
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    teacher = write_teacher(tmp_path / "teacher.ckpt", 10, 1, 8, (0.3,), (0.38,))
+    overrides = ["--model.init_args.net", "tinynet", "--model.init_args.teacher", str(teacher),
+                 "--data.init_args.train_size", "100", "--trainer.max_epochs", "2", *QUIET]  # fmt: skip
+    assert kdl("sweep", "--config", str(tiny_sweep(tmp_path, [2, 4])), "--sweep_id", "t1", *overrides) == 0
+    out = capsys.readouterr().out
+    sweep = tmp_path / "runs/digits/blkd/sweep-t1"
+    trials = {"BLKD-T2-seed0": 2.0, "BLKD-T4-seed0": 4.0}
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(trials)
+    for name, T in trials.items():
+        folder = sweep / name
+        assert (folder / "checkpoints/best.ckpt").is_file() and (folder / "checkpoints/last.ckpt").is_file()
+        run = read_run(folder)  # the CSV logger beside W&B: kdl report reads the trial like any run
+        assert run.config["model"]["init_args"]["kd_losses"][0]["init_args"]["T"] == T
+        assert len(run.curves["val/acc1"]) == 2  # --trainer.max_epochs 2 reached every trial
+        wb = read_offline_run(folder)
+        assert wb.name == name and wb.group == "tiny-sweep-t1"
+        assert wb.config["model.init_args.kd_losses.init_args.T"] == T  # flat, as wandb agent puts it
+        assert wb.config["sweep"] == {"id": "t1", "name": "tiny", "trial": name}
+        assert wb.summary["val/acc1"]["max"] == pytest.approx(max(wb.scalars("val/acc1")))
+        assert f"| {folder.relative_to(tmp_path)} | 1 | 0 |" in out
+    assert "kdl sweep: results of 2 trial(s)" in out and "best trial on val/acc1" in out
+    assert (sweep / "report.md").read_text().startswith("| group")
+
+
+def test_sweep_flags_follow_kdl_fit(kdl, capsys, monkeypatch, tmp_path: Path) -> None:
+    """--dry_run as a bare flag or with true/false, the old --dry-run spelling, and --config FILE."""
+    monkeypatch.chdir(REPO)
+    for flags in (["--dry-run"], ["--dry_run"], ["--dry_run", "true"], ["--dry-run", "true"]):
+        assert kdl("sweep", "recipes/sweeps/blkd_digits.yaml", *flags) == 0, flags
+        assert capsys.readouterr().out.count("\n") == 4
+    assert kdl("sweep", "--config", "recipes/sweeps/blkd_digits.yaml", "--dry_run", "--sweep_id", "s") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("[2/4] BLKD-T2-seed0: kdl fit --config recipes/digits/blkd.yaml")
+    assert lines[1].endswith("--trainer.default_root_dir=runs/digits/blkd/sweep-s/BLKD-T2-seed0")
+    assert kdl("sweep", "--config", "recipes/sweeps/blkd_digits.yaml", "--dry_run", "--trainer.max_epochs", "1") == 0
+    assert all(
+        "--trainer.max_epochs 1 --trainer.default_root_dir=" in ln for ln in capsys.readouterr().out.splitlines()
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--count", "-3"], "--count -3: expected a positive number"),
+        (["--count", "0"], "--count 0: expected a positive number"),
+        (["--model.init_args.kd_losses.init_args.T", "3"], "is swept by the sweep file"),
+        ([], "no sweep file"),
+    ],
+)
+def test_bad_sweep_arguments_are_one_line(kdl, capsys, monkeypatch, args: list[str], message: str) -> None:
+    monkeypatch.chdir(REPO)
+    file = [] if message == "no sweep file" else ["recipes/sweeps/blkd_digits.yaml"]
+    assert kdl("sweep", *file, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+
+
+def test_a_malformed_sweep_file_or_a_missing_program_is_one_line(kdl, capsys, tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("method: grid\nparameters: {x: {values: [1, 2]\n")
+    assert kdl("sweep", str(tmp_path / "bad.yaml")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'" + str(tmp_path / "bad.yaml") + "' is not valid YAML at line" in err and "Traceback" not in err
+    missing = {"method": "grid", "parameters": {"x": {"values": [1]}}, "command": ["no-such-kdl-program", "${args}"]}
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(missing))
+    assert kdl("sweep", str(tmp_path / "missing.yaml")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'no-such-kdl-program' is not a program found on PATH" in err and err.count("\n") == 0

@@ -2,6 +2,7 @@
 
 import kd_lightning.losses  # noqa: F401  (register KD losses for short class names in recipes)
 from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
+from kd_lightning.methods.blackbox_baselines import AL, AM, DAFL, DB3KD, KN
 from kd_lightning.methods.density_ratio import DensityRatioEstimator
 from kd_lightning.methods.distill import DistillModule
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask, LabelEmbedding
@@ -13,8 +14,13 @@ from kd_lightning.methods.supervised import ImageClassifier, ImageRegressor, Net
 
 __all__ = [
     "AIKD",
+    "AL",
+    "AM",
     "CSKD",
+    "DAFL",
+    "DB3KD",
     "DCGAN",
+    "KN",
     "MEKD",
     "PSKD",
     "TFKD",

@@ -560,7 +560,7 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     """
     import importlib
 
-    from kd_lightning.checkpoints import load_checkpoint, trusted
+    from kd_lightning.checkpoints import is_trusted, load_checkpoint
 
     ckpt = load_checkpoint(path)
     hp = ckpt.get("hyper_parameters", {})
@@ -585,7 +585,7 @@ def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     token = _given_hyperparameters.set(None)
     try:
         task = cls.load_from_checkpoint(
-            os.fspath(path), map_location=map_location, weights_only=not trusted(), **overrides
+            os.fspath(path), map_location=map_location, weights_only=not is_trusted(path), **overrides
         )
     finally:
         _given_hyperparameters.reset(token)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -528,11 +528,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+#: boolean options: bare flags that also take true/false (kd_lightning.flags)
+BOOL_OPTIONS = ("--quiet", *(f"--{f.name}" for f in fields(GenerateConfig) if "bool" in str(f.type)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kdl generate`` (returns the exit status)."""
+    from kd_lightning.flags import normalize
+
     parser = build_parser()
     try:
-        ns = parser.parse_args(argv if argv is not None else sys.argv[1:])
+        ns = parser.parse_args(normalize(argv if argv is not None else sys.argv[1:], bools=BOOL_OPTIONS))
     except Exception as e:  # noqa: BLE001 - jsonargparse's parse errors
         print(f"kdl generate: error: {e}", file=sys.stderr)
         return 2

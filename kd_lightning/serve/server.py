@@ -2,6 +2,7 @@ r"""``kdl serve-teacher``: serve a classifier checkpoint as a black-box teacher 
 
     kdl serve-teacher --ckpt runs/mekd/fashion_mnist/teacher/checkpoints/best.ckpt --responses soft \
         [--host 127.0.0.1] [--port 8765] [--token SECRET | env KDL_TEACHER_TOKEN] [--max-batch 1024] [--log FILE]
+        [--replay-db FILE] [--max-body-mb 256] [--insecure-no-token]
 
 Endpoints:
 
@@ -11,8 +12,12 @@ Endpoints:
   uint8 (0..255) or float16/float32 in [0, 1]; optional ``X-Request-Id`` (idempotency key: a retry with the same
   id is replayed, not charged). Answer: ``.npy`` float32 ``N x classes`` probabilities (soft) or int64 ``N`` class
   ids (hard), headers ``X-Charged`` and ``X-Replayed``. Errors: 401 without the bearer token (when one is set),
-  413 above ``--max-batch`` images or ``--max-body-mb``, 415 for another content type, 400/422 for a body that is
-  not a .npy image batch of the teacher's shape and range, 409 for a reused request id with other images.
+  413 above ``--max-batch`` images or ``--max-body-mb`` (counted as the body streams in, chunked or not), 415 for
+  another content type, 400/422 for a body that is not a .npy image batch of the teacher's shape, range and byte
+  order, 409 for a reused request id with other images.
+
+A non-loopback ``--host`` needs a token (or ``--insecure-no-token``). Answered request ids persist beside the log
+(:class:`~kd_lightning.serve.service.ReplayRecord`), so a restarted server replays instead of charging again.
 
 Why FastAPI + uvicorn rather than LitServe: the protocol is a raw binary body with our own status codes
 (401/409/413/415/422), an idempotency header and a health answer with the model's facts. FastAPI gives these
@@ -30,6 +35,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from kd_lightning.errors import KDLError
+from kd_lightning.flags import parse_bool
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -45,6 +51,7 @@ def create_app(service: "TeacherService", token: str | None = None, max_body_byt
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="kd_lightning black-box teacher", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -67,9 +74,18 @@ def create_app(service: "TeacherService", token: str | None = None, max_body_byt
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             return refused(413, f"body of {length} bytes; the limit is {max_body_bytes}")
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            return refused(413, f"body of {len(body)} bytes; the limit is {max_body_bytes}")
+        # counted while it streams in (a chunked body has no Content-Length): at most the limit plus one chunk is
+        # held before the 413; uvicorn then closes the connection without reading the rest
+        received = bytearray()
+        try:
+            async for chunk in request.stream():
+                received += chunk
+                if len(received) > max_body_bytes:
+                    return refused(413, f"body above the limit of {max_body_bytes} bytes", Connection="close")
+        except ClientDisconnect:
+            return refused(400, "the client disconnected before the body was complete")
+        body = bytes(received)
+        del received
         status, out, headers = await run_in_threadpool(service.handle, body, request.headers.get("x-request-id"))
         media = headers.pop("Content-Type", "application/x-npy")
         return Response(out, status_code=status, media_type=media, headers=headers)
@@ -83,11 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="the teacher's kdl checkpoint")
     p.add_argument("--responses", choices=("soft", "hard"), default="soft", help="probabilities or class ids")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=_port, default=8765, help="TCP port, 0..65535 (0: any free port)")
     p.add_argument("--token", default=None, help=f"bearer token required on /query (default: ${TOKEN_ENV}, or none)")
-    p.add_argument("--max-batch", type=int, default=1024, help="most images per request (more: 413)")
-    p.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body in MiB (more: 413)")
+    # options spelt as every kdl option is (kd_lightning.flags); the dash spellings stay as aliases
+    p.add_argument(
+        "--insecure_no_token",
+        "--insecure-no-token",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="serve on a non-loopback --host without a token (anyone who reaches it can query the teacher)",
+    )
+    p.add_argument("--max_batch", "--max-batch", type=int, default=1024, help="most images per request (more: 413)")
+    p.add_argument("--max_body_mb", "--max-body-mb", type=float, default=256.0,
+                   help="largest request body in MiB (more: 413)")  # fmt: skip
     p.add_argument("--log", default=None, help="JSON-lines log of every answered request (what was charged)")
+    p.add_argument(
+        "--replay_db",
+        "--replay-db",
+        default=None,
+        help="SQLite file of answered request ids, kept across restarts so that retries are replayed, not charged "
+        "(default: beside --log as <log>.replays.sqlite; in memory without --log)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads for inference")
     return p
 
@@ -105,15 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch < 1:
         print(f"kdl serve-teacher: --max-batch {args.max_batch}; expected a positive integer", file=sys.stderr)
         return 2
+    if not _is_loopback(args.host) and token is None:
+        if not args.insecure_no_token:
+            print(
+                f"kdl serve-teacher: error: --host {args.host} is reachable from other machines and no token is set; "
+                f"pass --token (or set {TOKEN_ENV}), or --insecure-no-token to serve without one",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"kdl serve-teacher: warning: serving on {args.host} without a token", file=sys.stderr)
     try:
         service = TeacherService.from_checkpoint(
-            args.ckpt, responses=args.responses, max_batch=args.max_batch, log_path=args.log
+            args.ckpt, responses=args.responses, max_batch=args.max_batch, log_path=args.log, replay_path=args.replay_db
         )
     except (KDLError, ValueError) as e:
-        print(f"kdl serve-teacher: {e}", file=sys.stderr)
+        print(f"kdl serve-teacher: error: {e}", file=sys.stderr)
         return 2
-    if not _is_loopback(args.host) and token is None:
-        print(f"kdl serve-teacher: warning: serving on {args.host} without a token", file=sys.stderr)
     app = create_app(service, token, int(args.max_body_mb * 2**20))
     print(
         f"kdl serve-teacher: {service.teacher.describe()} answering {args.responses} on "
@@ -123,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; expected an integer in 0..65535")
+    return port
 
 
 def _is_loopback(host: str) -> bool:

@@ -6,6 +6,10 @@ retry: its answers are replayed (``X-Replayed: true``) and not charged again; th
 is a 409. Concurrent requests with one id wait for the first. Every answered request is one JSON line in the
 server's log (``charged`` true or false, the SHA-256 of every image, bytes in and out): the server's own
 record of what it was paid for.
+
+The record of answered request ids (:class:`ReplayRecord`, SQLite) lives in a file beside the log when there is
+one (``<log>.replays.sqlite``, or ``replay_path``), so a restarted server (``kdl pipeline`` restarts its
+background teacher on every rerun) replays a client's pending requests instead of charging them again.
 """
 
 from __future__ import annotations
@@ -13,18 +17,73 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from kd_lightning.errors import ConfigError
 from kd_lightning.teachers.blackbox import Responses, decode_array, encode_array, from_wire, image_hashes
 from kd_lightning.teachers.frozen import FrozenTeacher
 
 _DTYPES = ("uint8", "float16", "float32")
+
+
+def default_replay_path(log_path: str | os.PathLike) -> Path:
+    """Where a server logging to ``log_path`` keeps its replays: ``server.jsonl`` -> ``server.replays.sqlite``."""
+    return Path(log_path).with_suffix(".replays.sqlite")
+
+
+class ReplayRecord:
+    """Answered request ids with their content digest and answer, oldest first, at most ``window`` of them.
+
+    In memory (``path=None``) or in an SQLite file that outlives the process: a record is committed (and synced)
+    before its answer leaves the server, so whatever a client may have been charged for can be replayed after a
+    restart. Callers serialise access (the service holds its lock).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, window: int = 100_000) -> None:
+        self.path = None if path is None else Path(path)
+        self.window = window
+        try:
+            self._db = sqlite3.connect(":memory:" if path is None else os.fspath(path), check_same_thread=False)
+            with self._db:
+                if path is not None:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS answered (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                    "request_id TEXT UNIQUE NOT NULL, digest TEXT NOT NULL, answer BLOB NOT NULL)"
+                )
+        except sqlite3.Error as e:
+            raise ConfigError(
+                f"replay record {str(path)!r} cannot be opened ({e}); expected a writable SQLite file "
+                "(kdl serve-teacher keeps it beside --log, or at --replay-db)"
+            ) from None
+
+    def get(self, request_id: str) -> tuple[str, bytes] | None:
+        """``(digest, answer)`` of an answered request id, or ``None``."""
+        row = self._db.execute("SELECT digest, answer FROM answered WHERE request_id = ?", (request_id,)).fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
+
+    def put(self, request_id: str, digest: str, answer: bytes) -> None:
+        """Remember an answered request (committed before returning), forgetting the oldest beyond the window."""
+        with self._db:
+            cur = self._db.execute(
+                "INSERT OR REPLACE INTO answered (request_id, digest, answer) VALUES (?, ?, ?)",
+                (request_id, digest, answer),
+            )
+            self._db.execute("DELETE FROM answered WHERE seq <= ?", ((cur.lastrowid or 0) - self.window,))
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM answered").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
 
 
 class TeacherService:
@@ -37,6 +96,7 @@ class TeacherService:
         max_batch: most images per request (more: 413).
         log_path: JSON-lines log of every answered request (``None``: no log).
         idempotency_window: how many recent request ids are remembered for replays.
+        replay_path: SQLite file of the answered request ids (default: beside ``log_path``; in memory without a log).
     """
 
     def __init__(
@@ -47,6 +107,7 @@ class TeacherService:
         max_batch: int = 1024,
         log_path: str | os.PathLike | None = None,
         idempotency_window: int = 100_000,
+        replay_path: str | os.PathLike | None = None,
     ) -> None:
         if teacher.task != "classification" or not teacher.num_classes:
             raise ValueError(f"{teacher.describe()} is not a classifier; only classifiers can be served")
@@ -62,7 +123,9 @@ class TeacherService:
         self.window = idempotency_window
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
-        self._done: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # request id -> (content digest, answer)
+        if replay_path is None and log_path is not None:
+            replay_path = default_replay_path(log_path)
+        self._done = ReplayRecord(replay_path, idempotency_window)  # request id -> (content digest, answer)
         self._running: dict[str, threading.Event] = {}
         self.images_charged = 0
 
@@ -122,6 +185,12 @@ class TeacherService:
     def _check(self, images: np.ndarray) -> tuple[int, bytes, dict[str, str]] | None:
         if images.dtype.name not in _DTYPES:
             return _error(422, f"images have dtype {images.dtype}; expected one of {', '.join(_DTYPES)}")
+        if not images.dtype.isnative:
+            return _error(
+                422,
+                f"images have byte order {images.dtype.str!r} (not this server's); send "
+                f"{images.dtype.newbyteorder('=').str!r} (little-endian, numpy's default here)",
+            )
         if images.ndim != 4:
             return _error(422, f"images have shape {images.shape}; expected N x C x H x W")
         n, c, h, w = images.shape
@@ -153,9 +222,7 @@ class TeacherService:
         with self._lock:
             self.images_charged += len(images)
             if request_id is not None:
-                self._done[request_id] = (digest, payload)
-                while len(self._done) > self.window:
-                    self._done.popitem(last=False)
+                self._done.put(request_id, digest, payload)
         self._log(request_id, images, True, len(body), len(payload))
         return 200, payload, {"X-Replayed": "false", "X-Charged": str(len(images))}
 
