@@ -235,10 +235,14 @@ def test_fashion_pipeline_has_every_arm_with_augmentation_and_the_mg_var(monkeyp
         assert f"student_{arm}" in steps and f"test_{arm}" in steps
     assert steps["oracle"].command == "oracle"
     cgan = steps["cgan"]
-    assert _arg(cgan, "--model.init_args.diffaugment") == "color,translation,cutout"
-    assert "GANQuality" in str(_arg(cgan, "--trainer.callbacks")) and _arg(cgan, "--trainer.max_steps") == "20000"
+    assert "recipes/cgankd/fashion_mnist/cgan_long.yaml" in cgan.argv  # type: ignore[attr-defined]
+    long = (REPO / "recipes/cgankd/fashion_mnist/cgan_long.yaml").read_text()
+    assert "diffaugment: color,translation,cutout" in long
+    assert "GANQuality" in str(_arg(cgan, "--trainer.callbacks")) and _arg(cgan, "--trainer.max_steps") == "24000"
     for name in ("student", "blkd"):
         assert _arg(steps[name], "--data.init_args.augment") == "true"
+    for name in ("blkd", "student_cgankd_blkd"):  # augmented images: no cached teacher logits
+        assert _arg(steps[name], "--model.init_args.cache_teacher") == "false"
     for arm in arms:
         step = steps[f"student_{arm}"]
         assert _arg(step, "--data.init_args.datamodule.init_args.augment") == "true"  # crop + flip on every arm
