@@ -208,6 +208,7 @@ def test_kdl_generate_warns_when_the_store_is_at_chance(
     assert ("WARNING: the store's label consistency" in err) == (before <= 0.2)
     assert chance_warning({"label_consistency_before": 0.21}, 10) is None
     assert chance_warning({"label_consistency_before": 0.2}, 10) is not None
+    assert "train the teacher first" in str(chance_warning({"label_consistency_before": 0.1}, 10, oracle=True))
 
 
 # ---------------------------------------------------------------------- the Fashion-MNIST pipeline's arms

@@ -16,8 +16,11 @@ from typing import Any
 CHANCE_FACTOR = 2.0
 
 
-def chance_warning(report: dict[str, Any], num_classes: int) -> str | None:
-    """The warning for a store report, or ``None`` when its labels are clearly better than chance."""
+def chance_warning(report: dict[str, Any], num_classes: int, oracle: bool = False) -> str | None:
+    """The warning for a store report, or ``None`` when its labels are clearly better than chance.
+
+    ``oracle``: the store holds real images with their true labels (``kdl oracle``), so the teacher is to blame.
+    """
     before = report.get("label_consistency_before")
     if before is None or num_classes < 2:
         return None
@@ -25,10 +28,15 @@ def chance_warning(report: dict[str, Any], num_classes: int) -> str | None:
     if before > CHANCE_FACTOR * chance:
         return None
     after = report.get("label_consistency_after", float("nan"))
+    cause = (
+        "the teacher does not recognise real images with their true labels; train the teacher first"
+        if oracle
+        else "the GAN has not learnt its classes and its samples carry no label information; fix the GAN before "
+        "using the store"
+    )
     return (
         f"WARNING: the store's label consistency is {before:.1%} before filtering ({after:.1%} after), no better "
-        f"than {CHANCE_FACTOR:g}x chance ({chance:.1%} for {num_classes} classes): the GAN has not learnt its "
-        "classes and its samples carry no label information; fix the GAN before using the store"
+        f"than {CHANCE_FACTOR:g}x chance ({chance:.1%} for {num_classes} classes): {cause}"
     )
 
 
@@ -45,7 +53,7 @@ def store_chance_warning(path: str) -> str | None:
     settings = m.get("settings", {})
     if not m.get("finished") or settings.get("task") != "classification":
         return None
-    return chance_warning(m.get("report", {}), len(settings.get("units", [])))
+    return chance_warning(m.get("report", {}), len(settings.get("units", [])), oracle="oracle" in settings)
 
 
 __all__ = ["CHANCE_FACTOR", "chance_warning", "store_chance_warning"]

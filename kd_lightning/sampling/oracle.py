@@ -285,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{rep.get('label_consistency_after', float('nan')):.4f} after filtering",
         file=sys.stderr,
     )
+    from kd_lightning.sampling.consistency import store_chance_warning
+
+    if warning := store_chance_warning(cfg.out):
+        print(warning, file=sys.stderr)
     return 0
 
 
