@@ -25,9 +25,10 @@ import re
 import signal
 import sys
 import traceback
+import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import lightning as L
 import torch
@@ -36,6 +37,7 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import kd_lightning.data  # registers the DataModules for short class names (and is used below)
@@ -50,11 +52,15 @@ from kd_lightning.callbacks import (
 )
 from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
 from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
-from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.errors import ConfigError, KDLError, require_writable_folder
 from kd_lightning.wandb_media import prepare_wandb_run, sweep_trial, wandb_loggers
 
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
+#: ``--ckpt_path none``: evaluate the model as the recipe builds it (untrained), on purpose
+UNTRAINED = "none"
+#: where ``kdl predict`` writes its predictions, under ``trainer.default_root_dir``
+PREDICTIONS_FILE = "predictions.pt"
 
 
 class KDCheckpoint(ModelCheckpoint):
@@ -171,6 +177,7 @@ class KDLCLI(LightningCLI):
         )
         for key in LINKED_DATA_FACTS:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+        prefer_int_to_float(parser, "trainer.")
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` (safely) without merging its hyper-parameters into the recipe.
@@ -183,7 +190,7 @@ class KDLCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config.get(sub, {}) if sub else {}
         path = cfg.get("ckpt_path")
-        if path and path not in ("last", "best", "hpc", "registry"):
+        if path and path not in ("last", "best", "hpc", "registry", UNTRAINED):
             if cfg.get("weights_only") is False:
                 trust(path)
             elif is_trusted(path):
@@ -195,12 +202,17 @@ class KDLCLI(LightningCLI):
         trainer = self._subcommand_config().get("trainer", {}) or {}
         precision, accelerator = str(trainer.get("precision") or ""), str(trainer.get("accelerator") or "auto")
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-        if "bf16" in precision and on_cpu and not cpu_has_fast_bf16():
+        # Lightning runs fp16 AMP on a CPU as bf16 autocast, so it gets the same warning
+        as_bf16 = "bf16" in precision or precision in ("16", "16-mixed")
+        if as_bf16 and on_cpu and not cpu_has_fast_bf16():
+            becomes = "" if "bf16" in precision else " (on a CPU, Lightning runs it as bf16-mixed)"
             warnings.warn(
-                f"trainer.precision={precision!r} on a CPU without AMX: bf16 autocast was measured ~15x slower "
-                "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
+                f"trainer.precision={precision!r}{becomes} on a CPU without AMX: bf16 autocast was measured ~15x "
+                "slower than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
                 stacklevel=1,
             )
+        root = trainer.get("default_root_dir")
+        require_writable_folder(str(root) if root else os.getcwd(), "trainer.default_root_dir")
 
     def name_wandb_run(self) -> None:
         """A W&B logger without a name/group gets ``<method>-seed<N>`` and the recipe, so W&B groups seeds."""
@@ -255,6 +267,8 @@ class KDLCLI(LightningCLI):
         prepare_wandb_run(trainer, self.model, self.subcommand)
 
     def before_fit(self) -> None:
+        if str(self._ckpt_path()).lower() == UNTRAINED:  # a fresh fit, as without --ckpt_path
+            self.config_init[self.subcommand]["ckpt_path"] = None
         self.check_checkpoint_matches(with_data=True)
 
     def after_fit(self) -> None:
@@ -263,9 +277,58 @@ class KDLCLI(LightningCLI):
     after_validate = after_test = after_predict = after_fit
 
     def before_validate(self) -> None:
+        self.choose_checkpoint()
         self.check_checkpoint_matches(with_data=False)
 
     before_test = before_predict = before_validate
+
+    def _ckpt_path(self) -> Any:  # noqa: ANN401 - a path, a name (last, best) or None
+        return self.config_init[self.subcommand].get("ckpt_path") if self.subcommand else None
+
+    def choose_checkpoint(self) -> None:
+        """``validate``/``test``/``predict`` evaluate a trained model: pick its file, or refuse.
+
+        Without ``--ckpt_path`` Lightning would evaluate the freshly initialised model and report its
+        metrics as if they meant something; kdl refuses unless the model loads its weights itself
+        (``net_weights``) or the user asks for it with ``--ckpt_path none``. ``last`` and ``best`` become
+        the files of the run folder's checkpoint callback, and a missing one is an error (Lightning
+        would warn and evaluate the untrained model, or fail in a fresh process for ``best``).
+        """
+        sub, given = self.subcommand, self._ckpt_path()
+        cfg = self.config_init[sub]
+        if given is not None and str(given).lower() == UNTRAINED:
+            rank_zero_warn(f"kdl {sub} --ckpt_path none: evaluating the model as the recipe builds it (untrained)")
+            cfg["ckpt_path"] = None
+            return
+        root = self.trainer.default_root_dir
+        if given is None:
+            if getattr(self.model, "hparams", {}).get("net_weights"):
+                return  # the net loaded its weights from net_weights
+            raise ConfigError(
+                f"kdl {sub} without --ckpt_path would evaluate an untrained {type(self.model).__name__}; pass "
+                f"--ckpt_path PATH, or last / best (of the run folder {root!r}), or --ckpt_path none to "
+                "evaluate it untrained on purpose"
+            )
+        if given in ("last", "best"):
+            path = named_checkpoint(given, self.trainer)
+            if path is None:
+                callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+                folders = sorted({str(cb.dirpath) for cb in callbacks if cb.dirpath})
+                raise ConfigError(
+                    f"--ckpt_path {given}: no {given} checkpoint in {', '.join(folders) or root!r} "
+                    f"(trainer.default_root_dir={root!r}); is that the run folder of the fit? "
+                    "pass the checkpoint's path otherwise"
+                )
+            cfg["ckpt_path"] = path
+
+    def predict(self, **kwargs: Any) -> None:
+        """Lightning's predict, then its outputs written to ``<default_root_dir>/predictions.pt``."""
+        kwargs["return_predictions"] = True
+        outputs = self.trainer.predict(**kwargs)
+        path, count = write_predictions(outputs, self.trainer)
+        if self.trainer.is_global_zero:
+            what = f"{count} predictions" if count is not None else "the predictions"
+            print(f"kdl predict: wrote {what} to {path}", file=sys.stderr)
 
     def check_checkpoint_matches(self, with_data: bool) -> None:
         """Refuse a ``--ckpt_path`` whose net, or for ``fit`` (``with_data``) any model or data key, differs.
@@ -274,7 +337,7 @@ class KDLCLI(LightningCLI):
         cannot load into another.
         """
         cfg = self._subcommand_config()
-        path = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
+        path = resolve_ckpt_path(self._ckpt_path(), self.trainer)
         if path is None:
             return
         if cfg.get("weights_only") is False:  # "last"/"best" resolved: the opt-in names this file
@@ -326,6 +389,62 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, trainer: L.Trainer) -
                 found += glob.glob(os.path.join(str(cb.dirpath), f"{cb.CHECKPOINT_NAME_LAST}*{cb.FILE_EXTENSION}"))
         return max(found, key=os.path.getmtime) if found else None
     return str(ckpt_path) if os.path.isfile(str(ckpt_path)) else None
+
+
+def named_checkpoint(name: str, trainer: L.Trainer) -> str | None:
+    """The file of ``--ckpt_path last`` or ``best`` in the checkpoint callbacks' folders, if it exists."""
+    if name == "last":
+        return resolve_ckpt_path("last", trainer)
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        if cb.best_model_path and os.path.isfile(cb.best_model_path):
+            return cb.best_model_path
+        if cb.dirpath and cb.filename and "{" not in cb.filename:
+            path = os.path.join(str(cb.dirpath), cb.filename + cb.FILE_EXTENSION)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def write_predictions(outputs: Any, trainer: L.Trainer) -> tuple[str, int | None]:  # noqa: ANN401 - batch outputs
+    """Save ``trainer.predict``'s outputs in the run folder; returns the file and the number of samples.
+
+    Batches of dicts of tensors (kdl's tasks: ``index``, ``label`` and ``logits`` or ``prediction``) are
+    joined into one dict of tensors; anything else is saved as Lightning returned it. Under DDP each rank
+    writes its own ``predictions-rank<N>.pt``.
+    """
+    from kd_lightning.fileio import atomic_replace
+
+    batches = outputs if isinstance(outputs, list) else []
+    if batches and isinstance(batches[0], list):  # several predict loaders: one list per loader
+        batches = [b for loader in batches for b in loader]
+    data: Any = outputs
+    count = None
+    if batches and all(isinstance(b, dict) and all(torch.is_tensor(v) for v in b.values()) for b in batches):
+        data = {k: torch.cat([b[k].detach().cpu() for b in batches]) for k in batches[0]}
+        count = len(next(iter(data.values()))) if data else 0
+    name = PREDICTIONS_FILE if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.pt"
+    path = os.path.join(str(trainer.default_root_dir), name)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_replace(path, lambda tmp: torch.save(data, tmp))
+    return path, count
+
+
+def prefer_int_to_float(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """Parse ``1`` as the int 1 where a Trainer argument takes an int (batches) or a float (a fraction).
+
+    Lightning types ``limit_val_batches`` and its kin ``float | int | None``; jsonargparse tries the types in that
+    order, so ``--trainer.limit_val_batches 1`` became 1.0, i.e. 100 % of the batches. ``1.0`` stays a float.
+    """
+    for action in getattr(parser, "_actions", []):
+        hint = getattr(action, "_typehint", None)  # jsonargparse's ActionTypeHint
+        if not str(action.dest).startswith(prefix) or typing.get_origin(hint) is not Union:
+            continue
+        args = typing.get_args(hint)
+        if float in args and int in args and args.index(float) < args.index(int):
+            # the same kind of hint as Lightning's (typing.Union), built from a tuple of members
+            action._typehint = Union[tuple([int, *(a for a in args if a is not int)])]  # noqa: UP007
 
 
 def _plain(value: object) -> Any:  # noqa: ANN401 - a JSON-like tree
@@ -396,6 +515,35 @@ def _user_error(exc: BaseException) -> BaseException | None:
         if isinstance(current, (KDLError, MisconfigurationException, FileNotFoundError)):
             return current
         current = current.__cause__ or current.__context__
+    return None
+
+
+def _one_line(message: str) -> str:
+    """The one line that matters in an error re-raised from a DataLoader worker.
+
+    It comes back as "Caught X in DataLoader worker process N" plus the worker's whole traceback: keep the
+    original message (its last line) without the exception's class name.
+    """
+    if "in DataLoader worker process" not in message or "Original Traceback" not in message:
+        return message
+    last = [ln.strip() for ln in message.splitlines() if ln.strip()][-1]
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
+
+
+_NON_FINITE = {"nan", "+nan", "-nan", ".nan", "inf", "+inf", "-inf", ".inf", "-.inf", "infinity", "-infinity"}
+
+
+def _non_finite_value(argv: list[str], message: str) -> str | None:
+    """``--key nan`` (or inf) where the parser expected a number: jsonargparse's union dump, said in one line."""
+    for i, tok in enumerate(argv):
+        key, _, value = tok.partition("=")
+        if not key.startswith("--"):
+            continue
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        name = key.rsplit(".", 1)[-1]
+        if value.strip().lower() in _NON_FINITE and f'"{name}"' in message:
+            return f"{key[2:]}={value}; expected a finite number"
     return None
 
 
@@ -495,6 +643,7 @@ def main(args: list[str] | None = None) -> int:
     quiet_lightning()
     cpu_defaults()
     command = argv[0] if argv[0] in TRAINER_COMMANDS else None
+    GracefulStop.aborted = False
     try:
         argv, trusted = pop_trust_args(argv)
         check_config_files(argv)
@@ -511,21 +660,40 @@ def main(args: list[str] | None = None) -> int:
         name = signal.Signals(status - 128).name
         print(f"kdl: stopped by {name} after saving; resume with --ckpt_path last (exit {status})", file=sys.stderr)
         return status
+    except SystemExit:  # after SIGTERMException, which is a SystemExit too
+        if not GracefulStop.aborted:  # --help, or jsonargparse's own exit
+            raise
+        # Lightning caught the KeyboardInterrupt of the second Ctrl-C and called sys.exit(1)
+        print(f"kdl: aborted by a second Ctrl-C without saving; {_last_hint()} (exit 130)", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"kdl: interrupted by Ctrl-C; {_last_hint()} (exit 130)", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
     except ArgumentError as e:
         if debug:
             raise
         hint = f"kdl {command} --help" if command else "kdl --help"
-        message = _class_hint(str(e)) or _short_parse_error(str(e)) + _suggestion(str(e), getattr(e, "kdl_options", []))
+        message = (
+            _class_hint(str(e))
+            or _non_finite_value(argv, str(e))
+            or _short_parse_error(str(e)) + _suggestion(str(e), getattr(e, "kdl_options", []))
+        )
         print(f"kdl: error: {message}\n(see `{hint}`; KDL_DEBUG=1 shows the full message)", file=sys.stderr)
         return 2
     except Exception as e:
         user_error = _user_error(e)
-        reason = str(user_error) if user_error is not None else _optimizer_error(e)
+        reason = _one_line(str(user_error)) if user_error is not None else _optimizer_error(e)
         if debug or reason is None:
             raise
         print(f"kdl: error: {reason}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
         return 2
     return 0
+
+
+def _last_hint() -> str:
+    return "the last saved last.ckpt (if any) is intact: resume with --ckpt_path last"
 
 
 def entrypoint() -> None:

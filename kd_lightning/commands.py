@@ -16,6 +16,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "oracle": ("kd_lightning.sampling.oracle:main", "build a cGAN-KD oracle store from held-out real images"),
     "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
     "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
+    "journal": ("kd_lightning.teachers.journal_tool:main", "check or repair a black-box query journal"),
     "report": ("kd_lightning.report:main", "a table of runs (mean ± std over seeds) and learning curves"),
     "sweep": ("kd_lightning.sweep:main", "check a W&B sweep file and run its command lines here (W&B offline)"),
 }

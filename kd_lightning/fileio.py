@@ -57,3 +57,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
 
     atomic_replace(path, write)
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written in ``folder`` (made when missing), or ``None``: a file on the way, no write access.
+
+    Catches the common mistakes before hours of work; a full disk or a read-only mount still fails at the write.
+    """
+    path = os.path.abspath(folder)
+    while True:
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                return f"{path!r} is a file, not a folder"
+            if not os.access(path, os.W_OK):
+                return f"the folder {path!r} is not writable"
+            return None
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.errors import ConfigError, KDLError, require_writable_folder
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -271,6 +271,8 @@ class _Resolver:
                     raise ConfigError(f"{where}: ${{{m.group(1)}}} is a {type(v).__name__}; it cannot sit inside text")
                 return _cli_value(v)
 
+            if "${" in _REF.sub("", obj):
+                raise ConfigError(f"{where}: {obj!r} has a '${{' without its closing '}}'; expected ${{name}}")
             return _REF.sub(sub, obj)
         if isinstance(obj, list):
             return [self(v, f"{where}[{i}]", refs) for i, v in enumerate(obj)]
@@ -316,7 +318,7 @@ def resolve(
         raise ConfigError("the pipeline has no stages")
     stages = [_as_stage(s) for s in stages]
     steps: dict[str, Step] = {}
-    fit_dirs: dict[str, str] = {}
+    owners: dict[str, str] = {}  # run folder -> the fit or tool stage that writes it
     for i, stage in enumerate(stages):
         where = f"stage {stage.name!r}"
         if stage.name in steps:
@@ -358,10 +360,16 @@ def resolve(
         run_dir = os.path.normpath(str(run_dir))
         artifacts: dict[str, str] = {"dir": run_dir}
         required: list[str] = []
+        # a fit or a tool command makes its run folder; validate/test/predict may join an earlier stage's folder
+        if stage.command not in TRAINER_COMMANDS[1:]:
+            if run_dir in owners:
+                verb = "fits into" if steps[owners[run_dir]].command == "fit" else "writes"
+                raise ConfigError(
+                    f"{where}: stage {owners[run_dir]!r} already {verb} {run_dir!r}; give each fit or tool "
+                    "stage its own dir"
+                )
+            owners[run_dir] = stage.name
         if stage.command == "fit":
-            if run_dir in fit_dirs:
-                raise ConfigError(f"{where}: stage {fit_dirs[run_dir]!r} already fits into {run_dir!r}")
-            fit_dirs[run_dir] = stage.name
             ckpt_dir = _get_dotted(merged, "checkpoint.dirpath") or os.path.join(run_dir, "checkpoints")
             best = _get_dotted(merged, "checkpoint.filename") or "best"
             artifacts["best"] = os.path.normpath(os.path.join(str(ckpt_dir), f"{best}.ckpt"))
@@ -572,13 +580,31 @@ class Runner:
 
     # ------------------------------------------------------------------ records
     @staticmethod
-    def _read_record(step: Step) -> dict[str, Any] | None:
+    def _load_record(path: str) -> dict[str, Any] | None:
         try:
-            with open(step.state_path) as f:
+            with open(path) as f:
                 rec = json.load(f)
         except (OSError, ValueError):
             return None
         return rec if isinstance(rec, dict) else None
+
+    @classmethod
+    def _read_record(cls, step: Step) -> dict[str, Any] | None:
+        """The stage's record; else a finished record of the same resolved config in its folder, under another name.
+
+        Two pipelines may name one run differently (seed 1's ``baseline`` is seed 0's ``guide`` in
+        recipes/pipelines/aikd_fashion_mnist_overfit.yaml): it is trained once and both skip it.
+        """
+        rec = cls._load_record(step.state_path)
+        if rec is not None:
+            return rec
+        folder = os.path.dirname(step.state_path)
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(folder)):
+                other = cls._load_record(os.path.join(folder, name)) if name.endswith(".json") else None
+                if other and other.get("status") == "done" and other.get("config_hash") == step.config_hash:
+                    return other
+        return None
 
     def _write_record(self, step: Step, rec: dict[str, Any]) -> None:
         from kd_lightning.fileio import atomic_write_bytes
@@ -803,19 +829,34 @@ class Runner:
 
     @contextlib.contextmanager
     def _lock(self, step: Step) -> Iterator[None]:
-        """One process at a time per stage: a second pipeline running the same stage stops with a clear error."""
+        """One process at a time per stage, and per fit folder: a second one stops with a clear error.
+
+        The fit lock (``<dir>/pipeline/fit.lock``) covers two pipelines whose stages of different names fit into
+        one folder (see :meth:`_read_record`).
+        """
+        require_writable_folder(step.dir, f"stage {step.name!r} dir")
+        os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
+        with contextlib.ExitStack() as held:
+            held.enter_context(
+                self._flock(step, step.state_path.removesuffix(".json") + ".lock", f"stage {step.name!r}")
+            )
+            if step.command == "fit":
+                fit_lock = os.path.join(os.path.dirname(step.state_path), "fit.lock")
+                held.enter_context(self._flock(step, fit_lock, f"a fit into {step.dir!r} (stage {step.name!r})"))
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _flock(step: Step, path: str, what: str) -> Iterator[None]:
         import fcntl
 
-        os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
-        with open(step.state_path.removesuffix(".json") + ".lock", "a+") as f:
+        with open(path, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "?"
-                raise StageFailed(
-                    step, 2, f"stage {step.name!r} is being run by another process (pid {holder}); {f.name}"
-                ) from None
+                raise StageFailed(step, 2, f"{what} is being run by another process (pid {holder}); {f.name}") from None
             f.truncate(0)
             f.write(str(os.getpid()))
             f.flush()
@@ -1014,12 +1055,60 @@ def load(argv: list[str]) -> tuple[list[Step], Any]:
     from kd_lightning.flags import normalize
 
     parser = build_parser()
+    files = _config_files(argv)
     try:  # kd_lightning.flags: --dry_run (old spelling --dry-run) and --force are flags that also take true/false
         cfg = parser.parse_args(normalize(argv, bools=("--dry_run", "--force")))
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     except ArgumentError as e:
         raise ConfigError(str(e).strip()) from None
-    return resolve(list(init.stages), dict(init.vars)), init
+    except ConfigError as e:
+        raise ConfigError(f"{', '.join(files) or 'the pipeline'}: {e}") from None
+    try:
+        check_command_line_vars(argv, files, cfg)
+        return resolve(list(init.stages), dict(init.vars)), init
+    except ConfigError as e:
+        raise ConfigError(f"{', '.join(files) or 'the pipeline'}: {e}") from None
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    """The pipeline files named by ``--config`` (for messages)."""
+    found = []
+    for i, tok in enumerate(argv):
+        if tok == "--config" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif tok.startswith("--config="):
+            found.append(tok.split("=", 1)[1])
+    return found
+
+
+def check_command_line_vars(argv: list[str], files: list[str], cfg: Any) -> None:  # noqa: ANN401 - jsonargparse's
+    """Refuse ``--vars.NAME`` for a variable that the pipeline neither declares nor uses (a typo would be ignored)."""
+    given = [tok[len("--vars.") :].split("=", 1)[0] for tok in argv if tok.startswith("--vars.")]
+    if not given:
+        return
+    declared: set[str] = set()
+    for path in files:
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            with open(path) as f:
+                data = yaml.safe_load(f)
+            if isinstance(data, dict) and isinstance(data.get("vars"), dict):
+                declared |= set(data["vars"])
+    text = json.dumps([_plain_tree(cfg.get("stages")), _plain_tree(cfg.get("vars"))], default=str)
+    used = {m.group(1).strip().split(".")[0] for m in _REF.finditer(text) if m.group(1)}
+    for name in given:
+        if name not in declared and name not in used:
+            known = ", ".join(sorted(declared | used)) or "none"
+            raise ConfigError(f"--vars.{name}: the pipeline has no variable {name!r} (variables: {known})")
+
+
+def _plain_tree(value: Any) -> Any:  # noqa: ANN401 - a parsed config tree
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_tree(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

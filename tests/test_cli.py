@@ -120,6 +120,37 @@ def test_test_subcommand_reports_metrics(kdl, fake_mnist: Path, tmp_path: Path) 
         assert name in metrics
 
 
+@pytest.mark.parametrize(
+    ("given", "parsed"), [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25), ("null", None)], ids=str
+)
+def test_limit_batches_keep_ints_and_fractions_apart(kdl, capsys, given: str, parsed: object) -> None:
+    """Lightning reads an int as a number of batches and a float as a fraction: ``1`` must not become 1.0 (100 %)."""
+    keys = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+    args = [tok for key in keys for tok in (f"--trainer.{key}", given)]
+    assert kdl("fit", "--config", str(RECIPES / "digits/student.yaml"), *args, "--print_config") == 0
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    for key in keys:
+        assert trainer[key] == parsed and type(trainer[key]) is type(parsed), (key, trainer[key])
+
+
+def test_predict_writes_its_predictions_in_the_run_folder(kdl, capsys, tmp_path: Path) -> None:
+    from kd_lightning.data import DigitsDataModule
+    from tests.helpers import QUIET_TRAINER
+
+    recipe = str(RECIPES / "digits/student.yaml")
+    args = ["--model.init_args.net", "tinynet", "--data.init_args.train_size", "64", "--trainer.max_epochs", "1"]
+    args += [*QUIET_TRAINER, "--trainer.default_root_dir", "run"]
+    assert kdl("fit", "--config", recipe, *args) == 0
+    capsys.readouterr()
+    assert kdl("predict", "--config", recipe, *args, "--ckpt_path", "best") == 0
+    n = len(DigitsDataModule().build_dataset("test"))
+    assert f"kdl predict: wrote {n} predictions to {Path('run') / 'predictions.pt'}" in capsys.readouterr().err
+    out = torch.load(tmp_path / "run" / "predictions.pt", weights_only=True)
+    assert sorted(out) == ["index", "label", "logits"]
+    assert out["logits"].shape == (n, 10) and torch.equal(out["index"], torch.arange(n))
+    assert torch.equal(out["label"], DigitsDataModule().build_dataset("test").labels)
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kd_lightning.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120

@@ -269,6 +269,64 @@ def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:
     assert main(["--config", "pipe.yaml", "--only", "a"]) == 0  # released: it runs
 
 
+# seed 0's pipeline names seed 1's baseline "guide" (aikd_fashion_mnist_overfit.yaml); seed 1's names it "baseline"
+SEEDED = """
+vars: {seed: 0, guide_seed: 1}
+stages:
+  - name: baseline
+    command: fit
+    config: recipe.yaml
+    dir: runs/seed${seed}/baseline
+    args: {seed_everything: "${seed}"}
+  - name: guide
+    command: fit
+    config: recipe.yaml
+    dir: runs/seed${guide_seed}/baseline
+    args: {seed_everything: "${guide_seed}"}
+  - name: arm
+    command: fit
+    config: recipe.yaml
+    dir: runs/seed${seed}/arm
+    args: {seed_everything: "${seed}", model.teacher: "${guide.best}"}
+"""
+
+
+def test_one_run_named_differently_by_two_pipelines_is_trained_once(fake, capsys) -> None:
+    Path("seeded.yaml").write_text(SEEDED)
+    assert main(["--config", "seeded.yaml", "--vars.seed", "1", "--vars.guide_seed", "2", "--only", "baseline"]) == 0
+    assert ran(fake()) == ["runs/seed1/baseline"]
+    capsys.readouterr()
+    assert main(["--config", "seeded.yaml"]) == 0  # seed 0: its "guide" is seed 1's "baseline", already done
+    assert lines(capsys.readouterr().out) == {"baseline": "done", "guide": "skipped", "arm": "done"}
+    assert ran(fake()) == ["runs/seed1/baseline", "runs/seed0/baseline", "runs/seed0/arm"]
+    # and the other way round: seed 2's guide stage trains seed 3's baseline, seed 3's pipeline then skips it
+    assert main(["--config", "seeded.yaml", "--vars.seed", "2", "--vars.guide_seed", "3", "--only", "guide"]) == 0
+    capsys.readouterr()
+    assert main(["--config", "seeded.yaml", "--vars.seed", "3", "--vars.guide_seed", "4", "--only", "baseline"]) == 0
+    assert lines(capsys.readouterr().out) == {"baseline": "skipped"}
+    # another config in the same folder is not the same run: it runs (here: another max_epochs)
+    assert main(["--config", "seeded.yaml", "--vars.seed", "2", "--vars.guide_seed", "3", "--only", "baseline"]) == 0
+    capsys.readouterr()
+    Path("recipe.yaml").write_text(RECIPE.replace("max_epochs: 1", "max_epochs: 2"))
+    assert main(["--config", "seeded.yaml", "--vars.seed", "1", "--vars.guide_seed", "2", "--only", "guide"]) == 0
+    assert lines(capsys.readouterr().out) == {"guide": "done"}
+
+
+def test_two_stages_never_fit_into_one_folder_at_once(fake, capsys) -> None:
+    import fcntl
+
+    Path("seeded.yaml").write_text(SEEDED)
+    Path("runs/seed1/baseline/pipeline").mkdir(parents=True)
+    with open("runs/seed1/baseline/pipeline/fit.lock", "w") as held:  # seed 1's pipeline is fitting its baseline
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4243")
+        held.flush()
+        assert main(["--config", "seeded.yaml", "--only", "guide"]) == 2
+    err = capsys.readouterr().err
+    assert "a fit into 'runs/seed1/baseline' (stage 'guide') is being run by another process (pid 4243)" in err
+    assert fake() == []
+
+
 def test_a_stage_that_does_not_write_its_declared_output_fails(fake, capsys) -> None:
     Path("pipe.yaml").write_text("stages: [{name: g, command: generate, dir: runs/g, outputs: {store: runs/store}}]")
     assert main(["--config", "pipe.yaml"]) == 1

@@ -52,7 +52,9 @@ class FTParaphraser(StageSteps, BaseTask):
     def configure_models(self) -> None:
         (teacher,), hp = self._pending, self.hparams
         del self._pending
-        teacher.check_compatible(self.task, hp.num_classes, hp.in_channels, who="the data")
+        teacher.check_compatible(
+            self.task, hp.num_classes, hp.in_channels, who="the data", image_size=hp.get("image_size")
+        )
         self.teacher = teacher
         shapes = DistillModule._probe(teacher.net, teacher.normalize, hp)
         stages = _stage_names(shapes)
