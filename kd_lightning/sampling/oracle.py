@@ -26,7 +26,7 @@ import torch
 
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.sampling.filtering import check_rho
-from kd_lightning.sampling.generate import GenerateConfig, Generation
+from kd_lightning.sampling.generate import MICRO_BATCH, GenerateConfig, Generation
 from kd_lightning.sampling.store import SampleStore, sha256_file
 
 if TYPE_CHECKING:
@@ -112,10 +112,9 @@ class OracleRun(Generation):
             raise ConfigError(f"{type(dm).__name__} is a {dm.task} DataModule; kdl oracle is for classification")
         self.oracle_cfg, self.dm = cfg, dm
         # what the inherited teacher pass and finalize() read
-        self.cfg = GenerateConfig(
-            generator="", out=cfg.out, teacher=cfg.teacher, filter=cfg.filter, forward_batch=cfg.batch_size
-        )
+        self.cfg = GenerateConfig(generator="", out=cfg.out, teacher=cfg.teacher, filter=cfg.filter)
         self.device = torch.device(cfg.device)
+        self.micro_batch = MICRO_BATCH  # images per teacher pass, as kdl generate's
         self.grad_mode = torch.inference_mode
         self.task = "classification"
         self.subsample = False
