@@ -13,6 +13,7 @@ import sys
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("kd_lightning.sample:main", "write GAN samples (N per class or label value) to a file or folder"),
     "generate": ("kd_lightning.sampling.generate:main", "build a cGAN-KD sample store (subsample, filter, relabel)"),
+    "oracle": ("kd_lightning.sampling.oracle:main", "build a cGAN-KD oracle store from held-out real images"),
     "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
     "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
     "journal": ("kd_lightning.teachers.journal_tool:main", "check or repair a black-box query journal"),

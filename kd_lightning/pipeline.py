@@ -999,6 +999,11 @@ class Runner:
         )
         self._write_record(step, rec)
         self._line(step, "done", f"{seconds:.1f} s" + (f" (resumed; {rec['seconds']:.1f} s in all)" if resume else ""))
+        from kd_lightning.sampling.consistency import store_chance_warning  # a store no better than chance
+
+        for path in (step.artifacts[a] for a in outputs if a not in ("best", "last")):
+            if warning := store_chance_warning(path):
+                print(f"kdl pipeline: stage {step.name!r}: {warning}", file=sys.stderr)
 
     def run(self) -> dict[str, str]:
         """Run the pipeline; returns each selected stage's outcome (done / skipped / ...)."""

@@ -726,7 +726,8 @@ def test_cgankd_pipelines_parse(setting: str, monkeypatch) -> None:
     kd = "student_cgankd_fitnet" if setting == "rotated" else "student_cgankd_blkd"  # BLKD is for classes only
     assert names[: len(CGANKD_STAGES) + 1] == [*CGANKD_STAGES, kd] and names[-1].startswith("test")
     # every stage's recipe is one of the setting's own files, and every fit stage is tested by a test stage
-    assert {Path(s["config"]).parent.name for s in raw["stages"]} == {setting}
+    configs = [c for s in raw["stages"] for c in ([s["config"]] if isinstance(s["config"], str) else s["config"])]
+    assert {Path(c).parent.name for c in configs} == {setting}
     shared = {"teacher", "cgan", "dr"}
     fitted = {s["dir"] for s in raw["stages"] if s["command"] == "fit" and s["name"] not in shared}
     assert fitted == {s["dir"] for s in raw["stages"] if s["command"] == "test"}

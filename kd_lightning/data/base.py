@@ -189,7 +189,7 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: share of the training set held out for validation (model selection);
             the test split is never used for selection.
         train_size: use a stratified random subset of this many training samples (after the
-            validation split), e.g. the papers' limited-data regime; ``None`` keeps all.
+            validation split), e.g. a limited-data setting; ``None`` keeps all.
         image_size: pad (or resize) images to this size, e.g. 32 for CIFAR-style nets;
             ``None`` keeps the native size.
         resize_mode: ``"pad"`` centres the image on a zero canvas, ``"resize"`` interpolates.

@@ -610,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         rate = (timing["proposed"] + timing["burn_in"]) / timing["seconds"]
         lines.append(f"{rate:.1f} images/s (proposals and burn-in; timing of a resumed run is partial)")
     print("; ".join(lines), file=sys.stderr)
+    from kd_lightning.sampling.consistency import store_chance_warning
+
+    if warning := store_chance_warning(cfg.out):
+        print(warning, file=sys.stderr)
     return 0
 
 
