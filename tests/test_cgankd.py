@@ -375,7 +375,7 @@ def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Pa
     names = {p.name for p in folder.glob("*.yaml")} - {"pipeline.yaml"}  # the chain itself: tests/test_pipeline.py
     kd_student = "student_cgankd_fitnet.yaml" if regression else "student_cgankd_blkd.yaml"
     kd_baseline = {"digits": [], "fashion_mnist": ["blkd.yaml"], "rotated": ["fitnet.yaml"]}[setting]  # real data only
-    names -= {p.name for p in folder.glob("*.yaml") if "stages" in (yaml.safe_load(p.read_text()) or {})}  # gan_study
+    names -= {p.name for p in folder.glob("*.yaml") if "stages" in (yaml.safe_load(p.read_text()) or {})}  # pipelines
     oracle = ["oracle.yaml", "cgan_long.yaml"] if setting == "fashion_mnist" else []  # cgan_long stacks on cgan.yaml
     assert names == {"teacher.yaml", "student.yaml", f"{gan_stage}.yaml", "dr.yaml", "generate.yaml",
                      "student_cgankd.yaml", kd_student, *kd_baseline, *oracle}  # fmt: skip
