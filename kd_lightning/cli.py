@@ -32,7 +32,6 @@ from typing import Any, Union
 
 import lightning as L
 import torch
-import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -54,6 +53,7 @@ from kd_lightning.callbacks import (
 from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
 from kd_lightning.commands import TOOL_COMMANDS, TRAINER_COMMANDS, run_tool_command, usage
 from kd_lightning.errors import ConfigError, DataNotFoundError, KDLError, require_writable_folder
+from kd_lightning.fileio import read_yaml
 from kd_lightning.wandb_media import prepare_wandb_run, sweep_trial, wandb_loggers
 
 #: the line after a missing-data error: where datasets come from, and the quick check
@@ -632,13 +632,7 @@ def check_config_files(argv: list[str]) -> None:
             raise ConfigError(f"--config {path!r} is a folder; expected a YAML recipe file")
         if not os.path.isfile(path):
             raise ConfigError(f"--config {path!r} does not exist")
-        try:
-            with open(path) as f:
-                content = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-            raise ConfigError(f"--config {path!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        content = read_yaml(path, f"--config {path!r}")
         if content is None:
             raise ConfigError(f"--config {path!r} is empty; expected a mapping of sections (trainer, model, data)")
         if not isinstance(content, dict):

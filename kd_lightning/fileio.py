@@ -6,6 +6,12 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_lightning.errors import ConfigError
 
 
 def _umask() -> int:
@@ -76,3 +82,13 @@ def folder_problem(folder: str | os.PathLike) -> str | None:
         if parent == path:
             return None
         path = parent
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:  # noqa: ANN401 - any YAML document
+    """Parse a YAML file; a syntax error becomes one :class:`ConfigError` naming ``what``, the line and the column."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
