@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# make demo's size: epochs per run and stratified training images (0 = all 54,000); FORCE=1 retrains runs done before
+EPOCHS ?= 10
+TRAIN_SIZE ?= 10000
+FORCE ?=
 # pip prints one harmless line per unused local index on some machines; keep the logs readable
 PIP_FILTER := sed '/is ignored: it is neither a file nor a directory/d'
 
@@ -39,8 +43,8 @@ data: ## install Debian's dataset-fashion-mnist when possible (else say how)
 	       "dataset-fashion-mnist) or pass any folder with the four idx files as --data.init_args.root."; \
 	fi
 
-demo: install ## the main job: teacher + student baseline on Fashion-MNIST (digits if absent), results table
-	$(PY) -m kd_lightning.demo
+demo: install ## teacher, NOKD and BLKD students on Fashion-MNIST, results table, plots (EPOCHS=10 TRAIN_SIZE=10000)
+	$(PY) -m kd_lightning.demo --epochs $(EPOCHS) --train-size $(TRAIN_SIZE) $(if $(FORCE),--force)
 
 test: install ## fast test suite (slow tests skipped)
 	$(PY) -m pytest -q

@@ -54,7 +54,7 @@ VARIANTS = {
 
 def configure(run: Generation, inference: bool, forward_batch: int | None, fast: bool, compiled: bool = False) -> None:
     run.grad_mode = torch.inference_mode if inference else torch.no_grad
-    run.cfg.forward_batch = forward_batch or run.cfg.batch_size
+    run.micro_batch = forward_batch or run.cfg.batch_size
     run.set_fast_inference(fast, compiled)
 
 

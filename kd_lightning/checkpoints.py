@@ -94,7 +94,14 @@ def check_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
     if path.is_dir():
         raise CheckpointError(f"{what} {str(path)!r} is a folder; expected a file (e.g. <run>/checkpoints/best.ckpt)")
     if not path.is_file():
-        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+        why = ""
+        if path.name != "last.ckpt" and (path.parent / "last.ckpt").is_file():
+            why = (
+                f"; only last.ckpt is in {str(path.parent)!r}: a --trainer.fast_dev_run fit (or one stopped before its "
+                "first validation) chooses no best checkpoint. Name last.ckpt, or train briefly with "
+                "--trainer.max_epochs 1 --trainer.limit_train_batches 5"
+            )
+        raise CheckpointError(f"{what} {str(path)!r} does not exist{why}")
     return path
 
 

@@ -25,23 +25,25 @@ import re
 import signal
 import sys
 import traceback
+import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import lightning as L
 import torch
-import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import kd_lightning.data  # registers the DataModules for short class names (and is used below)
 import kd_lightning.methods  # noqa: F401  (register LightningModules for short class names)
 from kd_lightning.callbacks import (
     AtomicCheckpointIO,
+    Curves,
     GracefulStop,
     NaNGuard,
     ResumeState,
@@ -49,12 +51,19 @@ from kd_lightning.callbacks import (
     exit_status_after_stop,
 )
 from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
-from kd_lightning.commands import TOOL_COMMANDS, run_tool_command
-from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.commands import TOOL_COMMANDS, TRAINER_COMMANDS, run_tool_command, usage
+from kd_lightning.errors import ConfigError, DataNotFoundError, KDLError, require_writable_folder
+from kd_lightning.fileio import read_yaml
 from kd_lightning.wandb_media import prepare_wandb_run, sweep_trial, wandb_loggers
 
+#: the line after a missing-data error: where datasets come from, and the quick check
+DATA_HINT = "where to get each dataset and its layout: docs/datasets.md; check it with `kdl check-data --config RECIPE`"
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
+#: ``--ckpt_path none``: evaluate the model as the recipe builds it (untrained), on purpose
+UNTRAINED = "none"
+#: where ``kdl predict`` writes its predictions, under ``trainer.default_root_dir``
+PREDICTIONS_FILE = "predictions.pt"
 
 
 class KDCheckpoint(ModelCheckpoint):
@@ -163,6 +172,7 @@ class KDLCLI(LightningCLI):
         parser.add_lightning_class_args(KDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GracefulStop, "graceful_stop")
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
+        parser.add_lightning_class_args(Curves, "curves")
         parser.add_argument(
             "--allow_resume_mismatch",
             type=bool,
@@ -171,6 +181,7 @@ class KDLCLI(LightningCLI):
         )
         for key in LINKED_DATA_FACTS:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+        prefer_int_to_float(parser, "trainer.")
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` (safely) without merging its hyper-parameters into the recipe.
@@ -183,7 +194,7 @@ class KDLCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config.get(sub, {}) if sub else {}
         path = cfg.get("ckpt_path")
-        if path and path not in ("last", "best", "hpc", "registry"):
+        if path and path not in ("last", "best", "hpc", "registry", UNTRAINED):
             if cfg.get("weights_only") is False:
                 trust(path)
             elif is_trusted(path):
@@ -192,15 +203,22 @@ class KDLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self.name_wandb_run()
+        root = (self._subcommand_config().get("trainer") or {}).get("default_root_dir")
+        _RUN_ROOTS.append(str(root or os.getcwd()))
         trainer = self._subcommand_config().get("trainer", {}) or {}
         precision, accelerator = str(trainer.get("precision") or ""), str(trainer.get("accelerator") or "auto")
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-        if "bf16" in precision and on_cpu and not cpu_has_fast_bf16():
+        # Lightning runs fp16 AMP on a CPU as bf16 autocast, so it gets the same warning
+        as_bf16 = "bf16" in precision or precision in ("16", "16-mixed")
+        if as_bf16 and on_cpu and not cpu_has_fast_bf16():
+            becomes = "" if "bf16" in precision else " (on a CPU, Lightning runs it as bf16-mixed)"
             warnings.warn(
-                f"trainer.precision={precision!r} on a CPU without AMX: bf16 autocast was measured ~15x slower "
-                "than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
+                f"trainer.precision={precision!r}{becomes} on a CPU without AMX: bf16 autocast was measured ~15x "
+                "slower than fp32 on such CPUs; use precision 32 here and bf16-mixed on GPUs",
                 stacklevel=1,
             )
+        root = trainer.get("default_root_dir")
+        require_writable_folder(str(root) if root else os.getcwd(), "trainer.default_root_dir")
 
     def name_wandb_run(self) -> None:
         """A W&B logger without a name/group gets ``<method>-seed<N>`` and the recipe, so W&B groups seeds."""
@@ -227,6 +245,7 @@ class KDLCLI(LightningCLI):
             if save_dir in (None, "", "."):
                 save_dir = cfg.get("trainer", {}).get("default_root_dir") or "."
             logger.init_args["save_dir"] = os.path.abspath(str(save_dir))
+            os.makedirs(logger.init_args["save_dir"], exist_ok=True)  # else W&B warns "git root ... does not exist"
 
     def _subcommand_config(self) -> Namespace:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -245,27 +264,94 @@ class KDLCLI(LightningCLI):
                 cb.bind(trainer, self.model)
         if not any(isinstance(cb, ResumeState) for cb in callbacks):
             callbacks.insert(0, ResumeState(self.recipe()))
+        quiet_console(callbacks)
+        eval_modules = [m for m in self.model.modules() if not m.training]
+        if eval_modules and not any(p.requires_grad for m in eval_modules for p in m.parameters()):
+            # only frozen parts (a KD teacher) are in eval mode, as they must be: Lightning's warning is not news
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":  # the whole resolved recipe, not only the model's hparams
+                wandb_init: dict[str, Any] = getattr(logger, "_wandb_init", {})
+                if "anonymous" in wandb_init and wandb_init["anonymous"] is None:  # W&B warns it has no effect
+                    del wandb_init["anonymous"]
                 full = _plain(self._subcommand_config())
                 full.pop("config", None)
                 logger.log_hyperparams({"kdl": full})
         prepare_wandb_run(trainer, self.model, self.subcommand)
 
     def before_fit(self) -> None:
+        if str(self._ckpt_path()).lower() == UNTRAINED:  # a fresh fit, as without --ckpt_path
+            self.config_init[self.subcommand]["ckpt_path"] = None
         self.check_checkpoint_matches(with_data=True)
 
     def after_fit(self) -> None:
         finish_wandb_run(self.trainer)
+        if getattr(self.trainer, "fast_dev_run", False):
+            print(
+                "fast_dev_run: a smoke test; no best.ckpt is chosen (a later stage naming best.ckpt will not find it)",
+                file=sys.stderr,
+            )
 
-    after_validate = after_test = after_predict = after_fit
+    def after_validate(self) -> None:
+        finish_wandb_run(self.trainer)
+
+    after_test = after_predict = after_validate
 
     def before_validate(self) -> None:
+        self.choose_checkpoint()
         self.check_checkpoint_matches(with_data=False)
 
     before_test = before_predict = before_validate
+
+    def _ckpt_path(self) -> Any:  # noqa: ANN401 - a path, a name (last, best) or None
+        return self.config_init[self.subcommand].get("ckpt_path") if self.subcommand else None
+
+    def choose_checkpoint(self) -> None:
+        """``validate``/``test``/``predict`` evaluate a trained model: pick its file, or refuse.
+
+        Without ``--ckpt_path`` Lightning would evaluate the freshly initialised model and report its
+        metrics as if they meant something; kdl refuses unless the model loads its weights itself
+        (``net_weights``) or the user asks for it with ``--ckpt_path none``. ``last`` and ``best`` become
+        the files of the run folder's checkpoint callback, and a missing one is an error (Lightning
+        would warn and evaluate the untrained model, or fail in a fresh process for ``best``).
+        """
+        sub, given = self.subcommand, self._ckpt_path()
+        cfg = self.config_init[sub]
+        if given is not None and str(given).lower() == UNTRAINED:
+            rank_zero_warn(f"kdl {sub} --ckpt_path none: evaluating the model as the recipe builds it (untrained)")
+            cfg["ckpt_path"] = None
+            return
+        root = self.trainer.default_root_dir
+        if given is None:
+            if getattr(self.model, "hparams", {}).get("net_weights"):
+                return  # the net loaded its weights from net_weights
+            raise ConfigError(
+                f"kdl {sub} without --ckpt_path would evaluate an untrained {type(self.model).__name__}; pass "
+                f"--ckpt_path PATH, or last / best (of the run folder {root!r}), or --ckpt_path none to "
+                "evaluate it untrained on purpose"
+            )
+        if given in ("last", "best"):
+            path = named_checkpoint(given, self.trainer)
+            if path is None:
+                callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+                folders = sorted({str(cb.dirpath) for cb in callbacks if cb.dirpath})
+                raise ConfigError(
+                    f"--ckpt_path {given}: no {given} checkpoint in {', '.join(folders) or root!r} "
+                    f"(trainer.default_root_dir={root!r}); is that the run folder of the fit? "
+                    "pass the checkpoint's path otherwise"
+                )
+            cfg["ckpt_path"] = path
+
+    def predict(self, **kwargs: Any) -> None:
+        """Lightning's predict, then its outputs written to ``<default_root_dir>/predictions.pt``."""
+        kwargs["return_predictions"] = True
+        outputs = self.trainer.predict(**kwargs)
+        path, count = write_predictions(outputs, self.trainer)
+        if self.trainer.is_global_zero:
+            what = f"{count} predictions" if count is not None else "the predictions"
+            print(f"kdl predict: wrote {what} to {path}", file=sys.stderr)
 
     def check_checkpoint_matches(self, with_data: bool) -> None:
         """Refuse a ``--ckpt_path`` whose net, or for ``fit`` (``with_data``) any model or data key, differs.
@@ -274,7 +360,7 @@ class KDLCLI(LightningCLI):
         cannot load into another.
         """
         cfg = self._subcommand_config()
-        path = resolve_ckpt_path(cfg.get("ckpt_path"), self.trainer)
+        path = resolve_ckpt_path(self._ckpt_path(), self.trainer)
         if path is None:
             return
         if cfg.get("weights_only") is False:  # "last"/"best" resolved: the opt-in names this file
@@ -295,6 +381,44 @@ class KDLCLI(LightningCLI):
                 f"refusing to resume from {path!r}: the recipe differs from the checkpoint's in "
                 f"{len(diffs)} key(s):\n{lines}\npass --allow_resume_mismatch true to resume anyway"
             )
+
+
+#: the run folders of the commands started in this process (a failed one's empty log folders are removed)
+_RUN_ROOTS: list[str] = []
+
+
+def remove_empty_log_dirs(root: str) -> list[str]:
+    """Remove ``<root>/lightning_logs/version_N`` folders that are empty, then the folders above if emptied."""
+    logs = os.path.join(root, "lightning_logs")
+    removed = []
+    for version in sorted(glob.glob(os.path.join(glob.escape(logs), "version_*"))):
+        if os.path.isdir(version) and not os.listdir(version):
+            os.rmdir(version)
+            removed.append(version)
+    for folder in (logs, root):
+        if removed and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+            removed.append(folder)
+    return removed
+
+
+def quiet_console(callbacks: list[L.Callback]) -> None:
+    """Swap Lightning's console callbacks for kdl's: no FLOPs column of zeros; plain lines when stderr is no terminal.
+
+    A redrawn progress bar written into a log file is megabytes of carriage returns; there one line per epoch says
+    more. ``KDL_PROGRESS=bar`` keeps the bar, ``KDL_PROGRESS=plain`` forces the lines.
+    """
+    from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+
+    from kd_lightning.callbacks.progress import PlainProgress, QuietSummary
+
+    choice = os.environ.get("KDL_PROGRESS", "")
+    plain = choice == "plain" or (choice != "bar" and not sys.stderr.isatty())
+    for i, cb in enumerate(callbacks):
+        if type(cb) is ModelSummary:
+            callbacks[i] = QuietSummary(max_depth=cb._max_depth)
+        elif type(cb) is TQDMProgressBar and plain:
+            callbacks[i] = PlainProgress()
 
 
 def finish_wandb_run(trainer: L.Trainer) -> None:
@@ -328,6 +452,62 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, trainer: L.Trainer) -
     return str(ckpt_path) if os.path.isfile(str(ckpt_path)) else None
 
 
+def named_checkpoint(name: str, trainer: L.Trainer) -> str | None:
+    """The file of ``--ckpt_path last`` or ``best`` in the checkpoint callbacks' folders, if it exists."""
+    if name == "last":
+        return resolve_ckpt_path("last", trainer)
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        if cb.best_model_path and os.path.isfile(cb.best_model_path):
+            return cb.best_model_path
+        if cb.dirpath and cb.filename and "{" not in cb.filename:
+            path = os.path.join(str(cb.dirpath), cb.filename + cb.FILE_EXTENSION)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def write_predictions(outputs: Any, trainer: L.Trainer) -> tuple[str, int | None]:  # noqa: ANN401 - batch outputs
+    """Save ``trainer.predict``'s outputs in the run folder; returns the file and the number of samples.
+
+    Batches of dicts of tensors (kdl's tasks: ``index``, ``label`` and ``logits`` or ``prediction``) are
+    joined into one dict of tensors; anything else is saved as Lightning returned it. Under DDP each rank
+    writes its own ``predictions-rank<N>.pt``.
+    """
+    from kd_lightning.fileio import atomic_replace
+
+    batches = outputs if isinstance(outputs, list) else []
+    if batches and isinstance(batches[0], list):  # several predict loaders: one list per loader
+        batches = [b for loader in batches for b in loader]
+    data: Any = outputs
+    count = None
+    if batches and all(isinstance(b, dict) and all(torch.is_tensor(v) for v in b.values()) for b in batches):
+        data = {k: torch.cat([b[k].detach().cpu() for b in batches]) for k in batches[0]}
+        count = len(next(iter(data.values()))) if data else 0
+    name = PREDICTIONS_FILE if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.pt"
+    path = os.path.join(str(trainer.default_root_dir), name)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_replace(path, lambda tmp: torch.save(data, tmp))
+    return path, count
+
+
+def prefer_int_to_float(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """Parse ``1`` as the int 1 where a Trainer argument takes an int (batches) or a float (a fraction).
+
+    Lightning types ``limit_val_batches`` and its kin ``float | int | None``; jsonargparse tries the types in that
+    order, so ``--trainer.limit_val_batches 1`` became 1.0, i.e. 100 % of the batches. ``1.0`` stays a float.
+    """
+    for action in getattr(parser, "_actions", []):
+        hint = getattr(action, "_typehint", None)  # jsonargparse's ActionTypeHint
+        if not str(action.dest).startswith(prefix) or typing.get_origin(hint) is not Union:
+            continue
+        args = typing.get_args(hint)
+        if float in args and int in args and args.index(float) < args.index(int):
+            # the same kind of hint as Lightning's (typing.Union), built from a tuple of members
+            action._typehint = Union[tuple([int, *(a for a in args if a is not int)])]  # noqa: UP007
+
+
 def _plain(value: object) -> Any:  # noqa: ANN401 - a JSON-like tree
     """A config value as dicts/lists of primitives (functions and classes by their dotted name)."""
     if hasattr(value, "as_dict"):
@@ -359,9 +539,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLCLI:
     )
 
 
+#: Lightning's info lines that say nothing about the user's run (hardware it did not use, cloud tips)
+_DROPPED_INFO = ("Tip:", "GPU available:", "TPU available:", "HPU available:", "IPU available:")
+
+
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in str(record.msg)
+        msg = str(record.msg)
+        return not any(s in msg for s in _DROPPED_INFO)
 
 
 def quiet_lightning() -> None:
@@ -399,22 +584,39 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _one_line(message: str) -> str:
+    """The one line that matters in an error re-raised from a DataLoader worker.
+
+    It comes back as "Caught X in DataLoader worker process N" plus the worker's whole traceback: keep the
+    original message (its last line) without the exception's class name.
+    """
+    if "in DataLoader worker process" not in message or "Original Traceback" not in message:
+        return message
+    last = [ln.strip() for ln in message.splitlines() if ln.strip()][-1]
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
+
+
+_NON_FINITE = {"nan", "+nan", "-nan", ".nan", "inf", "+inf", "-inf", ".inf", "-.inf", "infinity", "-infinity"}
+
+
+def _non_finite_value(argv: list[str], message: str) -> str | None:
+    """``--key nan`` (or inf) where the parser expected a number: jsonargparse's union dump, said in one line."""
+    for i, tok in enumerate(argv):
+        key, _, value = tok.partition("=")
+        if not key.startswith("--"):
+            continue
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        name = key.rsplit(".", 1)[-1]
+        if value.strip().lower() in _NON_FINITE and f'"{name}"' in message:
+            return f"{key[2:]}={value}; expected a finite number"
+    return None
+
+
 def _short_parse_error(msg: str) -> str:
     """Keep the lines of a jsonargparse error that name the problem (it reports every union member it tried)."""
     keep = [ln.strip() for ln in msg.splitlines() if ln.strip() and not re.search(_NOISE, ln.strip())]
     return "\n  ".join(keep[:6]) if keep else msg
-
-
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-
-
-def usage() -> str:
-    """The list of kdl's commands, for ``kdl`` alone and the end of ``kdl --help``."""
-    lines = ["kdl commands:"]
-    lines += [f"  kdl {name:<14} Lightning's {name} on a recipe (--config RECIPE.yaml)" for name in TRAINER_COMMANDS]
-    lines += [f"  kdl {name:<14} {helptext}" for name, (_, helptext) in TOOL_COMMANDS.items()]
-    lines.append("`kdl COMMAND --help` shows a command's options; any command takes --trust CKPT (a file you trust).")
-    return "\n".join(lines)
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -430,13 +632,7 @@ def check_config_files(argv: list[str]) -> None:
             raise ConfigError(f"--config {path!r} is a folder; expected a YAML recipe file")
         if not os.path.isfile(path):
             raise ConfigError(f"--config {path!r} does not exist")
-        try:
-            with open(path) as f:
-                content = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-            raise ConfigError(f"--config {path!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        content = read_yaml(path, f"--config {path!r}")
         if content is None:
             raise ConfigError(f"--config {path!r} is empty; expected a mapping of sections (trainer, model, data)")
         if not isinstance(content, dict):
@@ -485,9 +681,9 @@ def main(args: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] and argv[0] in TOOL_COMMANDS:  # not a Trainer subcommand
         return run_tool_command(argv[0], argv[1:])
-    if not argv:
-        print(usage(), file=sys.stderr)
-        return 2
+    if not argv or argv[0] in ("-h", "--help"):  # the command list (Lightning's global options are not for users)
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     debug = os.environ.get("KDL_DEBUG", "") not in ("", "0")
     if "--debug" in argv:
         argv.remove("--debug")
@@ -495,37 +691,56 @@ def main(args: list[str] | None = None) -> int:
     quiet_lightning()
     cpu_defaults()
     command = argv[0] if argv[0] in TRAINER_COMMANDS else None
+    _RUN_ROOTS.clear()
+    GracefulStop.aborted = False
     try:
         argv, trusted = pop_trust_args(argv)
         check_config_files(argv)
-        if argv[0] in ("-h", "--help"):
-            try:
-                build_cli(argv)
-            finally:  # Lightning printed its help and exits: add kdl's other commands
-                print("\n" + usage())
-        else:
-            with trust_scope(trusted):
-                build_cli(argv)
+        with trust_scope(trusted):
+            build_cli(argv)
     except SIGTERMException:
         status = exit_status_after_stop()
         name = signal.Signals(status - 128).name
         print(f"kdl: stopped by {name} after saving; resume with --ckpt_path last (exit {status})", file=sys.stderr)
         return status
+    except SystemExit:  # after SIGTERMException, which is a SystemExit too
+        if not GracefulStop.aborted:  # --help, or jsonargparse's own exit
+            raise
+        # Lightning caught the KeyboardInterrupt of the second Ctrl-C and called sys.exit(1)
+        print(f"kdl: aborted by a second Ctrl-C without saving; {_last_hint()} (exit 130)", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"kdl: interrupted by Ctrl-C; {_last_hint()} (exit 130)", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
     except ArgumentError as e:
         if debug:
             raise
         hint = f"kdl {command} --help" if command else "kdl --help"
-        message = _class_hint(str(e)) or _short_parse_error(str(e)) + _suggestion(str(e), getattr(e, "kdl_options", []))
+        message = (
+            _class_hint(str(e))
+            or _non_finite_value(argv, str(e))
+            or _short_parse_error(str(e)) + _suggestion(str(e), getattr(e, "kdl_options", []))
+        )
         print(f"kdl: error: {message}\n(see `{hint}`; KDL_DEBUG=1 shows the full message)", file=sys.stderr)
         return 2
     except Exception as e:
+        for root in _RUN_ROOTS:  # a run that failed before logging anything leaves no empty version_N behind
+            remove_empty_log_dirs(root)
         user_error = _user_error(e)
-        reason = str(user_error) if user_error is not None else _optimizer_error(e)
+        reason = _one_line(str(user_error)) if user_error is not None else _optimizer_error(e)
         if debug or reason is None:
             raise
+        if isinstance(user_error, DataNotFoundError):
+            reason += f"\n{DATA_HINT}"
         print(f"kdl: error: {reason}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
         return 2
     return 0
+
+
+def _last_hint() -> str:
+    return "the last saved last.ckpt (if any) is intact: resume with --ckpt_path last"
 
 
 def entrypoint() -> None:

@@ -13,9 +13,12 @@ import sys
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("kd_lightning.sample:main", "write GAN samples (N per class or label value) to a file or folder"),
     "generate": ("kd_lightning.sampling.generate:main", "build a cGAN-KD sample store (subsample, filter, relabel)"),
+    "oracle": ("kd_lightning.sampling.oracle:main", "build a cGAN-KD oracle store from held-out real images"),
     "pipeline": ("kd_lightning.pipeline:main", "run a recipe's stages in order, skipping those already done"),
     "serve-teacher": ("kd_lightning.serve.server:main", "serve a classifier checkpoint as a black-box teacher"),
+    "journal": ("kd_lightning.teachers.journal_tool:main", "check or repair a black-box query journal"),
     "report": ("kd_lightning.report:main", "a table of runs (mean ± std over seeds) and learning curves"),
+    "check-data": ("kd_lightning.check_data:main", "check that a recipe's dataset is on disk and loads (split sizes)"),
     "sweep": ("kd_lightning.sweep:main", "check a W&B sweep file and run its command lines here (W&B offline)"),
 }
 
@@ -39,14 +42,35 @@ def run_tool_command(name: str, argv: list[str]) -> int:
         return int(func(argv) or 0)
 
 
+#: kdl's Trainer subcommands (LightningCLI's): they import torch and Lightning
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def usage() -> str:
+    """The list of kdl's commands, for ``kdl`` alone and ``kdl --help`` (built without importing Lightning)."""
+    lines = ["usage: kdl COMMAND [options]", "", "kdl commands:"]
+    lines += [f"  kdl {name:<14} Lightning's {name} on a recipe (--config RECIPE.yaml)" for name in TRAINER_COMMANDS]
+    lines += [f"  kdl {name:<14} {helptext}" for name, (_, helptext) in TOOL_COMMANDS.items()]
+    lines.append("`kdl COMMAND --help` shows a command's options (e.g. `kdl fit --help`); any command takes")
+    lines.append("--trust CKPT (a checkpoint file you trust).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Run ``kdl`` on ``argv``; the command list and tool commands never import Lightning."""
+    if argv[:1] and argv[0] in TOOL_COMMANDS:
+        return run_tool_command(argv[0], argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    from kd_lightning.cli import main as trainer_main
+
+    return trainer_main(argv)
+
+
 def entrypoint() -> None:
     """The ``kdl`` console script."""
-    argv = sys.argv[1:]
-    if argv[:1] and argv[0] in TOOL_COMMANDS:
-        sys.exit(run_tool_command(argv[0], argv[1:]))
-    from kd_lightning.cli import entrypoint as trainer_entrypoint
-
-    trainer_entrypoint()
+    sys.exit(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,19 @@
 
 Runs the Fashion-MNIST recipes (or the digits recipes when Fashion-MNIST is not on disk) through
 kdl itself, tests each best-on-validation checkpoint on the held-out test split, and prints
-top-1, macro-F1, ECE, parameters and training images/s. Sizes are chosen to finish in ~15 minutes
-on 2 CPU cores; pass ``--epochs``/``--train-size`` to change them.
+top-1, macro-F1, ECE, parameters and training images/s. ``--epochs``/``--train-size`` set the size
+(``make demo EPOCHS=3 TRAIN_SIZE=5000``; README.md gives the times measured).
+
+Each run leaves ``plots/curves.png`` and, from its test, ``plots/reliability.png`` in its folder. A run
+already done with the same settings (and, for the BLKD student, the same teacher checkpoint) is not
+trained again: its row is read back from ``demo.json`` in its folder; ``--force`` retrains everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=10000, help="stratified training subset (0 = all)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="retrain runs already done with the same settings")
     p.add_argument(
         "--precision",
         default="32-true",
@@ -70,8 +77,28 @@ def resolve_precision(requested: str) -> str:
 def run_stage(
     name: str, recipe: Path, net: str, args: argparse.Namespace, data_args: list[str], model_args: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """Fit ``recipe`` with ``net``, then test its best checkpoint; return the table row."""
+    """Fit ``recipe`` with ``net``, then test its best checkpoint; return the table row.
+
+    A run whose ``demo.json`` records the same settings (and whose ``best.ckpt`` is there) is skipped.
+    """
     root_dir = str(Path(args.out) / name)
+    settings = {
+        "recipe": str(recipe.relative_to(RECIPES.parent)),
+        "net": net,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "precision": args.precision,
+        "compile": args.compile,
+        "data": data_args,
+        "model": list(model_args),
+        "inputs": {a: _sha256(a) for a in model_args if a.endswith(".ckpt") and Path(a).is_file()},
+    }
+    record, best = Path(root_dir) / "demo.json", Path(root_dir) / "checkpoints" / "best.ckpt"
+    if not args.force and record.is_file() and best.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("settings") == settings:
+            print(f"\n=== {name}: done before with the same settings, not retrained ({record}; --force retrains)")
+            return dict(saved["row"])
     common = [
         "--config",
         str(recipe),
@@ -105,9 +132,13 @@ def run_stage(
     checkpoint = cli.trainer.checkpoint_callback
     assert isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None
     val_acc = float(checkpoint.best_model_score)
-    test = build_cli(["test", *common, "--ckpt_path", str(best)])
+    calibration = {
+        "class_path": "kd_lightning.callbacks.TemperatureScaling",
+        "init_args": {"output_dir": str(Path(root_dir) / "plots")},
+    }
+    test = build_cli(["test", *common, f"--trainer.callbacks+={json.dumps(calibration)}", "--ckpt_path", str(best)])
     m = test.trainer.callback_metrics
-    return {
+    row = {
         "name": name,
         "net": net,
         "params": sum(p.numel() for p in cli.model.net.parameters()),
@@ -119,7 +150,18 @@ def run_stage(
         "n_train": len(cli.datamodule.train_dataset),
         "fit_min": fit_s / 60,
         "ckpt": str(best),
+        "plots": [str(p) for p in sorted((Path(root_dir) / "plots").glob("*.png"))],
     }
+    record.write_text(json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
+    return row
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> None:
@@ -141,6 +183,10 @@ def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> Non
     for r in rows:
         print(f"  {r['name']}: {r['ckpt']}")
     print(f"Logs (metrics.csv, config.yaml): {args.out}/<run>/lightning_logs/")
+    print("Plots (learning curves; reliability diagram of the test split before/after temperature scaling):")
+    for r in rows:
+        for png in r.get("plots", []):
+            print(f"  {png}")
 
 
 def main(argv: list[str] | None = None) -> int:

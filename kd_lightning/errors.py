@@ -4,6 +4,10 @@ The ``kdl`` command prints these as one short message (no traceback unless ``KDL
 ``--debug``), so every message names the bad value and what was expected.
 """
 
+from __future__ import annotations
+
+import os
+
 
 class KDLError(Exception):
     """Base class of every error the user can fix (bad config, missing data, wrong checkpoint)."""
@@ -19,3 +23,18 @@ class DataNotFoundError(KDLError, FileNotFoundError):
 
 class CheckpointError(KDLError):
     """A checkpoint is missing, unreadable, or of the wrong kind."""
+
+
+def require_writable_folder(path: str | os.PathLike, what: str) -> None:
+    """Refuse, naming ``path``, a run folder that is a file, sits under a file, or cannot be written.
+
+    The folder need not exist yet: its nearest existing ancestor must be a writable folder.
+    """
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(path) else f"lies under {probe!r}, a file"
+        raise ConfigError(f"{what} {str(path)!r} {where}; expected a folder to write the run in")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(path)!r}: {probe!r} is not writable; expected a folder you can write to")

@@ -6,6 +6,12 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_lightning.errors import ConfigError
 
 
 def _umask() -> int:
@@ -57,3 +63,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
 
     atomic_replace(path, write)
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written in ``folder`` (made when missing), or ``None``: a file on the way, no write access.
+
+    Catches the common mistakes before hours of work; a full disk or a read-only mount still fails at the write.
+    """
+    path = os.path.abspath(folder)
+    while True:
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                return f"{path!r} is a file, not a folder"
+            if not os.access(path, os.W_OK):
+                return f"the folder {path!r} is not writable"
+            return None
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:  # noqa: ANN401 - any YAML document
+    """Parse a YAML file; a syntax error becomes one :class:`ConfigError` naming ``what``, the line and the column."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None

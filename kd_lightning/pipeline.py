@@ -52,7 +52,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.errors import ConfigError, KDLError, require_writable_folder
+from kd_lightning.pipeline_report import find_plots, results_table, stage_progress, stage_results
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -174,6 +175,11 @@ class Step:
     def log_path(self) -> str:
         return os.path.join(self.dir, STATE_DIR, f"{self.name}.log")
 
+    @property
+    def progress_path(self) -> str:
+        """The one-line progress file the stage's command keeps (kd_lightning.progress), shown while it runs."""
+        return os.path.join(self.dir, STATE_DIR, f"{self.name}.progress")
+
     def shown(self, extra: list[str] | None = None) -> str:
         return shlex.join(["kdl", self.command, *self.argv, *(extra or [])])
 
@@ -271,6 +277,8 @@ class _Resolver:
                     raise ConfigError(f"{where}: ${{{m.group(1)}}} is a {type(v).__name__}; it cannot sit inside text")
                 return _cli_value(v)
 
+            if "${" in _REF.sub("", obj):
+                raise ConfigError(f"{where}: {obj!r} has a '${{' without its closing '}}'; expected ${{name}}")
             return _REF.sub(sub, obj)
         if isinstance(obj, list):
             return [self(v, f"{where}[{i}]", refs) for i, v in enumerate(obj)]
@@ -316,7 +324,7 @@ def resolve(
         raise ConfigError("the pipeline has no stages")
     stages = [_as_stage(s) for s in stages]
     steps: dict[str, Step] = {}
-    fit_dirs: dict[str, str] = {}
+    owners: dict[str, str] = {}  # run folder -> the fit or tool stage that writes it
     for i, stage in enumerate(stages):
         where = f"stage {stage.name!r}"
         if stage.name in steps:
@@ -358,10 +366,16 @@ def resolve(
         run_dir = os.path.normpath(str(run_dir))
         artifacts: dict[str, str] = {"dir": run_dir}
         required: list[str] = []
+        # a fit or a tool command makes its run folder; validate/test/predict may join an earlier stage's folder
+        if stage.command not in TRAINER_COMMANDS[1:]:
+            if run_dir in owners:
+                verb = "fits into" if steps[owners[run_dir]].command == "fit" else "writes"
+                raise ConfigError(
+                    f"{where}: stage {owners[run_dir]!r} already {verb} {run_dir!r}; give each fit or tool "
+                    "stage its own dir"
+                )
+            owners[run_dir] = stage.name
         if stage.command == "fit":
-            if run_dir in fit_dirs:
-                raise ConfigError(f"{where}: stage {fit_dirs[run_dir]!r} already fits into {run_dir!r}")
-            fit_dirs[run_dir] = stage.name
             ckpt_dir = _get_dotted(merged, "checkpoint.dirpath") or os.path.join(run_dir, "checkpoints")
             best = _get_dotted(merged, "checkpoint.filename") or "best"
             artifacts["best"] = os.path.normpath(os.path.join(str(ckpt_dir), f"{best}.ckpt"))
@@ -572,13 +586,31 @@ class Runner:
 
     # ------------------------------------------------------------------ records
     @staticmethod
-    def _read_record(step: Step) -> dict[str, Any] | None:
+    def _load_record(path: str) -> dict[str, Any] | None:
         try:
-            with open(step.state_path) as f:
+            with open(path) as f:
                 rec = json.load(f)
         except (OSError, ValueError):
             return None
         return rec if isinstance(rec, dict) else None
+
+    @classmethod
+    def _read_record(cls, step: Step) -> dict[str, Any] | None:
+        """The stage's record; else a finished record of the same resolved config in its folder, under another name.
+
+        Two pipelines may name one run differently (seed 1's ``baseline`` is seed 0's ``guide`` in
+        recipes/pipelines/aikd_fashion_mnist_overfit.yaml): it is trained once and both skip it.
+        """
+        rec = cls._load_record(step.state_path)
+        if rec is not None:
+            return rec
+        folder = os.path.dirname(step.state_path)
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(folder)):
+                other = cls._load_record(os.path.join(folder, name)) if name.endswith(".json") else None
+                if other and other.get("status") == "done" and other.get("config_hash") == step.config_hash:
+                    return other
+        return None
 
     def _write_record(self, step: Step, rec: dict[str, Any]) -> None:
         from kd_lightning.fileio import atomic_write_bytes
@@ -698,6 +730,32 @@ class Runner:
             self.out.write(text + "\n")
         self.out.flush()
 
+    def _progress(self, step: Step, since: float, t0: float) -> str:
+        """The status line's detail for a running stage: its own progress (epoch/step, samples), then the time."""
+        width = shutil.get_terminal_size((100, 20)).columns - len(step.name) - 28
+        shown = stage_progress(step.progress_path, step.log_path, since, width=max(20, width))
+        return f"{time.monotonic() - t0:.0f} s  {shown or 'log: ' + step.log_path}"
+
+    def print_results(self) -> None:
+        """The results of the selected fit and test stages (this run's or a skipped stage's), and the plots."""
+        rows, folders = [], []
+        for step in self.steps:
+            rec = self.records.get(step.name) or {}
+            if step.name not in self.selected or rec.get("status") != "done":
+                continue
+            results = rec.get("results")
+            if results is None:  # a record from before results were kept
+                results = stage_results(step.command, step.dir)
+            rows.append((step.name, step.command, step.dir, results))
+            folders.append(step.dir)
+        table = results_table(rows)
+        if table:
+            self.out.write(f"\nResults (fits: best validation metric; tests: the test split):\n{table}\n")
+        plots = find_plots(folders)
+        if plots:
+            self.out.write("Plots:\n" + "".join(f"  {p}\n" for p in plots))
+        self.out.flush()
+
     def print_plan(self) -> None:
         for step, d in self.plan():
             self._line(step, d.action, d.reason + "".join(f"; replaces {p}" for p in self._replaced(step, d)))
@@ -710,7 +768,11 @@ class Runner:
         cmd = [*_launcher(), step.command, *step.argv, *extra]
         log.write(f"\n=== kdl pipeline: stage {step.name!r} at {_now()}\n=== {step.shown(extra)}\n")
         log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        from kd_lightning.progress import PROGRESS_ENV
+
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(step.progress_path)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: os.path.abspath(step.progress_path)}
         return subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -803,19 +865,34 @@ class Runner:
 
     @contextlib.contextmanager
     def _lock(self, step: Step) -> Iterator[None]:
-        """One process at a time per stage: a second pipeline running the same stage stops with a clear error."""
+        """One process at a time per stage, and per fit folder: a second one stops with a clear error.
+
+        The fit lock (``<dir>/pipeline/fit.lock``) covers two pipelines whose stages of different names fit into
+        one folder (see :meth:`_read_record`).
+        """
+        require_writable_folder(step.dir, f"stage {step.name!r} dir")
+        os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
+        with contextlib.ExitStack() as held:
+            held.enter_context(
+                self._flock(step, step.state_path.removesuffix(".json") + ".lock", f"stage {step.name!r}")
+            )
+            if step.command == "fit":
+                fit_lock = os.path.join(os.path.dirname(step.state_path), "fit.lock")
+                held.enter_context(self._flock(step, fit_lock, f"a fit into {step.dir!r} (stage {step.name!r})"))
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _flock(step: Step, path: str, what: str) -> Iterator[None]:
         import fcntl
 
-        os.makedirs(os.path.dirname(step.state_path), exist_ok=True)
-        with open(step.state_path.removesuffix(".json") + ".lock", "a+") as f:
+        with open(path, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "?"
-                raise StageFailed(
-                    step, 2, f"stage {step.name!r} is being run by another process (pid {holder}); {f.name}"
-                ) from None
+                raise StageFailed(step, 2, f"{what} is being run by another process (pid {holder}); {f.name}") from None
             f.truncate(0)
             f.write(str(os.getpid()))
             f.flush()
@@ -876,7 +953,7 @@ class Runner:
                         break
                     except subprocess.TimeoutExpired:
                         if self.tty:
-                            self._line(step, state, f"{time.monotonic() - t0:.0f} s  log: {step.log_path}", final=False)
+                            self._line(step, state, self._progress(step, attempt_start, t0), final=False)
             finally:
                 if proc.poll() is None:  # an exception in this process (not a signal): stop the stage cleanly
                     self._stop(proc)
@@ -916,11 +993,17 @@ class Runner:
                 step, 1, f"stage {step.name!r} exited 0 but did not write {gone[0]}; log: {step.log_path}"
             )
         rec.update(status="done", outputs=outputs, made_by={"config_hash": step.config_hash, "inputs": inputs})
+        rec["results"] = stage_results(step.command, step.dir, since=float(rec["run_started"]) - 1)
         rec["fingerprint"] = _sha(
             json.dumps([step.config_hash, inputs, {k: v["sha256"] for k, v in outputs.items()}], sort_keys=True)
         )
         self._write_record(step, rec)
         self._line(step, "done", f"{seconds:.1f} s" + (f" (resumed; {rec['seconds']:.1f} s in all)" if resume else ""))
+        from kd_lightning.sampling.consistency import store_chance_warning  # a store no better than chance
+
+        for path in (step.artifacts[a] for a in outputs if a not in ("best", "last")):
+            if warning := store_chance_warning(path):
+                print(f"kdl pipeline: stage {step.name!r}: {warning}", file=sys.stderr)
 
     def run(self) -> dict[str, str]:
         """Run the pipeline; returns each selected stage's outcome (done / skipped / ...)."""
@@ -1009,12 +1092,60 @@ def load(argv: list[str]) -> tuple[list[Step], Any]:
     from kd_lightning.flags import normalize
 
     parser = build_parser()
+    files = _config_files(argv)
     try:  # kd_lightning.flags: --dry_run (old spelling --dry-run) and --force are flags that also take true/false
         cfg = parser.parse_args(normalize(argv, bools=("--dry_run", "--force")))
         init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     except ArgumentError as e:
         raise ConfigError(str(e).strip()) from None
-    return resolve(list(init.stages), dict(init.vars)), init
+    except ConfigError as e:
+        raise ConfigError(f"{', '.join(files) or 'the pipeline'}: {e}") from None
+    try:
+        check_command_line_vars(argv, files, cfg)
+        return resolve(list(init.stages), dict(init.vars)), init
+    except ConfigError as e:
+        raise ConfigError(f"{', '.join(files) or 'the pipeline'}: {e}") from None
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    """The pipeline files named by ``--config`` (for messages)."""
+    found = []
+    for i, tok in enumerate(argv):
+        if tok == "--config" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif tok.startswith("--config="):
+            found.append(tok.split("=", 1)[1])
+    return found
+
+
+def check_command_line_vars(argv: list[str], files: list[str], cfg: Any) -> None:  # noqa: ANN401 - jsonargparse's
+    """Refuse ``--vars.NAME`` for a variable that the pipeline neither declares nor uses (a typo would be ignored)."""
+    given = [tok[len("--vars.") :].split("=", 1)[0] for tok in argv if tok.startswith("--vars.")]
+    if not given:
+        return
+    declared: set[str] = set()
+    for path in files:
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            with open(path) as f:
+                data = yaml.safe_load(f)
+            if isinstance(data, dict) and isinstance(data.get("vars"), dict):
+                declared |= set(data["vars"])
+    text = json.dumps([_plain_tree(cfg.get("stages")), _plain_tree(cfg.get("vars"))], default=str)
+    used = {m.group(1).strip().split(".")[0] for m in _REF.finditer(text) if m.group(1)}
+    for name in given:
+        if name not in declared and name not in used:
+            known = ", ".join(sorted(declared | used)) or "none"
+            raise ConfigError(f"--vars.{name}: the pipeline has no variable {name!r} (variables: {known})")
+
+
+def _plain_tree(value: Any) -> Any:  # noqa: ANN401 - a parsed config tree
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_tree(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1037,6 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     except KDLError as e:
         print(f"kdl pipeline: error: {e}", file=sys.stderr)
         return 2
+    runner.print_results()
     ran = sum(v in ("done", "resumed") for v in outcome.values())
     skipped = sum(v == "skipped" for v in outcome.values())
     print(f"kdl pipeline: {ran} stage(s) run, {skipped} skipped, {time.monotonic() - t0:.1f} s")

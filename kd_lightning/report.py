@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from jsonargparse import ArgumentParser
 
 from kd_lightning.errors import ConfigError, KDLError
-from kd_lightning.fileio import atomic_write_bytes
+from kd_lightning.fileio import atomic_write_bytes, read_yaml
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -112,12 +111,7 @@ def read_run(path: str | os.PathLike) -> Run:
 
 def _read_config(path: Path) -> dict[str, Any]:
     """A run's ``config.yaml`` as a mapping; a clear error when it is not YAML or not a mapping."""
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{str(path)!r} is not valid YAML{at}; expected the config Lightning saved") from None
+    config = read_yaml(path, repr(str(path)))
     if config is None:
         return {}
     if not isinstance(config, dict):

@@ -24,7 +24,7 @@ from torchvision.utils import save_image
 
 from kd_lightning.checkpoints import check_file, trust
 from kd_lightning.errors import ConfigError, KDLError
-from kd_lightning.fileio import atomic_write_bytes
+from kd_lightning.fileio import atomic_write_bytes, folder_problem
 from kd_lightning.flags import parse_bool
 from kd_lightning.gans import labels_per_class
 
@@ -105,6 +105,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` that cannot be written before sampling: a folder through a file, a file over a folder."""
+    if out.endswith(".pt") and os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} is a folder; expected a .pt file to write (or a folder without .pt)")
+    if not out.endswith(".pt") and os.path.isfile(out):
+        raise ConfigError(f"--out {out!r} is a file; expected a folder for the PNGs (or a path ending in .pt)")
+    problem = folder_problem(os.path.dirname(os.path.abspath(out)) if out.endswith(".pt") else out)
+    if problem:
+        raise ConfigError(f"--out {out!r}: {problem}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build ``kdl sample``'s argument parser."""
     p = argparse.ArgumentParser(prog="kdl sample", description=__doc__.split("\n\n")[0])
@@ -140,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         from kd_lightning.methods.gan import load_gan
 
         device = resolve_device(args.device)
+        check_out(args.out)
         task = load_gan(args.ckpt)
         labels = sample_labels(task, args.per_class, args.per_label, args.label_values, args.n_label_values, args.n)
         gen = task.sampler_generator(ema=not args.raw)
@@ -152,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KDLError as e:
         print(f"kdl sample: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder
+        from kd_lightning.sampling.generate import os_error_line
+
+        print(f"kdl sample: error: {os_error_line(e, args.out, 'the samples')}", file=sys.stderr)
         return 2
     print(f"wrote {len(images)} samples to {args.out}", file=sys.stderr)
     return 0

@@ -38,6 +38,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from kd_lightning.errors import ConfigError, KDLError
+from kd_lightning.fileio import read_yaml
 
 #: environment variables through which a trial's ``kdl`` learns it is part of a sweep (read by kd_lightning.cli)
 SWEEP_ENV = "KDL_SWEEP"  # JSON: {"id", "name", "group", "trial", "values"}
@@ -63,12 +64,7 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"sweep file {str(path)!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    config = read_yaml(path, f"sweep file {str(path)!r}")
     if not isinstance(config, dict):
         raise ConfigError(f"sweep file {str(path)!r} holds no mapping; expected W&B's sweep format")
     try:

@@ -38,6 +38,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)  # type, name, files
+    exited: bool = False  # the run's exit record is written: the run was finished and its log is complete
 
     def scalars(self, key: str) -> list[float]:
         """Every logged value of a scalar ``key``, in logging order."""
@@ -45,6 +46,8 @@ class OfflineRun:
 
 
 def _records(data: bytes, path: Path) -> list[bytes]:
+    if len(data) < _HEADER.size:
+        raise KDLError(f"{str(path)!r} holds no W&B run log header yet ({len(data)} bytes)")
     ident, magic, _version = _HEADER.unpack_from(data, 0)
     if ident != b":W&B" or magic != 0xBEE1:
         raise KDLError(f"{str(path)!r} is not a W&B run log (header {data[:7]!r})")
@@ -123,4 +126,27 @@ def read_offline_run(folder: str | os.PathLike) -> OfflineRun:
         elif kind == "summary":
             for item in record.summary.update:
                 _put(run.summary, item)
+        elif kind == "exit":
+            run.exited = True
     return run
+
+
+def wait_for_offline_run(folder: str | os.PathLike, timeout: float = 120.0, poll: float = 0.2) -> OfflineRun:
+    """:func:`read_offline_run` once the run's log holds its exit record; :class:`KDLError` after ``timeout`` s.
+
+    W&B's service writes the log in its own process and may still be writing when ``wandb.finish()`` returns.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run: OfflineRun | None = read_offline_run(folder)
+        except KDLError:  # no log yet, or its header not written yet
+            run = None
+        if run is not None and run.exited:
+            return run
+        if time.monotonic() > deadline:
+            seen = "no run log" if run is None else f"{len(run.history)} history rows and no exit record"
+            raise KDLError(f"the offline W&B run under {str(folder)!r} was not closed within {timeout:.0f} s ({seen})")
+        time.sleep(poll)

@@ -147,8 +147,9 @@ for k, name in enumerate(NAMES):
 ax.set_xticks(range(len(present)), [CLASSES[c] if c < len(CLASSES) else str(c) for c in present], fontsize=8)
 ax.set_ylabel("test accuracy (%)")
 ax.set_ylim(0, 100)
-ax.legend(fontsize=7, ncol=len(NAMES), loc="lower center")
-ax.set_title("per-class top-1 accuracy")
+# the legend sits above the axes: inside, it would hide the bars it names
+ax.legend(fontsize=7, ncol=len(NAMES), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+ax.set_title("per-class top-1 accuracy", pad=22)
 fig.tight_layout()
 plt.show()
 
@@ -166,7 +167,7 @@ for k, (name, rows) in enumerate(agreement.items()):
     ax.bar(np.arange(len(present)) + (k - (len(agreement) - 1) / 2) * width, [100 * a for a in rows], width, label=name)
 ax.set_xticks(range(len(present)), [CLASSES[c] if c < len(CLASSES) else str(c) for c in present], fontsize=8)
 ax.set_ylabel("agreement with teacher (%)")
-ax.legend(fontsize=7, ncol=len(agreement), loc="lower center")
+ax.legend(fontsize=7, ncol=len(agreement), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
 fig.tight_layout()
 plt.show()
 
@@ -191,7 +192,15 @@ for ax, name in zip(axes[0], NAMES):
     ax.set_title(f"{name} ({feats[name].shape[1]}-d)", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
-fig.tight_layout()
+shown = sorted(set(labels[subset].tolist()))  # one legend for every panel: the colour of each class
+marks = [
+    plt.Line2D(
+        [], [], marker="o", ls="", ms=5, color=plt.get_cmap("tab10")(c / 9), label=CLASSES[c] if c < len(CLASSES) else c
+    )
+    for c in shown
+]
+fig.legend(handles=marks, loc="lower center", ncol=min(10, len(marks)), fontsize=7, frameon=False)
+fig.tight_layout(rect=(0, 0.08, 1, 1))
 plt.show()
 
 # %% [markdown]

@@ -10,7 +10,10 @@ exactly which stages ran and how. Recipe keys under ``fake`` steer it:
   ``<default_root_dir>/checkpoints/last.ckpt`` (JSON with the epoch); ``--ckpt_path last``
   continues after the saved epoch. ``best.ckpt`` is written at the end; its bytes depend on the config
   and on the bytes of every existing file the config names, so a changed input changes the output.
-- ``test``/``validate``/``predict``: prints a metric, writes nothing.
+  Each epoch also adds a row (``val/acc1`` 0.5, 0.6, ...) to ``lightning_logs/version_N/metrics.csv``, rewrites
+  the progress file ``$KDL_PROGRESS_FILE`` names, and the fit ends with a ``plots/curves.png`` (not a real PNG).
+- ``test``/``validate``/``predict``: prints a metric; ``test`` writes it (``test/acc1`` 0.5) into a new
+  ``lightning_logs/version_N/metrics.csv``.
 - ``serve-teacher``: becomes ``python -m http.server --port <port>`` on 127.0.0.1.
 - any other command writes ``fake.out`` (a folder with one file) the same way as ``best.ckpt``; with
   ``fake.refuse_other`` it refuses a folder written with other settings, as ``kdl generate`` does.
@@ -86,6 +89,14 @@ def write(path: str, data: bytes) -> None:
     os.replace(path + ".tmp", path)
 
 
+def new_log_dir(root: str) -> str:
+    """``<root>/lightning_logs/version_N`` with the first free N, as Lightning's CSVLogger picks it."""
+    n = 0
+    while os.path.exists(os.path.join(root, "lightning_logs", f"version_{n}")):
+        n += 1
+    return os.path.join(root, "lightning_logs", f"version_{n}")
+
+
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     cfg, ckpt_path = merged_config(rest)
@@ -113,13 +124,23 @@ def main(argv: list[str]) -> int:
         port = str(cfg["port"])
         os.execv(sys.executable, [sys.executable, "-m", "http.server", port, "--bind", "127.0.0.1"])
     if command == "fit":
-        for epoch in range(start, int((cfg.get("trainer") or {}).get("max_epochs", 1))):
+        max_epochs = int((cfg.get("trainer") or {}).get("max_epochs", 1))
+        metrics = os.path.join(new_log_dir(str(root)), "metrics.csv")
+        rows = ["epoch,val/acc1"]
+        for epoch in range(start, max_epochs):
             time.sleep(float(os.environ.get("FAKE_KDL_SLEEP", 0)))
             write(os.path.join(ckpts, "last.ckpt"), json.dumps({"epoch": epoch}).encode())
+            rows.append(f"{epoch},{0.5 + 0.1 * epoch:.1f}")
+            write(metrics, ("\n".join(rows) + "\n").encode())
+            if os.environ.get("KDL_PROGRESS_FILE"):
+                write(os.environ["KDL_PROGRESS_FILE"], f"epoch {epoch + 1}/{max_epochs}\n".encode())
             print(f"epoch {epoch} done", flush=True)
         write(os.path.join(ckpts, "best.ckpt"), content({k: v for k, v in cfg.items() if k != "fake"}))
+        write(os.path.join(str(root), "plots", "curves.png"), b"not a png")
     elif command in ("test", "validate", "predict"):
         print("test/acc1 0.5", flush=True)
+        if command == "test":
+            write(os.path.join(new_log_dir(str(root)), "metrics.csv"), b"test/acc1,test/loss\n0.5,1.25\n")
     elif fake.get("out"):
         part = os.path.join(fake["out"], "part-0.bin")
         if fake.get("refuse_other") and os.path.isfile(part) and Path(part).read_bytes() != content(cfg):

@@ -7,10 +7,13 @@ starts with ``kdl``'s error prefix, and the bad value (or key, or file) named in
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
 import signal
 import stat
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,61 @@ TINY = [
     "--trainer.default_root_dir",
     "run",
 ]
+
+
+FASHION = str(RECIPES / "fashion_mnist/student.yaml")
+
+
+def idx_bytes(shape: tuple[int, ...], values: bytes) -> bytes:
+    """An uncompressed uint8 idx file (MNIST's format) of ``shape`` holding ``values``."""
+    return bytes([0, 0, 0x08, len(shape)]) + struct.pack(f">{len(shape)}I", *shape) + values
+
+
+#: an MNIST-format folder whose training labels hold a 12 (Fashion-MNIST has classes 0..9)
+BAD_LABELS = {
+    "bad/train-images-idx3-ubyte": idx_bytes((20, 28, 28), bytes(20 * 28 * 28)),
+    "bad/train-labels-idx1-ubyte": idx_bytes((20,), bytes([i % 10 for i in range(19)] + [12])),
+    "bad/t10k-images-idx3-ubyte": idx_bytes((10, 28, 28), bytes(10 * 28 * 28)),
+    "bad/t10k-labels-idx1-ubyte": idx_bytes((10,), bytes(range(10))),
+}
+
+
+def png_bytes(side: int = 4, claimed: int | None = None) -> bytes:
+    """A grey PNG of ``side`` pixels whose header claims ``claimed`` x ``claimed`` (a decompression bomb's header)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    if claimed is not None:  # IHDR: 8-byte signature, length, "IHDR", width, height, ..., CRC of type + data
+        data[16:24] = struct.pack(">II", claimed, claimed)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+#: a recipe on an image-folder dataset ("imgs/{train,test}/{a,b}/"), tiny and quiet
+FOLDER_RECIPE = (
+    "seed_everything: 0\n"
+    "trainer: {max_epochs: 1, logger: false, enable_progress_bar: false, enable_model_summary: false}\n"
+    "model: {class_path: ImageClassifier, init_args: {net: tinynet}}\n"
+    "data: {class_path: ImageFolderDataModule, init_args: {root: imgs, image_size: 8, batch_size: 2, "
+    "val_fraction: 0, grayscale: true, num_workers: 0}}\n"
+)
+
+
+def image_folder(bad: bytes) -> dict[str, str | bytes | None]:
+    """The files of an image-folder dataset whose training image ``imgs/train/a/2.png`` is ``bad``."""
+    files: dict[str, str | bytes | None] = {"folder.yaml": FOLDER_RECIPE}
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            for i in range(3):
+                files[f"imgs/{split}/{cls}/{i}.png"] = png_bytes()
+    files["imgs/train/a/2.png"] = bad
+    return files
+
+
+#: a pipeline of one tool stage whose run folder is ``${root}/g``
+PIPE_ROOT = "vars: {root: runs}\nstages:\n  - {name: g, command: generate, dir: '${root}/g'}\n"
 
 
 class Evil:
@@ -109,7 +167,7 @@ CASES: dict[str, Case] = {
     # ---- data
     "missing data root": Case(
         ["fit", "--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", "/does/not/exist"],
-        ["'/does/not/exist' does not exist"],
+        ["'/does/not/exist' does not exist", "docs/datasets.md", "kdl check-data"],
     ),
     "data root is a file": Case(
         ["fit", "--config", str(RECIPES / "fashion_mnist/student.yaml"), "--data.init_args.root", "afile"],
@@ -140,6 +198,87 @@ CASES: dict[str, Case] = {
         ["fit", "--config", BLKD, "--model.init_args.teacher", "none.ckpt"], ["'none.ckpt' does not exist"]
     ),
     "teacher path is a folder": Case(["fit", "--config", BLKD, "--model.init_args.teacher", "."], ["'.' is a folder"]),
+    "train_size below the number of classes": Case(
+        ["fit", "--config", STUDENT, *TINY, "--data.init_args.train_size", "5"],
+        ["train_size=5 is below the 10 classes", "train_size >= 10"],
+    ),
+    "negative num_workers": Case(
+        ["fit", "--config", STUDENT, *TINY, "--data.init_args.num_workers", "-1"], ["num_workers=-1", "expected 0"]
+    ),
+    "learning rate nan": Case(
+        ["fit", "--config", STUDENT, *TINY, "--model.init_args.optimizer.init_args.lr", "nan"],
+        ["model.init_args.optimizer.init_args.lr=nan; expected a finite number"],
+        max_lines=2,
+    ),
+    "T_max 0": Case(
+        ["fit", "--config", STUDENT, *TINY, "--model.init_args.lr_scheduler.init_args.T_max", "0"],
+        ["CosineAnnealingLR: T_max=0", "expected a positive number"],
+    ),
+    # ---- run folders
+    "run folder is a file": Case(
+        ["fit", "--config", STUDENT, *TINY, "--trainer.default_root_dir", "afile"],
+        ["trainer.default_root_dir 'afile' is a file", "expected a folder"],
+        {"afile": "x"},
+    ),
+    "run folder under a file": Case(
+        ["fit", "--config", STUDENT, *TINY, "--trainer.default_root_dir", "afile/run"],
+        ["'afile/run' lies under", "afile', a file"],
+        {"afile": "x"},
+    ),
+    # ---- data files
+    "label outside the classes in an idx file": Case(
+        ["fit", "--config", FASHION, *TINY, "--data.init_args.root", "bad"],
+        ["train-labels-idx1-ubyte: label 12 of sample 19 is outside the classes 0..9"],
+        BAD_LABELS,
+    ),
+    "decompression-bomb image": Case(
+        ["fit", "--config", "folder.yaml"],
+        ["imgs/train/a/2.png' is too large to decode safely", "exceeds limit"],
+        image_folder(png_bytes(claimed=20_000)),
+    ),
+    "corrupt image read by a worker process": Case(
+        ["fit", "--config", "folder.yaml", "--data.init_args.num_workers", "2"],
+        ["image file", "imgs/train/a/2.png' is corrupt or truncated"],
+        image_folder(b"\x89PNG\r\n\x1a\n" + b"garbage" * 8),
+        max_lines=2,  # the message and the debug pointer: not the worker's traceback
+    ),
+    # ---- checkpoints for test/validate/predict
+    "test without a checkpoint": Case(
+        ["test", "--config", STUDENT, *TINY], ["kdl test without --ckpt_path would evaluate an untrained", "none"]
+    ),
+    "predict without a checkpoint": Case(["predict", "--config", STUDENT, *TINY], ["kdl predict without --ckpt_path"]),
+    "test with last of a mistyped run folder": Case(
+        ["test", "--config", STUDENT, *TINY, "--trainer.default_root_dir", "runn", "--ckpt_path", "last"],
+        ["--ckpt_path last: no last checkpoint in", "runn"],
+    ),
+    "test with best and no best checkpoint": Case(
+        ["validate", "--config", STUDENT, *TINY, "--ckpt_path", "best"], ["--ckpt_path best: no best checkpoint in"]
+    ),
+    # ---- kdl pipeline
+    "pipeline: unclosed ${": Case(
+        ["pipeline", "--config", "p.yaml"],
+        ["p.yaml: stage 'g' dir:", "'${root/g' has a '${' without its closing '}'"],
+        {"p.yaml": PIPE_ROOT.replace("${root}/g", "${root/g")},
+        prefix="kdl pipeline: error:",
+    ),
+    "pipeline: unknown variable": Case(
+        ["pipeline", "--config", "p.yaml", "--vars.rooot", "elsewhere"],
+        ["p.yaml: --vars.rooot: the pipeline has no variable 'rooot' (variables: root)"],
+        {"p.yaml": PIPE_ROOT},
+        prefix="kdl pipeline: error:",
+    ),
+    "pipeline: two stages write one run folder": Case(
+        ["pipeline", "--config", "p.yaml"],
+        ["p.yaml: stage 'h': stage 'g' already writes 'runs/g'"],
+        {"p.yaml": PIPE_ROOT + "  - {name: h, command: generate, dir: '${root}/g'}\n"},
+        prefix="kdl pipeline: error:",
+    ),
+    "pipeline: run folder under a file": Case(
+        ["pipeline", "--config", "p.yaml", "--vars.root", "afile"],
+        ["stage 'g' dir 'afile/g' lies under", "afile', a file"],
+        {"p.yaml": PIPE_ROOT, "afile": "x"},
+        prefix="kdl pipeline: error:",
+    ),
     # ---- kdl sample
     "sample: missing checkpoint": Case(
         ["sample", "--ckpt", "gone.ckpt", "--per_class", "2", "--out", "s.pt"],
@@ -193,6 +332,10 @@ MORE_CASES = (
     "test_resume_into_another_net_is_refused_even_when_allowed",
     "test_disk_full_while_saving_says_so_and_keeps_last",
     "test_sample_on_a_missing_cuda_device",
+    "test_a_teacher_trained_on_another_image_size_is_refused",
+    "test_a_read_only_run_folder_is_named",
+    "test_16_mixed_on_a_cpu_without_amx_warns",
+    "test_a_second_ctrl_c_exits_130",
 )
 
 
@@ -375,3 +518,66 @@ def test_ctrl_c_saves_and_exits_130(tmp_path: Path) -> None:
     assert load_checkpoint(last)["global_step"] > 0
     for noise in ("args parameter is intended", "LeafSpec"):  # Lightning's warnings that say nothing to a user
         assert noise not in out
+
+
+def test_a_teacher_trained_on_another_image_size_is_refused(kdl, capsys, tmp_path: Path, monkeypatch) -> None:
+    """A 16 px teacher on 8 px digits ran (its nets pool globally) and taught poorly; now both sizes are named."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    teacher = [a if a != "run" else "teacher" for a in TINY]
+    assert kdl("fit", "--config", STUDENT, *teacher, "--data.init_args.image_size", "16") == 0
+    capsys.readouterr()
+    assert kdl("fit", "--config", BLKD, *TINY, "--model.init_args.teacher", "teacher/checkpoints/last.ckpt") == 2
+    err = capsys.readouterr().err
+    assert "was trained on image_size=16 but the student 'tinynet' has image_size=8" in err, err
+    assert "Traceback" not in err
+    # at the teacher's size it is accepted
+    assert (
+        kdl(
+            "fit", "--config", BLKD, *TINY, "--model.init_args.teacher", "teacher/checkpoints/last.ckpt",
+            "--data.init_args.image_size", "16",
+        )
+        == 0
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_run_folder_is_named(kdl, capsys, tmp_path: Path) -> None:
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert kdl("fit", "--config", STUDENT, *TINY, "--trainer.default_root_dir", "ro/run") == 2
+    err = capsys.readouterr().err
+    assert "trainer.default_root_dir 'ro/run'" in err and "is not writable" in err and "Traceback" not in err
+
+
+def test_16_mixed_on_a_cpu_without_amx_warns(kdl, monkeypatch) -> None:
+    """Lightning runs fp16 AMP as bf16 on a CPU: the slow-bf16 warning applies to it too."""
+    import kd_lightning.cli as cli
+
+    monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: False)
+    args = [*TINY, "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "16-mixed"]
+    with pytest.warns(
+        UserWarning, match=r"'16-mixed' \(on a CPU, Lightning runs it as bf16-mixed\) on a CPU without AMX"
+    ):
+        assert kdl("fit", "--config", STUDENT, *args) == 0
+
+
+def test_a_second_ctrl_c_exits_130(kdl, kdl_callbacks, capsys, trained: Path) -> None:
+    """The first Ctrl-C asks for a clean stop; a second aborts at once (Lightning exits 1): kdl says 130."""
+    import lightning as L
+
+    class CtrlCTwice(L.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            signal.raise_signal(signal.SIGINT)  # the handler runs before raise_signal returns
+            signal.raise_signal(signal.SIGINT)
+
+    before = trained.read_bytes()
+    kdl_callbacks.append(CtrlCTwice())
+    previous = signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
+    try:
+        code = kdl("fit", "--config", STUDENT, *[a if a != "1" else "3" for a in TINY], "--ckpt_path", "last")
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT after an abort
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGINT, err
+    assert "aborted by a second Ctrl-C without saving" in err and "Traceback" not in err
+    assert trained.read_bytes() == before  # nothing was saved over last.ckpt

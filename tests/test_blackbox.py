@@ -312,3 +312,21 @@ def test_kdl_dispatches_serve_teacher_and_refuses_a_missing_checkpoint(tmp_path:
     assert e.value.code == 0 and "--responses" in capsys.readouterr().out
     assert main(["serve-teacher", "--ckpt", str(tmp_path / "nope.ckpt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_health_says_the_image_size_and_how_images_reach_it(tmp_path: Path) -> None:
+    """A Fashion-MNIST teacher was trained on 28x28 images zero-padded to 32x32: /health tells a client so."""
+    from kd_lightning.checkpoints import CONFIG_KEY
+    from kd_lightning.serve.service import TeacherService
+    from tests.helpers import write_teacher
+
+    path = write_teacher(tmp_path / "t.ckpt", 10, image_size=32)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt[CONFIG_KEY] = {"model": {}, "data": {"class_path": "kd_lightning.data.FashionMNISTDataModule"}}
+    torch.save(ckpt, path)
+    info = TeacherService.from_checkpoint(path).info()
+    assert info["image_size"] == 32 and "uint8 0..255 or float in [0, 1]" in info["input"]
+    assert info["preprocess"] == (
+        "FashionMNISTDataModule images are 28x28: pad them with zeros to 32x32 (2 pixels left/top, 2 right/bottom), "
+        "as in training"
+    )

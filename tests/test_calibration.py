@@ -126,3 +126,17 @@ def test_kdl_test_fits_temperature_on_validation_and_writes_the_report(kdl, tmp_
     metrics = (reports[-1].parent / "metrics.csv").read_text()
     for name in ("test/ece_ts", "test/top1_err", "test/top5_err", "test/temperature", "test/f1", "test/ece"):
         assert name in metrics
+
+
+def test_reliability_diagram_draws_no_bar_for_an_empty_or_tiny_bin(tmp_path: Path) -> None:
+    """A bin of one sample is 0 % or 100 % accurate: drawn as a full bar it looks like a finding. Bins under 0.5 %
+    of the samples (at least one) get no bar; the histogram under each panel shows every bin's count."""
+    from kd_lightning.metrics.calibration import drawn_bins
+
+    count = torch.tensor([0.0, 1.0, 4.0, 5.0, 990.0])
+    assert drawn_bins(count).tolist() == [False, False, False, True, True]  # 0.5 % of 1,000 = 5
+    assert drawn_bins(count, min_count=1).tolist() == [False, True, True, True, True]
+    assert drawn_bins(torch.tensor([0.0, 1.0, 3.0])).tolist() == [False, True, True]  # few samples: at least one
+    logits = torch.tensor([[4.0, 0.0]] * 199 + [[0.1, 0.0]])  # one sample near 0.5 confidence
+    png = plot_reliability_diagram(logits, torch.zeros(200, dtype=torch.long), None, tmp_path / "r.png")
+    assert png.stat().st_size > 0

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from scipy import stats
 
 from kd_lightning.data import AugmentedDataModule, DigitsDataModule, FilteredDataModule, GeneratedDataModule
@@ -339,7 +340,7 @@ def test_distill_module_takes_the_stored_teacher_outputs(
 
 # ---------------------------------------------------------------------- the per-stage recipes
 SETTINGS = {  # setting -> (GAN stage, image size of the GAN, of the teacher, regression, data-root option paths)
-    "digits": ("cgan", 16, 16, False),
+    "digits": ("cgan", 8, 16, False),  # the toy GAN learns on the native 8 px digits
     "fashion_mnist": ("cgan", 28, 32, False),
     "rotated": ("ccgan", 28, 32, True),
 }
@@ -374,8 +375,10 @@ def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Pa
     names = {p.name for p in folder.glob("*.yaml")} - {"pipeline.yaml"}  # the chain itself: tests/test_pipeline.py
     kd_student = "student_cgankd_fitnet.yaml" if regression else "student_cgankd_blkd.yaml"
     kd_baseline = {"digits": [], "fashion_mnist": ["blkd.yaml"], "rotated": ["fitnet.yaml"]}[setting]  # real data only
+    names -= {p.name for p in folder.glob("*.yaml") if "stages" in (yaml.safe_load(p.read_text()) or {})}  # pipelines
+    oracle = ["oracle.yaml", "cgan_long.yaml"] if setting == "fashion_mnist" else []  # cgan_long stacks on cgan.yaml
     assert names == {"teacher.yaml", "student.yaml", f"{gan_stage}.yaml", "dr.yaml", "generate.yaml",
-                     "student_cgankd.yaml", kd_student, *kd_baseline}  # fmt: skip
+                     "student_cgankd.yaml", kd_student, *kd_baseline, *oracle}  # fmt: skip
     fake = make_fake_mnist(tmp_path / "fmnist") if setting != "digits" else tmp_path
     fast = ["--trainer.fast_dev_run", "1"]
     for stage in ("teacher", "student", gan_stage):
@@ -395,7 +398,15 @@ def test_every_cgankd_stage_recipe_runs_in_order(setting: str, kdl, tmp_path: Pa
     gen_args = [f"--generator={gan}", f"--density_ratio={dr}", f"--teacher={teacher}", f"--out={store}"]
     assert generate_main(["--config", str(folder / "generate.yaml"), *gen_args, *counts, "--burn_in=20",
                           "--progress=false"]) == 0  # fmt: skip
+    if oracle:  # the oracle store from the fake files' held-out images (a subset of 20 leaves the rest)
+        from kd_lightning.sampling.oracle import main as oracle_main
+
+        oracle_args = ["--config", str(folder / "oracle.yaml"), f"--teacher={teacher}", f"--out={tmp_path / 'oracle'}"]
+        oracle_args += ["--per_class=1", "--data.init_args.train_size=20", f"--data.init_args.root={fake}"]
+        assert oracle_main(oracle_args) == 0
     for recipe in ("student_cgankd.yaml", kd_student):
         extra = ["--model.init_args.teacher", str(teacher)] if recipe == kd_student else []
         args = ["--data.init_args.store", str(store), "--model.init_args.net_weights", "null", *extra]
+        if setting == "fashion_mnist":  # the recipe reads 0.5 x D^r fakes; the tiny store holds fewer
+            args += ["--data.init_args.fake_ratio", "null"]
         assert kdl("fit", "--config", str(folder / recipe), *fast, *args, *root_options(setting, fake, True)) == 0

@@ -34,6 +34,26 @@ def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str], kdl) -> None
         assert sub in out
 
 
+def test_help_lists_every_command_without_importing_lightning() -> None:
+    """``kdl --help`` answers at once: building the command list imports neither Lightning nor torch."""
+    from kd_lightning.commands import TOOL_COMMANDS
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from kd_lightning import commands\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    status = commands.main(['--help'])\n"
+        "print(status, 'lightning' in sys.modules, 'torch' in sys.modules)\n"
+        "print(out.getvalue())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, _, help_text = done.stdout.partition("\n")
+    assert first == "0 False False"
+    for name in ("fit", "validate", "test", "predict", *TOOL_COMMANDS):
+        assert f"kdl {name} " in help_text
+
+
 @pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_every_recipe_prints_its_config(recipe: Path, kdl, capsys: pytest.CaptureFixture[str]) -> None:
     pending = recipe_model_class(recipe)
@@ -118,6 +138,37 @@ def test_test_subcommand_reports_metrics(kdl, fake_mnist: Path, tmp_path: Path) 
     metrics = sorted(tmp_path.glob("run/lightning_logs/version_*/metrics.csv"))[-1].read_text()
     for name in ("test/acc1", "test/acc5", "test/f1", "test/ece"):
         assert name in metrics
+
+
+@pytest.mark.parametrize(
+    ("given", "parsed"), [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25), ("null", None)], ids=str
+)
+def test_limit_batches_keep_ints_and_fractions_apart(kdl, capsys, given: str, parsed: object) -> None:
+    """Lightning reads an int as a number of batches and a float as a fraction: ``1`` must not become 1.0 (100 %)."""
+    keys = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+    args = [tok for key in keys for tok in (f"--trainer.{key}", given)]
+    assert kdl("fit", "--config", str(RECIPES / "digits/student.yaml"), *args, "--print_config") == 0
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    for key in keys:
+        assert trainer[key] == parsed and type(trainer[key]) is type(parsed), (key, trainer[key])
+
+
+def test_predict_writes_its_predictions_in_the_run_folder(kdl, capsys, tmp_path: Path) -> None:
+    from kd_lightning.data import DigitsDataModule
+    from tests.helpers import QUIET_TRAINER
+
+    recipe = str(RECIPES / "digits/student.yaml")
+    args = ["--model.init_args.net", "tinynet", "--data.init_args.train_size", "64", "--trainer.max_epochs", "1"]
+    args += [*QUIET_TRAINER, "--trainer.default_root_dir", "run"]
+    assert kdl("fit", "--config", recipe, *args) == 0
+    capsys.readouterr()
+    assert kdl("predict", "--config", recipe, *args, "--ckpt_path", "best") == 0
+    n = len(DigitsDataModule().build_dataset("test"))
+    assert f"kdl predict: wrote {n} predictions to {Path('run') / 'predictions.pt'}" in capsys.readouterr().err
+    out = torch.load(tmp_path / "run" / "predictions.pt", weights_only=True)
+    assert sorted(out) == ["index", "label", "logits"]
+    assert out["logits"].shape == (n, 10) and torch.equal(out["index"], torch.arange(n))
+    assert torch.equal(out["label"], DigitsDataModule().build_dataset("test").labels)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -209,3 +260,26 @@ def test_bf16_on_slow_cpu_warns(fake_mnist: Path, tmp_path: Path, monkeypatch) -
             ],
             run=False,
         )
+
+
+def test_a_failed_run_leaves_no_empty_log_folder(kdl, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = str(RECIPES / "fashion_mnist/student.yaml")
+    assert kdl("fit", "--config", recipe, "--data.init_args.root", "nowhere", "--trainer.default_root_dir", "run") == 2
+    assert "'nowhere' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "lightning_logs").exists()
+
+
+def test_a_fast_dev_run_teacher_is_named_in_the_missing_best_ckpt_message(
+    kdl, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fast_dev_run writes last.ckpt but chooses no best.ckpt: the stage after it says why it finds none."""
+    teacher = ["--config", str(RECIPES / "digits/teacher.yaml"), "--model.init_args.net", "tinynet"]
+    assert kdl("fit", *teacher, "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", "t") == 0
+    assert "fast_dev_run: a smoke test; no best.ckpt is chosen" in capsys.readouterr().err
+    student = ["--config", str(RECIPES / "digits/blkd.yaml"), "--model.init_args.net", "tinynet"]
+    assert (
+        kdl("fit", *student, "--model.init_args.teacher", "t/checkpoints/best.ckpt", "--trainer.fast_dev_run", "1") == 2
+    )
+    err = capsys.readouterr().err
+    assert "'t/checkpoints/best.ckpt' does not exist; only last.ckpt is in 't/checkpoints'" in err
+    assert "fast_dev_run" in err

@@ -86,9 +86,32 @@ def test_train_size_keeps_class_proportions() -> None:
     dm.setup("fit")
     base = dm.train_dataset.dataset.base
     labels = base.labels[dm.train_dataset.indices]
-    assert abs(len(labels) - 500) <= 10
+    assert len(labels) == 500
     counts = torch.bincount(labels, minlength=10).float()
     assert counts.min() >= 45 and counts.max() <= 55
+
+
+@pytest.mark.parametrize("size", [10, 11, 99, 128, 500, 9_999, 10_000, 10_001, 53_999])
+def test_a_stratified_subset_has_exactly_the_size_asked(size: int) -> None:
+    """Per-class rounding gave 9,999 for 10,000 of Fashion-MNIST's 54,000 training images; the subset is exact."""
+    from kd_lightning.data.base import stratified_subset
+
+    labels = torch.arange(54_000) % 10  # Fashion-MNIST after the validation split: 5,400 a class
+    labels[:7] = 3  # and a little uneven, so that shares have remainders
+    out = stratified_subset(labels, size, torch.Generator().manual_seed(0))
+    assert len(out) == size == len(out.unique())
+    counts, shares = torch.bincount(labels[out], minlength=10), size * torch.bincount(labels) / len(labels)
+    assert ((counts - shares).abs() < 1).all()  # every class within one sample of its share
+    again = stratified_subset(labels, size, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # seeded
+
+
+def test_a_stratified_subset_below_the_number_of_classes_is_refused() -> None:
+    from kd_lightning.data.base import stratified_subset
+    from kd_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train_size=5 is below the 10 classes"):
+        stratified_subset(torch.arange(100) % 10, 5, torch.Generator().manual_seed(0))
 
 
 def test_batch_format_index_and_padding() -> None:

@@ -263,3 +263,20 @@ def test_rotated_datamodule_splits_by_source_image(tmp_path: Path) -> None:
     raw = dm.train_dataset.dataset.base.angles[batch["index"]]  # the angle each image was rotated by
     assert torch.allclose(batch["label"], (raw + 30.0) / 90.0)
     assert (raw >= -30).all() and (raw <= 60).all()
+
+
+def test_check_data_reports_the_splits_or_where_the_data_should_be(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``kdl check-data --config RECIPE`` builds only the recipe's DataModule: split sizes when the data is there,
+    the DataModule's own message and a pointer to docs/datasets.md when not (exit status 2)."""
+    from kd_lightning.check_data import main as check_data
+    from kd_lightning.commands import main as kdl
+
+    assert kdl(["check-data", "--config", str(RECIPES / "digits/teacher.yaml")]) == 0
+    assert capsys.readouterr().out.startswith("ok: DigitsDataModule: train 1,298, val 144, test 355; 10 classes")
+    missing = str(tmp_path / "nowhere")
+    assert check_data(["--config", str(RECIPES / "aikd_cub.yaml"), "--data.init_args.root", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdl check-data: error: CUB-200-2011 not found") and missing in err
+    assert "docs/datasets.md" in err

@@ -35,6 +35,33 @@ def test_demo_runs_teacher_and_students_on_digits_and_prints_the_table(
     assert [r.split(" | ")[0].strip("| ") for r in rows] == ["teacher", "student_nokd", "student_blkd"]
     for name in ("teacher", "student_nokd", "student_blkd"):
         assert (tmp_path / "out" / name / "checkpoints" / "best.ckpt").is_file()
+        for png in ("curves.png", "reliability.png"):  # each run's plots, listed at the end
+            assert f"{tmp_path / 'out' / name / 'plots' / png}" in out
+    best = {n: (tmp_path / "out" / n / "checkpoints" / "best.ckpt").stat().st_mtime_ns for n in ("teacher",)}
+
+    # a second demo with the same settings trains nothing and prints the same table
+    assert demo.main([*argv, "--out", str(tmp_path / "out"), "--precision", "32-true"]) == 0
+    again = capsys.readouterr().out
+    assert again.count("done before with the same settings, not retrained") == 3
+    assert [r for r in again.splitlines() if r.startswith("| ") and "%" in r] == rows
+    assert (tmp_path / "out/teacher/checkpoints/best.ckpt").stat().st_mtime_ns == best["teacher"]
+    # --force retrains
+    assert demo.main([*argv, "--out", str(tmp_path / "out"), "--precision", "32-true", "--force"]) == 0
+    assert "not retrained" not in capsys.readouterr().out
+
+
+def test_make_demo_takes_its_size_from_make_variables() -> None:
+    """``make demo EPOCHS=3 TRAIN_SIZE=5000 FORCE=1`` passes them on (make -n prints the commands, runs nothing)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["make", "-n", "-C", str(repo), "demo", "EPOCHS=3", "TRAIN_SIZE=5000", "FORCE=1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "-m kd_lightning.demo --epochs 3 --train-size 5000 --force" in done.stdout
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def test_ft_golden_value_paper_and_repdistiller_forms() -> None:
 
 
 def test_ab_golden_value_with_identity_connectors() -> None:
-    loss = AB(stages=["a", "b"], margin=0.5, stage_weights=[0.5, 1.0])
+    loss = AB(stages=["a", "b"], margin=0.5, stage_weights=[0.5, 1.0], connector="always")
     loss.setup(SetupInfo(shapes(a=(2, 2, 2), b=(2, 1, 1)), shapes(a=(2, 2, 2), b=(2, 1, 1)), 3))
     with torch.no_grad():
         for conn in loss.connectors:
@@ -98,6 +98,43 @@ def test_ab_golden_value_with_identity_connectors() -> None:
             per_sample.append(total)
         ref += w * sum(per_sample) / 3
     assert loss(out(**s), out(**t), {}).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_ab_connectors_are_repdistillers_identity_for_equal_shapes_and_ft_paraphraser_has_no_bn(
+    tmp_path: Path,
+) -> None:
+    info = SetupInfo(shapes(a=(2, 4, 4), b=(3, 2, 2)), shapes(a=(2, 4, 4), b=(5, 2, 2)), 3)
+    default, always = AB(stages=["a", "b"]), AB(stages=["a", "b"], connector="always")
+    default.setup(info)
+    always.setup(info)
+    assert isinstance(default.connectors[0], torch.nn.Identity)  # RepDistiller: nn.Sequential() for equal shapes
+    assert isinstance(default.connectors[1][0], torch.nn.Conv2d) and isinstance(
+        always.connectors[0][1], torch.nn.BatchNorm2d
+    )
+    s, t = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    only_a = AB(stages=["a"])
+    only_a.setup(SetupInfo(shapes(a=(2, 4, 4)), shapes(a=(2, 4, 4)), 3))
+    on = (t > 0).float()
+    ref = (on * torch.relu(1 - s) ** 2 + (1 - on) * torch.relu(1 + s) ** 2).flatten(1).sum(1).mean()
+    assert only_a(out(a=s), out(a=t), {}).item() == pytest.approx(ref.item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="connector='conv'"):
+        AB(connector="conv")  # type: ignore[arg-type]
+
+    from kd_lightning.losses.factor import Paraphraser
+
+    def bns(m: torch.nn.Module) -> int:
+        return sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+
+    assert bns(Paraphraser(4)) == 0 and bns(Paraphraser(4, bn=True)) == 6  # RepDistiller's use_bn=False by default
+    ft = FT(student_feature="s", teacher_feature="t")
+    ft.setup(SetupInfo(shapes(s=(3, 2, 2)), shapes(t=(4, 2, 2)), 3))
+    assert bns(ft.paraphraser) == 0 and bns(ft.translator) == 3  # RepDistiller's translator keeps its BN
+    old = Paraphraser(4, 0.5, bn=True)  # a checkpoint of the earlier layout loads as it was trained
+    state = {f"paraphraser.{k}": v for k, v in old.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"rate": 0.5}, "paraphraser_feature": "t"}, tmp_path / "p")
+    loaded = FT(paraphraser=str(tmp_path / "p"), student_feature="s", teacher_feature="t")
+    loaded.setup(SetupInfo(shapes(s=(3, 2, 2)), shapes(t=(4, 2, 2)), 3))
+    assert bns(loaded.paraphraser) == 6
 
 
 def avg_pool(fmap: list, size: int) -> list:

@@ -18,13 +18,14 @@ from tests.helpers import QUIET, RECIPES, make_fake_mnist
 DIR = RECIPES / "mekd" / "fashion_mnist"
 EDGE = ["--data.init_args.edge_size", "40", "--data.init_args.edge_val_size", "20", "--data.init_args.root", "fm"]
 LOCAL = [a.replace("--data.init_args.", "--data.init_args.local.init_args.") for a in EDGE]
-STUDENTS = ["mekd_soft", "mekd_hard", "kd_soft", "kd_hard", "ml_soft", "dkd_soft"]
+STUDENTS = ["mekd_soft", "mekd_hard", "kd_soft", "kd_hard", "ml_soft", "dkd_soft", "kd_gz"]
 
 
 def test_every_mekd_recipe_is_exercised() -> None:
     shipped = {p.stem for p in DIR.glob("*.yaml")} - {"pipeline"}  # the chain: test_the_mekd_pipeline_...
     shipped -= {"kn", "al", "dafl", "am", "db3kd"}  # the compared methods: tests/test_blackbox_baselines.py
-    assert shipped == {"teacher", "deprivatize_soft", "deprivatize_hard", "reference_true_labels", *STUDENTS}
+    stages = {"teacher", "deprivatize", "gate", "deprivatize_soft", "deprivatize_hard", "reference_true_labels"}
+    assert shipped == stages | set(STUDENTS)
 
 
 def test_mekd_stages_run_in_order_locally_and_against_a_live_server(kdl, tmp_path: Path) -> None:
@@ -43,6 +44,17 @@ def test_mekd_stages_run_in_order_locally_and_against_a_live_server(kdl, tmp_pat
         gan = ["--trainer.max_steps", "4", "--model.init_args.im_interval", "1", "--model.init_args.im_batch_size", "4"]
         assert kdl("fit", "--config", str(DIR / f"deprivatize_{r}.yaml"), *gan, *EDGE) == 0
         assert (tmp_path / f"runs/mekd/fashion_mnist/deprivatize_{r}/checkpoints/last.ckpt").is_file()
+    # the official layout with the paper's L_IM weighting (64 queries per generator step), then its gate
+    assert kdl("fit", "--config", str(DIR / "deprivatize.yaml"), "--trainer.max_steps", "4", *EDGE) == 0
+    official = tmp_path / "runs/mekd/fashion_mnist/deprivatize"
+    assert '"journal_spent": 80' in (official / "queries/stats.json").read_text()  # 2 generator steps x all 40
+    gate = ["--config", str(DIR / "gate.yaml"), "--ckpt_path", str(official / "checkpoints/last.ckpt")]
+    gate += ["--trainer.default_root_dir", "runs/gate", "--trainer.callbacks.init_args.samples", "50", *EDGE]
+    ok = ["--trainer.callbacks.init_args.min_class_share", "0", "--trainer.callbacks.init_args.min_entropy", "0"]
+    assert kdl("test", "--config", str(DIR / "deprivatize.yaml"), *gate, *ok) == 0
+    assert (tmp_path / "runs/gate/gate.json").is_file()
+    strict = ["--trainer.callbacks.init_args.min_class_share", "0.5"]  # ten classes cannot each hold half
+    assert kdl("test", "--config", str(DIR / "deprivatize.yaml"), *gate, *strict) == 2
     assert kdl("fit", "--config", str(DIR / "reference_true_labels.yaml"), "--trainer.fast_dev_run", "1", *EDGE) == 0
     for name in STUDENTS:
         args = ["--trainer.fast_dev_run", "1", "--data.init_args.pool_size", "40", *LOCAL]
@@ -67,64 +79,90 @@ def test_student_recipes_name_a_budget_equal_to_their_pool(name: str) -> None:
     assert "label" not in str(cfg["data"]["init_args"]["pool"])
 
 
+def test_the_mekd_pipeline_dry_run_shows_every_arm_on_one_budget_and_schedule(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from kd_lightning import pipeline
+
+    args = ["--config", str(DIR / "pipeline.yaml"), "--dry-run", "--vars.root", str(tmp_path), "--vars.budget", "50000"]
+    assert pipeline.main(args) == 0
+    out = capsys.readouterr().out
+    arms = ["mekd_soft_tau2", "mekd_soft_tau", "mekd_hard", "kd_gz", "kd_soft", "ce_hard", "reference"]
+    for name in ["teacher", "api_soft", "api_hard", "deprivatize", "gate", *arms, *(f"test_{a}" for a in arms)]:
+        assert f"] {name} " in out, name
+    fits = [ln for ln in out.splitlines() if ln.strip().startswith("$ kdl fit") and "/b50000/" in ln]
+    assert len(fits) == 6 and all("--trainer.max_steps 2500" in ln and "--query_budget" not in ln for ln in fits)
+    assert all("--model.init_args.query_budget 50000" in ln for ln in fits)
+    assert sum("spent_before" in ln for ln in fits) == 4  # the G(z) arms pay for stage 1's queries
+    assert "recipes/mekd/fashion_mnist/gate.yaml" in out and "--responses hard" in out
+
+
 @pytest.mark.slow
-def test_the_mekd_pipeline_serves_its_teacher_and_pays_each_query_once(tmp_path: Path, monkeypatch) -> None:
-    """The shipped pipeline at toy sizes: teacher, the API as a background stage, both MEKD stages through it."""
+def test_the_mekd_pipeline_runs_end_to_end_stops_at_the_gate_and_keeps_one_budget(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The shipped pipeline at toy sizes (vars and fake data only): two served APIs, stage 1, the gate (failing,
+    then passing), every stage-2 arm and its test; every query the APIs charged is in exactly one journal."""
+    import json
+
     import yaml
 
-    from kd_lightning import pipeline
+    from kd_lightning import pipeline, report
     from tests.blackbox_helpers import free_port
 
     make_fake_mnist(tmp_path / "fm", n_train=200, n_test=40)
-    toy = {  # stage -> extra arguments (toy sizes, fake data); the shipped wiring is kept as it is
-        "teacher": ["--model.init_args.net", "tinynet", "--trainer.max_epochs", "1", *EDGE],
-        "deprivatize": [
-            "--trainer.max_steps",
-            "4",
-            "--model.init_args.im_interval",
-            "1",
-            "--model.init_args.im_batch_size",
-            "4",
-            *EDGE,
-        ],
-        "mekd": [
-            "--trainer.max_steps",
-            "4",
-            "--trainer.val_check_interval",
-            "2",
-            "--trainer.limit_val_batches",
-            "1",
-            "--data.init_args.pool_size",
-            "40",
-            *LOCAL,
-        ],
-    }
-    toy["test_mekd"] = toy["mekd"]
     raw = yaml.safe_load((DIR / "pipeline.yaml").read_text())
     for stage in raw["stages"]:
-        if "config" in stage:
-            stage["config"] = str(RECIPES.parent / stage["config"])
-        if stage["name"] in toy:
-            args = stage.get("args") or {}
-            extra = dict(zip(toy[stage["name"]][::2], toy[stage["name"]][1::2], strict=True))
-            stage["args"] = {**args, **{k.removeprefix("--"): v for k, v in extra.items()}}
+        if stage["command"] == "serve-teacher":
+            continue
+        configs = stage["config"] if isinstance(stage["config"], list) else [stage["config"]]
+        stage["config"] = [str(RECIPES.parent / c) for c in configs]
+        data = yaml.safe_load(Path(stage["config"][0]).read_text())["data"]["class_path"]
+        toy = LOCAL if data == "QueryPoolDataModule" else EDGE
+        extra = {k.removeprefix("--"): v for k, v in zip(toy[::2], toy[1::2], strict=True)}
+        if stage["name"] == "teacher":
+            extra["model.init_args.net"] = "tinynet"
+        if stage["command"] == "fit" and stage["name"] not in ("teacher", "deprivatize"):
+            extra["trainer.limit_val_batches"] = 1
+        stage["args"] = {**stage.get("args", {}), **extra}
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["--config", "pipe.yaml", "--vars.root", "runs", "--vars.port", str(free_port())]
-    assert pipeline.main(args) == 0
-    served = read_server_log(tmp_path / "runs/teacher_api_soft/server.jsonl")
-    charged = sum(r["n"] for r in served if r["charged"])
-    import json
-
-    spent = [
-        json.loads((tmp_path / f"runs/{s}_soft/seed0/queries/stats.json").read_text())["journal_spent"]
-        for s in ("deprivatize", "mekd")
-    ]
-    assert charged == sum(spent) > 0  # every answer the API charged is in a stage's journal, none twice
-    assert "test/acc1" in (tmp_path / "runs/mekd_soft/seed0/pipeline/test_mekd.log").read_text()
-    # again: everything is done, so the server is not even started
-    assert pipeline.main(args) == 0
-    assert sum(r["n"] for r in read_server_log(tmp_path / "runs/teacher_api_soft/server.jsonl") if r["charged"]) == (
-        charged
+    toy_vars = dict(root="runs", port_soft=free_port(), port_hard=free_port(), teacher_epochs=1, gan_steps=4,
+                    im_interval=1, im_batch=4, im_budget=40, gate_samples=30, steps=4, val_every=2, batch=16,
+                    budget=40)  # fmt: skip
+    args = ["--config", "pipe.yaml", *(f"--vars.{k}={v}" for k, v in toy_vars.items())]
+    # a gate no generator can pass (ten classes cannot each hold half of the answers) stops the pipeline
+    assert pipeline.main([*args, "--vars.gate_min_class_share", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'gate' failed" in err and "generator gate FAILED: class share below 0.5" in err
+    assert not (tmp_path / "runs/seed0/b40").exists()  # no stage-2 arm ran
+    ok = ["--vars.gate_min_class_share", "0", "--vars.gate_min_entropy", "0"]
+    assert pipeline.main([*args, *ok]) == 0
+    spent = {}
+    for stats in tmp_path.glob("runs/**/queries/stats.json"):
+        spent[stats.parent.parent.name] = json.loads(stats.read_text())
+    assert spent["deprivatize"]["journal_spent"] == 8  # 2 generator steps x 4 images
+    assert spent["gate"]["journal_spent"] == 30 + 3 * 10  # the gate's samples + G(one-hot) for 3 hard scales
+    arms = ("mekd_soft_tau2", "mekd_soft_tau", "mekd_hard", "kd_gz", "kd_soft", "ce_hard")
+    for arm in arms[:4]:  # G(z) arms: the budget minus stage 1's queries, the pool walked whole
+        assert spent[arm]["journal_spent"] == spent[arm]["query_budget"] == 40 - 8, arm
+        assert spent[arm]["spent_before"] == 8
+    for arm in arms[4:]:
+        assert 0 < spent[arm]["journal_spent"] <= spent[arm]["query_budget"] == 40
+    for api, names in (("api_soft", ("deprivatize", "gate", *arms[:2], "kd_gz", "kd_soft")),
+                       ("api_hard", ("mekd_hard", "ce_hard"))):  # fmt: skip
+        served = read_server_log(tmp_path / f"runs/{api}/server.jsonl")
+        assert sum(r["n"] for r in served if r["charged"]) == sum(spent[n]["journal_spent"] for n in names), api
+    for arm in (*arms, "reference"):
+        log = next(tmp_path.glob(f"runs/seed0/**/{arm}/pipeline/test_{arm}.log")).read_text()
+        assert "test/acc1" in log, arm
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "runs/seed0/gate"), "--quiet", "true"]) == 0
+    assert "test/gate_entropy" in capsys.readouterr().out
+    # again: everything is done, so no server even starts
+    assert pipeline.main([*args, *ok]) == 0
+    served = read_server_log(tmp_path / "runs/api_soft/server.jsonl")
+    assert sum(r["n"] for r in served if r["charged"]) == sum(
+        spent[n]["journal_spent"] for n in ("deprivatize", "gate", *arms[:2], "kd_gz", "kd_soft")
     )

@@ -128,6 +128,34 @@ def test_run_then_everything_is_skipped(fake, capsys: pytest.CaptureFixture[str]
     assert set(lines(capsys.readouterr().out).values()) == {"skip"}
 
 
+def test_the_pipeline_ends_with_a_results_table_and_its_plots(fake, capsys) -> None:
+    """Each fit's best validation metric and each test's metrics, run or skipped, then the PNGs of the run folders."""
+    for attempt in ("run", "skipped"):
+        assert main(["--config", "pipe.yaml"]) == 0
+        out = capsys.readouterr().out
+        table = out[out.index("Results") :]
+        rows = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
+        assert "best val/acc1 0.6000 (epoch 1) | runs/b |" in rows["b"], attempt  # max_epochs 2: 0.5, 0.6
+        assert "best val/acc1 0.5000 (epoch 0) | runs/a |" in rows["a"]
+        assert "| t | test | test/acc1 0.5000  test/loss 1.2500 | runs/b |" in rows["t"]
+        assert "Plots:\n  runs/a/plots/curves.png\n  runs/b/plots/curves.png" in out
+    # the stage's own progress: the fit wrote its epoch into the file the pipeline named for it
+    assert Path("runs/b/pipeline/b.progress").read_text().strip() == "epoch 2/2"
+    assert json.loads(Path("runs/b/pipeline/b.json").read_text())["results"]["value"] == 0.6
+
+
+def test_a_running_stage_shows_its_progress_file_or_else_its_log_s_last_line(tmp_path: Path) -> None:
+    from kd_lightning.pipeline_report import stage_progress
+
+    log, progress = tmp_path / "s.log", tmp_path / "s.progress"
+    log.write_text("=== kdl pipeline: stage 's'\nSeed set to 0\r\naccepted:  40%|####  | 400/1000\raccepted:  45%|")
+    assert stage_progress(str(progress), str(log), since=0) == "accepted:  45%|"  # a bar's latest redraw
+    progress.write_text("epoch 3/15 step 20/45\n")
+    assert stage_progress(str(progress), str(log), since=0) == "epoch 3/15 step 20/45"
+    assert stage_progress(str(progress), str(log), since=time.time() + 60) == "accepted:  45%|"  # stale file
+    assert stage_progress(str(progress), str(log), since=0, width=8) == "epoch 3/"
+
+
 def test_a_changed_value_reruns_its_stage_and_the_stages_that_consume_it(fake, capsys) -> None:
     assert main(["--config", "pipe.yaml"]) == 0
     before = {p: Path(f"runs/{p}/checkpoints/best.ckpt").read_bytes() for p in "abcd"}
@@ -267,6 +295,64 @@ def test_a_stage_runs_in_one_pipeline_at_a_time(fake, capsys) -> None:
     assert "stage 'a' is being run by another process (pid 4242)" in capsys.readouterr().err
     assert fake() == []
     assert main(["--config", "pipe.yaml", "--only", "a"]) == 0  # released: it runs
+
+
+# seed 0's pipeline names seed 1's baseline "guide" (aikd_fashion_mnist_overfit.yaml); seed 1's names it "baseline"
+SEEDED = """
+vars: {seed: 0, guide_seed: 1}
+stages:
+  - name: baseline
+    command: fit
+    config: recipe.yaml
+    dir: runs/seed${seed}/baseline
+    args: {seed_everything: "${seed}"}
+  - name: guide
+    command: fit
+    config: recipe.yaml
+    dir: runs/seed${guide_seed}/baseline
+    args: {seed_everything: "${guide_seed}"}
+  - name: arm
+    command: fit
+    config: recipe.yaml
+    dir: runs/seed${seed}/arm
+    args: {seed_everything: "${seed}", model.teacher: "${guide.best}"}
+"""
+
+
+def test_one_run_named_differently_by_two_pipelines_is_trained_once(fake, capsys) -> None:
+    Path("seeded.yaml").write_text(SEEDED)
+    assert main(["--config", "seeded.yaml", "--vars.seed", "1", "--vars.guide_seed", "2", "--only", "baseline"]) == 0
+    assert ran(fake()) == ["runs/seed1/baseline"]
+    capsys.readouterr()
+    assert main(["--config", "seeded.yaml"]) == 0  # seed 0: its "guide" is seed 1's "baseline", already done
+    assert lines(capsys.readouterr().out) == {"baseline": "done", "guide": "skipped", "arm": "done"}
+    assert ran(fake()) == ["runs/seed1/baseline", "runs/seed0/baseline", "runs/seed0/arm"]
+    # and the other way round: seed 2's guide stage trains seed 3's baseline, seed 3's pipeline then skips it
+    assert main(["--config", "seeded.yaml", "--vars.seed", "2", "--vars.guide_seed", "3", "--only", "guide"]) == 0
+    capsys.readouterr()
+    assert main(["--config", "seeded.yaml", "--vars.seed", "3", "--vars.guide_seed", "4", "--only", "baseline"]) == 0
+    assert lines(capsys.readouterr().out) == {"baseline": "skipped"}
+    # another config in the same folder is not the same run: it runs (here: another max_epochs)
+    assert main(["--config", "seeded.yaml", "--vars.seed", "2", "--vars.guide_seed", "3", "--only", "baseline"]) == 0
+    capsys.readouterr()
+    Path("recipe.yaml").write_text(RECIPE.replace("max_epochs: 1", "max_epochs: 2"))
+    assert main(["--config", "seeded.yaml", "--vars.seed", "1", "--vars.guide_seed", "2", "--only", "guide"]) == 0
+    assert lines(capsys.readouterr().out) == {"guide": "done"}
+
+
+def test_two_stages_never_fit_into_one_folder_at_once(fake, capsys) -> None:
+    import fcntl
+
+    Path("seeded.yaml").write_text(SEEDED)
+    Path("runs/seed1/baseline/pipeline").mkdir(parents=True)
+    with open("runs/seed1/baseline/pipeline/fit.lock", "w") as held:  # seed 1's pipeline is fitting its baseline
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4243")
+        held.flush()
+        assert main(["--config", "seeded.yaml", "--only", "guide"]) == 2
+    err = capsys.readouterr().err
+    assert "a fit into 'runs/seed1/baseline' (stage 'guide') is being run by another process (pid 4243)" in err
+    assert fake() == []
 
 
 def test_a_stage_that_does_not_write_its_declared_output_fails(fake, capsys) -> None:
@@ -583,8 +669,10 @@ def _digits_pipeline_args(root: Path) -> list[str]:
 def test_shipped_digits_pipeline_resolves(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root, like every recipe's
     steps, _ = pipeline.load(_digits_pipeline_args(tmp_path / "r"))
-    assert [s.name for s in steps] == ["teacher", "student", "blkd", "test"]
-    assert steps[2].refs == ["teacher.best"] and steps[3].refs == ["blkd.best", "teacher.best"]
+    assert [s.name for s in steps] == ["teacher", "student", "blkd", "test_teacher", "test_student", "test_blkd"]
+    assert steps[2].refs == ["teacher.best"] and steps[5].refs == ["blkd.best", "teacher.best"]
+    # every fit, the teacher's too, is tested on the held-out split
+    assert [s.refs[0] for s in steps if s.command == "test"] == ["teacher.best", "student.best", "blkd.best"]
     assert steps[2].spec["config"]["model"]["init_args"]["teacher"] == str(tmp_path / "r/teacher/checkpoints/best.ckpt")
     assert steps[2].dir == str(tmp_path / "r/seed0/blkd") and steps[2].spec["config"]["seed_everything"] == 0
 
@@ -604,12 +692,16 @@ def test_every_shipped_pipeline_resolves(path: Path, monkeypatch) -> None:
     assert len(steps) == len(stages) and any(s.refs for s in steps)
     if path.parent.name != "pipelines":  # a method's pipeline (its stage recipes are parsed by test_cli):
         for stage, step in zip(stages, steps):  # each override replaces a value its recipe has (no typo'd key)
+            if not stage.get("config"):  # a tool stage given by its flags alone (serve-teacher): no recipe to check
+                continue
             merged: dict = {}
             for c in [stage["config"]] if isinstance(stage.get("config"), str) else stage.get("config", []):
                 merged = pipeline._deep_merge(merged, yaml.safe_load((REPO / c).read_text()))
             for key in stage.get("args") or {}:
                 if key not in ("ckpt_path", "seed_everything") and not key.startswith("trainer."):
-                    assert pipeline._get_dotted(merged, key) is not None, f"stage {step.name}: {key} not in its recipe"
+                    parent, _, leaf = key.rpartition(".")
+                    node = pipeline._get_dotted(merged, parent) if parent else merged
+                    assert isinstance(node, dict) and leaf in node, f"stage {step.name}: {key} not in its recipe"
         return
     for step in steps:  # every stage's command line parses (ckpt_path left out: kdl reads that file while parsing)
         argv = list(step.argv)
@@ -634,7 +726,8 @@ def test_cgankd_pipelines_parse(setting: str, monkeypatch) -> None:
     kd = "student_cgankd_fitnet" if setting == "rotated" else "student_cgankd_blkd"  # BLKD is for classes only
     assert names[: len(CGANKD_STAGES) + 1] == [*CGANKD_STAGES, kd] and names[-1].startswith("test")
     # every stage's recipe is one of the setting's own files, and every fit stage is tested by a test stage
-    assert {Path(s["config"]).parent.name for s in raw["stages"]} == {setting}
+    configs = [c for s in raw["stages"] for c in ([s["config"]] if isinstance(s["config"], str) else s["config"])]
+    assert {Path(c).parent.name for c in configs} == {setting}
     shared = {"teacher", "cgan", "dr"}
     fitted = {s["dir"] for s in raw["stages"] if s["command"] == "fit" and s["name"] not in shared}
     assert fitted == {s["dir"] for s in raw["stages"] if s["command"] == "test"}
@@ -655,13 +748,29 @@ def test_digits_pipeline_runs_then_skips_everything(tmp_path: Path, monkeypatch,
     args = [*_digits_pipeline_args(tmp_path / "r"), "--vars.epochs", "2", "--vars.train_size", "300"]
     assert main(args) == 0
     assert set(lines(capsys.readouterr().out).values()) == {"done"}
-    assert "test/acc1" in (tmp_path / "r/seed0/blkd/pipeline/test.log").read_text()
+    assert "test/acc1" in (tmp_path / "r/seed0/blkd/pipeline/test_blkd.log").read_text()
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert set(lines(out).values()) == {"skipped"} and "0 stage(s) run, 4 skipped" in out
+    assert set(lines(out).values()) == {"skipped"} and "0 stage(s) run, 6 skipped" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "stage" not in ln]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == [
+        "teacher",
+        "student",
+        "blkd",
+        "test_teacher",
+        "test_student",
+        "test_blkd",
+    ]
+    assert all("test/acc1" in r for r in rows[3:]) and all("best val/acc1" in r for r in rows[:3])
+    plots = out[out.index("Plots:") :]
+    assert plots.count("curves.png") == 3 and plots.count("reliability.png") == 3
     # another seed: new student folders, the same teacher
     assert main([*args, "--vars.seed", "1", "--dry-run"]) == 0
-    assert lines(capsys.readouterr().out) == {"teacher": "skip", "student": "run", "blkd": "run", "test": "run"}
+    plan = lines(capsys.readouterr().out)
+    assert plan == {"teacher": "skip", "student": "run", "blkd": "run", "test_teacher": "skip"} | {
+        "test_student": "run",
+        "test_blkd": "run",
+    }
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 
 from kd_lightning.report import main as report_main
 from kd_lightning.sampling.generate import main as generate_main
-from tests.helpers import fake_run, tiny_dr, tiny_gan, tiny_teacher
+from tests.helpers import DIGITS_STUDENT, RECIPES, fake_run, tiny_dr, tiny_gan, tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,42 @@ def test_report_shows_its_bar_unless_quiet(tmp_path: Path, capsys, quiet: bool) 
         assert captured.err == ""
     else:
         assert "reading runs: 100%" in captured.err and "3/3" in captured.err
+
+
+def test_a_fit_into_a_log_writes_plain_epoch_lines_and_no_noise(
+    tmp_path: Path,
+    kdl,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    recwarn: pytest.WarningsRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stderr is no terminal here (as in a log file): one line per epoch, no bar redraws, no advice about other runs.
+
+    A KD run's frozen teacher is in eval mode by design, so Lightning's "modules in eval mode" warning is dropped;
+    the GPU/TPU lines and the model summary's column of ``FLOPs 0`` go too. The progress file names the last epoch.
+    """
+    monkeypatch.setenv("KDL_PROGRESS_FILE", str(tmp_path / "progress.txt"))
+    tiny = ["--model.init_args.net", "tinynet", "--data.init_args.train_size", "100", "--trainer.max_epochs", "2"]
+    teacher = ["fit", "--config", str(DIGITS_STUDENT), *tiny, "--trainer.default_root_dir", str(tmp_path / "t")]
+    assert kdl(*teacher) == 0
+    blkd = ["--config", str(RECIPES / "digits/blkd.yaml"), "--trainer.default_root_dir", str(tmp_path / "b")]
+    assert kdl("fit", *blkd, *tiny, "--model.init_args.teacher", str(tmp_path / "t/checkpoints/best.ckpt")) == 0
+    out, err = capfd.readouterr()
+    both = out + err + caplog.text + "\n".join(str(w.message) for w in recwarn)  # pytest takes logs and warnings
+    epochs = [ln for ln in err.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split()[1] for ln in epochs] == ["1/2", "2/2", "1/2", "2/2"]
+    assert "train/loss" in epochs[0] and "val/acc1" in epochs[0] and epochs[0].endswith(" s)")
+    assert "\r" not in both and "it/s" not in both
+    for noise in ("GPU available", "TPU available", "FLOPs", "Total Flops", "in eval mode at the start"):
+        assert noise not in both, noise
+    assert "Modules in eval mode" in both  # the summary itself stays
+    assert (tmp_path / "progress.txt").read_text().startswith("epoch 2/2  train/loss")
+    # every fit leaves its learning curves in its run folder, drawn from its metrics.csv
+    from kd_lightning.callbacks.plots import read_epochs
+
+    for run in ("t", "b"):
+        assert (tmp_path / run / "plots/curves.png").stat().st_size > 0
+    metrics = read_epochs(next((tmp_path / "b/lightning_logs").rglob("metrics.csv")))
+    assert sorted(metrics["val/acc1"]) == [0, 1] and sorted(metrics["train/loss"]) == [0, 1]
+    assert f"curves: {tmp_path / 'b/plots/curves.png'}" in out

@@ -4,6 +4,7 @@ files, digits)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -703,3 +704,174 @@ def test_classwisekl_golden_value() -> None:
     assert float(value) == pytest.approx(float(16.0 * plain_kl(F.softmax(pair / 4.0, -1), s, 4.0)), rel=1e-5)
     with pytest.raises(ConfigError, match="class_pairs"):
         ClassWiseKL()(Outputs(s), None, {"label": y})
+
+
+# ------------------------------------------------------------------------------------------ critic schedule
+def _tiny_aikd(ssup: Path, **kw: Any) -> AIKD:
+    return AIKD(pretrained=str(ssup), net="tinynet", num_classes=10, in_channels=1, image_size=8, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"critic_steps": 0}, "critic_steps=0; expected an integer >= 1"),
+        ({"critic_steps": 2.5}, "critic_steps=2.5; expected an integer >= 1"),
+        ({"critic_lr": 0.0}, "critic_lr=0.0; expected a learning rate > 0"),
+        ({"critic_lr": -1e-3}, "critic_lr=-0.001; expected a learning rate > 0"),
+        ({"critic_betas": (1.0, 0.9)}, r"critic_betas=\[1.0, 0.9\]; expected two Adam betas in \[0, 1\)"),
+        ({"critic_warmup_steps": -1}, "critic_warmup_steps=-1; expected an integer >= 0"),
+        ({"critic_warmup_epochs": 1, "critic_warmup_steps": 5}, "set one of them"),
+        ({"critic_lost_epochs": -2}, "critic_lost_epochs=-2; expected an integer >= 0"),
+        (
+            {"critic_optimizer": functools.partial(torch.optim.SGD, lr=0.1), "critic_lr": 1e-4},
+            "critic_optimizer is given and so are critic_lr=0.0001 / critic_betas",
+        ),
+    ],
+)
+def test_critic_schedule_arguments_are_checked(kwargs: dict, message: str, tmp_path: Path) -> None:
+    ssup = write_teacher(tmp_path / "s.ckpt", 10, 1, net="tinynet", image_size=8)
+    with pytest.raises(ConfigError, match=message):
+        _tiny_aikd(ssup, **kwargs)
+
+
+def test_a_bad_critic_setting_is_one_line_from_kdl(kdl, capsys) -> None:
+    rc = kdl(
+        "fit",
+        "--config",
+        str(RECIPES / "fashion_mnist/aikd.yaml"),
+        "--data",
+        "DigitsDataModule",
+        "--model.init_args.critic_steps",
+        "0",
+        "--trainer.fast_dev_run",
+        "1",
+        *QUIET_TRAINER,
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "critic_steps=0" in err
+
+
+def test_critic_lr_and_betas_build_the_critics_adam(tmp_path: Path) -> None:
+    ssup = write_teacher(tmp_path / "s.ckpt", 10, 1, net="tinynet", image_size=8)
+    model = _tiny_aikd(ssup, critic_lr=3e-4, critic_betas=(0.5, 0.9))
+    _, critic_opt = model.configure_optimizers()  # no scheduler in this model
+    assert isinstance(critic_opt, torch.optim.Adam)
+    assert critic_opt.defaults["lr"] == 3e-4 and critic_opt.defaults["betas"] == (0.5, 0.9)
+    assert {id(p) for g in critic_opt.param_groups for p in g["params"]} == {id(p) for p in model.critic.parameters()}
+    given = _tiny_aikd(ssup, critic_optimizer=functools.partial(torch.optim.RMSprop, lr=5e-5))
+    assert isinstance(given.configure_optimizers()[1], torch.optim.RMSprop)  # an injected optimiser still wins
+
+
+def test_adversarial_guide_cosine_is_the_cosine_of_the_logit_gradients() -> None:
+    logits = torch.randn(4, 3, requires_grad=True)
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    adv, guide = (logits * a).sum(), (logits * b).sum() ** 2  # d guide / d logits = 2 guide b: same direction as b
+    got = SelfKD.adversarial_guide_cosine(logits, adv, guide)
+    expected = F.cosine_similarity(a.flatten(), (b * float(guide.detach().sign())).flatten(), dim=0)
+    assert float(got) == pytest.approx(float(expected), abs=1e-6)
+
+
+class CriticLog(L.Callback):
+    """Per epoch: the logged W (first critic update of each step) and cosine; per batch: the adversarial weight
+    and the critic's Adam step count."""
+
+    def __init__(self) -> None:
+        self.w: list[float] = []
+        self.cos: list[float] = []
+        self.adv_weight: list[float] = []
+        self.critic_steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.adv_weight.append(pl_module.loss_weights()["adv"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = trainer.optimizers[1].state
+        self.critic_steps.append(int(next(iter(state.values()))["step"]) if state else 0)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.w.append(float(trainer.callback_metrics["train/wasserstein_epoch"]))
+        self.cos.append(float(trainer.callback_metrics["train/adv_guide_cos"]))
+
+
+#: the paper's stated critic optimiser (Adam, lr 1e-4) with one update per student step and PyTorch's betas
+PAPER_CRITIC: dict[str, Any] = {"critic_steps": 1, "critic_lr": 1e-4, "critic_betas": (0.9, 0.999)}
+
+
+def _fit_toy_critic(tmp_path: Path, epochs: int = 4, **kw: Any) -> tuple[CriticLog, list[str]]:
+    """A student that climbs the critic fast (SGD lr 0.1, adversarial weight 1) on 128 digits, 4 steps an epoch."""
+    import warnings
+
+    from kd_lightning.data import DigitsDataModule
+
+    L.seed_everything(0, verbose=False)
+    ssup = write_teacher(tmp_path / "s.ckpt", 10, 1, net="tinynet", image_size=8)
+    L.seed_everything(1, verbose=False)
+    dm = DigitsDataModule(batch_size=32, train_size=128, num_workers=0, augment=False)
+    opt = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    model = _tiny_aikd(ssup, adversarial_weight=1.0, optimizer=opt, **kw)
+    log = CriticLog()
+    trainer = L.Trainer(
+        max_epochs=epochs, enable_checkpointing=False, limit_val_batches=0, callbacks=[log], **QUIET_TRAINER_KW
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, dm)
+    return log, [str(w.message) for w in caught if "critic has lost" in str(w.message)]
+
+
+def test_a_lagging_critic_loses_and_more_critic_updates_fix_it(tmp_path: Path) -> None:
+    # one Adam(1e-4) update per student step (the paper's stated setting): the student's logits outscore S_sup's
+    lagging, warned = _fit_toy_critic(tmp_path, critic_lost_epochs=3, **PAPER_CRITIC)
+    assert all(w < 0 for w in lagging.w), lagging.w
+    assert len(warned) == 1 and "negative for 3 epochs in a row" in warned[0] and "critic_steps=1" in warned[0]
+    assert lagging.critic_steps[:3] == [1, 2, 3]
+    # our defaults, five updates per student step at lr 1e-3, betas (0, 0.9): the critic keeps up from epoch 1 on
+    fixed, warned = _fit_toy_critic(tmp_path, critic_lost_epochs=3)
+    assert all(w > 0 for w in fixed.w[1:]), fixed.w
+    assert warned == [] and fixed.critic_steps[:3] == [5, 10, 15]
+    assert all(-1.0 <= c <= 1.0 for c in lagging.cos + fixed.cos)  # the cosine is logged every epoch
+
+
+def test_critic_warmup_trains_the_critic_with_the_adversarial_term_off(tmp_path: Path) -> None:
+    by_steps, _ = _fit_toy_critic(tmp_path, epochs=2, critic_warmup_steps=6, critic_steps=1)
+    assert by_steps.adv_weight == [0.0] * 6 + [1.0] * 2  # 4 steps an epoch
+    assert by_steps.critic_steps == list(range(1, 9))  # the critic trains from the first step
+    by_epochs, _ = _fit_toy_critic(tmp_path, epochs=2, critic_warmup_epochs=1, critic_steps=1)
+    assert by_epochs.adv_weight == [0.0] * 4 + [1.0] * 4
+
+
+def test_aikd_takes_pskds_ramp_of_the_progressive_weight(tmp_path: Path) -> None:
+    ssup = write_teacher(tmp_path / "s.ckpt", 10, 1, net="tinynet", image_size=8)
+    model = _tiny_aikd(ssup, progressive_ramp=True)
+    trainer = L.Trainer(max_epochs=10, logger=False)
+    model.trainer = trainer
+    for epoch, a_p in ((0, 0.03), (4, 0.15), (9, 0.3)):  # a_P (t + 1) / T with a_P = 0.3
+        trainer.fit_loop.epoch_progress.current.completed = epoch
+        weights = model.loss_weights()
+        assert weights["progressive"] == pytest.approx(a_p)
+        assert weights["ce"] == pytest.approx(1 - a_p - 0.1) and weights["guide"] == pytest.approx(0.1)
+    assert _tiny_aikd(ssup).progressive_weight_now() == pytest.approx(0.3)  # off by default: constant a_P
+
+
+def test_ssup_trained_with_the_runs_seed_is_warned_about(tmp_path: Path, monkeypatch) -> None:
+    from kd_lightning.methods.self_kd import pretrained_seed
+
+    run = tmp_path / "ssup_run"
+    ssup = write_teacher(run / "checkpoints/best.ckpt", 10, 1, net="tinynet", image_size=8)
+    assert pretrained_seed(str(ssup)) is None  # nothing recorded: no check
+    (run / "lightning_logs/version_0").mkdir(parents=True)
+    (run / "lightning_logs/version_0/config.yaml").write_text("seed_everything: 3\ntrainer: {max_epochs: 1}\n")
+    assert pretrained_seed(str(ssup)) == 3
+    model = _tiny_aikd(ssup)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    with pytest.warns(UserWarning, match=r"seed_everything=3, the seed of this run: the student starts from S_sup"):
+        model._check_pretrained_seed(str(ssup))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model._check_pretrained_seed(str(ssup))  # another seed: silent
+    (run / "lightning_logs/version_1").mkdir()
+    (run / "lightning_logs/version_1/config.yaml").write_text("seed_everything: 5\n")
+    assert pretrained_seed(str(ssup)) is None  # the saved configs disagree: unknown

@@ -47,6 +47,8 @@ class GracefulStop(L.Callback):
 
     #: the signal that stopped the latest run of this process (read by ``kdl`` for its exit status)
     last_signal: int | None = None
+    #: a second Ctrl-C aborted the latest run without saving (Lightning then exits 1; ``kdl`` makes it 130)
+    aborted: bool = False
 
     def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGINT")) -> None:
         super().__init__()
@@ -59,6 +61,7 @@ class GracefulStop(L.Callback):
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         first = not self.requested
         if not first and signum == signal.SIGINT:
+            GracefulStop.aborted = True
             raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         self.requested = True
         if first:
@@ -76,6 +79,7 @@ class GracefulStop(L.Callback):
         self._trainer = trainer
         self.requested = False
         GracefulStop.last_signal = None
+        GracefulStop.aborted = False
         for name in self.signals:
             signum = int(getattr(signal, name))
             self._previous[signum] = signal.getsignal(signum)

@@ -149,19 +149,34 @@ class TensorDataset(Dataset):
 
 
 def stratified_subset(labels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a random subset of ``size`` samples with class proportions kept (sorted)."""
+    """Indices of a random subset of exactly ``size`` samples with class proportions kept (sorted).
+
+    Each class gets the floor of its share of ``size``; the samples left over go to the classes with the
+    largest remainders (ties broken at random), so the subset has ``size`` samples, not a per-class rounding
+    of it. A ``size`` below the number of classes cannot keep every class and is refused.
+    """
     labels = torch.as_tensor(labels)
     if size >= len(labels):
         return torch.arange(len(labels))
     if labels.is_floating_point():  # regression: plain random subset
         return torch.randperm(len(labels), generator=generator)[:size].sort().values
-    chosen = []
     classes = labels.unique()
-    for c in classes:
-        idx = (labels == c).nonzero().flatten()
-        k = round(size * len(idx) / len(labels))
-        chosen.append(idx[torch.randperm(len(idx), generator=generator)[:k]])
-    out = torch.cat(chosen)
+    if size < len(classes):
+        raise ConfigError(
+            f"train_size={size} is below the {len(classes)} classes of the training set; a stratified subset "
+            f"needs at least one sample per class (train_size >= {len(classes)})"
+        )
+    members = [(labels == c).nonzero().flatten() for c in classes]
+    orders = [idx[torch.randperm(len(idx), generator=generator)] for idx in members]
+    shares = torch.tensor([size * len(idx) / len(labels) for idx in members], dtype=torch.float64)
+    counts = shares.floor().long()
+    left = size - int(counts.sum())
+    if left > 0:
+        tie_break = torch.randperm(len(classes), generator=generator)
+        by_remainder = sorted(range(len(classes)), key=lambda i: (-float(shares[i] - counts[i]), int(tie_break[i])))
+        for i in by_remainder[:left]:
+            counts[i] += 1
+    out = torch.cat([order[: int(k)] for order, k in zip(orders, counts)])
     return out.sort().values
 
 
@@ -174,7 +189,7 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: share of the training set held out for validation (model selection);
             the test split is never used for selection.
         train_size: use a stratified random subset of this many training samples (after the
-            validation split), e.g. the papers' limited-data regime; ``None`` keeps all.
+            validation split), e.g. a limited-data setting; ``None`` keeps all.
         image_size: pad (or resize) images to this size, e.g. 32 for CIFAR-style nets;
             ``None`` keeps the native size.
         resize_mode: ``"pad"`` centres the image on a zero canvas, ``"resize"`` interpolates.
@@ -221,6 +236,11 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"train_size={train_size}; expected a positive integer or null")
         if image_size is not None and image_size < 1:
             raise ConfigError(f"image_size={image_size}; expected a positive integer or null")
+        if num_workers is not None and num_workers < 0:
+            raise ConfigError(
+                f"num_workers={num_workers}; expected 0 (load in the main process), a positive number of "
+                "worker processes, or null (chosen from the CPU cores)"
+            )
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size

@@ -48,12 +48,19 @@ class FakeDataset(Dataset):
 
 
 def store_samples(
-    path: str, filtered: bool = True, replaced: bool = True, expect_subsampled: bool | None = None
+    path: str,
+    filtered: bool = True,
+    replaced: bool = True,
+    expect_subsampled: bool | None = None,
+    relabel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, Any]:
     """(uint8 images, labels, row numbers in the store's table, the store) of a finished store.
 
     ``filtered`` keeps the samples the filter kept (else every accepted one); ``replaced`` uses the
-    final labels (teacher's where replaced) instead of the assigned ones.
+    final labels (teacher's where replaced) instead of the assigned ones; ``relabel`` gives every sample
+    the filtering teacher's label (its argmax; a regressor's prediction in [0, 1]), whatever the store's
+    replacement setting: the official cGAN-KD classification scripts read such a store (``adjust_True``)
+    while the paper relabels only for regression.
     """
     from kd_lightning.sampling.store import open_store
 
@@ -70,8 +77,34 @@ def store_samples(
     select = table["kept"] if filtered else table["accepted"]
     rows = np.nonzero(select.astype(bool))[0]
     images = torch.from_numpy(store.load_images()[rows])
-    labels = torch.from_numpy(table["final_label" if replaced else "label"][rows])
+    if relabel:
+        if "teacher" not in table.columns:
+            raise ConfigError(
+                f"store {path!r} holds no teacher outputs (written without a teacher); relabel needs them"
+            )
+        t = table["teacher"][rows]
+        relabelled = t.argmax(1) if s["task"] == "classification" else np.clip(t.reshape(-1), 0, 1)
+        labels = torch.from_numpy(relabelled.astype(table["label"].dtype))
+    else:
+        labels = torch.from_numpy(table["final_label" if replaced else "label"][rows])
     return images, labels, rows, store
+
+
+def balanced_prefix(labels: torch.Tensor, n: int, seed: int, by_class: bool = True) -> torch.Tensor:
+    """Exactly ``n`` sorted row numbers, a seeded draw in which every class keeps its share (up to one sample).
+
+    Each class's rows are shuffled and ranked at ``(rank + 0.5) / class size``; the ``n`` lowest ranks
+    are taken, so any ``n`` follows the class proportions and a smaller ``n`` is a subset of a larger one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    key = torch.empty(len(labels), dtype=torch.float64)
+    groups = labels.unique() if by_class else torch.zeros(1)
+    for c in groups:
+        rows = (labels == c).nonzero().flatten() if by_class else torch.arange(len(labels))
+        rank = torch.empty(len(rows), dtype=torch.float64)
+        rank[torch.randperm(len(rows), generator=g)] = torch.arange(len(rows), dtype=torch.float64)
+        key[rows] = (rank + 0.5) / len(rows)
+    return torch.sort(torch.argsort(key, stable=True)[:n]).values
 
 
 def _store_labels(labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -195,6 +228,7 @@ class FilteredDataModule(_FakeTrainBase):
         filtered: only the samples the teacher filter kept (else every accepted sample).
         replaced: the final labels (the teacher's where replacement ran) instead of the assigned ones.
         subsampled: check the store's cDR-RS setting (``None``: accept either).
+        relabel: every sample gets the filtering teacher's label (see :func:`store_samples`).
         **kwargs: see :class:`~kd_lightning.data.ImageDataModule`.
     """
 
@@ -205,13 +239,17 @@ class FilteredDataModule(_FakeTrainBase):
         filtered: bool = True,
         replaced: bool = True,
         subsampled: bool | None = None,
+        relabel: bool = False,
         **kwargs: Any,
     ) -> None:
         self.store_path, self.filtered, self.replaced, self.subsampled = store, filtered, replaced, subsampled
+        self.relabel = relabel
         super().__init__(datamodule, **kwargs)
 
     def _fakes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels, _, _ = store_samples(self.store_path, self.filtered, self.replaced, self.subsampled)
+        images, labels, _, _ = store_samples(
+            self.store_path, self.filtered, self.replaced, self.subsampled, relabel=self.relabel
+        )
         return images, labels
 
 
@@ -227,6 +265,16 @@ class AugmentedDataModule(ImageDataModule):
             a number in (0, 1) puts ``round(share x batch_size)`` fake images in every batch, an epoch
             being one pass over the real images (fakes are drawn without replacement, cycling).
         max_fake: use at most this many fake samples (the first ones of a seeded shuffle).
+        fake_ratio: use ``round(fake_ratio x n_real)`` fake samples (M^g as a multiple of the real training
+            set: 0 = none, the real-only control; 0.5, 1, 2, 4 = the M^g curve), a seeded subset with the
+            store's class proportions; more than the store holds is refused. ``None`` = every sample.
+        relabel: every fake sample gets the filtering teacher's label (the official classification scripts'
+            ``adjust_True`` store); ``False`` keeps the store's labels (the paper: assigned labels for
+            classification, the teacher's only where the store replaced them, i.e. regression).
+
+    Fake images pass through the real DataModule's training transform: with ``augment`` on, the
+    same random crop (and flip, where the dataset allows it) as the real images, as the official
+    students train.
     """
 
     def __init__(
@@ -237,9 +285,15 @@ class AugmentedDataModule(ImageDataModule):
         replaced: bool = True,
         fake_share: float | None = None,
         max_fake: int | None = None,
+        fake_ratio: float | None = None,
+        relabel: bool = False,
     ) -> None:
         if fake_share is not None and not 0.0 < fake_share < 1.0:
             raise ConfigError(f"fake_share={fake_share}; expected a number in (0, 1) or null (concatenation)")
+        if fake_ratio is not None and fake_ratio < 0:
+            raise ConfigError(f"fake_ratio={fake_ratio}; expected a number >= 0 (a multiple of the real set) or null")
+        if fake_ratio is not None and max_fake is not None:
+            raise ConfigError("give fake_ratio or max_fake, not both")
         self.real = datamodule
         for key in ("num_classes", "in_channels", "native_size", "mean", "std", "task", "label_range", "hflip"):
             setattr(self, key, getattr(datamodule, key))
@@ -257,6 +311,7 @@ class AugmentedDataModule(ImageDataModule):
         )
         self.store_path, self.filtered, self.replaced = store, filtered, replaced
         self.fake_share, self.max_fake = fake_share, max_fake
+        self.fake_ratio, self.relabel = fake_ratio, relabel
         self.num_train_indices: int | None = None
         self.n_real = self.n_fake = 0
         self._store_rows: np.ndarray | None = None
@@ -273,8 +328,20 @@ class AugmentedDataModule(ImageDataModule):
             if real_train is None:
                 raise RuntimeError(f"{type(self.real).__name__}.setup('fit') built no training set")
             offset = num_indices(self.real)
-            images, labels, rows, store = store_samples(self.store_path, self.filtered, self.replaced)
-            if self.max_fake is not None and self.max_fake < len(images):
+            images, labels, rows, store = store_samples(
+                self.store_path, self.filtered, self.replaced, relabel=self.relabel
+            )
+            if self.fake_ratio is not None:
+                want = round(self.fake_ratio * dataset_len(real_train))
+                if want > len(images):
+                    raise ConfigError(
+                        f"fake_ratio={self.fake_ratio} asks for {want} fake samples ({self.fake_ratio} x "
+                        f"{dataset_len(real_train)} real) but the store {self.store_path!r} gives {len(images)}; "
+                        "write a larger store"
+                    )
+                pick = balanced_prefix(labels, want, self.seed, self.task == "classification")
+                images, labels, rows = images[pick], labels[pick], rows[pick.numpy()]
+            elif self.max_fake is not None and self.max_fake < len(images):
                 pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))[: self.max_fake]
                 pick = pick.sort().values
                 images, labels, rows = images[pick], labels[pick], rows[pick.numpy()]
@@ -396,5 +463,6 @@ __all__ = [
     "FilteredDataModule",
     "GeneratedDataModule",
     "ShareSampler",
+    "balanced_prefix",
     "store_samples",
 ]

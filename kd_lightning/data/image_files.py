@@ -41,6 +41,11 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
         with Image.open(path) as img:
             img.load()  # decodes every byte: truncated files fail here
             return img.convert(mode)
+    except Image.DecompressionBombError as e:
+        raise DataNotFoundError(
+            f"image file {str(path)!r} is too large to decode safely ({e}); expected an image within "
+            "PIL.Image.MAX_IMAGE_PIXELS"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataNotFoundError(
             f"image file {str(path)!r} is corrupt or truncated ({e}); expected a readable image"

@@ -100,7 +100,16 @@ class MNISTDataModule(ImageDataModule):
     def build_dataset(self, split: Split) -> Dataset:
         if self.root is None:
             raise DataNotFoundError(f"{type(self).__name__} needs root=<folder with the four idx files>")
-        return TensorDataset(*load_mnist_split(self.root, split))
+        images, labels = load_mnist_split(self.root, split)
+        bad = ((labels < 0) | (labels >= self.num_classes)).nonzero().flatten()
+        if len(bad):
+            i = int(bad[0])
+            path = find_idx_file(Path(self.root), _FILES[split][1])
+            raise DataNotFoundError(
+                f"{path}: label {int(labels[i])} of sample {i} is outside the classes 0..{self.num_classes - 1} "
+                f"of {type(self).__name__} ({len(bad)} such label(s))"
+            )
+        return TensorDataset(images, labels)
 
 
 class FashionMNISTDataModule(MNISTDataModule):

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -95,6 +97,27 @@ class DigitsEdgeCloud(EdgeCloudSplit, DigitsDataModule):
         super().__init__(edge_size=edge_size, edge_val_size=edge_val_size, **kwargs)
 
 
+def spent_queries(sources: list[str] | None) -> int:
+    """Teacher queries paid by earlier stages: the sum of ``journal_spent`` in each source's ``queries/stats.json``.
+
+    A source is a run folder or the stats file itself. A missing or unreadable file is an error (a budget that
+    silently ignored stage 1 would overspend).
+    """
+    total = 0
+    for src in sources or []:
+        path = Path(src)
+        if path.is_dir():
+            path = path / "queries" / "stats.json"
+        try:
+            total += int(json.loads(path.read_text())["journal_spent"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"spent_before: {str(src)!r} gives no queries/stats.json with journal_spent ({type(e).__name__}); "
+                "expected an earlier black-box stage's run folder or its stats.json"
+            ) from None
+    return total
+
+
 class _LatentPool(Dataset):
     def __init__(self, size: int, z_dim: int, seed: int) -> None:
         self.z = torch.randn(size, z_dim, generator=torch.Generator().manual_seed(seed))
@@ -141,6 +164,8 @@ class QueryPoolDataModule(L.LightningDataModule):
         z_dim: latent size (``None``: the number of classes, as MEKD's generator takes).
         batch_size: training batch size.
         seed: seed of the pool (latent codes, crop offsets) and of the shuffling.
+        spent_before: earlier stages (run folders or their ``queries/stats.json``) whose paid queries come off
+            ``pool_size``: with ``pool_size`` = the method's whole budget, the pool is what stage 1 left.
     """
 
     label_range = None
@@ -155,6 +180,7 @@ class QueryPoolDataModule(L.LightningDataModule):
         z_dim: int | None = None,
         batch_size: int = 128,
         seed: int = 0,
+        spent_before: list[str] | None = None,
     ) -> None:
         super().__init__()
         if pool not in ("latent", "local"):
@@ -169,6 +195,7 @@ class QueryPoolDataModule(L.LightningDataModule):
         self.local, self.pool, self.pool_size, self.seed = local, pool, pool_size, seed
         self.batch_size = batch_size
         self.z_dim = z_dim
+        self.spent_before = list(spent_before or [])
         for key in ("num_classes", "in_channels", "image_size", "mean", "std"):
             setattr(self, key, getattr(local, key))
         self.train_dataset: Dataset | None = None
@@ -177,6 +204,14 @@ class QueryPoolDataModule(L.LightningDataModule):
         self.local.trainer = getattr(self, "trainer", None)
         self.local.setup(stage)
         if stage in ("fit", None) and self.train_dataset is None:
+            spent = spent_queries(self.spent_before)
+            if spent:
+                if spent >= self.pool_size:
+                    raise ConfigError(
+                        f"pool_size={self.pool_size} but the earlier stages {self.spent_before} already spent {spent} "
+                        "queries: nothing is left for this one"
+                    )
+                self.pool_size -= spent
             if self.pool == "latent":
                 z_dim = self.z_dim or self.num_classes
                 if z_dim is None:
@@ -212,4 +247,4 @@ class QueryPoolDataModule(L.LightningDataModule):
         return self.local.test_dataloader()
 
 
-__all__ = ["DigitsEdgeCloud", "EdgeCloudSplit", "FashionMNISTEdgeCloud", "QueryPoolDataModule"]
+__all__ = ["DigitsEdgeCloud", "EdgeCloudSplit", "FashionMNISTEdgeCloud", "QueryPoolDataModule", "spent_queries"]

@@ -20,26 +20,31 @@ from kd_lightning.losses.features import _stage_names, match_spatial, pair_stage
 from kd_lightning.losses.relations import _last_stage
 
 
-def _conv(cin: int, cout: int, transpose: bool = False) -> list[nn.Module]:
+def _conv(cin: int, cout: int, transpose: bool = False, bn: bool = True) -> list[nn.Module]:
     conv = nn.ConvTranspose2d(cin, cout, 3, 1, 1) if transpose else nn.Conv2d(cin, cout, 3, 1, 1)
-    return [conv, nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True)]
+    # nn.Identity keeps the layer numbering (encoder.0, encoder.3, ...) of the variant with BatchNorm
+    return [conv, nn.BatchNorm2d(cout) if bn else nn.Identity(), nn.LeakyReLU(0.1, inplace=True)]
 
 
 class Paraphraser(nn.Module):
     """FT's paraphraser: a convolutional autoencoder on a teacher map whose code has ``rate * C`` channels.
 
-    Three 3x3 conv-BN-LeakyReLU layers encode (``C -> C -> rate C -> rate C``), three transposed ones
-    decode back to ``C``; the code is the teacher's *factor*.
+    Three 3x3 conv-LeakyReLU layers encode (``C -> C -> rate C -> rate C``), three transposed ones
+    decode back to ``C``; the code is the teacher's *factor*. ``bn=False`` (default) is RepDistiller's
+    paraphraser (its ``use_bn=False``); ``bn=True`` puts a BatchNorm after every convolution (this
+    project's layout before it matched RepDistiller; RepDistiller's translator has them).
     """
 
-    def __init__(self, channels: int, rate: float = 0.5) -> None:
+    def __init__(self, channels: int, rate: float = 0.5, bn: bool = False) -> None:
         super().__init__()
         if rate <= 0:
             raise ConfigError(f"FT: rate={rate}; expected a positive paraphrase rate")
         k = max(1, round(channels * rate))
-        self.channels, self.rate, self.factor_channels = channels, rate, k
-        self.encoder = nn.Sequential(*_conv(channels, channels), *_conv(channels, k), *_conv(k, k))
-        self.decoder = nn.Sequential(*_conv(k, k, True), *_conv(k, channels, True), *_conv(channels, channels, True))
+        self.channels, self.rate, self.factor_channels, self.bn = channels, rate, k, bn
+        self.encoder = nn.Sequential(*_conv(channels, channels, bn=bn), *_conv(channels, k, bn=bn), *_conv(k, k, bn=bn))
+        self.decoder = nn.Sequential(
+            *_conv(k, k, True, bn=bn), *_conv(k, channels, True, bn=bn), *_conv(channels, channels, True, bn=bn)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(factor, reconstruction)`` of a teacher map."""
@@ -91,7 +96,7 @@ def load_paraphraser(path: str, channels: int, feature: str | None = None) -> Pa
             f"FT: the paraphraser in {path!r} was trained on the teacher feature {trained_on!r} but FT reads "
             f"{feature!r}; set teacher_feature: {trained_on} or retrain it"
         )
-    para = Paraphraser(channels, float(hp["rate"]))
+    para = Paraphraser(channels, float(hp["rate"]), bn="encoder.1.weight" in own)  # BN or not: as it was trained
     theirs = own["encoder.0.weight"].shape[1]
     if theirs != channels:
         raise ConfigError(
@@ -125,6 +130,8 @@ class FT(KDLoss):
         student_feature: the student's map (default its last stage).
         teacher_feature: the teacher's map (default its last stage).
         rec_weight: weight of the reconstruction loss when the paraphraser is trained alongside.
+        paraphraser_bn: BatchNorm in a paraphraser trained alongside (default off: RepDistiller's); a
+            loaded paraphraser keeps the layout it was trained with.
         weight: factor in the total loss.
     """
 
@@ -137,6 +144,7 @@ class FT(KDLoss):
         student_feature: str | None = None,
         teacher_feature: str | None = None,
         rec_weight: float = 1.0,
+        paraphraser_bn: bool = False,
         weight: float = 1000.0,
     ) -> None:
         super().__init__(weight)
@@ -146,7 +154,7 @@ class FT(KDLoss):
             raise ConfigError(f"FT: form={form!r}; expected 'paper' or 'repdistiller'")
         self.paraphraser_path, self.rate, self.p, self.form = paraphraser, rate, p, form
         self._given = (student_feature, teacher_feature)
-        self.rec_weight = rec_weight
+        self.rec_weight, self.paraphraser_bn = rec_weight, paraphraser_bn
 
     def setup(self, info: SetupInfo) -> None:
         s = self._given[0] or _last_stage(self, info.student_shapes, "student")
@@ -159,7 +167,7 @@ class FT(KDLoss):
             self.paraphraser: nn.Module = _Frozen(para)
             self.online = False
         else:
-            para = Paraphraser(tc, self.rate)
+            para = Paraphraser(tc, self.rate, self.paraphraser_bn)
             self.paraphraser = para
             self.online = True
         self.translator = Translator(sc, para.factor_channels)
@@ -189,7 +197,11 @@ class FT(KDLoss):
 class AB(KDLoss):
     """Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons" (AAAI 2019).
 
-    For each paired stage a connector (1x1 conv + BN) maps the student map to the teacher's channels;
+    For each paired stage a connector maps the student map to the teacher's: as RepDistiller's
+    ``Connector``, the identity when the two maps have the same channels and size and a 1x1 conv + BN
+    otherwise (``connector="repdistiller"``, default; RepDistiller's ``ConvReg`` also strides or
+    transposes for a 2x size change, here the larger map is average-pooled instead), or always a
+    1x1 conv + BN (``connector="always"``, this project's layout before it matched RepDistiller);
     with ``rho = [t > 0]`` (which neurons the teacher activates) the loss is
     ``|| rho * relu(m - r(s))^2 + (1 - rho) * relu(m + r(s))^2 ||_1``: summed over neurons, averaged over
     the batch, and summed over stages (``stage_weights``). Margin ``m = 1``. The paper uses it to
@@ -199,6 +211,7 @@ class AB(KDLoss):
         stages: stage names paired between student and teacher; ``None`` pairs every declared stage.
         margin: the margin ``m``.
         stage_weights: a factor per paired stage (default 1 each; RepDistiller uses ``2^(i - n + 1)``).
+        connector: ``"repdistiller"`` (identity for equal shapes) or ``"always"`` (see above).
         weight: factor in the total loss.
     """
 
@@ -207,12 +220,15 @@ class AB(KDLoss):
         stages: list[str] | None = None,
         margin: float = 1.0,
         stage_weights: list[float] | None = None,
+        connector: Literal["repdistiller", "always"] = "repdistiller",
         weight: float = 1.0,
     ) -> None:
         super().__init__(weight)
         if margin < 0:
             raise ConfigError(f"AB: margin={margin}; expected a value >= 0")
-        self.stages, self.margin, self.stage_weights = stages, margin, stage_weights
+        if connector not in ("repdistiller", "always"):
+            raise ConfigError(f"AB: connector={connector!r}; expected 'repdistiller' or 'always'")
+        self.stages, self.margin, self.stage_weights, self.connector = stages, margin, stage_weights, connector
 
     def setup(self, info: SetupInfo) -> None:
         s_names, t_names = _stage_names(info.student_shapes), _stage_names(info.teacher_shapes)
@@ -228,9 +244,13 @@ class AB(KDLoss):
             raise ConfigError(f"AB: stage_weights has {len(self.stage_weights)} values for {len(names)} stages")
         self.connectors = nn.ModuleList()
         for n in names:
-            sc = require_shape(self, "student", info.student_shapes, n, 3)[0]
-            tc = require_shape(self, "teacher", info.teacher_shapes, n, 3)[0]
-            self.connectors.append(nn.Sequential(nn.Conv2d(sc, tc, 1, bias=False), nn.BatchNorm2d(tc)))
+            s_shape = tuple(require_shape(self, "student", info.student_shapes, n, 3))
+            t_shape = tuple(require_shape(self, "teacher", info.teacher_shapes, n, 3))
+            if self.connector == "repdistiller" and s_shape == t_shape:
+                self.connectors.append(nn.Identity())
+            else:
+                conv = nn.Conv2d(s_shape[0], t_shape[0], 1, bias=False)
+                self.connectors.append(nn.Sequential(conv, nn.BatchNorm2d(t_shape[0])))
         self.student_features = self.teacher_features = tuple(names)
 
     def boundary_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

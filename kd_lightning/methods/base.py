@@ -32,6 +32,22 @@ def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
+#: LR scheduler arguments that count steps or epochs and must be positive (torch divides by them later)
+_SCHEDULER_PERIODS = ("T_max", "step_size", "T_0", "total_steps", "total_iters")
+
+
+def checked_scheduler(scheduler: Any) -> Any:  # noqa: ANN401 - any torch LR scheduler
+    """``scheduler``, or a ConfigError naming a period of 0 (``T_max: 0`` fails much later as a ZeroDivisionError)."""
+    for name in _SCHEDULER_PERIODS:
+        value = getattr(scheduler, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(
+                f"lr_scheduler {type(scheduler).__name__}: {name}={value}; expected a positive number "
+                "(see model.init_args.lr_scheduler in the recipe)"
+            )
+    return scheduler
+
+
 class BaseTask(L.LightningModule):
     """Shared constructor template, optimiser/scheduler injection and data-compatibility checks.
 
@@ -102,7 +118,7 @@ class BaseTask(L.LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
+        scheduler = checked_scheduler(self.lr_scheduler_factory(optimizer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ checks

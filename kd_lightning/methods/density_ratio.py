@@ -194,7 +194,7 @@ class DensityRatioEstimator(BaseTask):
         encoder_image_size: the side the encoder takes (default: its checkpoint's ``image_size``).
         mlp: ``"MLP3"``/``"MLP5"`` (the official widths) or an explicit list of widths.
         dropout: dropout in the MLP (the official 0.5).
-        penalty: lambda of ``lambda (mean r(fake) - 1)^2`` (the official 1e-3).
+        penalty: lambda of ``lambda (mean r(fake) - 1)^2`` (default 1e-3; the shipped official scripts use 0.01).
         kappa: regression: half-width of the label vicinity the fake labels are drawn from (0: y itself).
         vicinity_check: regression with kappa > 0 and an encoder that predicts labels: drop fakes whose
             predicted label lies outside the vicinity (official code).

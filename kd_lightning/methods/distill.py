@@ -127,6 +127,7 @@ class DistillModule(NetTask):
             hp.num_classes if self.spec.has_classes else None,
             hp.in_channels,
             who=f"the student {hp.net!r}",
+            image_size=hp.get("image_size"),
         )
         self.teacher = teacher
         info = SetupInfo(

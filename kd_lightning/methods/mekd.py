@@ -1,4 +1,4 @@
-"""MEKD (Ma et al., CVPR 2023): black-box distillation through a generator; and the black-box baselines.
+"""MEKD (Ma et al., CVPR 2024): black-box distillation through a generator; and the black-box baselines.
 
 Two stages, each a LightningModule trained by ``kdl fit``; the teacher is a black box (a ``kdl serve-teacher``
 URL or a checkpoint answered in-process, see :mod:`kd_lightning.teachers.blackbox`) that returns soft
@@ -25,6 +25,7 @@ See docs/mekd.md for every choice that differs from the paper or the official co
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -56,14 +57,25 @@ class TeacherLink:
     def __init__(self, module: BaseTask) -> None:
         self.module = module
         self.client: QueryClient | None = None
+        self.spent_before = 0
 
     def connect(self, num_classes: int | None) -> QueryClient:
         hp = self.module.hparams
         root = Path(self.module.trainer.default_root_dir if self.module._trainer is not None else ".")
         journal = hp.journal if hp.journal is not None else root / "queries" / "journal.bin"
+        budget, self.spent_before = hp.query_budget, 0
+        if budget is not None and hp.get("spent_before"):
+            from kd_lightning.data.query import spent_queries
+
+            spent = spent_queries(hp.spent_before)
+            if spent >= budget:
+                raise ConfigError(
+                    f"query_budget={budget} but the earlier stages {list(hp.spent_before)} already spent {spent}"
+                )
+            budget, self.spent_before = budget - spent, spent
         kwargs: dict[str, Any] = dict(
             responses=hp.responses,
-            query_budget=hp.query_budget,
+            query_budget=budget,
             journal=None if str(journal) == "" else journal,
             wire_dtype=hp.wire_dtype,
         )
@@ -85,6 +97,8 @@ class TeacherLink:
             return {}
         self.client._sync_journal_stats()
         stats = {**self.client.stats.as_dict(), "query_budget": self.client.query_budget, **(extra or {})}
+        if self.spent_before:
+            stats["spent_before"] = self.spent_before  # paid by earlier stages (spent_before), not in journal_*
         atomic_write_bytes(self.stats_path, json.dumps(stats, indent=2).encode())
         return stats
 
@@ -177,9 +191,59 @@ class MEKDDeprivatization(DCGAN):
 
     def on_fit_start(self) -> None:
         if self.hparams.alpha > 0:
-            self.link.connect(self.hparams.num_classes)
+            client = self.link.connect(self.hparams.num_classes)
+            try:
+                self.check_im_budget(client)
+            except ConfigError:
+                self.link.close()
+                raise
+
+    def planned_generator_steps(self) -> int:
+        """Generator steps this fit will make (``trainer.max_steps`` counts D and G steps both)."""
+        hp, trainer = self.hparams, self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return trainer.max_steps * hp.n_gen // (hp.n_critic + hp.n_gen)
+        batches = int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 0
+        return (trainer.max_epochs or 0) * batches * hp.n_gen // hp.n_critic
+
+    def check_im_budget(self, client: QueryClient) -> None:
+        """Print the queries L_IM will pay for this fit, and refuse to start when they exceed the budget."""
+        hp = self.hparams
+        dm = getattr(self.trainer, "datamodule", None)
+        batch = int(getattr(dm, "batch_size", 0) or 0)
+        train = getattr(dm, "train_dataset", None)
+        if train is not None and hasattr(train, "__len__"):
+            batch = min(batch, len(train))  # a training set smaller than a batch gives smaller batches
+        steps = self.planned_generator_steps() - int(self.g_steps)
+        need = im_queries(steps, batch, hp.im_interval, hp.im_batch_size)
+        client._sync_journal_stats()
+        spent = int(client.stats.as_dict().get("journal_spent", 0))
+        budget = "unlimited" if hp.query_budget is None else f"{hp.query_budget:,}"
+        print(
+            f"MEKD deprivatization: L_IM queries the teacher on {min(batch, hp.im_batch_size or batch)} images every "
+            f"{hp.im_interval} generator step(s): {steps:,} generator steps -> about {need:,} queries "
+            f"({spent:,} already spent; budget {budget})"
+        )
+        if hp.query_budget is not None and spent + need > hp.query_budget:
+            raise ConfigError(
+                f"L_IM needs about {need:,} teacher queries for {steps:,} generator steps (batch {batch}, "
+                f"im_interval={hp.im_interval}, im_batch_size={hp.im_batch_size}) but query_budget={hp.query_budget:,}"
+                f" leaves {hp.query_budget - spent:,}: raise the budget, or query less (im_interval, im_batch_size)"
+            )
 
     def on_fit_end(self) -> None:
+        self.link.write_stats({"stage": "deprivatization"})
+        self.link.close()
+
+    # ``kdl test`` on a deprivatization checkpoint runs the generator gate (callbacks/generator_gate.py): the
+    # test loop itself does nothing but give the callback its place, with the teacher connected.
+    def on_test_start(self) -> None:
+        self.link.connect(self.hparams.num_classes)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        return None
+
+    def on_test_end(self) -> None:
         self.link.write_stats({"stage": "deprivatization"})
         self.link.close()
 
@@ -205,6 +269,16 @@ class MEKDDeprivatization(DCGAN):
             self.log("train/teacher_confidence", conf.mean(), on_step=False, on_epoch=True)
             loss = loss + hp.alpha * l_im
         return loss
+
+
+def im_queries(generator_steps: int, batch_size: int, im_interval: int = 1, im_batch_size: int | None = None) -> int:
+    """Teacher queries L_IM pays for ``generator_steps`` steps: ``ceil(steps / im_interval) * images per step``.
+
+    The paper's weighting (every step, the whole batch) is ``steps * batch_size``: 4,800 steps of 64 images are
+    307,200 queries, the official code's ~16.5k steps ~1.06M.
+    """
+    per_step = min(batch_size, im_batch_size or batch_size)
+    return -(-max(generator_steps, 0) // im_interval) * per_step
 
 
 class FrozenGenerator(nn.Module):
@@ -264,6 +338,11 @@ class BlackBoxStudent(NetTask):
         token: bearer token for a URL teacher (``None``: env ``KDL_TEACHER_TOKEN``).
         timeout: seconds per HTTP request.
         wire_dtype: how images travel.
+        generator: a deprivatization checkpoint: the query images are then G(z) for the latent pool's z (the
+            generator frozen) instead of local images.
+        ema_generator: use that checkpoint's EMA generator (else the raw one).
+        spent_before: earlier stages whose paid queries count against ``query_budget`` (run folders, or their
+            ``queries/stats.json``): MEKD's stage 2 names stage 1, so ``query_budget`` is the whole method's.
         **kwargs: see :class:`~kd_lightning.methods.supervised.NetTask` (``net`` is the student).
     """
 
@@ -279,11 +358,33 @@ class BlackBoxStudent(NetTask):
         token: str | None = None,
         timeout: float = 30.0,
         wire_dtype: WireDType = "uint8",
+        generator: str | None = None,
+        ema_generator: bool = True,
+        spent_before: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_choice("responses", responses, ("soft", "hard"))
+        self._pending = (None if generator is None else load_frozen_generator(generator, ema_generator),)
         super().__init__(**kwargs)
         self.link = TeacherLink(self)
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        generator = self._pending[0]  # registered here so that the checkpoint holds it (and loads strictly)
+        del self._pending
+        if generator is not None:
+            self.generator = generator
+            z_dim = generator.g.z_dim
+            if z_dim != self.hparams.num_classes:
+                raise ConfigError(
+                    f"the generator in {self.hparams.generator!r} takes z_dim={z_dim} but {type(self).__name__} "
+                    f"needs z_dim = num_classes={self.hparams.num_classes}; train it with z_dim = num_classes"
+                )
+
+    @property
+    def pool(self) -> str:
+        """The query pool this student needs: latent codes with a generator, else local images."""
+        return "latent" if self.hparams.get("generator") else "local"
 
     def configure_losses(self) -> None:
         self.criterion = nn.CrossEntropyLoss()  # evaluation only
@@ -299,11 +400,12 @@ class BlackBoxStudent(NetTask):
         if given not in (None, self.pool):
             raise ConfigError(f"{type(self).__name__} queries pool={self.pool!r} but the data gives pool={given!r}")
 
-    pool = "local"
-
     # ------------------------------------------------------------------ hooks
     def query_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Images in [0, 1] to query for this batch."""
+        """Images in [0, 1] to query for this batch: G(z) with a generator, else the local images."""
+        if self.hparams.get("generator"):
+            with torch.no_grad():
+                return ((self.generator(batch["z"].to(self.device)) + 1) / 2).clamp(0, 1)
         return batch["image"]
 
     def distill_loss(self, x: torch.Tensor, student: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -354,6 +456,7 @@ class MEKD(BlackBoxStudent):
 
     Args:
         generator: checkpoint of the deprivatization stage (or any DCGAN with ``z_dim`` = classes); frozen here.
+            The same generator makes the query images x' = G(z) (see :class:`BlackBoxStudent`).
         tau: temperature of the generator input and of the KL (official code: 5).
         beta: weight of the KL term (paper and code: 1).
         lf_weight: weight of L_F (code: 1).
@@ -366,8 +469,6 @@ class MEKD(BlackBoxStudent):
         **kwargs: see :class:`BlackBoxStudent`.
     """
 
-    pool = "latent"
-
     def __init__(
         self,
         generator: str,
@@ -378,7 +479,7 @@ class MEKD(BlackBoxStudent):
         lf_reduction: Literal["sample_norm", "mean"] = "sample_norm",
         kl_scale: Literal["tau", "tau2", "none"] = "tau",
         generator_input: Literal["logits", "softmax"] = "logits",
-        ema_generator: bool = True,
+        hard_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         if tau <= 0 or beta < 0 or lf_weight < 0:
@@ -387,23 +488,9 @@ class MEKD(BlackBoxStudent):
         _check_choice("lf_reduction", lf_reduction, ("sample_norm", "mean"))
         _check_choice("kl_scale", kl_scale, ("tau", "tau2", "none"))
         _check_choice("generator_input", generator_input, ("logits", "softmax"))
-        self._pending = (load_frozen_generator(generator, ema_generator),)  # registered in configure_models
-        super().__init__(**kwargs)
-
-    def configure_models(self) -> None:
-        super().configure_models()
-        self.generator = self._pending[0]
-        del self._pending
-        z_dim = self.generator.g.z_dim
-        if z_dim != self.hparams.num_classes:
-            raise ConfigError(
-                f"the generator in {self.hparams.generator!r} takes z_dim={z_dim} but MEKD feeds it "
-                f"num_classes={self.hparams.num_classes} logits; train it with z_dim = num_classes"
-            )
-
-    def query_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return ((self.generator(batch["z"].to(self.device)) + 1) / 2).clamp(0, 1)
+        if hard_scale <= 0:
+            raise ConfigError(f"hard_scale={hard_scale}; expected a number > 0 (1: the official one-hot)")
+        super().__init__(generator=generator, **kwargs)
 
     def _gen_input(self, logits: torch.Tensor) -> torch.Tensor:
         z = logits / self.hparams.tau
@@ -412,6 +499,8 @@ class MEKD(BlackBoxStudent):
     def distill_loss(self, x: torch.Tensor, student: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
         hp = self.hparams
         t = answer_logits(answers, hp.responses, hp.num_classes).to(student.device)
+        if hp.responses == "hard":
+            t = t * hp.hard_scale
         s = student - student.mean(-1, keepdim=True) if hp.responses == "soft" else student
         with torch.no_grad():
             g_t = self.generator(self._gen_input(t))

@@ -33,12 +33,15 @@ class FTParaphraser(StageSteps, BaseTask):
         teacher: path of the teacher's ``kdl`` checkpoint.
         feature: the teacher map to paraphrase (default its last declared stage, as FT's default).
         rate: paraphrase rate ``k``: the factor has ``k * C`` channels (paper and RepDistiller: 0.5).
+        bn: BatchNorm after every convolution of the paraphraser (default off, as RepDistiller's).
         **kwargs: see :class:`~kd_lightning.methods.base.BaseTask`.
     """
 
     monitor, monitor_mode = "val/rec", "min"
 
-    def __init__(self, teacher: str, feature: str | None = None, rate: float = 0.5, **kwargs: Any) -> None:
+    def __init__(
+        self, teacher: str, feature: str | None = None, rate: float = 0.5, bn: bool = False, **kwargs: Any
+    ) -> None:
         if rate <= 0:
             raise ConfigError(f"rate={rate}; expected a positive paraphrase rate")
         loaded = FrozenTeacher.from_checkpoint(teacher)
@@ -49,13 +52,15 @@ class FTParaphraser(StageSteps, BaseTask):
     def configure_models(self) -> None:
         (teacher,), hp = self._pending, self.hparams
         del self._pending
-        teacher.check_compatible(self.task, hp.num_classes, hp.in_channels, who="the data")
+        teacher.check_compatible(
+            self.task, hp.num_classes, hp.in_channels, who="the data", image_size=hp.get("image_size")
+        )
         self.teacher = teacher
         shapes = DistillModule._probe(teacher.net, teacher.normalize, hp)
         stages = _stage_names(shapes)
         self.feature = hp.feature or (stages[-1] if stages else "prepool")
         channels = require_shape(FT(), "teacher", shapes, self.feature, 3)[0]
-        self.paraphraser = Paraphraser(channels, hp.rate)
+        self.paraphraser = Paraphraser(channels, hp.rate, bool(hp.get("bn", False)))
 
     def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         _, feats = self.teacher.forward_features(batch["image"], [self.feature])

@@ -32,6 +32,11 @@ no stored prediction yet (all of epoch 0) gets its one-hot label as progressive 
 PS-KD's code: with tau_P = 1 the term is then plain cross-entropy, i.e. the progressive
 distillation is off in the first epoch.
 
+The critic's schedule (``critic_steps`` updates per student step, its Adam's ``critic_lr``/``critic_betas``, a
+warm-up with the adversarial term off) is ours where the paper is silent; every epoch logs the critic's W estimate
+(``train/wasserstein_epoch``) and cos(adversarial, guide) of the gradients w.r.t. the student's logits
+(``train/adv_guide_cos``), and a critic whose W stays negative is warned about.
+
 Optimisation is manual (two optimisers): the student's optimiser and LR scheduler come from the
 recipe (``optimizer``/``lr_scheduler``; the scheduler is stepped here after each epoch's last batch), the critic's
 from ``critic_optimizer``. In manual mode the Trainer's ``gradient_clip_val`` and
@@ -42,11 +47,17 @@ the student's parameters).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
+import torch.nn.functional as F
+import yaml
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import nn
 
@@ -64,6 +75,7 @@ from kd_lightning.losses.self_kd import (
     check_guide_settings,
     check_temperature,
 )
+from kd_lightning.methods.base import checked_scheduler
 from kd_lightning.methods.supervised import ImageClassifier
 
 if TYPE_CHECKING:
@@ -72,11 +84,43 @@ if TYPE_CHECKING:
 STORE_KEY = "kdl_self_kd_store"  # where checkpoints before the terms kept the store
 CriticNorm = Literal["joint", "none", "separate"]
 CRITIC_NORMS: tuple[str, ...] = ("joint", "none", "separate")
+#: (critic_lr, critic_betas) of SelfKD's default critic Adam; critic_optimizer replaces that Adam
+CRITIC_ADAM_DEFAULTS: tuple[float, tuple[float, float]] = (1e-3, (0.0, 0.9))
 
 
 def default_critic_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     """Adam, lr 1e-4 (AI-KD sec. 4.2; betas are not stated there: PyTorch's defaults)."""
     return torch.optim.Adam(params, lr=1e-4)
+
+
+def check_critic_schedule(
+    critic_steps: int,
+    critic_lr: float,
+    critic_betas: tuple[float, float],
+    critic_warmup_steps: int,
+    critic_warmup_epochs: int,
+    critic_lost_epochs: int,
+) -> None:
+    """Clear errors for the critic's schedule settings (see :class:`SelfKD`)."""
+    if isinstance(critic_steps, bool) or not isinstance(critic_steps, int) or critic_steps < 1:
+        raise ConfigError(f"critic_steps={critic_steps!r}; expected an integer >= 1 (critic updates per student step)")
+    if not critic_lr > 0:
+        raise ConfigError(f"critic_lr={critic_lr}; expected a learning rate > 0")
+    betas = tuple(critic_betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"critic_betas={list(critic_betas)}; expected two Adam betas in [0, 1)")
+    for name, value in (
+        ("critic_warmup_steps", critic_warmup_steps),
+        ("critic_warmup_epochs", critic_warmup_epochs),
+        ("critic_lost_epochs", critic_lost_epochs),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name}={value!r}; expected an integer >= 0")
+    if critic_warmup_steps > 0 and critic_warmup_epochs > 0:
+        raise ConfigError(
+            f"critic_warmup_steps={critic_warmup_steps} and critic_warmup_epochs={critic_warmup_epochs}; "
+            "set one of them (the other 0)"
+        )
 
 
 # ---------------------------------------------------------------------------------------- critic
@@ -190,6 +234,26 @@ def gradient_penalty(
         return ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
 
 
+def pretrained_seed(path: str) -> int | None:
+    """The ``seed_everything`` of the run that wrote checkpoint ``path``, or None when it is not recorded.
+
+    Read from the run's saved ``config.yaml`` (``<run>/checkpoints/x.ckpt`` -> ``<run>/*/version_*/config.yaml``,
+    and ``<run>/config.yaml``); None when there is none or the saved configs disagree.
+    """
+    run = Path(path).resolve().parent.parent
+    found: set[int] = set()
+    for cfg in [run / "config.yaml", *sorted(run.glob("*/version_*/config.yaml"))]:
+        if not cfg.is_file():
+            continue
+        try:
+            seed = (yaml.safe_load(cfg.read_text()) or {}).get("seed_everything")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            found.add(seed)
+    return found.pop() if len(found) == 1 else None
+
+
 # ---------------------------------------------------------------------------------------- module
 class SelfKD(ImageClassifier):
     """Self-distillation with progressive, guide, class-wise and adversarial terms (see the module doc).
@@ -221,7 +285,17 @@ class SelfKD(ImageClassifier):
         critic_norm: ``joint`` (default): the paper's BN1d, with S_sup's and the student's logits (and the
             penalty's mix) normalised as one batch; ``none``: no BN in the critic; ``separate``: the BN sees each
             set alone, which makes the critic blind to a logit offset or scale (the behaviour before this option).
-        critic_optimizer: builds the critic's optimiser (default Adam lr 1e-4).
+        critic_optimizer: builds the critic's optimiser; default None: Adam with ``critic_lr`` and ``critic_betas``
+            (giving both this and a non-default ``critic_lr``/``critic_betas`` is an error).
+        critic_steps: critic updates per student step (5, WGAN-GP's n_critic; the paper does not say), each on this
+            step's logits with its own penalty mix.
+        critic_lr: the default Adam's learning rate (1e-3, our choice: the paper's 1e-4 lets the critic fall behind
+            an SGD student; docs/distillation.md has the measurements).
+        critic_betas: the default Adam's betas ((0, 0.9), WGAN-GP's; the paper does not say).
+        critic_warmup_steps: student steps during which the critic trains but the adversarial term is off.
+        critic_warmup_epochs: the same in epochs (set one of the two).
+        critic_lost_epochs: warn once when the epoch-mean W = E[D(S_sup)] - E[D(S_t)] is negative this many epochs in
+            a row (0: never).
         gp_weight: weight of the critic's gradient penalty.
         class_wise_weight: lambda of CS-KD's ``T^2 KL(p(x') || p(x))`` to a same-class partner x'
             (needs ``data.init_args.class_pairs: true``); added on top of the CE weight, as in CS-KD.
@@ -270,7 +344,13 @@ class SelfKD(ImageClassifier):
         adversarial_weight: float = 0.0,
         critic_hidden: tuple[int, int] = (64, 32),
         critic_norm: CriticNorm = "joint",
-        critic_optimizer: OptimizerCallable = default_critic_optimizer,
+        critic_optimizer: OptimizerCallable | None = None,
+        critic_steps: int = 5,
+        critic_lr: float = 1e-3,
+        critic_betas: tuple[float, float] = (0.0, 0.9),
+        critic_warmup_steps: int = 0,
+        critic_warmup_epochs: int = 0,
+        critic_lost_epochs: int = 3,
         gp_weight: float = 10.0,
         class_wise_weight: float = 0.0,
         class_wise_temperature: float = 4.0,
@@ -297,6 +377,14 @@ class SelfKD(ImageClassifier):
         check_guide_settings(guide_temperature, guide_target, designed_correct_prob, guide_reduction, guide_multiplier)
         check_temperature("progressive_temperature", progressive_temperature)
         check_temperature("class_wise_temperature", class_wise_temperature)
+        check_critic_schedule(
+            critic_steps, critic_lr, critic_betas, critic_warmup_steps, critic_warmup_epochs, critic_lost_epochs
+        )
+        if critic_optimizer is not None and (critic_lr, tuple(critic_betas)) != CRITIC_ADAM_DEFAULTS:
+            raise ConfigError(
+                f"critic_optimizer is given and so are critic_lr={critic_lr} / critic_betas={list(critic_betas)}: "
+                "those set the default Adam only; put lr and betas in critic_optimizer's init_args instead"
+            )
         if critic_norm not in CRITIC_NORMS:
             raise ConfigError(f"critic_norm={critic_norm!r}; expected one of {', '.join(CRITIC_NORMS)}")
         if guide_weight + progressive_weight > 1.0:
@@ -312,8 +400,13 @@ class SelfKD(ImageClassifier):
             )
         self._pending_terms = list(terms or [])  # registered by configure_models (nn.Module is not set up yet)
         super().__init__(**kwargs)
-        self.critic_optimizer_factory = critic_optimizer
+        self.critic_optimizer_factory: OptimizerCallable = critic_optimizer or partial(
+            torch.optim.Adam, lr=critic_lr, betas=(float(critic_betas[0]), float(critic_betas[1]))
+        )
         self.automatic_optimization = False
+        self._wasserstein_sum, self._wasserstein_count = 0.0, 0  # this epoch's W estimates (rank zero's)
+        self._negative_w_epochs = 0  # consecutive epochs with a negative mean W
+        self._warned_critic_lost = False
 
     # ------------------------------------------------------------------ template hooks
     def configure_models(self) -> None:
@@ -370,7 +463,8 @@ class SelfKD(ImageClassifier):
                 f"S_sup {path!r} is a {guide.net_name!r} but the student is net={hp.net!r}; self-distillation "
                 "needs a pre-trained copy of the same architecture"
             )
-        guide.check_compatible("classification", hp.num_classes, hp.in_channels, who=f"the student ({hp.net})")
+        who, size = f"the student ({hp.net})", hp.get("image_size")
+        guide.check_compatible("classification", hp.num_classes, hp.in_channels, who=who, image_size=size)
         return guide
 
     def trainable_parameters(self) -> Iterable[torch.Tensor]:
@@ -383,7 +477,7 @@ class SelfKD(ImageClassifier):
             optimizers.append(self.critic_optimizer_factory(self.critic.parameters()))
         if self.lr_scheduler_factory is None:
             return optimizers
-        scheduler = {"scheduler": self.lr_scheduler_factory(student), "interval": "epoch"}
+        scheduler = {"scheduler": checked_scheduler(self.lr_scheduler_factory(student)), "interval": "epoch"}
         return cast(OptimizerLRScheduler, (optimizers, [scheduler]))
 
     # ------------------------------------------------------------------ loss
@@ -422,7 +516,26 @@ class SelfKD(ImageClassifier):
         for name, term in self.term_map.items():
             if term.shares_ce_weight:
                 ce -= weights[name]
-        return {"ce": ce, **weights, "adv": float(self.hparams.adversarial_weight)}
+        adv = float(self.hparams.adversarial_weight) if self.adversarial_on() else 0.0
+        return {"ce": ce, **weights, "adv": adv}
+
+    def student_steps_done(self) -> int:
+        """Student optimiser steps taken before this batch (one per training batch; restored on resume)."""
+        if self._trainer is None:
+            return 0
+        return max(0, self.trainer.fit_loop.epoch_loop.total_batch_idx)
+
+    def adversarial_on(self) -> bool:
+        """False during the critic's warm-up (``critic_warmup_steps`` student steps or ``critic_warmup_epochs``).
+
+        The critic trains during the warm-up; only the student's adversarial term is off.
+        """
+        hp = self.hparams
+        if hp.critic_warmup_epochs > 0:
+            return self._epoch_and_max()[0] >= hp.critic_warmup_epochs
+        if hp.critic_warmup_steps > 0:
+            return self.student_steps_done() >= hp.critic_warmup_steps
+        return True
 
     def student_parts(
         self,
@@ -484,21 +597,20 @@ class SelfKD(ImageClassifier):
             pair_logits = self(mixed.pair_image) if mixed.pair_image is not None else None
         logits = self(mixed.image)
 
-        if self.critic is not None:  # critic step on detached student logits vs S_sup's logits
-            critic_opt = optimizers[1]
+        if self.critic is not None:
             assert guide_logits is not None
-            with self.toggled_optimizer(critic_opt):
-                c_parts = self.critic_parts(guide_logits, logits.detach())
-                self.log_dict({f"train/{k}": v.detach() for k, v in c_parts.items()}, on_step=True, on_epoch=True)
-                critic_opt.zero_grad()
-                self.manual_backward(c_parts["critic"])
-                critic_opt.step()
+            self.critic_update(optimizers[1], guide_logits, logits.detach())
 
         with self.toggled_optimizer(student_opt):
             parts = self.student_parts(logits, mixed, index, guide_logits, pair_logits)
             loss = self.combine(parts)
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
             self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, on_step=True, on_epoch=True)
+            if "adv" in parts and "guide" in parts:
+                cos = self.adversarial_guide_cosine(logits, parts["adv"], parts["guide"])
+                self.log("train/adv_guide_cos", cos, on_step=False, on_epoch=True)
+            if self.critic is not None:
+                self.log("train/adv_weight", self.loss_weights()["adv"], on_step=False, on_epoch=True)
             if hp.progressive_ramp:
                 self.log("train/progressive_weight", self.progressive_weight_now(), on_step=False, on_epoch=True)
             student_opt.zero_grad()
@@ -511,6 +623,61 @@ class SelfKD(ImageClassifier):
         self.log_metrics("train", self.train_metrics)
         self._step_schedulers_at_epoch_end(batch_idx)
         return loss.detach()
+
+    def critic_update(self, critic_opt: Any, real: torch.Tensor, fake: torch.Tensor) -> None:  # noqa: ANN401
+        """``critic_steps`` WGAN-GP updates of the critic on this batch: S_sup's logits vs the student's (detached).
+
+        Every update draws its own penalty mix ``eps``; the batch is the same (one student step's logits). The
+        logged ``train/critic``, ``train/wasserstein`` and ``train/gp`` are those of the first update, i.e. of
+        the critic as it was when the student's new logits arrived: W = E[D(S_sup)] - E[D(S_t)] below zero
+        means the student's logits score higher than S_sup's, the critic has fallen behind.
+        """
+        with self.toggled_optimizer(critic_opt):
+            for k in range(self.hparams.critic_steps):
+                c_parts = self.critic_parts(real, fake)
+                if k == 0:
+                    self.log_dict({f"train/{n}": v.detach() for n, v in c_parts.items()}, on_step=True, on_epoch=True)
+                    self._wasserstein_sum += float(c_parts["wasserstein"].detach())
+                    self._wasserstein_count += 1
+                critic_opt.zero_grad()
+                self.manual_backward(c_parts["critic"])
+                critic_opt.step()
+
+    @staticmethod
+    def adversarial_guide_cosine(logits: torch.Tensor, adv: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """cos(grad of ``adv``, grad of ``guide``) w.r.t. the student's logits (the whole batch as one vector).
+
+        Positive: the critic pushes the student the way the guide does (toward S_sup); negative: away from it.
+        Gradients w.r.t. the logits only, so this costs two small backward passes, not through the network.
+        """
+        g_adv, g_guide = (
+            torch.autograd.grad(part, logits, retain_graph=True, allow_unused=True)[0] for part in (adv, guide)
+        )
+        if g_adv is None or g_guide is None:
+            return torch.tensor(float("nan"))
+        return F.cosine_similarity(g_adv.detach().flatten().float(), g_guide.detach().flatten().float(), dim=0)
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._wasserstein_sum, self._wasserstein_count = 0.0, 0
+
+    def on_train_epoch_end(self) -> None:
+        """Warn (once, rank zero) when the epoch-mean W has been negative ``critic_lost_epochs`` epochs in a row."""
+        super().on_train_epoch_end()
+        if self._wasserstein_count == 0:
+            return
+        mean_w = self._wasserstein_sum / self._wasserstein_count
+        self._negative_w_epochs = self._negative_w_epochs + 1 if mean_w < 0 else 0
+        patience = int(self.hparams.critic_lost_epochs)
+        if patience and self._negative_w_epochs >= patience and not self._warned_critic_lost:
+            self._warned_critic_lost = True
+            hp = self.hparams
+            rank_zero_warn(
+                f"AI-KD's critic has lost: the Wasserstein estimate W = E[D(S_sup)] - E[D(S_t)] was negative for "
+                f"{self._negative_w_epochs} epochs in a row (last epoch {mean_w:.3g}), so the adversarial term pushes "
+                f"the student away from S_sup; give the critic more updates or a higher LR (critic_steps="
+                f"{hp.critic_steps}, critic_lr={hp.critic_lr}) or a warm-up (critic_warmup_epochs)"
+            )
 
     @torch.no_grad()
     def _clean_logits(self, image: torch.Tensor) -> torch.Tensor:
@@ -546,6 +713,22 @@ class SelfKD(ImageClassifier):
             if s is not None:
                 s.step()
 
+    def _check_pretrained_seed(self, path: str) -> None:
+        """Warn when S_sup was trained with this run's ``seed_everything``: the student would start from S_sup's init.
+
+        Both are built by the same code from the same seed, so their initial weights are equal, and the student is
+        then guided toward where its own initial weights went. Silent when S_sup's seed is not recorded.
+        """
+        run_seed = os.environ.get("PL_GLOBAL_SEED")
+        ssup_seed = pretrained_seed(path)
+        if run_seed is None or ssup_seed is None or int(run_seed) != ssup_seed:
+            return
+        rank_zero_warn(
+            f"S_sup {path!r} was trained with seed_everything={ssup_seed}, the seed of this run: the student starts "
+            "from S_sup's initial weights. Use the pre-trained model of another seed (e.g. seed + 1; "
+            "recipes/pipelines/aikd_fashion_mnist_overfit.yaml pairs seed k with seed k+1's baseline)"
+        )
+
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints written before the store moved into the progressive term kept it under ``STORE_KEY``."""
@@ -557,6 +740,8 @@ class SelfKD(ImageClassifier):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage == "fit" and self.hparams.pretrained:
+            self._check_pretrained_seed(str(self.hparams.pretrained))
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if (
             stage == "fit"
@@ -684,5 +869,6 @@ __all__ = [
     "critic_scores",
     "default_critic_optimizer",
     "gradient_penalty",
+    "pretrained_seed",
     "wgan_gp_critic_parts",
 ]

@@ -46,7 +46,9 @@ class SSKDTeacherHead(StageSteps, BaseTask):
         (self.teacher,) = self._pending
         del self._pending
         hp = self.hparams
-        self.teacher.check_compatible("classification", hp.num_classes, hp.in_channels, who="the data")
+        self.teacher.check_compatible(
+            "classification", hp.num_classes, hp.in_channels, who="the data", image_size=hp.get("image_size")
+        )
         dim = DistillModule._probe(self.teacher.net, self.teacher.normalize, hp)["penultimate"].numel()
         self.head = ProjectionHead(dim, hp.head_batch_norm)
 

@@ -106,6 +106,17 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     return {"edges": edges, "accuracy": acc, "confidence": mean_conf, "count": count, "ece": ece}
 
 
+def default_min_count(n: int) -> int:
+    """The fewest samples a reliability bin needs for a bar: 0.5 % of ``n``, at least 1."""
+    return max(1, round(0.005 * n))
+
+
+def drawn_bins(count: torch.Tensor, min_count: int | None = None) -> torch.Tensor:
+    """Which bins of a reliability diagram get a bar: those with at least ``min_count`` samples (default above)."""
+    least = default_min_count(int(count.sum())) if min_count is None else min_count
+    return (count >= least) & (count > 0)
+
+
 def plot_reliability_diagram(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -113,30 +124,35 @@ def plot_reliability_diagram(
     path: str | os.PathLike,
     n_bins: int = 15,
     title: str = "",
+    min_count: int | None = None,
 ) -> Path:
     """A PNG with one panel per setting (before and, with ``temperature``, after scaling).
 
     Each panel: accuracy per confidence bin (bars), the gap to the bin's mean confidence (red,
-    hatched), the diagonal of perfect calibration, and the ECE in the corner.
+    hatched), the diagonal of perfect calibration, and the ECE in the corner; under it, how many
+    samples each bin holds. Bins with fewer than ``min_count`` samples (default: 0.5 % of them, at
+    least 1) get no bar: one sample's 0 or 1 says nothing about calibration. They still count in the ECE.
     """
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     settings: list[tuple[str, torch.Tensor]] = [("before TS", logits.float())]
     if temperature is not None:
         settings.append((f"after TS (T = {temperature:.2f})", logits.float() / temperature))
-    fig = Figure(figsize=(3.6 * len(settings), 3.6))
-    axes = fig.subplots(1, len(settings), squeeze=False)
-    for ax, (name, z) in zip(axes[0], settings):
+    fig = Figure(figsize=(3.8 * len(settings), 4.8))
+    axes = fig.subplots(2, len(settings), squeeze=False, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for col, (name, z) in enumerate(settings):
+        ax, hist = axes[0, col], axes[1, col]
         bins = reliability_bins(z.softmax(-1), labels, n_bins)
         width = 1.0 / n_bins
         centres = (bins["edges"][:-1] + width / 2).numpy()
-        filled = (bins["count"] > 0).numpy()
+        count = bins["count"].numpy()
+        shown = drawn_bins(bins["count"], min_count).numpy()
         acc, conf = bins["accuracy"].numpy(), bins["confidence"].numpy()
-        ax.bar(centres[filled], acc[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+        ax.bar(centres[shown], acc[shown], width=width, edgecolor="black", color="tab:blue", label="accuracy")
         ax.bar(
-            centres[filled],
-            (conf - acc)[filled],
-            bottom=acc[filled],
+            centres[shown],
+            (conf - acc)[shown],
+            bottom=acc[shown],
             width=width,
             edgecolor="red",
             color="tab:red",
@@ -145,19 +161,29 @@ def plot_reliability_diagram(
             label="gap",
         )
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect")
+        tiny = int(((count > 0) & ~shown).sum())
+        least = default_min_count(int(count.sum())) if min_count is None else min_count
+        note = f"\n{tiny} bin(s) under {least} samples not drawn" if tiny else ""
         ax.text(
             0.04,
             0.93,
-            f"ECE {100 * float(bins['ece']):.2f}%",
+            f"ECE {100 * float(bins['ece']):.2f}%{note}",
             transform=ax.transAxes,
-            fontsize=9,
+            fontsize=8,
+            va="top",
             bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
         )
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
-        ax.legend(loc="lower right", fontsize=7)
+        ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=name)
+        hist.bar(
+            centres, count, width=width, edgecolor="black", color=["tab:blue" if s else "lightgray" for s in shown]
+        )
+        hist.set(xlim=(0, 1), xlabel="confidence", ylabel="samples")
+        hist.set_yscale("symlog", linthresh=10)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    # one legend under the panels: inside an axis it hides the bars it explains
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -175,6 +201,7 @@ def report_lines(report: dict[str, Any]) -> str:
 __all__ = [
     "calibration_report",
     "classification_summary",
+    "drawn_bins",
     "fit_temperature",
     "plot_reliability_diagram",
     "reliability_bins",

@@ -21,6 +21,7 @@ naming each difference.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -42,6 +43,9 @@ from kd_lightning.sampling.filtering import (
 )
 from kd_lightning.sampling.rejection import accept, check_trials, chunk_generator, estimate_max
 from kd_lightning.sampling.store import SampleStore, sha256_file
+
+#: images per network pass in generation: fixed, so that no batch-size-dependent kernel choice reaches a store
+MICRO_BATCH = 100
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -78,10 +82,11 @@ class GenerateConfig:
             stay available for comparisons; DataModules use accepted samples only.
         seed: seed of every random number (latent codes, labels, acceptance draws).
         batch_size: proposals per chunk (part of the settings: it decides the samples).
-        forward_batch: images per forward pass inside a chunk (not a setting: the nets give the same
-            bits for any split, checked in tests/test_generate_speed.py). Smaller passes keep the activations
-            in memory malloc reuses: at 500 a generator pass page-faulted ~0.5M times here and was 1.6x
-            slower (docs/performance.md).
+        forward_batch: deprecated and ignored (a warning says so). Every network pass runs on micro-batches
+            of :data:`MICRO_BATCH` (100) images, whatever this says: a store's bytes depend only on its settings
+            and seed, although BLAS libraries pick other kernels, and so other rounding, for other batch sizes
+            (MKL's AVX2 GEMMs do: AMD hosts use them). 100 was this option's default and its fastest value on CPU
+            (docs/performance.md), so stores written with the default are resumed bit for bit.
         shard_size: samples per shard (at least; a shard ends at a chunk boundary).
         ema: sample from the EMA generator.
         teacher_image_size: side the teacher takes (default: its checkpoint's ``image_size``).
@@ -120,7 +125,7 @@ class GenerateConfig:
     keep_rejected: bool = False
     seed: int = 0
     batch_size: int = 500
-    forward_batch: int = 100
+    forward_batch: int | None = None
     shard_size: int = 5000
     ema: bool = True
     teacher_image_size: int | None = None
@@ -148,10 +153,22 @@ class Generation:
         from kd_lightning.teachers import FrozenTeacher
 
         self.cfg = cfg
-        for name in ("batch_size", "forward_batch", "shard_size", "burn_in"):
+        for name in ("batch_size", "shard_size", "burn_in"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name}={getattr(cfg, name)}; expected a positive integer")
-        self.device = torch.device(cfg.device)
+        if cfg.forward_batch is not None:
+            import warnings
+
+            warnings.warn(
+                f"forward_batch={cfg.forward_batch} is ignored: kdl generate runs its networks on micro-batches of "
+                f"{MICRO_BATCH} images, so that the store does not depend on it",
+                FutureWarning,
+                stacklevel=2,
+            )
+        self.micro_batch = MICRO_BATCH  # benchmarks/generation.py changes it to time other splits
+        from kd_lightning.sample import resolve_device
+
+        self.device = resolve_device(cfg.device)
         gan = load_gan(cfg.generator)
         self.label_range = gan.hparams.get("label_range")
         self.gen = gan.sampler_generator(cfg.ema).to(self.device).eval()
@@ -229,7 +246,7 @@ class Generation:
         assert teacher is not None and size is not None  # add_teacher checked; a teacher comes with its size
         if "teacher" not in take:
             xq = take["image"].float().to(self.device) / 255
-            bs = self.cfg.forward_batch
+            bs = self.micro_batch
             outs = [teacher(fit_size(xq[s : s + bs], size)).float().cpu() for s in range(0, len(xq), bs)]
             take["teacher"] = torch.cat(outs) if outs else torch.zeros(0, teacher.num_classes or 1)
         t, y = take["teacher"], take["label"]
@@ -302,7 +319,7 @@ class Generation:
             k = self.cfg.kappa
             y_gen = (y - k + 2 * k * offsets).clamp(0, 1) if k > 0 else y
         images = []
-        fb = self.cfg.forward_batch
+        fb = self.micro_batch
         for s in range(0, n, fb):
             x = self.run_gen(z[s : s + fb].to(self.device), y_gen[s : s + fb].to(self.device))
             images.append(((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).cpu())
@@ -495,6 +512,11 @@ def _image_size(path: str) -> int:
 
 def generate(cfg: GenerateConfig) -> tuple[SampleStore, dict[str, Any]]:
     """Write (or resume) the store ``cfg.out``; returns it and a timing summary (not stored)."""
+    from kd_lightning.fileio import folder_problem
+
+    problem = folder_problem(cfg.out)
+    if problem:  # before the models load: a wrong --out fails at once
+        raise ConfigError(f"out={cfg.out!r}: {problem}; the store needs a writable folder")
     run = Generation(cfg)
     store = SampleStore(cfg.out, run.settings())
     start = time.perf_counter()
@@ -516,6 +538,29 @@ def generate(cfg: GenerateConfig) -> tuple[SampleStore, dict[str, Any]]:
     proposed = sum(int(p.get("proposed", 0)) for p in store.manifest["progress"].values())
     burn_in = sum(int(p.get("burn_in", 0)) for p in store.manifest["progress"].values())
     return store, {"seconds": seconds, "proposed": proposed, "burn_in": burn_in}
+
+
+def os_error_line(e: OSError, out: str | None, what: str = "the store") -> str:
+    """One line for an ``OSError`` met while writing ``out``: what failed, on which file, and what to do."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    reason = e.strerror or str(e)
+    written = os.path.abspath(str(e.filename)) if e.filename else ""
+    target = os.path.abspath(out) if out else ""
+    inside = bool(written and target) and (
+        written == target
+        or written.startswith(target + os.sep)
+        or (os.path.dirname(written) == os.path.dirname(target) and os.path.basename(written).startswith(".tmp-"))
+    )
+    if e.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device while writing {what} {out!r}{where}; free some space and run the same "
+            "command again: it resumes from the last complete shard"
+        )
+    if inside:
+        return f"cannot write {what} {out!r}: {reason}{where}; name a writable folder with --out"
+    return f"{reason}{where}"
 
 
 def build_parser() -> ArgumentParser:
@@ -552,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     except KDLError as e:
         print(f"kdl generate: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only folder, --out through a file
+        print(f"kdl generate: error: {os_error_line(e, args.get('out'))}", file=sys.stderr)
+        return 2
     rep = store.report
     lines = [f"store {cfg.out}: {rep.get('n_accepted')} accepted, {rep.get('n_kept')} kept"]
     lines.append(f"acceptance rate {rep.get('acceptance_rate', float('nan')):.2%}")
@@ -562,7 +610,11 @@ def main(argv: list[str] | None = None) -> int:
         rate = (timing["proposed"] + timing["burn_in"]) / timing["seconds"]
         lines.append(f"{rate:.1f} images/s (proposals and burn-in; timing of a resumed run is partial)")
     print("; ".join(lines), file=sys.stderr)
+    from kd_lightning.sampling.consistency import store_chance_warning
+
+    if warning := store_chance_warning(cfg.out):
+        print(warning, file=sys.stderr)
     return 0
 
 
-__all__ = ["GenerateConfig", "Generation", "generate", "main"]
+__all__ = ["MICRO_BATCH", "GenerateConfig", "Generation", "generate", "main"]

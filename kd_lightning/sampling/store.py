@@ -37,6 +37,7 @@ MAGIC = b"KDLSHARD1\n"
 MANIFEST = "manifest.json"
 TABLE = "samples.bin"
 FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"  # atomic_write_bytes's temporary files: a writer killed mid-write leaves one
 
 
 class StoreError(KDLError):
@@ -118,6 +119,10 @@ class SampleStore:
     def __init__(self, root: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)
         path = self.root / MANIFEST
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{str(self.root)!r} is a file; a sample store is a folder (name a new or empty one)")
+        if settings is not None:
+            self._remove_temporary_files()
         if path.is_file():
             try:
                 self.manifest = json.loads(path.read_text())
@@ -142,6 +147,13 @@ class SampleStore:
                 "finished": False,
             }
             self.save()
+
+    def _remove_temporary_files(self) -> None:
+        """Delete what a killed writer left: our own ``.tmp-*`` files (never recorded, never read)."""
+        if self.root.is_dir():
+            for leftover in self.root.glob(f"{TMP_PREFIX}*"):
+                if leftover.is_file():
+                    leftover.unlink()
 
     # ------------------------------------------------------------------ settings
     def check_settings(self, settings: dict[str, Any]) -> None:

@@ -33,6 +33,27 @@ from kd_lightning.teachers.frozen import FrozenTeacher
 _DTYPES = ("uint8", "float16", "float32")
 
 
+def preprocess_note(checkpoint: dict[str, Any], image_size: int | None) -> str | None:
+    """How the teacher's training data reached ``image_size`` (zero padding or resizing), from its saved recipe."""
+    from kd_lightning.checkpoints import CONFIG_KEY
+
+    data = (checkpoint.get(CONFIG_KEY) or {}).get("data") or {}
+    name = str(data.get("class_path") or "").rsplit(".", 1)[-1]
+    import kd_lightning.data as datamodules
+
+    native = getattr(getattr(datamodules, name, None), "native_size", None)
+    if not image_size or not native or native == image_size:
+        return None if not image_size else f"images of {image_size}x{image_size} as they are"
+    mode = ((data.get("init_args") or {}).get("resize_mode")) or "pad"
+    if mode == "pad" and image_size > native:
+        extra = image_size - native
+        return (
+            f"{name} images are {native}x{native}: pad them with zeros to {image_size}x{image_size} "
+            f"({extra // 2} pixels left/top, {extra - extra // 2} right/bottom), as in training"
+        )
+    return f"{name} images are {native}x{native}: resize them to {image_size}x{image_size} (bilinear), as in training"
+
+
 def default_replay_path(log_path: str | os.PathLike) -> Path:
     """Where a server logging to ``log_path`` keeps its replays: ``server.jsonl`` -> ``server.replays.sqlite``."""
     return Path(log_path).with_suffix(".replays.sqlite")
@@ -97,6 +118,7 @@ class TeacherService:
         log_path: JSON-lines log of every answered request (``None``: no log).
         idempotency_window: how many recent request ids are remembered for replays.
         replay_path: SQLite file of the answered request ids (default: beside ``log_path``; in memory without a log).
+        preprocess: how a client should bring its images to ``image_size`` (shown by ``/health``).
     """
 
     def __init__(
@@ -108,6 +130,7 @@ class TeacherService:
         log_path: str | os.PathLike | None = None,
         idempotency_window: int = 100_000,
         replay_path: str | os.PathLike | None = None,
+        preprocess: str | None = None,
     ) -> None:
         if teacher.task != "classification" or not teacher.num_classes:
             raise ValueError(f"{teacher.describe()} is not a classifier; only classifiers can be served")
@@ -121,6 +144,7 @@ class TeacherService:
         self.max_batch = max_batch
         self.log_path = log_path
         self.window = idempotency_window
+        self.preprocess = preprocess
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
         if replay_path is None and log_path is not None:
@@ -133,8 +157,10 @@ class TeacherService:
     def from_checkpoint(cls, ckpt: str | os.PathLike, **kwargs: Any) -> TeacherService:
         from kd_lightning.checkpoints import load_checkpoint
 
-        hp = load_checkpoint(ckpt).get("hyper_parameters", {})
+        loaded = load_checkpoint(ckpt)
+        hp = loaded.get("hyper_parameters", {})
         kwargs.setdefault("image_size", hp.get("image_size"))
+        kwargs.setdefault("preprocess", preprocess_note(loaded, hp.get("image_size")))
         return cls(FrozenTeacher.from_checkpoint(ckpt), **kwargs)
 
     def info(self) -> dict[str, Any]:
@@ -144,6 +170,9 @@ class TeacherService:
             "num_classes": self.num_classes,
             "in_channels": self.in_channels,
             "image_size": self.image_size,
+            "input": "a .npy N x C x H x W batch, uint8 0..255 or float in [0, 1], not normalised (the teacher "
+            "normalises)",
+            "preprocess": self.preprocess,
             "max_batch": self.max_batch,
             "dtypes": list(_DTYPES),
         }

@@ -24,7 +24,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kd_lightning.checkpoints import NET_PREFIX, load_checkpoint, load_state_dict_file, net_state, state_mismatch
+from kd_lightning.checkpoints import (
+    CONFIG_KEY,
+    NET_PREFIX,
+    load_checkpoint,
+    load_state_dict_file,
+    net_state,
+    state_mismatch,
+)
 from kd_lightning.errors import CheckpointError, ConfigError
 from kd_lightning.losses.simkd import ReusedTeacherHead, head_from_checkpoint
 from kd_lightning.nets import FeatureExtractor, create_net, net_info, resolve_feature_path
@@ -46,6 +53,7 @@ class FrozenTeacher(nn.Module):
         fold_bn: run inference on a BatchNorm-folded copy of ``net`` (see the module docstring).
         compile_inference: compile that folded copy with ``torch.compile`` (needs ``fold_bn``; on a CPU, a
             C++ compiler).
+        image_size: the image side it was trained on (``None``: not known, e.g. a plain ``state_dict``).
     """
 
     def __init__(
@@ -59,8 +67,10 @@ class FrozenTeacher(nn.Module):
         head: ReusedTeacherHead | None = None,
         fold_bn: bool = False,
         compile_inference: bool = False,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.image_size = image_size
         self.net = net
         self.head = head
         self.normalize = normalize
@@ -100,7 +110,20 @@ class FrozenTeacher(nn.Module):
         if "normalize.mean" in state:
             normalize.load_state_dict({"mean": state["normalize.mean"], "std": state["normalize.std"]})
         head = head_from_checkpoint(ckpt)  # a student that predicts through a replaced head (SimKD)
-        return cls(net, normalize, task, num_classes, name, source=str(path), head=head, fold_bn=fold_bn)
+        # kdl links image_size from the data, so a kdl run's checkpoint (it holds the recipe) knows it; a model
+        # built in Python may carry the constructor's default instead
+        size = hp.get("image_size") if CONFIG_KEY in ckpt else None
+        return cls(
+            net,
+            normalize,
+            task,
+            num_classes,
+            name,
+            source=str(path),
+            head=head,
+            fold_bn=fold_bn,
+            image_size=int(size) if isinstance(size, int) else None,
+        )
 
     @classmethod
     def from_weights(
@@ -191,8 +214,18 @@ class FrozenTeacher(nn.Module):
         what = f"{self.num_classes} classes" if self.task == "classification" else "regression"
         return f"teacher {self.net_name} ({what}{', from ' + self.source if self.source else ''})"
 
-    def check_compatible(self, task: str, num_classes: int | None, in_channels: int, who: str = "the data") -> None:
-        """Fail, naming both sides, when this teacher does not fit ``who``'s task, classes or channels."""
+    def check_compatible(
+        self,
+        task: str,
+        num_classes: int | None,
+        in_channels: int,
+        who: str = "the data",
+        image_size: int | None = None,
+    ) -> None:
+        """Fail, naming both sides, when this teacher does not fit ``who``'s task, classes, channels or image size.
+
+        A teacher trained on another image size still runs (its nets pool globally) but answers poorly.
+        """
         if task != self.task:
             raise ConfigError(f"{self.describe()} is a {self.task} model but {who} is a {task} task")
         if task == "classification" and num_classes is not None and num_classes != self.num_classes:
@@ -203,6 +236,11 @@ class FrozenTeacher(nn.Module):
         if in_channels != teacher_channels:
             raise ConfigError(
                 f"{self.describe()} takes in_channels={teacher_channels} but {who} has in_channels={in_channels}"
+            )
+        if image_size is not None and self.image_size is not None and image_size != self.image_size:
+            raise ConfigError(
+                f"{self.describe()} was trained on image_size={self.image_size} but {who} has image_size={image_size}; "
+                "set data.init_args.image_size to the teacher's size"
             )
 
 

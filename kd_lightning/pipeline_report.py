@@ -1,0 +1,126 @@
+"""What ``kdl pipeline`` shows about its stages: a running stage's progress, and the results table at the end.
+
+Read from what the stages leave in their run folders (the progress file, the log, ``metrics.csv``, PNGs),
+without importing torch: the pipeline stays a light process.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import re
+from typing import Any
+
+from kd_lightning.progress import read_progress
+
+#: the validation metric a fit is judged by, with its direction, in the order they are looked for
+VAL_METRICS = (("val/acc1", "max"), ("val/mae", "min"), ("val/loss", "min"))
+#: the test metrics the table shows first (the others follow, up to a few)
+TEST_FIRST = ("test/acc1", "test/f1", "test/ece", "test/ece_ts", "test/mae")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def stage_progress(progress_path: str, log_path: str, since: float, width: int = 80) -> str:
+    """A running stage's progress: its progress file when written since ``since``, else its log's last line."""
+    text = read_progress(progress_path, since)
+    if text is None:
+        text = last_log_line(log_path)
+    return text[:width] if len(text) > width else text
+
+
+def last_log_line(path: str, tail_bytes: int = 8192) -> str:
+    """The last non-empty line of a log (a progress bar's latest redraw counts as a line)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - tail_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    parts = [_ANSI.sub("", p).strip() for p in re.split(r"[\r\n]", text)]
+    parts = [p for p in parts if p and not p.startswith("===")]
+    return parts[-1] if parts else ""
+
+
+def _metrics_files(run_dir: str, since: float) -> list[str]:
+    found = glob.glob(os.path.join(glob.escape(run_dir), "**", "metrics.csv"), recursive=True)
+    found = [p for p in found if os.sep + "pipeline" + os.sep not in p and os.path.getmtime(p) >= since]
+    return sorted(found, key=os.path.getmtime)
+
+
+def _rows(path: str) -> list[dict[str, float]]:
+    out = []
+    try:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                values = {}
+                for k, v in row.items():
+                    try:
+                        values[k] = float(v)
+                    except (TypeError, ValueError):
+                        continue
+                out.append(values)
+    except OSError:
+        return []
+    return out
+
+
+def stage_results(command: str, run_dir: str, since: float = 0.0) -> dict[str, Any]:
+    """A fit's best validation metric (and its epoch), or a test's metrics, from the newest ``metrics.csv``.
+
+    ``since`` (epoch seconds): only files written by this run count. Empty when nothing is found.
+    """
+    files = _metrics_files(run_dir, since)
+    if command == "fit":
+        rows = [r for f in files for r in _rows(f)]
+        for name, mode in VAL_METRICS:
+            seen = [r for r in rows if name in r]
+            if seen:
+                best = (max if mode == "max" else min)(seen, key=lambda r: r[name])
+                result: dict[str, Any] = {"metric": name, "value": best[name]}
+                if "epoch" in best:
+                    result["epoch"] = int(best["epoch"])
+                return result
+        return {}
+    if command in ("test", "validate"):
+        prefix = f"{'test' if command == 'test' else 'val'}/"
+        for path in reversed(files):
+            rows = [r for r in _rows(path) if any(k.startswith(prefix) for k in r)]
+            if rows:
+                return {k: v for k, v in rows[-1].items() if k.startswith(prefix)}
+    return {}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def describe(command: str, results: dict[str, Any], limit: int = 5) -> str:
+    """One table cell: ``val/acc1 0.9722 (epoch 14)`` or ``test/acc1 0.9583  test/f1 0.9561 ...``."""
+    if not results:
+        return "(no metrics found)"
+    if command == "fit":
+        epoch = f" (epoch {results['epoch']})" if "epoch" in results else ""
+        return f"best {results['metric']} {_fmt(results['value'])}{epoch}"
+    keys = [k for k in TEST_FIRST if k in results] + sorted(k for k in results if k not in TEST_FIRST)
+    return "  ".join(f"{k} {_fmt(results[k])}" for k in keys[:limit])
+
+
+def results_table(rows: list[tuple[str, str, str, dict[str, Any]]]) -> str:
+    """A markdown table of ``(stage, command, run folder, results)`` rows (fits and tests; others are left out)."""
+    kept = [r for r in rows if r[1] in ("fit", "test", "validate")]
+    if not kept:
+        return ""
+    lines = ["| stage | command | result | run folder |", "|---|---|---|---|"]
+    lines += [f"| {name} | {cmd} | {describe(cmd, res)} | {folder} |" for name, cmd, folder, res in kept]
+    return "\n".join(lines)
+
+
+def find_plots(folders: list[str]) -> list[str]:
+    """The PNG files under the run folders, each once, in folder order."""
+    found: list[str] = []
+    for folder in dict.fromkeys(folders):
+        for path in sorted(glob.glob(os.path.join(glob.escape(folder), "**", "*.png"), recursive=True)):
+            if path not in found:
+                found.append(path)
+    return found
