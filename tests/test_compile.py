@@ -21,6 +21,7 @@ from kd_lightning.methods import DistillModule, ImageClassifier
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask
 from kd_lightning.methods.self_kd import SelfKD
 from kd_lightning.nets import FeatureExtractor, create_net
+from tests.blackbox_helpers import digits8_teacher  # noqa: F401  (module-scoped fixture)
 from tests.helpers import DIGITS_STUDENT, QUIET, digits_classifier, digits_student, quiet_trainer, write_teacher
 
 
@@ -291,3 +292,36 @@ def test_compile_refuses_a_net_that_needs_double_backward(tmp_path: Path) -> Non
     ):
         trainer.fit(model, dm)
     assert model.net._compiled_call_impl is None
+
+
+@pytest.mark.slow
+def test_compiled_mekd_deprivatization_trains_as_eager(digits8_teacher: Path, tmp_path: Path) -> None:  # noqa: F811
+    """MEKD's DCGAN with the black-box teacher's L_IM term: the teacher is queried outside the compiled nets."""
+    from kd_lightning.data import DigitsEdgeCloud
+    from kd_lightning.methods import MEKDDeprivatization
+
+    def fit(compiled: bool) -> MEKDDeprivatization:
+        L.seed_everything(0)
+        model = MEKDDeprivatization(
+            teacher=str(digits8_teacher),
+            num_classes=10,
+            in_channels=1,
+            image_size=8,
+            g_ch=8,
+            d_ch=8,
+            im_batch_size=8,
+            journal="",
+            generator_optimizer=_sgd,
+            discriminator_optimizer=_sgd,
+        )
+        callbacks = [Compile(modules=["generator", "discriminator"])] if compiled else []
+        trainer = quiet_trainer(tmp_path / str(compiled), max_steps=6, limit_val_batches=0, callbacks=callbacks)
+        trainer.fit(model, DigitsEdgeCloud(part="edge", batch_size=16, augment=False))
+        return model
+
+    eager, compiled = fit(False), fit(True)
+    assert _compiled_paths(compiled) == ["generator", "discriminator"]
+    ours, theirs = compiled.state_dict(), eager.state_dict()
+    assert list(ours) == list(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
