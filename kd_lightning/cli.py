@@ -52,7 +52,7 @@ from kd_lightning.callbacks import (
 )
 from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
 from kd_lightning.commands import TOOL_COMMANDS, TRAINER_COMMANDS, run_tool_command, usage
-from kd_lightning.errors import ConfigError, DataNotFoundError, KDLError, require_writable_folder
+from kd_lightning.errors import ConfigError, DataCorruptError, DataNotFoundError, KDLError, require_writable_folder
 from kd_lightning.fileio import read_yaml
 from kd_lightning.wandb_media import prepare_wandb_run, sweep_trial, wandb_loggers
 
@@ -732,7 +732,7 @@ def main(args: list[str] | None = None) -> int:
         reason = _one_line(str(user_error)) if user_error is not None else _optimizer_error(e)
         if debug or reason is None:
             raise
-        if isinstance(user_error, DataNotFoundError):
+        if isinstance(user_error, DataNotFoundError) and not isinstance(user_error, DataCorruptError):
             reason += f"\n{DATA_HINT}"
         print(f"kdl: error: {reason}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
         return 2

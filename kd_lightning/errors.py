@@ -21,6 +21,10 @@ class DataNotFoundError(KDLError, FileNotFoundError):
     """A dataset's files are missing or malformed under the given root."""
 
 
+class DataCorruptError(DataNotFoundError):
+    """One file of a dataset that is otherwise there cannot be decoded (the error names it)."""
+
+
 class CheckpointError(KDLError):
     """A checkpoint is missing, unreadable, or of the wrong kind."""
 

@@ -118,7 +118,7 @@ class Case:
 CASES: dict[str, Case] = {
     # ---- the command line
     "no arguments": Case(
-        [], ["kdl commands:", "kdl fit", "kdl sample", "kdl pipeline"], prefix="kdl commands:", max_lines=12
+        [], ["kdl commands:", "kdl fit", "kdl sample", "kdl pipeline"], prefix="kdl commands:", max_lines=20
     ),
     "unknown subcommand": Case(["fitt", "--help"], ["invalid choice: 'fitt'", "see `kdl --help`"]),
     "unknown key": Case(["fit", "--config", STUDENT, "--foo", "1"], ["unrecognized arguments: --foo"]),

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from kd_lightning.errors import DataNotFoundError
+from kd_lightning.errors import DataCorruptError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 Box = tuple[float, float, float, float]
@@ -42,12 +42,12 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
             img.load()  # decodes every byte: truncated files fail here
             return img.convert(mode)
     except Image.DecompressionBombError as e:
-        raise DataNotFoundError(
+        raise DataCorruptError(
             f"image file {str(path)!r} is too large to decode safely ({e}); expected an image within "
             "PIL.Image.MAX_IMAGE_PIXELS"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataNotFoundError(
+        raise DataCorruptError(
             f"image file {str(path)!r} is corrupt or truncated ({e}); expected a readable image"
         ) from None
 
