@@ -189,7 +189,8 @@ def test_missing_data_root_is_one_clear_message(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     message = res.stderr[res.stderr.index("kdl: error:") :]
-    assert "/does/not/exist" in message.splitlines()[0] and len(message.splitlines()) <= 2
+    lines = message.splitlines()  # the error, where datasets come from, how to see the traceback
+    assert "/does/not/exist" in lines[0] and "docs/datasets.md" in lines[1] and len(lines) == 3
 
 
 def test_typo_key_and_bad_values_are_named(tmp_path: Path) -> None:
