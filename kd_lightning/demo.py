@@ -13,7 +13,6 @@ trained again: its row is read back from ``demo.json`` in its folder; ``--force`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from kd_lightning.callbacks import TrainThroughput
 from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning
 from kd_lightning.data.mnist import FASHION_MNIST_DEBIAN_ROOT
+from kd_lightning.pipeline import _file_sha
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -91,7 +91,7 @@ def run_stage(
         "compile": args.compile,
         "data": data_args,
         "model": list(model_args),
-        "inputs": {a: _sha256(a) for a in model_args if a.endswith(".ckpt") and Path(a).is_file()},
+        "inputs": {a: _file_sha(a) for a in model_args if a.endswith(".ckpt") and Path(a).is_file()},
     }
     record, best = Path(root_dir) / "demo.json", Path(root_dir) / "checkpoints" / "best.ckpt"
     if not args.force and record.is_file() and best.is_file():
@@ -154,14 +154,6 @@ def run_stage(
     }
     record.write_text(json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
     return row
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> None:
