@@ -49,7 +49,16 @@ def quiet_trainer(tmp_path: Path, **kw) -> L.Trainer:
 
 # ----------------------------------------------------------------------------------------------- recipes
 def recipe_data_class(path: Path) -> str:
-    return str(yaml.safe_load(path.read_text())["data"]["class_path"]).rsplit(".", 1)[-1]
+    data = yaml.safe_load(path.read_text())["data"]
+    if isinstance(data, str):  # the section's own file (``data: data.yaml``), relative to the recipe
+        data = yaml.safe_load((path.parent / data).read_text())
+    return str(data["class_path"]).rsplit(".", 1)[-1]
+
+
+def is_section_file(path: Path) -> bool:
+    """A file that holds one section of recipes (``data: data.yaml`` names it), not a recipe."""
+    content = yaml.safe_load(path.read_text())
+    return isinstance(content, dict) and "class_path" in content
 
 
 def recipe_model_class(path: Path) -> str:

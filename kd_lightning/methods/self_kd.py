@@ -75,7 +75,6 @@ from kd_lightning.losses.self_kd import (
     check_guide_settings,
     check_temperature,
 )
-from kd_lightning.methods.base import checked_scheduler
 from kd_lightning.methods.supervised import ImageClassifier
 
 if TYPE_CHECKING:
@@ -477,7 +476,7 @@ class SelfKD(ImageClassifier):
             optimizers.append(self.critic_optimizer_factory(self.critic.parameters()))
         if self.lr_scheduler_factory is None:
             return optimizers
-        scheduler = {"scheduler": checked_scheduler(self.lr_scheduler_factory(student)), "interval": "epoch"}
+        scheduler = {"scheduler": self.build_scheduler(student), "interval": "epoch"}
         return cast(OptimizerLRScheduler, (optimizers, [scheduler]))
 
     # ------------------------------------------------------------------ loss
