@@ -49,9 +49,12 @@ def checked_scheduler(scheduler: Any) -> Any:  # noqa: ANN401 - any torch LR sch
 
 
 class CosineLR(torch.optim.lr_scheduler.CosineAnnealingLR):
-    """Torch's cosine annealing whose length follows the run: ``T_max=None`` (the default) becomes
-    ``trainer.max_epochs`` when the task builds it (:meth:`BaseTask.build_scheduler`), so a recipe that changes
-    the number of epochs keeps a schedule that ends with the run. An explicit ``T_max`` is used as given."""
+    """Torch's cosine annealing whose length follows the run.
+
+    ``T_max=None`` (the default) becomes ``trainer.max_epochs`` when the task builds it
+    (:meth:`BaseTask.build_scheduler`), so a recipe that changes the number of epochs keeps a schedule that ends
+    with the run. An explicit ``T_max`` is used as given.
+    """
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, T_max: int | None = None, eta_min: float = 0.0, last_epoch: int = -1
@@ -135,8 +138,10 @@ class BaseTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:  # noqa: ANN401 - any torch LR scheduler
-        """The recipe's scheduler for ``optimizer``, checked; a :class:`CosineLR` without ``T_max`` gets the
-        trainer's ``max_epochs`` (it is stepped once per epoch)."""
+        """The recipe's scheduler for ``optimizer``, checked.
+
+        A :class:`CosineLR` without ``T_max`` gets the trainer's ``max_epochs`` (it is stepped once per epoch).
+        """
         assert self.lr_scheduler_factory is not None
         scheduler = self.lr_scheduler_factory(optimizer)
         if getattr(scheduler, "follows_max_epochs", False):
