@@ -144,7 +144,7 @@ class BaseTask(L.LightningModule):
         """
         assert self.lr_scheduler_factory is not None
         scheduler = self.lr_scheduler_factory(optimizer)
-        if getattr(scheduler, "follows_max_epochs", False):
+        if isinstance(scheduler, CosineLR) and scheduler.follows_max_epochs:
             epochs = self.trainer.max_epochs
             if epochs is None or epochs < 1:
                 raise ConfigError(
