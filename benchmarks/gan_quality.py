@@ -11,8 +11,8 @@ Everything is measured in one process, on the test split of an MNIST-format data
 - Label consistency: the share of generated images the teacher classifies as their assigned class,
   next to the teacher's accuracy on half B.
 - Sampling speed: images/s of the EMA generator (batch ``--batch``, fp32, the process's threads), as a
-  share of the fp32 peak of this machine, measured here with large ``torch.mm`` (as
-  ``benchmarks/throughput.py`` does); generator FLOPs per image by ``torch.utils.flop_counter``.
+  share of the fp32 peak of this machine, measured here with large ``torch.mm`` (``benchmarks.common``,
+  as every benchmark does); generator FLOPs per image by ``torch.utils.flop_counter``.
 
     python -m benchmarks.gan_quality --gan runs/fashion_mnist/cgan/checkpoints/last.ckpt \\
         --teacher runs/fashion_mnist/teacher/checkpoints/best.ckpt --out docs/results/cgan_fashion_mnist.md \\

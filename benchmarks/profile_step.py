@@ -17,7 +17,7 @@ Every moment of the timed steps is charged to exactly one phase, the innermost o
 Steps after ``--warmup-steps`` of the last epoch are timed; the scenarios alternate within every repeat,
 and each phase's median over the repeats is reported. The model FLOPs of one step (forward + backward,
 teacher included) are counted with ``torch.utils.flop_counter`` on a step before the timed ones, and the
-step rate is given as a share of the fp32 matmul peak measured (with ``benchmarks/throughput.py``'s
+step rate is given as a share of the fp32 matmul peak measured (with ``benchmarks.common``'s
 helper) right before each scenario, in this process.
 
     python -m benchmarks.profile_step                          # all scenarios, 2 repeats
