@@ -31,6 +31,8 @@ from kd_lightning.sampling.generate import GenerateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+#: command-line arguments that shrink a recipe's images to 32 px (fake datasets are small)
+SIZE32 = ("--data.init_args.image_size", "32")
 DIGITS_STUDENT = RECIPES / "digits" / "student.yaml"
 
 # ------------------------------------------------------------------------------------------- quiet trainers

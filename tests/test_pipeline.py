@@ -28,8 +28,8 @@ import yaml
 from kd_lightning import pipeline
 from kd_lightning.cli import main as kdl_main
 from kd_lightning.pipeline import Ready, main, resolve
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 FAKE_KDL = f"{sys.executable} {REPO / 'tests' / 'fake_kdl.py'}"
 

@@ -28,6 +28,7 @@ from tests.fake_datasets_more import write_imagenet, write_svhn, write_syn_digit
 from tests.helpers import (
     QUIET_TRAINER,
     RECIPES,
+    SIZE32,
     is_section_file,
     make_fake_mnist,
     recipe_data_class,
@@ -89,7 +90,6 @@ def _root(writer: Callable[[Path], object], *extra: str) -> Callable[[Path], lis
     return args
 
 
-SIZE32 = ("--data.init_args.image_size", "32")
 #: data class -> (writes fake files under a folder and returns the arguments that point at them,
 #: (classes (None: regression), channels, mean, std) of a teacher for them)
 DATA: dict[str, tuple[Callable[[Path], list[str]], tuple]] = {
