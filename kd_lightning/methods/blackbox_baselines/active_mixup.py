@@ -29,7 +29,7 @@ class AM(PoolBaseline):
         mix_per_round: mixed images queried per round (MEKD code: 10,000).
         candidate_pairs: pairs scored per round (MEKD code: 500,000).
         score_batch: images per student forward while scoring.
-        **kwargs: see :class:`~kd_lightning.methods.mekd.BlackBoxStudent`.
+        **kwargs: see :class:`~kd_lightning.methods.blackbox_student.BlackBoxStudent`.
     """
 
     WEIGHTS = torch.arange(0.30, 0.70 + 1e-6, 0.04)

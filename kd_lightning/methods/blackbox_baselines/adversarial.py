@@ -55,7 +55,7 @@ class AL(PoolBaseline):
         w_adv: weight of the adversarial loss (MEKD code: 0.15).
         adversarial: ``"official"`` or ``"minimax"``.
         discriminator_optimizer: builds D's optimiser.
-        **kwargs: see :class:`~kd_lightning.methods.mekd.BlackBoxStudent`.
+        **kwargs: see :class:`~kd_lightning.methods.blackbox_student.BlackBoxStudent`.
     """
 
     hparams_ignore = (*BlackBoxStudent.hparams_ignore, "discriminator_optimizer")

@@ -41,8 +41,8 @@ class DAFL(BlackBoxStudent):
         ie: weight of the information-entropy loss (MEKD code: 5).
         a: weight of the activation loss (0.1).
         generator_optimizer: builds the generator's optimiser (MEKD code: Adam, lr 0.2).
-        **kwargs: see :class:`~kd_lightning.methods.mekd.BlackBoxStudent` (the student's optimiser: MEKD code, Adam
-            lr 2e-3 on MNIST, SGD lr 0.1 otherwise; ``responses`` is ignored).
+        **kwargs: see :class:`~kd_lightning.methods.blackbox_student.BlackBoxStudent` (the student's optimiser:
+            MEKD code, Adam lr 2e-3 on MNIST, SGD lr 0.1 otherwise; ``responses`` is ignored).
     """
 
     pool = "latent"

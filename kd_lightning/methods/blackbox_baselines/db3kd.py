@@ -32,7 +32,7 @@ class DB3KD(PoolBaseline):
         T: temperature on the student's logits (MEKD code: 20).
         on_budget: ``"stop"`` or ``"raise"``.
         search_seed: seed of the choice of starting images.
-        **kwargs: see :class:`~kd_lightning.methods.mekd.BlackBoxStudent`.
+        **kwargs: see :class:`~kd_lightning.methods.blackbox_student.BlackBoxStudent`.
     """
 
     def __init__(

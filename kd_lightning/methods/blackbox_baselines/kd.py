@@ -14,7 +14,7 @@ from kd_lightning.methods.blackbox_student import BlackBoxStudent, answer_logits
 
 
 class BlackBoxKD(BlackBoxStudent):
-    """Baselines on queried local images, same budget and framework as :class:`MEKD`.
+    """Baselines on queried local images, same budget and framework as :class:`~kd_lightning.methods.MEKD`.
 
     ``method``:
 

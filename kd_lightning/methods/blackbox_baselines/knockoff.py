@@ -30,7 +30,7 @@ class KN(PoolBaseline):
         kl_scale: factor of the KL: ``"tau"`` (MEKD code), ``"tau2"`` or ``"none"``.
         augment: random crops (padding 1/8 of the side) of the transfer images during training.
         build_batch: images per request while building the transfer set.
-        **kwargs: see :class:`~kd_lightning.methods.mekd.BlackBoxStudent`.
+        **kwargs: see :class:`~kd_lightning.methods.blackbox_student.BlackBoxStudent`.
     """
 
     def __init__(
