@@ -265,7 +265,9 @@ class SelfKD(ImageClassifier):
             torch.optim.Adam, lr=critic_lr, betas=(float(critic_betas[0]), float(critic_betas[1]))
         )
         self.automatic_optimization = False
-        self._wasserstein_sum, self._wasserstein_count = 0.0, 0  # this epoch's W estimates (rank zero's)
+        # this epoch's W estimates (rank zero's), summed on the device in float64: no host sync per step
+        self._wasserstein_sum: torch.Tensor | float = 0.0
+        self._wasserstein_count = 0
         self._negative_w_epochs = 0  # consecutive epochs with a negative mean W
         self._warned_critic_lost = False
 
@@ -498,7 +500,7 @@ class SelfKD(ImageClassifier):
                 c_parts = self.critic_parts(real, fake)
                 if k == 0:
                     self.log_dict({f"train/{n}": v.detach() for n, v in c_parts.items()}, on_step=True, on_epoch=True)
-                    self._wasserstein_sum += float(c_parts["wasserstein"].detach())
+                    self._wasserstein_sum = self._wasserstein_sum + c_parts["wasserstein"].detach().double()
                     self._wasserstein_count += 1
                 critic_opt.zero_grad()
                 self.manual_backward(c_parts["critic"])
@@ -527,7 +529,7 @@ class SelfKD(ImageClassifier):
         super().on_train_epoch_end()
         if self._wasserstein_count == 0:
             return
-        mean_w = self._wasserstein_sum / self._wasserstein_count
+        mean_w = float(self._wasserstein_sum) / self._wasserstein_count  # the epoch's one host sync
         self._negative_w_epochs = self._negative_w_epochs + 1 if mean_w < 0 else 0
         patience = int(self.hparams.critic_lost_epochs)
         if patience and self._negative_w_epochs >= patience and not self._warned_critic_lost:
