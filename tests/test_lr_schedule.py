@@ -41,6 +41,8 @@ def test_unset_t_max_follows_max_epochs_like_an_explicit_one(kdl, kdl_callbacks:
     longer = _rates(kdl, kdl_callbacks, *epochs, "--model.init_args.lr_scheduler.init_args.T_max", "10",
                     "--trainer.default_root_dir", "c")  # fmt: skip
     assert longer[-1] > 0.02  # half-way down a 10-epoch cosine
+    self_kd = _rates(kdl, kdl_callbacks, *epochs, "--model", "PSKD", "--trainer.default_root_dir", "d")
+    assert self_kd == follows  # SelfKD builds its scheduler through the same BaseTask.build_scheduler
 
 
 def test_unset_t_max_without_max_epochs_is_one_clear_message(kdl, capsys: pytest.CaptureFixture[str]) -> None:
