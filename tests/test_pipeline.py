@@ -145,7 +145,7 @@ def test_the_pipeline_ends_with_a_results_table_and_its_plots(fake, capsys) -> N
 
 
 def test_a_running_stage_shows_its_progress_file_or_else_its_log_s_last_line(tmp_path: Path) -> None:
-    from kd_lightning.pipeline_report import stage_progress
+    from kd_lightning.pipeline.report import stage_progress
 
     log, progress = tmp_path / "s.log", tmp_path / "s.progress"
     log.write_text("=== kdl pipeline: stage 's'\nSeed set to 0\r\naccepted:  40%|####  | 400/1000\raccepted:  45%|")

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 from kd_lightning.errors import ConfigError, KDLError, require_writable_folder
-from kd_lightning.pipeline_report import find_plots, results_table, stage_progress, stage_results
+from kd_lightning.pipeline.report import find_plots, results_table, stage_progress, stage_results
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
