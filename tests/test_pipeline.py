@@ -68,6 +68,11 @@ RECIPE = "seed_everything: 0\ntrainer: {max_epochs: 1}\nmodel: {width: 8}\n"
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Work in ``tmp_path`` with the fake kdl; returns a function giving the journal's entries so far."""
+    return use_fake_kdl(tmp_path, monkeypatch)
+
+
+def use_fake_kdl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The ``fake`` fixture's work (tests/test_pipeline_jobs.py uses it too)."""
     monkeypatch.chdir(tmp_path)
     journal = tmp_path / "journal.jsonl"
     monkeypatch.setenv(pipeline.LAUNCHER_ENV, FAKE_KDL)
