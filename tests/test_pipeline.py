@@ -589,6 +589,25 @@ def test_references_variables_and_types_resolve() -> None:
     assert s.state_path == "r/s/pipeline/s.json" and s.log_path == "r/s/pipeline/s.log"
 
 
+def test_a_section_file_named_by_the_recipe_is_part_of_the_stage_hash(tmp_path: Path) -> None:
+    """``data: data.yaml`` in a recipe: editing data.yaml changes the hash (the stage reruns), as editing the
+    recipe itself does; overrides into the section still apply."""
+    (tmp_path / "data.yaml").write_text("class_path: FashionMNISTDataModule\ninit_args: {batch_size: 32}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {class_path: M}\ndata: data.yaml  # the folder's data section\n")
+    stage = {"name": "s", "command": "fit", "config": str(recipe), "dir": str(tmp_path / "s"),
+             "args": {"data.init_args.train_size": 100}}  # fmt: skip
+
+    def step():
+        return resolve([stage], {})[0]
+
+    first = step()
+    assert first.spec["config"]["data"]["init_args"] == {"batch_size": 32, "train_size": 100}
+    assert step().config_hash == first.config_hash  # stable
+    (tmp_path / "data.yaml").write_text("class_path: FashionMNISTDataModule\ninit_args: {batch_size: 64}\n")
+    assert step().config_hash != first.config_hash
+
+
 def test_folder_hashes_cover_every_file_but_the_pipeline_records(tmp_path: Path, monkeypatch) -> None:
     store = tmp_path / "store"
     (store / "shards").mkdir(parents=True)

@@ -130,6 +130,14 @@ def _load_yaml(path: str, where: str) -> dict[str, Any]:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: recipe {path!r} is not a YAML mapping")
+    # a section given as a file (``data: data.yaml``, relative to the recipe, as jsonargparse reads it) is read
+    # in, so the stage's hash covers that file's content too
+    for key, value in data.items():
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            section = os.path.join(os.path.dirname(path), value)
+            if os.path.isfile(section):
+                with open(section) as f:
+                    data[key] = yaml.safe_load(f)
     return data
 
 
