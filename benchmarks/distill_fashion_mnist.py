@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from common import QUIET  # noqa: E402
 
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning  # noqa: E402
 
 METHODS = {
     "NOKD": "student.yaml",
@@ -201,7 +201,7 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", default="runs/evidence/distill")
     args = p.parse_args()
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
     results = [run(m, s, args) for s in args.seeds for m in args.methods]
     write_table(results, args)

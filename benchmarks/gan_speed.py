@@ -65,7 +65,7 @@ from common import NO_CHECKPOINTS, NO_LOGGER, report  # noqa: E402
 from throughput import StepTimer, _sync, fp32_peak_flops, steady_rate  # noqa: E402
 
 from kd_lightning.callbacks import Compile  # noqa: E402
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning  # noqa: E402
 from kd_lightning.data import DigitsDataModule, FashionMNISTDataModule  # noqa: E402
 from kd_lightning.gans import ResNetDiscriminator, ResNetGenerator, d_loss_parts, g_loss  # noqa: E402
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.z_dim != 64:
         p.error("--z-dim is the recipe's (64); change the recipe to time another")
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
 
     rates: dict[tuple[str, str], list[float]] = {(m, w): [] for m in args.modes for w in ("kdl", "plain")}

@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE))
 from common import NO_CHECKPOINTS, NO_LOGGER, report  # noqa: E402
 from throughput import fp32_peak_flops  # noqa: E402
 
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning  # noqa: E402
 
 SCENARIOS = ("supervised", "blkd", "blkd-cached", "gan")
 PHASES = (
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--peak-flops", type=float, help="use this peak (FLOP/s) instead of measuring the fp32 matmul peak")
     p.add_argument("--out", type=Path, help="write the table as markdown here")
     args = p.parse_args(argv)
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in args.scenarios}
     peaks: dict[str, list[float]] = {k: [] for k in args.scenarios}

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from common import NO_LOGGER  # noqa: E402
 
 from kd_lightning.callbacks import TrainThroughput  # noqa: E402
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning  # noqa: E402
 
 
 class LaterEpochs(TrainThroughput):
@@ -83,7 +83,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
     kinds = ("nokd", "teacher_every_step", "cached")
     rates: dict[str, list[float]] = {k: [] for k in kinds}

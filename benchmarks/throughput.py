@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from common import NO_CHECKPOINTS, NO_LOGGER, report  # noqa: E402
 
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning  # noqa: E402
 from kd_lightning.data import DigitsDataModule  # noqa: E402
 from kd_lightning.methods.base import Normalize  # noqa: E402
 from kd_lightning.nets import create_net  # noqa: E402
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-flops", type=float, help="the peak to compare with (FLOP/s; a GPU's bf16 peak)")
     p.add_argument("--out", type=Path, help="write the results as a markdown table here")
     args = p.parse_args(argv)
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
 
     variants = (
