@@ -285,7 +285,7 @@ class DensityRatioEstimator(BaseTask):
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and stage == "fit" and self.hparams.cache_real_features:
-            from kd_lightning.methods.distill import num_indices
+            from kd_lightning.data.utils import num_indices
 
             self._cached = torch.zeros(num_indices(dm), dtype=torch.bool)
             self._real_cache = None
