@@ -37,7 +37,7 @@ from kd_lightning.callbacks.gan_quality import save_grid_png  # noqa: E402
 from kd_lightning.checkpoints import load_checkpoint  # noqa: E402
 from kd_lightning.data.mnist import FASHION_MNIST_DEBIAN_ROOT, load_mnist_split  # noqa: E402
 from kd_lightning.gans import labels_per_class  # noqa: E402
-from kd_lightning.methods.gan import load_gan  # noqa: E402
+from kd_lightning.loading import load_gan  # noqa: E402
 from kd_lightning.metrics.gan import TeacherFeatures, fid_from_features, intra_fid, label_consistency  # noqa: E402
 from kd_lightning.teachers import FrozenTeacher  # noqa: E402
 

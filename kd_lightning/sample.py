@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.weights_only:
             trust(check_file(args.ckpt))  # this file only
-        from kd_lightning.methods.gan import load_gan
+        from kd_lightning.loading import load_gan
 
         device = resolve_device(args.device)
         check_out(args.out)

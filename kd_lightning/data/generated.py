@@ -185,7 +185,7 @@ class GeneratedDataModule(_FakeTrainBase):
         ema: bool = True,
         **kwargs: Any,
     ) -> None:
-        from kd_lightning.methods.gan import load_gan
+        from kd_lightning.loading import load_gan
 
         gan = load_gan(generator)
         self.gen = gan.sampler_generator(ema)

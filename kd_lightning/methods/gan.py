@@ -25,7 +25,6 @@ Images are in [0, 1] in batches and in :meth:`Generator.sample`; the nets work i
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, cast
 
@@ -38,7 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kd_lightning.data.base import dataset_labels
-from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.errors import ConfigError
 from kd_lightning.gans import (
     DCGANDiscriminator,
     DCGANGenerator,
@@ -53,6 +52,7 @@ from kd_lightning.gans import (
     g_loss,
 )
 from kd_lightning.gans.losses import LossType, Vicinity
+from kd_lightning.loading import load_gan, load_label_embedding  # re-exported: their old home
 from kd_lightning.methods.base import BaseTask
 
 
@@ -467,22 +467,6 @@ class CcGAN(GANTask):
         return g_loss(self.d_logits(self.generator(self.noise(len(t)), t), self.cond(t)), self.hparams.loss)
 
 
-def load_label_embedding(path: str | os.PathLike, embed_dim: int) -> dict[str, torch.Tensor]:
-    """The label-to-embedding weights of a :class:`LabelEmbedding` checkpoint."""
-    from kd_lightning.checkpoints import load_checkpoint
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"embedding_checkpoint {str(path)!r} not found; train it with a LabelEmbedding recipe")
-    ckpt = load_checkpoint(path)
-    state = {k[len("y2h.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("y2h.")}
-    if not state:
-        raise CheckpointError(f"{str(path)!r} holds no label embedding (y2h.*): it was not written by LabelEmbedding")
-    dim = ckpt.get("hyper_parameters", {}).get("embed_dim")
-    if dim is not None and dim != embed_dim:
-        raise ConfigError(f"embedding_checkpoint has embed_dim={dim} but the CcGAN has embed_dim={embed_dim}")
-    return state
-
-
 class LabelEmbedding(BaseTask):
     """ILI stage of CcGAN: train the image -> embedding -> label net, then the label -> embedding map.
 
@@ -551,45 +535,6 @@ class LabelEmbedding(BaseTask):
         loss = F.mse_loss(pred, y)
         self.log("train/y2h_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
-
-
-def load_gan(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> GANTask:
-    """A trained GAN task (:class:`ConditionalGAN`, :class:`CcGAN` or :class:`DCGAN`) from a ``kdl fit`` checkpoint.
-
-    An ILI CcGAN is rebuilt without its ``embedding_checkpoint``: the label embedding is in the checkpoint.
-    """
-    import importlib
-
-    from kd_lightning.checkpoints import is_trusted, load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    hp = ckpt.get("hyper_parameters", {})
-    class_path = str(hp.get("_class_path") or "")
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name) if module_name else None
-    except (ImportError, AttributeError):
-        cls = None
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, GANTask)):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was written by {class_path or 'an unknown model'}, not by a GAN "
-            "(ConditionalGAN, CcGAN or DCGAN)"
-        )
-    overrides: dict[str, Any] = {"embedding_checkpoint": None} if issubclass(cls, CcGAN) else {}
-    # kdl's CLI hands the hyper-parameters of the module it is building to every save_hyperparameters
-    # call made meanwhile (a context variable); a GAN loaded inside another module's __init__ (the
-    # density-ratio model, a generated DataModule) must use its own checkpoint's instead (a private variable
-    # with no public switch: tests/test_lightning_internals.py pins it)
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    token = _given_hyperparameters.set(None)
-    try:
-        task = cls.load_from_checkpoint(
-            os.fspath(path), map_location=map_location, weights_only=not is_trusted(path), **overrides
-        )
-    finally:
-        _given_hyperparameters.reset(token)
-    return task.eval()
 
 
 __all__ = [

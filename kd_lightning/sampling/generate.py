@@ -148,8 +148,8 @@ class Generation:
     """The loaded models and resolved settings of one ``kdl generate`` run (see :func:`generate`)."""
 
     def __init__(self, cfg: GenerateConfig) -> None:
-        from kd_lightning.methods.density_ratio import load_density_ratio
-        from kd_lightning.methods.gan import load_gan
+        from kd_lightning.loading import load_gan
+        from kd_lightning.sampling.density_ratio import load_density_ratio
         from kd_lightning.teachers import FrozenTeacher
 
         self.cfg = cfg
