@@ -166,7 +166,7 @@ class Generation:
                 stacklevel=2,
             )
         self.micro_batch = MICRO_BATCH  # benchmarks/generation.py changes it to time other splits
-        from kd_lightning.sample import resolve_device
+        from kd_lightning.flags import resolve_device
 
         self.device = resolve_device(cfg.device)
         gan = load_gan(cfg.generator)
