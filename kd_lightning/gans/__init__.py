@@ -1,6 +1,7 @@
-"""Generators and discriminators (plain ``nn.Module``s, usable without Lightning) and DiffAugment."""
+"""Generators and discriminators (plain ``nn.Module``s, no Lightning), DiffAugment, GAN losses, AI-KD's critic."""
 
 from kd_lightning.gans.base import Generator, labels_per_class
+from kd_lightning.gans.critic import LogitCritic, adversarial_loss, critic_scores, wgan_gp_critic_parts
 from kd_lightning.gans.dcgan import DCGANDiscriminator, DCGANGenerator
 from kd_lightning.gans.diffaugment import DiffAugment, diff_augment
 from kd_lightning.gans.embedding import EmbeddingRegressor, LabelToEmbedding
@@ -22,11 +23,14 @@ __all__ = [
     "EmbeddingRegressor",
     "Generator",
     "LabelToEmbedding",
+    "LogitCritic",
     "MEKDDiscriminator",
     "MEKDGenerator",
     "ResNetDiscriminator",
     "ResNetGenerator",
     "VicinalSampler",
+    "adversarial_loss",
+    "critic_scores",
     "d_loss_parts",
     "diff_augment",
     "g_loss",
@@ -34,4 +38,5 @@ __all__ = [
     "labels_per_class",
     "rule_of_thumb_sigma",
     "vicinal_weights",
+    "wgan_gp_critic_parts",
 ]
