@@ -52,10 +52,11 @@ test: install ## fast test suite (slow tests skipped)
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -q -m "slow or not slow"
 
-lint: install ## ruff lint + format check, mypy over the package
+lint: install ## ruff lint + format check, mypy over the package, the import layers (docs/architecture.md)
 	$(PY) -m ruff check kd_lightning tests benchmarks notebooks
 	$(PY) -m ruff format --check kd_lightning tests benchmarks notebooks
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 format: install ## apply ruff fixes and formatting
 	$(PY) -m ruff check --fix kd_lightning tests benchmarks notebooks

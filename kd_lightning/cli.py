@@ -1,7 +1,7 @@
-"""``kdl``: Lightning's CLI for kd_lightning recipes.
+"""``kdl``'s Trainer commands: Lightning's CLI for kd_lightning recipes.
 
-``kdl fit|validate|test|predict --config RECIPE.yaml [--config MORE.yaml] [--key value ...]``;
-``kdl sample --ckpt GAN.ckpt ...`` writes GAN samples (:mod:`kd_lightning.sample`).
+``kdl fit|validate|test|predict --config RECIPE.yaml [--config MORE.yaml] [--key value ...]``
+(:mod:`kd_lightning.commands` dispatches every ``kdl`` command; these four come to :func:`run_trainer`).
 The DataModule's facts (classes, channels, image size, normalisation, label range) are linked
 into the model, a checkpoint callback keeps ``last.ckpt`` and the best checkpoint on the model's
 validation metric under ``<default_root_dir>/checkpoints``, and user errors end with one short
@@ -52,7 +52,6 @@ from kd_lightning.callbacks import (
 )
 from kd_lightning.callbacks.save_config import SaveRunConfig
 from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
-from kd_lightning.commands import TOOL_COMMANDS, TRAINER_COMMANDS, run_tool_command, usage
 from kd_lightning.errors import ConfigError, DataCorruptError, DataNotFoundError, KDLError, require_writable_folder
 from kd_lightning.fileio import read_yaml
 from kd_lightning.wandb_media import prepare_wandb_run, sweep_trial, wandb_loggers
@@ -565,9 +564,6 @@ def quiet_lightning() -> None:
         handler.addFilter(_DropTips())
 
 
-_quiet_lightning = quiet_lightning  # the old name, still imported by benchmarks/ (issue 18); remove after merge
-
-
 _NOISE = (
     r"Expected a <class 'NoneType'>|^Given value type|^Given value: [\[{]|NestedArg|^Errors:|^Subtypes:"
     r"|Does not validate against any of the Union"
@@ -678,21 +674,19 @@ def _optimizer_error(exc: BaseException) -> str | None:
     return None
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point of ``kdl``; returns the exit status."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] and argv[0] in TOOL_COMMANDS:  # not a Trainer subcommand
-        return run_tool_command(argv[0], argv[1:])
-    if not argv or argv[0] in ("-h", "--help"):  # the command list (Lightning's global options are not for users)
-        print(usage(), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+def run_trainer(argv: list[str]) -> int:
+    """Run a Lightning command (``fit``, ``validate``, ``test``, ``predict``) on ``argv``; returns the exit status.
+
+    :func:`kd_lightning.commands.main` chooses the command and calls this for the Trainer ones.
+    """
+    argv = list(argv)
     debug = os.environ.get("KDL_DEBUG", "") not in ("", "0")
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
     quiet_lightning()
     cpu_defaults()
-    command = argv[0] if argv[0] in TRAINER_COMMANDS else None
+    command = argv[0] if argv[:1] and argv[0] in KDLCLI.subcommands() else None
     _RUN_ROOTS.clear()
     GracefulStop.aborted = False
     try:
@@ -745,8 +739,18 @@ def _last_hint() -> str:
     return "the last saved last.ckpt (if any) is intact: resume with --ckpt_path last"
 
 
+def main(args: list[str] | None = None) -> int:
+    """``kdl`` on ``args`` (default ``sys.argv[1:]``), for ``python -m kd_lightning.cli`` and older callers.
+
+    The one dispatch is :func:`kd_lightning.commands.main`; this forwards to it.
+    """
+    from kd_lightning.commands import main as kdl
+
+    return kdl(list(sys.argv[1:] if args is None else args))
+
+
 def entrypoint() -> None:
-    """Run ``kdl``'s Trainer commands and exit with their status."""
+    """Run ``kdl`` and exit with its status."""
     sys.exit(main())
 
 

@@ -1,12 +1,16 @@
-"""kdl's entry point: the commands that need no Trainer start without importing torch or Lightning.
+"""kdl's entry point and its one dispatch: a table of commands, each named ``"module:function"``.
 
-``kdl pipeline`` with every stage cached, ``kdl report`` or ``kdl sweep --dry-run`` then answer in a
-fraction of a second; ``fit``/``validate``/``test``/``predict`` go on to :mod:`kd_lightning.cli`.
+Every command's module is imported only when that command runs, so the commands that need no Trainer
+start without importing torch or Lightning: ``kdl pipeline`` with every stage cached, ``kdl report`` or
+``kdl sweep --dry-run`` answer in a fraction of a second. ``fit``/``validate``/``test``/``predict`` go to
+:func:`kd_lightning.cli.run_trainer`. Because the table names modules as strings, this module imports
+none of them: any layer may read the table (the pipeline checks stage commands against it).
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 #: kdl's commands that are not Trainer subcommands: name -> ("module:function", one-line help).
 #: Each function takes the remaining argv and returns an exit status; modules load only when used.
@@ -25,8 +29,6 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
 
 def run_tool_command(name: str, argv: list[str]) -> int:
     """Run one of :data:`TOOL_COMMANDS` on ``argv``."""
-    import importlib
-
     from kd_lightning.checkpoints import pop_trust_args, trust_scope
     from kd_lightning.errors import KDLError
 
@@ -36,14 +38,23 @@ def run_tool_command(name: str, argv: list[str]) -> int:
     except KDLError as e:
         print(f"kdl {name}: error: {e}", file=sys.stderr)
         return 2
-    module_name, func_name = target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
+    func = _load(target)
     with trust_scope(trusted):
         return int(func(argv) or 0)
 
 
 #: kdl's Trainer subcommands (LightningCLI's): they import torch and Lightning
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+#: where the Trainer subcommands run (takes the whole argv, the subcommand first)
+TRAINER_TARGET = "kd_lightning.cli:run_trainer"
+
+
+def _load(target: str) -> Any:  # noqa: ANN401 - a command's function
+    import importlib
+
+    module_name, func_name = target.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def usage() -> str:
@@ -63,9 +74,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    from kd_lightning.cli import main as trainer_main
-
-    return trainer_main(argv)
+    return int(_load(TRAINER_TARGET)(argv))
 
 
 def entrypoint() -> None:

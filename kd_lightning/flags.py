@@ -10,6 +10,12 @@ working as aliases. Plain ``argparse`` parsers declare their booleans with ``typ
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from kd_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -65,3 +71,18 @@ def normalize(argv: list[str], bools: Iterable[str] = (), aliases: Mapping[str, 
             i += 1
         out.append(f"{name}={value if eq else 'true'}")
     return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; a CUDA device on a machine without one is refused."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu (or auto)")
+    return device

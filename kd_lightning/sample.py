@@ -25,7 +25,7 @@ from torchvision.utils import save_image
 from kd_lightning.checkpoints import check_file, trust
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes, folder_problem
-from kd_lightning.flags import parse_bool
+from kd_lightning.flags import parse_bool, resolve_device  # resolve_device: re-exported (its old home)
 from kd_lightning.gans import labels_per_class
 
 if TYPE_CHECKING:
@@ -92,19 +92,6 @@ def write_samples(
         atomic_write_bytes(os.path.join(out, sub, f"{i:07d}.png"), buf.getvalue())
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; a CUDA device on a machine without one is refused."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu (or auto)")
-    return device
-
-
 def check_out(out: str) -> None:
     """Refuse an ``--out`` that cannot be written before sampling: a folder through a file, a file over a folder."""
     if out.endswith(".pt") and os.path.isdir(out):
@@ -148,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.weights_only:
             trust(check_file(args.ckpt))  # this file only
-        from kd_lightning.methods.gan import load_gan
+        from kd_lightning.loading import load_gan
 
         device = resolve_device(args.device)
         check_out(args.out)

@@ -39,10 +39,7 @@ from jsonargparse import ArgumentParser
 
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import read_yaml
-
-#: environment variables through which a trial's ``kdl`` learns it is part of a sweep (read by kd_lightning.cli)
-SWEEP_ENV = "KDL_SWEEP"  # JSON: {"id", "name", "group", "trial", "values"}
-RECORD_ENV = "KDL_SWEEP_RECORD"  # a file where each trial's kdl fit appends its run folder
+from kd_lightning.wandb_media import RECORD_ENV, SWEEP_ENV  # what a trial's kdl reads (defined beside it)
 
 #: kdl sweep's own options: name -> takes a value (booleans are normalised to --name=VALUE first)
 OWN_OPTIONS = {"--config": True, "--count": True, "--dry_run": True, "--offline": True, "--sweep_id": True}

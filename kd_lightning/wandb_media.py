@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     import lightning as L
     from lightning.pytorch.loggers import WandbLogger
 
+#: environment variables through which a trial's ``kdl`` learns it runs in a ``kdl sweep`` (set by kd_lightning.sweep)
+SWEEP_ENV = "KDL_SWEEP"  # JSON: {"id", "name", "group", "trial", "values"}
+RECORD_ENV = "KDL_SWEEP_RECORD"  # a file where each trial's kdl fit appends its run folder
+
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
     """The trainer's W&B loggers (an empty list without any)."""
@@ -38,8 +42,6 @@ def sweep_trial() -> dict[str, Any] | None:
     """The ``kdl sweep`` trial this process runs (id, name, group, trial, values), or None outside a sweep."""
     import json
 
-    from kd_lightning.sweep import SWEEP_ENV
-
     text = os.environ.get(SWEEP_ENV)
     if not text:
         return None
@@ -61,8 +63,6 @@ def prepare_wandb_run(trainer: L.Trainer, model: L.LightningModule, subcommand: 
       (id, name, trial), and the run folder recorded for the sweep's results table.
     """
     from lightning.pytorch.loggers import CSVLogger
-
-    from kd_lightning.sweep import RECORD_ENV
 
     loggers = wandb_loggers(trainer)
     if not loggers:

@@ -51,7 +51,7 @@ def test_the_training_loop_privates_the_callbacks_read_are_unchanged() -> None:
 
 
 def test_given_hyperparameters_is_still_a_context_variable() -> None:
-    """``load_gan`` clears it while a GAN loads inside another module's ``__init__`` (kd_lightning/methods/gan.py)."""
+    """``load_gan`` clears it while a GAN loads inside another module's ``__init__`` (kd_lightning/loading.py)."""
     assert isinstance(getattr(hparams_mixin, "_given_hyperparameters", None), ContextVar)
 
 

@@ -158,9 +158,9 @@ class GANQuality(L.Callback):
         Building the teacher draws initial weights from the global RNG: the CPU RNG state is put back
         afterwards, so a run with this callback trains exactly as one without it.
         """
-        from kd_lightning.methods.gan import GANTask
+        from kd_lightning.loading import is_gan
 
-        if not isinstance(pl_module, GANTask):
+        if not is_gan(pl_module):
             raise ConfigError(f"GANQuality evaluates GANs; {type(pl_module).__name__} is not a GANTask")
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             return self._evaluate(trainer, pl_module)

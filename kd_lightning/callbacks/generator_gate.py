@@ -195,10 +195,10 @@ class GeneratorGate(L.Callback):
         self.onehot: dict[str, Any] = {}
 
     def _gate(self, trainer: L.Trainer, module: L.LightningModule) -> GateResult:
-        from kd_lightning.methods.gan import GANTask
+        from kd_lightning.loading import is_gan
 
         link = getattr(module, "link", None)
-        if not isinstance(module, GANTask) or link is None or link.client is None:
+        if not is_gan(module) or link is None or link.client is None:
             raise ConfigError(
                 f"GeneratorGate needs a MEKDDeprivatization with a connected teacher, got {type(module).__name__} "
                 "(with alpha > 0, or run it under kdl test)"

@@ -185,7 +185,7 @@ class GeneratedDataModule(_FakeTrainBase):
         ema: bool = True,
         **kwargs: Any,
     ) -> None:
-        from kd_lightning.methods.gan import load_gan
+        from kd_lightning.loading import load_gan
 
         gan = load_gan(generator)
         self.gen = gan.sampler_generator(ema)
@@ -322,7 +322,7 @@ class AugmentedDataModule(ImageDataModule):
         self.val_dataset, self.test_dataset = self.real.val_dataset, self.real.test_dataset
         self.predict_dataset = self.real.predict_dataset
         if stage in ("fit", None) and self.train_dataset is None:
-            from kd_lightning.methods.distill import num_indices
+            from kd_lightning.data.utils import num_indices
 
             real_train = self.real.train_dataset
             if real_train is None:

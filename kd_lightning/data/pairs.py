@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from kd_lightning.data.base import dataset_len
 from kd_lightning.data.sampler import ResumableSampler
+from kd_lightning.data.utils import dataset_len
 from kd_lightning.errors import ConfigError
 
 #: offset of the partner generator's seed, so partners do not correlate with the order

@@ -18,7 +18,8 @@ are dropped together with their real partners). Real features can be cached by s
 
 :class:`DensityRatioModel` is the plain ``nn.Module`` used at sampling time; the Lightning checkpoint
 carries it whole (``checkpoint["density_ratio_model"]``), so :func:`load_density_ratio` needs no other
-file.
+file. Both live in :mod:`kd_lightning.sampling.density_ratio` (below methods/, which only trains them) and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -31,16 +32,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from torch import nn
 from torch.optim.optimizer import ParamsT
 
 from kd_lightning.data.base import augments
-from kd_lightning.errors import CheckpointError, ConfigError
+from kd_lightning.errors import ConfigError
 from kd_lightning.gans import Generator
 from kd_lightning.methods.base import BaseTask
-from kd_lightning.metrics.gan import fit_size
-from kd_lightning.nets import create_net
-from kd_lightning.nets.normalize import Normalize
+from kd_lightning.sampling.density_ratio import DensityRatioModel, RatioHead, load_density_ratio
 from kd_lightning.teachers import FrozenTeacher
 
 #: the official code's MLP widths
@@ -63,123 +61,6 @@ def sp_loss(ratio_real: torch.Tensor, ratio_fake: torch.Tensor, penalty: float) 
         - torch.sigmoid(ratio_real).mean()
     )
     return div + penalty * (ratio_fake.mean() - 1) ** 2
-
-
-class RatioHead(nn.Module):
-    """r(h, y) >= 0: an MLP on features concatenated with the label's embedding (classes) or the scalar label.
-
-    Each hidden layer is Linear, GroupNorm(8), ReLU, Dropout, as the official ``cDR_MLP``; a final
-    Linear and ReLU give the ratio.
-    """
-
-    def __init__(self, feat_dim: int, task: str, num_classes: int | None, widths: list[int], dropout: float) -> None:
-        super().__init__()
-        if task != "classification":
-            cond = 1
-        elif num_classes is None:
-            raise ConfigError("RatioHead: task='classification' needs num_classes; got None")
-        else:
-            cond = int(num_classes)
-        self.label_emb = nn.Embedding(cond, cond) if task == "classification" else None
-        layers: list[nn.Module] = []
-        d = feat_dim + cond
-        for w in widths:
-            layers += [nn.Linear(d, w), nn.GroupNorm(min(8, w), w), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            d = w
-        layers += [nn.Linear(d, 1), nn.ReLU()]
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        cond = self.label_emb(y.long()) if self.label_emb is not None else y.float().view(-1, 1)
-        return self.mlp(torch.cat([h, cond], 1)).squeeze(1)
-
-
-class DensityRatioModel(nn.Module):
-    """Frozen encoder + label-conditioned MLP: images in [0, 1] and labels -> r(x|y) >= 0.
-
-    Args:
-        encoder: the frozen feature network.
-        task: ``"classification"`` (class labels) or ``"regression"`` (labels in [0, 1]).
-        num_classes: classes (classification).
-        widths: hidden widths of the MLP.
-        dropout: dropout after every hidden layer.
-        encoder_size: image side the encoder takes (images are padded/resized to it).
-        layer: encoder feature name (``"penultimate"``, ``stage{i}`` or a module path).
-    """
-
-    def __init__(
-        self,
-        encoder: FrozenTeacher,
-        task: str,
-        num_classes: int | None,
-        widths: list[int],
-        dropout: float,
-        encoder_size: int,
-        layer: str = "penultimate",
-    ) -> None:
-        super().__init__()
-        self.encoder, self.task, self.num_classes = encoder, task, num_classes
-        self.encoder_sha256: str | None = None  # the encoder checkpoint's hash (kdl generate reuses its outputs)
-        self.encoder_size, self.layer = encoder_size, layer
-        channels = int(encoder.normalize.mean.shape[1])
-        with torch.no_grad():
-            feat_dim = self.features(torch.zeros(2, channels, encoder_size, encoder_size))[0].shape[1]
-        self.head = RatioHead(int(feat_dim), task, num_classes, widths, dropout)
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features N x F, encoder outputs) of images in [0, 1]."""
-        out, feats = self.encoder.forward_features(fit_size(images.float(), self.encoder_size), [self.layer])
-        return feats[self.layer].flatten(1).float(), out.float()
-
-    def ratio_from_features(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.head(h, y)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.ratio_from_features(self.features(images)[0], labels)
-
-    def spec(self) -> dict[str, Any]:
-        """What rebuilds this module without any other file (see :func:`load_density_ratio`)."""
-        e = self.encoder
-        widths = [m.out_features for m in self.head.mlp if isinstance(m, nn.Linear)][:-1]
-        dropout = next((m.p for m in self.head.mlp if isinstance(m, nn.Dropout)), 0.0)
-        return {
-            "encoder_net": e.net_name,
-            "encoder_task": e.task,
-            "encoder_classes": e.num_classes,
-            "in_channels": int(e.normalize.mean.shape[1]),
-            "encoder_size": self.encoder_size,
-            "layer": self.layer,
-            "task": self.task,
-            "num_classes": self.num_classes,
-            "widths": widths,
-            "dropout": dropout,
-            "encoder_sha256": self.encoder_sha256,
-        }
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> DensityRatioModel:
-        c = spec["in_channels"]
-        net = create_net(spec["encoder_net"], spec["encoder_classes"] or 1, c, spec["encoder_task"])
-        encoder = FrozenTeacher(
-            net,
-            Normalize((0.5,) * c, (0.5,) * c, c),
-            spec["encoder_task"],
-            spec["encoder_classes"],
-            spec["encoder_net"],
-        )
-        model = cls(
-            encoder,
-            spec["task"],
-            spec["num_classes"],
-            spec["widths"],
-            spec["dropout"],
-            spec["encoder_size"],
-            spec["layer"],
-        )
-        model.load_state_dict(state)
-        model.encoder_sha256 = spec.get("encoder_sha256")
-        return model.eval()
 
 
 class DensityRatioEstimator(BaseTask):
@@ -233,7 +114,7 @@ class DensityRatioEstimator(BaseTask):
             raise ConfigError(f"dropout={dropout}; expected a value in [0, 1)")
         if kappa < 0:
             raise ConfigError(f"kappa={kappa}; expected a value >= 0")
-        from kd_lightning.methods.gan import load_gan
+        from kd_lightning.loading import load_gan
 
         gan = load_gan(generator)
         # plain attributes until nn.Module.__init__ has run; configure_models registers the encoder
@@ -285,7 +166,7 @@ class DensityRatioEstimator(BaseTask):
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and stage == "fit" and self.hparams.cache_real_features:
-            from kd_lightning.methods.distill import num_indices
+            from kd_lightning.data.utils import num_indices
 
             self._cached = torch.zeros(num_indices(dm), dtype=torch.bool)
             self._real_cache = None
@@ -358,20 +239,6 @@ def _checkpoint_image_size(path: str | os.PathLike) -> int:
     from kd_lightning.checkpoints import load_checkpoint
 
     return int(load_checkpoint(path).get("hyper_parameters", {}).get("image_size") or 32)
-
-
-def load_density_ratio(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DensityRatioModel:
-    """The :class:`DensityRatioModel` of a :class:`DensityRatioEstimator` checkpoint (no other file needed)."""
-    from kd_lightning.checkpoints import load_checkpoint
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"density-ratio checkpoint {str(path)!r} not found; train one with kdl fit (dr.yaml)")
-    ckpt = load_checkpoint(path)
-    saved = ckpt.get("density_ratio_model")
-    if not saved:
-        raise CheckpointError(f"{str(path)!r} was not written by DensityRatioEstimator (no density_ratio_model)")
-    state = {k: v.to(map_location) for k, v in saved["state_dict"].items()}
-    return DensityRatioModel.from_spec(saved["spec"], state).to(map_location)
 
 
 __all__ = ["DensityRatioEstimator", "DensityRatioModel", "RatioHead", "dr_adam", "load_density_ratio", "sp_loss"]

@@ -24,7 +24,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from kd_lightning.data.base import augments
+from kd_lightning.data.utils import augments, num_indices  # num_indices: re-exported (its old home)
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import KDLoss, Outputs, SetupInfo, StepContext
 from kd_lightning.losses.simkd import ReusedTeacherHead
@@ -284,7 +284,7 @@ def train_labels_by_index(dm: L.LightningDataModule, n: int) -> torch.Tensor:
     ds: Dataset | None = getattr(dm, "train_dataset", None)
     if ds is None:
         raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot read its labels")
-    from kd_lightning.data.base import dataset_labels, dataset_len
+    from kd_lightning.data.utils import dataset_labels, dataset_len
 
     labels = dataset_labels(ds)
     positions = torch.arange(dataset_len(ds))
@@ -294,21 +294,6 @@ def train_labels_by_index(dm: L.LightningDataModule, n: int) -> torch.Tensor:
     out = torch.full((n,), -1, dtype=torch.long)
     out[positions] = labels.long()
     return out
-
-
-def num_indices(dm: L.LightningDataModule) -> int:
-    """Size of the range of ``batch["index"]`` in the training data (the DataModule may say it itself)."""
-    given = getattr(dm, "num_train_indices", None)
-    if given is not None:
-        return int(given)
-    ds: Dataset | None = getattr(dm, "train_dataset", None)
-    while isinstance(ds, Subset):
-        ds = ds.dataset
-    if ds is None:
-        raise ConfigError(f"{type(dm).__name__} has no train_dataset after setup; cannot size per-sample state")
-    from kd_lightning.data.base import dataset_len
-
-    return dataset_len(ds)
 
 
 __all__ = ["DistillModule", "num_indices", "train_labels_by_index"]

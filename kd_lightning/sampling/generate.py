@@ -148,8 +148,8 @@ class Generation:
     """The loaded models and resolved settings of one ``kdl generate`` run (see :func:`generate`)."""
 
     def __init__(self, cfg: GenerateConfig) -> None:
-        from kd_lightning.methods.density_ratio import load_density_ratio
-        from kd_lightning.methods.gan import load_gan
+        from kd_lightning.loading import load_gan
+        from kd_lightning.sampling.density_ratio import load_density_ratio
         from kd_lightning.teachers import FrozenTeacher
 
         self.cfg = cfg
@@ -166,7 +166,7 @@ class Generation:
                 stacklevel=2,
             )
         self.micro_batch = MICRO_BATCH  # benchmarks/generation.py changes it to time other splits
-        from kd_lightning.sample import resolve_device
+        from kd_lightning.flags import resolve_device
 
         self.device = resolve_device(cfg.device)
         gan = load_gan(cfg.generator)
