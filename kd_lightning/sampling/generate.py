@@ -34,11 +34,9 @@ from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.metrics.gan import fit_size
 from kd_lightning.sampling.filtering import (
     check_rho,
-    class_cutoffs,
     classification_errors,
-    global_cutoff,
+    filter_and_relabel,
     histogram_png,
-    keep_mask,
     regression_errors,
 )
 from kd_lightning.sampling.rejection import accept, check_trials, chunk_generator, estimate_max
@@ -134,6 +132,24 @@ class GenerateConfig:
     compile: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """The checks that need no checkpoint (those that depend on the GAN's task are :class:`Generation`'s)."""
+        for name in ("batch_size", "shard_size", "burn_in"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if self.subsample and self.density_ratio is None:
+            raise ConfigError("subsample=true needs density_ratio=<DensityRatioEstimator checkpoint>")
+        if self.filter and self.teacher is None:
+            raise ConfigError("filter=true needs teacher=<checkpoint>; set filter false to keep every sample")
+        if self.replace and self.teacher is None:
+            raise ConfigError("replace=true needs teacher=<checkpoint>")
+        if self.rho is not None:
+            check_rho(self.rho)
+        if self.kappa < 0:
+            raise ConfigError(f"kappa={self.kappa}; expected a value >= 0")
+        if self.compile and not self.fast_inference:
+            raise ConfigError("compile=true compiles the fast_inference copies of the nets; set fast_inference=true")
+
 
 @dataclass
 class Unit:
@@ -153,9 +169,6 @@ class Generation:
         from kd_lightning.teachers import FrozenTeacher
 
         self.cfg = cfg
-        for name in ("batch_size", "shard_size", "burn_in"):
-            if getattr(cfg, name) < 1:
-                raise ConfigError(f"{name}={getattr(cfg, name)}; expected a positive integer")
         if cfg.forward_batch is not None:
             import warnings
 
@@ -178,23 +191,16 @@ class Generation:
             raise ConfigError(f"generator {cfg.generator!r} is unconditional; kdl generate needs a conditional GAN")
         self.task = "classification" if self.gen.condition == "class" else "regression"
         self.subsample = cfg.density_ratio is not None if cfg.subsample is None else cfg.subsample
-        if self.subsample and cfg.density_ratio is None:
-            raise ConfigError("subsample=true needs density_ratio=<DensityRatioEstimator checkpoint>")
         self.dr = load_density_ratio(cfg.density_ratio, self.device) if cfg.density_ratio else None
         if self.dr is not None and self.dr.task != self.task:
             raise ConfigError(f"the DR model is for {self.dr.task} but the generator is {self.task}")
         self.teacher = FrozenTeacher.from_checkpoint(cfg.teacher).to(self.device) if cfg.teacher else None
         if self.teacher is not None and self.teacher.task != self.task:
             raise ConfigError(f"{self.teacher.describe()} is a {self.teacher.task} model; the generator is {self.task}")
-        if cfg.filter and self.teacher is None:
-            raise ConfigError("filter=true needs teacher=<checkpoint>; set filter false to keep every sample")
         self.replace = (self.task == "regression") if cfg.replace is None else cfg.replace
-        if self.replace and self.teacher is None:
+        if self.replace and self.teacher is None:  # the default replace=None means true for a CcGAN
             raise ConfigError("replace=true needs teacher=<checkpoint>")
         self.rho = cfg.rho if cfg.rho is not None else (0.9 if self.task == "classification" else 0.7)
-        check_rho(self.rho)
-        if cfg.kappa < 0:
-            raise ConfigError(f"kappa={cfg.kappa}; expected a value >= 0")
         self.teacher_size = (
             int(cfg.teacher_image_size or _image_size(cfg.teacher)) if cfg.teacher else cfg.teacher_image_size
         )
@@ -208,8 +214,6 @@ class Generation:
             and self.dr.encoder_size == self.teacher_size
             and self.dr.layer == "penultimate"
         )
-        if cfg.compile and not cfg.fast_inference:
-            raise ConfigError("compile=true compiles the fast_inference copies of the nets; set fast_inference=true")
         self.set_fast_inference(cfg.fast_inference, cfg.compile)
 
     def set_fast_inference(self, on: bool, compiled: bool = False) -> None:
@@ -409,6 +413,10 @@ class Generation:
 
     # ------------------------------------------------------------------ M2 over the whole store
     def finalize(self, store: SampleStore) -> dict[str, Any]:
+        """M2 over every shard (:func:`~kd_lightning.sampling.filtering.filter_and_relabel`), then the store's end.
+
+        Writes the per-sample table, the report and the error histogram, and marks the store finished.
+        """
         cols: dict[str, list[np.ndarray]] = {}
         for i, entry in enumerate(store.manifest["shards"]):
             arrays = store.read_shard(i)
@@ -419,80 +427,57 @@ class Generation:
                 cols.setdefault(key, []).append(v)
         table = {k: np.concatenate(v) for k, v in cols.items()}
         accepted = table["accepted"].astype(bool)
-        labels = table["label"]
-        kept = accepted.copy()
-        report: dict[str, Any] = {"units": {}}
-        for name, st in store.manifest["progress"].items():
-            report["units"][name] = {
-                "accepted": st["accepted"],
-                "proposed": st["proposed"],
-                "acceptance_rate": st["accepted"] / max(st["proposed"], 1),
-                "max_ratio": st["max_ratio"],
-            }
-        total_acc = sum(u["accepted"] for u in report["units"].values())
-        total_prop = sum(u["proposed"] for u in report["units"].values())
-        report["acceptance_rate"] = total_acc / max(total_prop, 1)
+        report = acceptance_report(store.manifest["progress"])
         report["subsample"], report["filter"], report["replace"], report["rho"] = (
             self.subsample,
             self.cfg.filter,
             self.replace,
             self.rho,
         )
-        hist = None
-        if "error" in table:
-            errors = table["error"].astype(np.float64)
-            cutoffs: dict[int, float] | float
-            if self.task == "classification":
-                cutoffs = per_class = class_cutoffs(errors[accepted], labels[accepted], self.rho)
-                report["cutoffs"] = {str(k): v for k, v in per_class.items()}
-            else:
-                cutoffs = global_cutoff(errors[accepted], self.rho)
-                report["cutoff"] = cutoffs
-            if self.cfg.filter:
-                kept = accepted & keep_mask(errors, labels, cutoffs)
+        scale = (self.label_range[1] - self.label_range[0]) if self.label_range else 1.0
+        m2 = filter_and_relabel(
+            table["label"],
+            accepted,
+            table.get("teacher"),
+            table.get("error"),
+            task="classification" if self.task == "classification" else "regression",
+            rho=self.rho,
+            filter=self.cfg.filter,
+            replace=self.replace,
+            label_scale=scale,
+        )
+        report.update(m2.report)
+        table.update({"kept": m2.kept, "replaced": m2.replaced, "final_label": m2.final_label})
+        table.pop("uniform", None)
+        if m2.cutoffs is not None:
+            errors = table["error"].astype(np.float64)[accepted]
             title = f"teacher errors of accepted samples, rho={self.rho}"
             if self.task == "classification":
-                hist = histogram_png(
-                    errors[accepted], labels[accepted], cutoffs, title, "cross-entropy (assigned label, teacher)"
-                )
+                xlabel, by_class = "cross-entropy (assigned label, teacher)", table["label"][accepted]
             else:
-                hist = histogram_png(errors[accepted], None, cutoffs, title, "|f_t(x) - y| (normalised)")
-            report.update(self._consistency(table, accepted, kept))
-        replaced = kept & self.replace if "teacher" in table else np.zeros_like(kept)
-        final = labels.copy()
-        if replaced.any():
-            t = table["teacher"]
-            final[replaced] = (
-                t[replaced].argmax(1) if self.task == "classification" else np.clip(t[replaced].reshape(-1), 0, 1)
-            )
-        table.update({"kept": kept, "replaced": replaced, "final_label": final})
-        table.pop("uniform", None)
-        if self.task == "classification":
-            report["drop_rate_per_class"] = {
-                str(int(c)): float(1 - kept[accepted & (labels == c)].mean()) for c in np.unique(labels[accepted])
-            }
-        report["n_accepted"], report["n_kept"] = int(accepted.sum()), int(kept.sum())
-        if hist is not None:
+                xlabel, by_class = "|f_t(x) - y| (normalised)", None
             from kd_lightning.fileio import atomic_write_bytes
 
+            hist = histogram_png(errors, by_class, m2.cutoffs, title, xlabel)
             atomic_write_bytes(str(store.root / "filter_hist.png"), hist)
         store.write_table(table, report)
         return report
 
-    def _consistency(self, table: dict[str, np.ndarray], accepted: np.ndarray, kept: np.ndarray) -> dict[str, Any]:
-        t, y = table["teacher"], table["label"]
-        if self.task == "classification":
-            agree = t.argmax(1) == y
-            return {
-                "label_consistency_before": float(agree[accepted].mean()),
-                "label_consistency_after": float(agree[kept].mean()) if kept.any() else float("nan"),
-            }
-        err = np.abs(t.reshape(-1) - y)
-        scale = (self.label_range[1] - self.label_range[0]) if self.label_range else 1.0
-        return {
-            "teacher_mae_before": float(err[accepted].mean() * scale),
-            "teacher_mae_after": float(err[kept].mean() * scale) if kept.any() else float("nan"),
+
+def acceptance_report(progress: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """M1's part of the report: accepted, proposed, acceptance rate and M of every unit, and the overall rate."""
+    units = {
+        name: {
+            "accepted": st["accepted"],
+            "proposed": st["proposed"],
+            "acceptance_rate": st["accepted"] / max(st["proposed"], 1),
+            "max_ratio": st["max_ratio"],
         }
+        for name, st in progress.items()
+    }
+    total_acc = sum(u["accepted"] for u in units.values())
+    total_prop = sum(u["proposed"] for u in units.values())
+    return {"units": units, "acceptance_rate": total_acc / max(total_prop, 1)}
 
 
 def _channels_last_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
