@@ -1,8 +1,9 @@
 """How :class:`~kd_lightning.methods.self_kd.SelfKD` trains: its loss, one training step, the critic's updates.
 
 :class:`SelfKDTraining` holds the step half of ``SelfKD`` (``methods/self_kd.py`` holds what it is: its arguments,
-their checks, the terms, critic and S_sup it builds, and its checkpoints): the weighted loss parts, the manual
-optimisation of the student and the critic, the critic's W monitor and the update of the per-sample store.
+their checks, and the terms, critic and S_sup it builds): the weighted loss parts, the manual optimisation of the
+student and the critic, the critic's W monitor, the update of the per-sample store and the store's old checkpoint
+key.
 
 p_{t-1}: a per-sample store of the logits each training sample got when it was last trained on
 (:class:`~kd_lightning.per_sample.PerSampleStore`, keyed by the batch's stable ``index``), as PS-KD's code does,
