@@ -15,8 +15,8 @@ the work is): S_sup's forward, the student's forward and backward and its SGD st
 eval-mode pass (only under Mixup/CutMix, not in this recipe), the rest of ``training_step`` (logging, metrics)
 and everything between two steps (Lightning's loop, the DataLoader, callbacks).
 
-    python benchmarks/aikd_step.py                            # 3 repeats of 20 timed steps, 1 thread
-    python benchmarks/aikd_step.py --repeats 5 --out docs/results/aikd_step.md
+    python -m benchmarks.aikd_step                            # 3 repeats of 20 timed steps, 1 thread
+    python -m benchmarks.aikd_step --repeats 5 --out docs/results/aikd_step.md
 
 Timings vary with the machine's load: never assert them in tests.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -38,10 +37,8 @@ from typing import Any
 import lightning as L
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from kd_lightning.cli import build_cli, quiet_lightning  # noqa: E402
+from benchmarks.common import REPO, quiet_lightning
+from kd_lightning.cli import build_cli
 
 #: (part label, its rule: the path of open wrappers, innermost last, must end with these names)
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -21,8 +21,8 @@ cGAN-KD + FitNet, and the ablations ``no_replace`` (the CcGAN's assigned labels 
 Every student folder is ``<out>/<variant>/seed<k>``; ``kdl report <out>/*/seed* --group-by parent``
 builds the table. Finished jobs are skipped when the script is run again (``<out>/logs/<job>.done``).
 
-    python benchmarks/cgankd_fashion_mnist.py --out runs/evidence/cgankd_fmnist
-    python benchmarks/cgankd_fashion_mnist.py --setting rotated --out runs/evidence/cgankd_rotated
+    python -m benchmarks.cgankd_fashion_mnist --out runs/evidence/cgankd_fmnist
+    python -m benchmarks.cgankd_fashion_mnist --setting rotated --out runs/evidence/cgankd_rotated
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import QUIET
+from benchmarks.common import QUIET, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SETTING = "fashion_mnist"  # or "rotated" (--setting): the recipes/cgankd/<setting> folder
 
 

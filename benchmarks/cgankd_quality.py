@@ -1,6 +1,6 @@
 """cGAN-KD's data quality, raw -> subsampled -> filtered (the Table 6 analog), and the speed of kdl generate.
 
-    python benchmarks/cgankd_quality.py --generator G.ckpt --density_ratio DR.ckpt --teacher T.ckpt \\
+    python -m benchmarks.cgankd_quality --generator G.ckpt --density_ratio DR.ckpt --teacher T.ckpt \\
         --judge J.ckpt --per_class 300 --out runs/quality
 
 One ``kdl generate`` run with ``keep_rejected`` keeps every proposal, so the three sets come from the
@@ -25,11 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import fp32_peak_flops
-
+from benchmarks.common import count_flops, fp32_peak_flops
 from kd_lightning.callbacks.gan_quality import save_grid_png
 from kd_lightning.metrics.gan import TeacherFeatures, fid_from_features, intra_fid, label_consistency
 from kd_lightning.sampling.generate import GenerateConfig, Generation, generate
@@ -39,12 +36,12 @@ from kd_lightning.teachers import FrozenTeacher
 def flops_per_proposal(run: Generation, batch: int = 50) -> float:
     """FLOPs of one proposal through the generate stage (generator, DR features and head, teacher if separate)."""
     unit = run.units[0]
-    counter = FlopCounterMode(display=False)
-    with counter:
+
+    def one_batch() -> None:
         p = run.propose(unit, "flops", batch)
-        take = {k: v for k, v in p.items() if k not in ("uniform", "inside")}
-        run.add_teacher(take)
-    return counter.get_total_flops() / batch
+        run.add_teacher({k: v for k, v in p.items() if k not in ("uniform", "inside")})
+
+    return count_flops(one_batch) / batch
 
 
 def real_images(teacher_ckpt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ alternated repeats, with the peak measured before each repeat in this process. A
 ResNet-20's convolutions together, forward and backward (the bound of a training step), and of ResNet-56's
 forward passes alone (the bound of frozen-net inference), each weighted by how often the shape occurs.
 
-    python benchmarks/conv_layers.py --batch 64 --out docs/results/conv_layers.md
+    python -m benchmarks.conv_layers --batch 64 --out docs/results/conv_layers.md
 
 Timings vary with the machine's load: never assert them in tests.
 """
@@ -18,21 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from common import report  # noqa: E402
-from throughput import fp32_peak_flops  # noqa: E402
-
-from kd_lightning.cli import cpu_defaults  # noqa: E402
+from benchmarks.common import fp32_peak_flops, report, seconds_per_call
+from kd_lightning.cli import cpu_defaults
 
 #: (in channels, out channels, input side, stride, occurrences in ResNet-20, in ResNet-56) on 32x32 inputs
 SHAPES = [
@@ -44,29 +36,22 @@ SHAPES = [
 ]
 
 
-def time_conv(cin: int, cout: int, side: int, stride: int, batch: int, reps: int) -> tuple[float, float, float]:
-    """(forward FLOPs, forward seconds, backward seconds) per call, medians of ``reps`` calls."""
+def time_conv(cin: int, cout: int, side: int, stride: int, batch: int, seconds: float) -> tuple[float, float, float]:
+    """(forward FLOPs, forward seconds, backward seconds) per call, medians of ``torch.utils.benchmark.Timer``."""
     conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last).requires_grad_()
     y = conv(x)
     grad = torch.randn_like(y)
     flops = 2.0 * y.numel() * cin * 9
-    fwd, bwd = [], []
-    for _ in range(reps + 2):  # the first two create oneDNN's primitives
-        t0 = time.perf_counter()
-        y = conv(x)
-        t1 = time.perf_counter()
-        torch.autograd.grad(y, (x, conv.weight), grad)
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-    return flops, statistics.median(fwd[2:]), statistics.median(bwd[2:])
+    forward = seconds_per_call(lambda: conv(x), seconds)
+    backward = seconds_per_call(lambda: torch.autograd.grad(y, (x, conv.weight), grad, retain_graph=True), seconds)
+    return flops, forward, backward
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--reps", type=int, default=20, help="timed calls per shape and repeat")
+    p.add_argument("--seconds", type=float, default=0.2, help="timed seconds per shape, pass and repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -79,12 +64,12 @@ def main() -> None:
         peak = fp32_peak_flops(seconds=0.6)
         peaks.append(peak)
         for s in SHAPES:
-            flops, tf, tb = time_conv(*s[:4], args.batch, args.reps)
+            flops, tf, tb = time_conv(*s[:4], args.batch, args.seconds)
             shares[s].append((flops / tf / peak, 2 * flops / tb / peak))
             times[s].append((flops, tf, tb))
     lines = [
         f"batch {args.batch}, channels-last, 3x3 convolutions without bias, {torch.get_num_threads()} threads, "
-        f"{args.repeats} repeats of {args.reps} calls (median call); fp32 matmul peak per repeat "
+        f"{args.repeats} repeats, each call timed for {args.seconds} s (median call); fp32 matmul peak per repeat "
         f"{', '.join(f'{x / 1e9:.1f}' for x in peaks)} GFLOP/s; load average at the end "
         + " / ".join(f"{x:.2f}" for x in os.getloadavg()),
         "",

@@ -8,7 +8,7 @@ Finished runs are kept (``<out>/<method>/seed<k>/result.json``) and skipped when
 FT, AB and TAKD first run their earlier stage (``PRE_STAGES``: paraphraser, AB initialisation, teacher
 assistant) into ``<out>/<method>/seed<k>/pre``; its time is included in ``fit min / run``.
 
-    python benchmarks/distill_fashion_mnist.py --teacher runs/fashion_mnist/teacher/checkpoints/best.ckpt
+    python -m benchmarks.distill_fashion_mnist --teacher runs/fashion_mnist/teacher/checkpoints/best.ckpt
 """
 
 from __future__ import annotations
@@ -20,12 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import QUIET  # noqa: E402
-
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from benchmarks.common import QUIET, REPO, quiet_lightning
+from kd_lightning.cli import build_cli, cpu_defaults
 
 METHODS = {
     "NOKD": "student.yaml",
@@ -201,7 +197,7 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", default="runs/evidence/distill")
     args = p.parse_args()
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
     results = [run(m, s, args) for s in args.seeds for m in args.methods]
     write_table(results, args)

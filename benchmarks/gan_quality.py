@@ -11,10 +11,10 @@ Everything is measured in one process, on the test split of an MNIST-format data
 - Label consistency: the share of generated images the teacher classifies as their assigned class,
   next to the teacher's accuracy on half B.
 - Sampling speed: images/s of the EMA generator (batch ``--batch``, fp32, the process's threads), as a
-  share of the fp32 peak of this machine, measured here with large ``torch.mm`` (as
-  ``benchmarks/throughput.py`` does); generator FLOPs per image by ``torch.utils.flop_counter``.
+  share of the fp32 peak of this machine, measured here with large ``torch.mm`` (``benchmarks.common``,
+  as every benchmark does); generator FLOPs per image by ``torch.utils.flop_counter``.
 
-    python benchmarks/gan_quality.py --gan runs/fashion_mnist/cgan/checkpoints/last.ckpt \\
+    python -m benchmarks.gan_quality --gan runs/fashion_mnist/cgan/checkpoints/last.ckpt \\
         --teacher runs/fashion_mnist/teacher/checkpoints/best.ckpt --out docs/results/cgan_fashion_mnist.md \\
         --grid docs/cgan_fashion_mnist.png
 """
@@ -22,24 +22,18 @@ Everything is measured in one process, on the test split of an MNIST-format data
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.throughput import fp32_peak_flops  # noqa: E402
-from kd_lightning.callbacks.gan_quality import save_grid_png  # noqa: E402
-from kd_lightning.checkpoints import load_checkpoint  # noqa: E402
-from kd_lightning.data.mnist import FASHION_MNIST_DEBIAN_ROOT, load_mnist_split  # noqa: E402
-from kd_lightning.gans import labels_per_class  # noqa: E402
-from kd_lightning.methods.gan import load_gan  # noqa: E402
-from kd_lightning.metrics.gan import TeacherFeatures, fid_from_features, intra_fid, label_consistency  # noqa: E402
-from kd_lightning.teachers import FrozenTeacher  # noqa: E402
+from benchmarks.common import count_flops, fp32_peak_flops, seconds_per_call
+from kd_lightning.callbacks.gan_quality import save_grid_png
+from kd_lightning.checkpoints import load_checkpoint
+from kd_lightning.data.mnist import FASHION_MNIST_DEBIAN_ROOT, load_mnist_split
+from kd_lightning.gans import labels_per_class
+from kd_lightning.methods.gan import load_gan
+from kd_lightning.metrics.gan import TeacherFeatures, fid_from_features, intra_fid, label_consistency
+from kd_lightning.teachers import FrozenTeacher
 
 
 def halves(images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,23 +49,16 @@ def halves(images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Te
     return torch.cat(a), torch.cat(b), torch.cat(y)
 
 
-def sampling_rate(gen: torch.nn.Module, labels: torch.Tensor, batch: int, repeats: int = 3) -> float:
-    """Best images/s over ``repeats`` timed passes of ``gen.sample`` (after one warm-up batch)."""
-    gen.sample(labels[:batch], seed=0, batch_size=batch)
-    best = 0.0
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        gen.sample(labels, seed=r, batch_size=batch)
-        best = max(best, len(labels) / (time.perf_counter() - t0))
-    return best
+def sampling_rate(gen: torch.nn.Module, labels: torch.Tensor, batch: int) -> float:
+    """Images/s of ``gen.sample`` on ``labels`` in batches of ``batch`` (the fastest timed pass)."""
+    return len(labels) / seconds_per_call(lambda: gen.sample(labels, seed=0, batch_size=batch), best=True)
 
 
 def generator_flops_per_image(gen: torch.nn.Module, labels: torch.Tensor) -> float:
     z = torch.randn(len(labels), gen.z_dim)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        gen.eval()(z, labels)
-    return counter.get_total_flops() / len(labels)
+    gen.eval()
+    with torch.no_grad():
+        return count_flops(lambda: gen(z, labels)) / len(labels)
 
 
 def main() -> None:

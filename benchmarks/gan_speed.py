@@ -17,9 +17,9 @@ Images/s count real images per step (the batch) over the steady steps (start-to-
 ``--warmup-steps``), as ``benchmarks/throughput.py`` does. Model FLOPs of one step (both updates, forward and
 backward, with ``torch.utils.flop_counter``) give the share of the fp32 matmul peak measured before each repeat.
 
-    python benchmarks/gan_speed.py                                   # all four modes, 3 repeats
-    python benchmarks/gan_speed.py --modes fp32 bf16 --out docs/results/gan_speed.md
-    python benchmarks/gan_speed.py --g-ch 8 --d-ch 8 --steps 3 --repeats 1 --modes fp32 bf16   # a quick check
+    python -m benchmarks.gan_speed                                   # all four modes, 3 repeats
+    python -m benchmarks.gan_speed --modes fp32 bf16 --out docs/results/gan_speed.md
+    python -m benchmarks.gan_speed --g-ch 8 --d-ch 8 --steps 3 --repeats 1 --modes fp32 bf16   # a quick check
 
 Quality (whether bf16 or compiled training changes the GAN) needs full runs, not this benchmark. Ready to run
 (3 seeds x 3 modes of the 3,400-step recipe, ~35 min each on one idle core, then FID / Intra-FID / label
@@ -31,7 +31,7 @@ consistency against the real-vs-real floor with the project's teacher features):
           --trainer.callbacks.init_args.modules '[generator, discriminator]')
       kdl fit --config recipes/cgankd/fashion_mnist/cgan.yaml --seed_everything $seed \\
           --trainer.default_root_dir runs/gan_quality/$mode/$seed "${extra[@]}"
-      python benchmarks/gan_quality.py --gan runs/gan_quality/$mode/$seed/checkpoints/last.ckpt \\
+      python -m benchmarks.gan_quality --gan runs/gan_quality/$mode/$seed/checkpoints/last.ckpt \\
           --teacher runs/cgankd/fashion_mnist/teacher/checkpoints/best.ckpt \\
           --out docs/results/gan_quality_${mode}_seed$seed.md
     done; done
@@ -47,27 +47,29 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
-
-from common import NO_CHECKPOINTS, NO_LOGGER, report  # noqa: E402
-from throughput import StepTimer, _sync, fp32_peak_flops, steady_rate  # noqa: E402
-
-from kd_lightning.callbacks import Compile  # noqa: E402
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
-from kd_lightning.data import DigitsDataModule, FashionMNISTDataModule  # noqa: E402
-from kd_lightning.gans import ResNetDiscriminator, ResNetGenerator, d_loss_parts, g_loss  # noqa: E402
+from benchmarks.common import (
+    NO_CHECKPOINTS,
+    NO_LOGGER,
+    REPO,
+    StepTimer,
+    count_flops,
+    fp32_peak_flops,
+    quiet_lightning,
+    report,
+    steady_rate,
+    sync,
+)
+from kd_lightning.callbacks import Compile
+from kd_lightning.cli import build_cli, cpu_defaults
+from kd_lightning.data import DigitsDataModule, FashionMNISTDataModule
+from kd_lightning.gans import ResNetDiscriminator, ResNetGenerator, d_loss_parts, g_loss
 
 RECIPE = REPO / "recipes" / "cgankd" / "fashion_mnist" / "cgan.yaml"
 MODES = ("fp32", "bf16", "compiled", "bf16-compiled")
@@ -176,7 +178,7 @@ def run_plain(args: argparse.Namespace, mode: str) -> float:
     for i, batch in enumerate(loader):
         if i >= n:
             break
-        _sync(device)
+        sync(device)
         starts.append((0, time.perf_counter()))
         image, label = batch["image"].to(device), batch["label"].to(device)
         plain_step(g, d, g_ema, opts, image, label, mode.startswith("bf16"), args.z_dim)
@@ -187,10 +189,8 @@ def step_flops_per_image(args: argparse.Namespace) -> float:
     g, d = plain_nets(args, torch.device("cpu"))
     opts = (torch.optim.SGD(g.parameters(), 0.0), torch.optim.SGD(d.parameters(), 0.0))
     image, label = torch.rand(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        plain_step(g, d, copy.deepcopy(g), opts, image, label, False, args.z_dim)
-    return counter.get_total_flops() / args.batch
+    g_ema = copy.deepcopy(g)
+    return count_flops(lambda: plain_step(g, d, g_ema, opts, image, label, False, args.z_dim)) / args.batch
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.z_dim != 64:
         p.error("--z-dim is the recipe's (64); change the recipe to time another")
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
 
     rates: dict[tuple[str, str], list[float]] = {(m, w): [] for m in args.modes for w in ("kdl", "plain")}

@@ -7,12 +7,12 @@ within every repeat; medians over repeats are reported, with the ratio to the fi
 as it was: ``no_grad``, one forward pass per chunk, unfolded nets, NCHW generator) and to the peak of the
 same repeat. Model FLOPs per proposal are counted with ``torch.utils.flop_counter`` on one chunk.
 
-    python benchmarks/generation.py --generator G.ckpt --density-ratio DR.ckpt --teacher T.ckpt
-    python benchmarks/generation.py ... --out docs/results/generation.md
+    python -m benchmarks.generation --generator G.ckpt --density-ratio DR.ckpt --teacher T.ckpt
+    python -m benchmarks.generation ... --out docs/results/generation.md
 
-The defaults are the Fashion-MNIST cGAN-KD chain's checkpoints of the issue-12 evidence run
-(/work/runs/i12/fmnist/...; the DR checkpoint that records its encoder's hash, so the filtering teacher's outputs
-come from the encoder pass as in that run). Timings vary with the machine's load: never assert them in tests.
+The checkpoints come from a cGAN-KD chain, e.g. ``kdl pipeline --config recipes/cgankd/fashion_mnist/pipeline.yaml``
+(its ``cgan``, ``dr`` and ``teacher`` stages; a DR checkpoint that records its encoder's hash lets the filtering
+teacher's outputs come from the encoder pass). Timings vary with the machine's load: never assert them in tests.
 """
 
 from __future__ import annotations
@@ -20,26 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from common import report  # noqa: E402
-from profile_step import PhaseClock  # noqa: E402
-from throughput import fp32_peak_flops  # noqa: E402
-
-from kd_lightning.cli import cpu_defaults  # noqa: E402
-from kd_lightning.sampling.generate import GenerateConfig, Generation, Unit  # noqa: E402
-
-RUNS = Path("/work/runs/i12/fmnist")
+from benchmarks.common import count_flops, fp32_peak_flops, report
+from benchmarks.profile_step import PhaseClock
+from kd_lightning.cli import cpu_defaults
+from kd_lightning.sampling.generate import GenerateConfig, Generation, Unit
 
 #: name -> (inference_mode, forward_batch, fast_inference, compile); forward_batch None = the chunk
 VARIANTS = {
@@ -82,9 +72,9 @@ def one_chunk(run: Generation, unit: Unit, k: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--generator", default=str(RUNS / "cgan/checkpoints/last.ckpt"))
-    p.add_argument("--density-ratio", default=str(RUNS / "dr/dr_epoch2_hashed.ckpt"))
-    p.add_argument("--teacher", default=str(RUNS / "teacher/checkpoints/best.ckpt"))
+    p.add_argument("--generator", required=True, help="the cGAN checkpoint (a `cgan` stage's last.ckpt)")
+    p.add_argument("--density-ratio", required=True, help="the DR checkpoint (a `dr` stage's)")
+    p.add_argument("--teacher", required=True, help="the filtering teacher's checkpoint")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--chunks", type=int, default=3, help="timed chunks per variant and repeat")
     p.add_argument("--repeats", type=int, default=3)
@@ -122,10 +112,7 @@ def main() -> None:
                 h.remove()
             print(f"repeat {r}: {name:32s} {rates[name][-1]:8.1f} proposals/s", flush=True)
     configure(run, True, 100, False)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        one_chunk(run, unit, 0)
-    flops = counter.get_total_flops() / args.batch_size
+    flops = count_flops(lambda: one_chunk(run, unit, 0)) / args.batch_size
     base = next(iter(VARIANTS))
     load = os.getloadavg()
     med = {v: statistics.median(x) for v, x in rates.items()}

@@ -15,9 +15,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${1:-}" == "--dry-run" ]]; then
   echo "gpu_check: dry run on the CPU (fp32, resnet8, 2 steps); no MFU claim"
-  "$PY" benchmarks/throughput.py --net resnet8 --batch 16 --image-size 16 --epochs 1 --repeats 1 \
+  "$PY" -m benchmarks.throughput --net resnet8 --batch 16 --image-size 16 --epochs 1 --repeats 1 \
     --warmup-steps 1 --limit-batches 3 --peak-flops 1e11
-  "$PY" benchmarks/profile_step.py --scenarios blkd --net resnet8 --teacher-net resnet8 --batch 16 \
+  "$PY" -m benchmarks.profile_step --scenarios blkd --net resnet8 --teacher-net resnet8 --batch 16 \
     --image-size 16 --steps 2 --warmup-steps 1 --repeats 1 --peak-flops 1e11
   echo "gpu_check: dry run OK"
   exit 0
@@ -42,8 +42,8 @@ esac
 BATCH=${BATCH:-256}
 echo "gpu_check: $NAME, bf16 peak $PEAK FLOP/s, batch $BATCH"
 # digits has 1,293 training images: at batch 256, 5 steps an epoch; more epochs give more timed steps
-timeout 240 "$PY" benchmarks/throughput.py --net resnet56 --batch "$BATCH" --epochs 6 --repeats 2 --warmup-steps 1 \
+timeout 240 "$PY" -m benchmarks.throughput --net resnet56 --batch "$BATCH" --epochs 6 --repeats 2 --warmup-steps 1 \
   --accelerator gpu --precision bf16-mixed --peak-flops "$PEAK"
-timeout 200 "$PY" benchmarks/profile_step.py --scenarios blkd blkd-cached --net resnet20 --teacher-net resnet56 \
+timeout 200 "$PY" -m benchmarks.profile_step --scenarios blkd blkd-cached --net resnet20 --teacher-net resnet56 \
   --batch 128 --steps 6 --warmup-steps 3 --repeats 2 --accelerator gpu --precision bf16-mixed --peak-flops "$PEAK"
 echo "gpu_check: done (MFU = the '% of the peak' lines above; the issue's goal is >= 40%)"

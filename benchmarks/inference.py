@@ -5,8 +5,8 @@ Variants are alternated within every repeat (so drifts of the machine hit all al
 images/s over the repeats is reported, with its ratio to the first variant (the unoptimised one) and
 to the peak. Model FLOPs per image are counted with ``torch.utils.flop_counter`` on the unfolded net.
 
-    python benchmarks/inference.py                       # ResNet-56, 32x32, 3 channels
-    python benchmarks/inference.py --net resnet20 --channels 1 --out docs/results/inference.md
+    python -m benchmarks.inference                       # ResNet-56, 32x32, 3 channels
+    python -m benchmarks.inference --net resnet20 --channels 1 --out docs/results/inference.md
 
 Timings vary with the machine's load: never assert them in tests.
 """
@@ -17,24 +17,16 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from common import report  # noqa: E402
-from throughput import fp32_peak_flops  # noqa: E402
-
-from kd_lightning.cli import cpu_defaults  # noqa: E402
-from kd_lightning.nets import create_net  # noqa: E402
-from kd_lightning.nets.compile import compile_frozen  # noqa: E402
-from kd_lightning.nets.fold import fold_bn  # noqa: E402
+from benchmarks.common import count_flops, fp32_peak_flops, report, seconds_per_call
+from kd_lightning.cli import cpu_defaults
+from kd_lightning.nets import create_net
+from kd_lightning.nets.compile import compile_frozen
+from kd_lightning.nets.fold import fold_bn
 
 #: name -> (channels-last, inference_mode, folded, batch multiplier, compiled); None = --batch
 VARIANTS: dict[str, tuple[bool, bool, bool, float | None, bool]] = {
@@ -50,21 +42,14 @@ VARIANTS: dict[str, tuple[bool, bool, bool, float | None, bool]] = {
 
 
 def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        net(x)
-    return counter.get_total_flops() / len(x)
+    with torch.no_grad():
+        return count_flops(lambda: net(x)) / len(x)
 
 
 def images_per_second(net: torch.nn.Module, x: torch.Tensor, inference: bool, seconds: float) -> float:
     ctx = torch.inference_mode if inference else torch.no_grad
     with ctx():
-        net(x)  # warm-up (oneDNN primitive creation)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            net(x)
-            n += len(x)
-    return n / (time.perf_counter() - t0)
+        return len(x) / seconds_per_call(lambda: net(x), seconds)
 
 
 def with_bn_stats(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

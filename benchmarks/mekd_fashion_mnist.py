@@ -8,8 +8,8 @@ the same validation, journal and accounting as over HTTP).
 A budget B is the total number of images the student side pays for: for MEKD the deprivatization stage's queries
 count, so its distillation pool is B minus what its GAN spent; for KD the pool is B views of the 10,000 local images.
 
-    OMP_NUM_THREADS=1 python benchmarks/mekd_fashion_mnist.py --teacher T.ckpt --out /work/runs/i14/evidence
-    python benchmarks/mekd_fashion_mnist.py --out /work/runs/i14/evidence --report docs/mekd_budget.png
+    OMP_NUM_THREADS=1 python -m benchmarks.mekd_fashion_mnist --teacher T.ckpt --out /work/runs/i14/evidence
+    python -m benchmarks.mekd_fashion_mnist --out /work/runs/i14/evidence --report docs/mekd_budget.png
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import QUIET
+from benchmarks.common import QUIET, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "mekd" / "fashion_mnist"
 
 
@@ -152,7 +151,8 @@ def schedule(args: argparse.Namespace) -> None:
             if (out / name / "result.json").is_file():
                 continue
             log = open(out / f"{name}.log", "w")  # noqa: SIM115
-            cmd = [sys.executable, __file__, "--job", name, "--out", args.out, "--teacher", args.teacher]
+            cmd = [sys.executable, "-m", "benchmarks.mekd_fashion_mnist", "--job", name, "--out", args.out]
+            cmd += ["--teacher", args.teacher]
             cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--gan-steps", str(args.gan_steps)]
             cmd += ["--im-interval", str(args.im_interval), "--im-batch", str(args.im_batch), "--ema", str(args.ema)]
             running[name] = subprocess.Popen([*cmd, "--root", args.root], stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -17,12 +17,12 @@ Every moment of the timed steps is charged to exactly one phase, the innermost o
 Steps after ``--warmup-steps`` of the last epoch are timed; the scenarios alternate within every repeat,
 and each phase's median over the repeats is reported. The model FLOPs of one step (forward + backward,
 teacher included) are counted with ``torch.utils.flop_counter`` on a step before the timed ones, and the
-step rate is given as a share of the fp32 matmul peak measured (with ``benchmarks/throughput.py``'s
+step rate is given as a share of the fp32 matmul peak measured (with ``benchmarks.common``'s
 helper) right before each scenario, in this process.
 
-    python benchmarks/profile_step.py                          # all scenarios, 2 repeats
-    python benchmarks/profile_step.py --scenarios supervised blkd --out docs/results/profile_step.md
-    python benchmarks/profile_step.py --accelerator gpu --precision bf16-mixed --teacher-net resnet56
+    python -m benchmarks.profile_step                          # all scenarios, 2 repeats
+    python -m benchmarks.profile_step --scenarios supervised blkd --out docs/results/profile_step.md
+    python -m benchmarks.profile_step --accelerator gpu --precision bf16-mixed --teacher-net resnet56
 
 Timings vary with the machine's load: never assert them in tests.
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -45,15 +44,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.flop_counter import FlopCounterMode
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
-
-from common import NO_CHECKPOINTS, NO_LOGGER, report  # noqa: E402
-from throughput import fp32_peak_flops  # noqa: E402
-
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from benchmarks.common import NO_CHECKPOINTS, NO_LOGGER, REPO, fp32_peak_flops, quiet_lightning, report
+from kd_lightning.cli import build_cli, cpu_defaults
 
 SCENARIOS = ("supervised", "blkd", "blkd-cached", "gan")
 PHASES = (
@@ -311,7 +303,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--peak-flops", type=float, help="use this peak (FLOP/s) instead of measuring the fp32 matmul peak")
     p.add_argument("--out", type=Path, help="write the table as markdown here")
     args = p.parse_args(argv)
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in args.scenarios}
     peaks: dict[str, list[float]] = {k: [] for k in args.scenarios}

@@ -6,8 +6,8 @@ command line. The test stage fits the temperature on the validation split and re
 error, macro-F1, ECE and ECE after temperature scaling (:class:`kd_lightning.callbacks.TemperatureScaling`).
 S_sup (the pre-trained copy used by TF-KD and AI-KD) is the baseline run of the first seed.
 
-    OMP_NUM_THREADS=1 python benchmarks/self_kd_fashion_mnist.py --out runs/evidence/self_kd
-    OMP_NUM_THREADS=1 python benchmarks/self_kd_fashion_mnist.py --methods baseline aikd aikd_noadv  # AI-KD only
+    OMP_NUM_THREADS=1 python -m benchmarks.self_kd_fashion_mnist --out runs/evidence/self_kd
+    OMP_NUM_THREADS=1 python -m benchmarks.self_kd_fashion_mnist --methods baseline aikd aikd_noadv  # AI-KD only
 
 writes ``<out>/<method>/seed<k>/`` per run, ``<out>/results.json`` (every run) and ``<out>/summary.md``
 (mean ± std over seeds). A finished run (its ``calibration.json`` exists) is not run again, so two processes can
@@ -26,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import QUIET
+from benchmarks.common import QUIET, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "fashion_mnist"
 
 #: method -> (recipe, extra arguments); "{ssup}" is replaced by the S_sup checkpoint

@@ -5,7 +5,7 @@ the NOKD student alone (``ImageClassifier``: the floor), BLKD with the teacher r
 BLKD with the teacher's outputs cached by sample index (the cache fills in the first epoch; the
 later epochs are timed). Images per second count data loading and the step, not validation.
 
-    python benchmarks/teacher_cache.py --teacher runs/fashion_mnist/teacher/checkpoints/best.ckpt
+    python -m benchmarks.teacher_cache --teacher runs/fashion_mnist/teacher/checkpoints/best.ckpt
 
 Timings vary with the machine's load: never assert them in tests.
 """
@@ -20,13 +20,9 @@ from pathlib import Path
 
 import lightning as L
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import NO_LOGGER  # noqa: E402
-
-from kd_lightning.callbacks import TrainThroughput  # noqa: E402
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
+from benchmarks.common import NO_LOGGER, REPO, quiet_lightning
+from kd_lightning.callbacks import TrainThroughput
+from kd_lightning.cli import build_cli, cpu_defaults
 
 
 class LaterEpochs(TrainThroughput):
@@ -83,7 +79,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
     kinds = ("nokd", "teacher_every_step", "cached")
     rates: dict[str, list[float]] = {k: [] for k in kinds}

@@ -10,11 +10,11 @@ It prints the median ratio kdl/plain of images/s, and kdl's images/s as a share 
 fp32 peak, measured here as the best of a few large ``torch.mm`` runs (model FLOPs per image are
 counted with ``torch.utils.flop_counter`` on one training step: forward + backward).
 
-    python benchmarks/throughput.py                      # ResNet-20, batch 64, digits at 32x32
-    python benchmarks/throughput.py --lean               # also without logger/checkpoint/progress bar
-    python benchmarks/throughput.py --out docs/results/throughput.md
-    python benchmarks/throughput.py --compile            # also both compiled (kdl: the Compile callback)
-    python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --peak-flops 989e12   # MFU on a GPU
+    python -m benchmarks.throughput                      # ResNet-20, batch 64, digits at 32x32
+    python -m benchmarks.throughput --lean               # also without logger/checkpoint/progress bar
+    python -m benchmarks.throughput --out docs/results/throughput.md
+    python -m benchmarks.throughput --compile            # also both compiled (kdl: the Compile callback)
+    python -m benchmarks.throughput --accelerator gpu --precision bf16-mixed --peak-flops 989e12   # MFU on a GPU
 
 Timings vary with the machine's load (here 2x between runs): never assert them in tests.
 """
@@ -22,57 +22,34 @@ Timings vary with the machine's load (here 2x between runs): never assert them i
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import NO_CHECKPOINTS, NO_LOGGER, report  # noqa: E402
-
-from kd_lightning.cli import _quiet_lightning, build_cli, cpu_defaults  # noqa: E402
-from kd_lightning.data import DigitsDataModule  # noqa: E402
-from kd_lightning.methods.base import Normalize  # noqa: E402
-from kd_lightning.nets import create_net  # noqa: E402
+from benchmarks.common import (
+    NO_CHECKPOINTS,
+    NO_LOGGER,
+    REPO,
+    StepTimer,
+    count_flops,
+    fp32_peak_flops,
+    quiet_lightning,
+    report,
+    steady_rate,
+    sync,
+)
+from kd_lightning.cli import build_cli, cpu_defaults
+from kd_lightning.data import DigitsDataModule
+from kd_lightning.methods.base import Normalize
+from kd_lightning.nets import create_net
 
 RECIPE = REPO / "recipes" / "digits" / "student.yaml"
-
-
-class StepTimer(L.Callback):
-    """Start time of every training step, by epoch."""
-
-    def __init__(self) -> None:
-        self.starts: list[tuple[int, float]] = []
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        _sync(pl_module.device)
-        self.starts.append((trainer.current_epoch, time.perf_counter()))
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a step's start time is when the previous step really ended."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def steady_rate(starts: list[tuple[int, float]], batch: int, warmup: int) -> float:
-    """Images/s from step start times: intervals between consecutive steps of an epoch, after warmup."""
-    intervals = [t1 - t0 for (e0, t0), (e1, t1) in itertools.pairwise(starts) if e0 == e1][warmup:]
-    return batch * len(intervals) / sum(intervals)
 
 
 def run_kdl(args: argparse.Namespace, lean: bool, compiled: bool = False) -> float:
@@ -136,7 +113,7 @@ def run_plain(args: argparse.Namespace, compiled: bool = False) -> float:
         for i, batch in enumerate(loader):
             if args.limit_batches and i >= args.limit_batches:
                 break
-            _sync(device)
+            sync(device)
             starts.append((epoch, time.perf_counter()))
             x = normalize(batch["image"].to(device)).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -147,27 +124,11 @@ def run_plain(args: argparse.Namespace, compiled: bool = False) -> float:
     return steady_rate(starts, args.batch, args.warmup_steps)
 
 
-def fp32_peak_flops(n: int = 2048, seconds: float = 1.0) -> float:
-    """Best fp32 matmul FLOP/s over a few timed runs of ``n x n @ n x n``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(3):
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            torch.mm(a, b)
-            reps += 1
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
-
-
 def train_flops_per_image(args: argparse.Namespace) -> float:
     net = create_net(args.net, num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
     x = torch.rand(args.batch, 1, args.image_size, args.image_size).contiguous(memory_format=torch.channels_last)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        nn.functional.cross_entropy(net(x), torch.zeros(args.batch, dtype=torch.long)).backward()
-    return counter.get_total_flops() / args.batch
+    labels = torch.zeros(args.batch, dtype=torch.long)
+    return count_flops(lambda: nn.functional.cross_entropy(net(x), labels).backward()) / args.batch
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-flops", type=float, help="the peak to compare with (FLOP/s; a GPU's bf16 peak)")
     p.add_argument("--out", type=Path, help="write the results as a markdown table here")
     args = p.parse_args(argv)
-    _quiet_lightning()
+    quiet_lightning()
     cpu_defaults()
 
     variants = (

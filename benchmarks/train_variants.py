@@ -8,7 +8,7 @@ The plain loop of ``benchmarks/throughput.py`` (ResNet-20, SGD, in-memory batch)
 alternate within every repeat, the fp32 matmul peak is measured before each repeat, and medians of per-repeat
 ratios are printed. The first two steps of each variant (compilation included) are timed apart.
 
-    python benchmarks/train_variants.py --batch 64
+    python -m benchmarks.train_variants --batch 64
 
 Timings vary with the machine's load: never assert them in tests.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from common import report  # noqa: E402
-from throughput import fp32_peak_flops  # noqa: E402
-
-from kd_lightning.nets import create_net  # noqa: E402
+from benchmarks.common import fp32_peak_flops, report
+from kd_lightning.nets import create_net
 
 #: name -> (channels-last, compiled, BatchNorm kept)
 VARIANTS = {

@@ -50,6 +50,7 @@ from kd_lightning.callbacks import (
     config_differences,
     exit_status_after_stop,
 )
+from kd_lightning.callbacks.save_config import SaveRunConfig
 from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
 from kd_lightning.commands import TOOL_COMMANDS, TRAINER_COMMANDS, run_tool_command, usage
 from kd_lightning.errors import ConfigError, DataCorruptError, DataNotFoundError, KDLError, require_writable_folder
@@ -531,6 +532,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=SaveRunConfig,  # a test never overwrites its fit's config.yaml
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         parser_kwargs={"exit_on_error": False},

@@ -8,15 +8,21 @@ import pytest
 import torch
 
 from kd_lightning.cli import main as kdl_main
-from tests.helpers import REPO, make_fake_mnist
+from tests.helpers import REPO, cgankd_parts, make_fake_mnist
 
 __all__ = ["REPO", "make_fake_mnist"]  # tests/test_notebooks.py imports them from here
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_seed():
+def _seed_torch() -> None:
+    """Every test starts from torch's seed 0 (its thread count comes from OMP_NUM_THREADS, not from here)."""
     torch.manual_seed(0)
-    yield
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny cGAN, teacher and DR checkpoint on digits (tests/helpers.py ``cgankd_parts``), once per module."""
+    return cgankd_parts(tmp_path_factory.mktemp("cgankd"))
 
 
 @pytest.fixture

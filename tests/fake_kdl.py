@@ -19,6 +19,10 @@ exactly which stages ran and how. Recipe keys under ``fake`` steer it:
   ``fake.refuse_other`` it refuses a folder written with other settings, as ``kdl generate`` does.
 - ``fake.fetch: URL`` first GETs the URL and prints its status (a stage that uses a background server).
 - ``fake.fail: N`` exits with status N after printing a message.
+- For stages side by side (``--jobs``), in this order: ``fake.needs: PATH`` exits 6 unless PATH exists at start;
+  ``fake.touch: PATH`` writes an empty PATH; ``fake.wait_for: PATH`` waits until PATH exists (exits 5 after
+  ``fake.wait_s`` seconds, default 60: a stage that waits for one that never runs beside it fails, never hangs);
+  ``fake.then_touch: PATH`` writes an empty PATH once the wait is over.
 
 ``$FAKE_KDL_SLEEP`` (seconds per epoch) slows ``fit`` down without changing the config.
 """
@@ -114,6 +118,20 @@ def main(argv: list[str]) -> int:
         with open(journal, "a") as f:
             f.write(json.dumps(entry) + "\n")
     print(f"fake kdl {command}: {json.dumps(cfg, sort_keys=True)}", flush=True)
+    if fake.get("needs") and not os.path.exists(fake["needs"]):
+        print(f"kdl: error: {fake['needs']} does not exist yet", file=sys.stderr, flush=True)
+        return 6
+    if fake.get("touch"):
+        write(fake["touch"], b"")
+    if fake.get("wait_for"):
+        deadline = time.monotonic() + float(fake.get("wait_s", 60))
+        while not os.path.exists(fake["wait_for"]):
+            if time.monotonic() > deadline:
+                print(f"kdl: error: waited in vain for {fake['wait_for']}", file=sys.stderr, flush=True)
+                return 5
+            time.sleep(0.05)
+    if fake.get("then_touch"):
+        write(fake["then_touch"], b"")
     if fake.get("fetch"):
         with urllib.request.urlopen(fake["fetch"], timeout=10) as r:
             print(f"fetched {fake['fetch']} {r.status}", flush=True)

@@ -31,6 +31,8 @@ from kd_lightning.sampling.generate import GenerateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+#: command-line arguments that shrink a recipe's images to 32 px (fake datasets are small)
+SIZE32 = ("--data.init_args.image_size", "32")
 DIGITS_STUDENT = RECIPES / "digits" / "student.yaml"
 
 # ------------------------------------------------------------------------------------------- quiet trainers
@@ -49,7 +51,16 @@ def quiet_trainer(tmp_path: Path, **kw) -> L.Trainer:
 
 # ----------------------------------------------------------------------------------------------- recipes
 def recipe_data_class(path: Path) -> str:
-    return str(yaml.safe_load(path.read_text())["data"]["class_path"]).rsplit(".", 1)[-1]
+    data = yaml.safe_load(path.read_text())["data"]
+    if isinstance(data, str):  # the section's own file (``data: data.yaml``), relative to the recipe
+        data = yaml.safe_load((path.parent / data).read_text())
+    return str(data["class_path"]).rsplit(".", 1)[-1]
+
+
+def is_section_file(path: Path) -> bool:
+    """A file that holds one section of recipes (``data: data.yaml`` names it), not a recipe."""
+    content = yaml.safe_load(path.read_text())
+    return isinstance(content, dict) and "class_path" in content
 
 
 def recipe_model_class(path: Path) -> str:

@@ -212,7 +212,7 @@ CASES: dict[str, Case] = {
     ),
     "T_max 0": Case(
         ["fit", "--config", STUDENT, *TINY, "--model.init_args.lr_scheduler.init_args.T_max", "0"],
-        ["CosineAnnealingLR: T_max=0", "expected a positive number"],
+        ["CosineLR: T_max=0", "expected a positive number"],
     ),
     # ---- run folders
     "run folder is a file": Case(

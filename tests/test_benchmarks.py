@@ -1,15 +1,28 @@
-"""The GPU check script runs end to end in its CPU dry run (so it is known to work the day a GPU is lent)."""
+"""The benchmark scripts: each answers ``--help`` (so each imports and parses its options), and the GPU check
+script runs end to end in its CPU dry run (so it is known to work the day a GPU is lent)."""
 
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
+SCRIPTS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_answers_help(script: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``python -m benchmarks.<script> --help`` prints its usage and exits 0 (in-process: torch is loaded once)."""
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module(f"benchmarks.{script}", run_name="__main__", alter_sys=True)
+    assert done.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # ~20 s of CPU: two kdl fits and a teacher checkpoint

@@ -330,3 +330,65 @@ def test_health_says_the_image_size_and_how_images_reach_it(tmp_path: Path) -> N
         "FashionMNISTDataModule images are 28x28: pad them with zeros to 32x32 (2 pixels left/top, 2 right/bottom), "
         "as in training"
     )
+
+
+# ---------------------------------------------------------------------------- module layout and public API
+def test_open_and_refresh_stats_report_what_earlier_runs_paid(tmp_path: Path, digits8_teacher: Path) -> None:  # noqa: F811
+    path = tmp_path / "j.bin"
+    first = LocalTeacher(digits8_teacher, responses="hard", journal=path)
+    first.query(images(4))
+    first.close()
+    again = LocalTeacher(digits8_teacher, responses="hard", journal=path)
+    assert again.spent == 0  # the journal is opened lazily ...
+    again.open()
+    assert again.spent == 4  # ... or on demand, before any query
+    stats = again.refresh_stats()
+    assert stats is again.stats and stats.journal_spent == 4 and stats.images_paid == 0
+    assert stats.journal_bytes_up > 0 and stats.journal_bytes_down > 0
+    again.close()
+
+
+def _kd_imports(path: Path) -> set[str]:
+    """Every ``kd_lightning`` module a source file imports, at module level or inside functions."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kd_lightning"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("kd_lightning"))
+    return found
+
+
+def test_the_server_takes_the_wire_format_from_wire_and_never_from_the_client() -> None:
+    """serve/ <-> teachers.blackbox was an import cycle; both ends now take the protocol from teachers/wire.py."""
+    import kd_lightning.serve.server as server
+    import kd_lightning.serve.service as service
+    import kd_lightning.teachers.wire as wire
+
+    client_side = {"kd_lightning.teachers", "kd_lightning.teachers.blackbox", "kd_lightning.teachers.client"}
+    for module in (service, server):
+        imports = _kd_imports(Path(module.__file__))
+        assert "kd_lightning.teachers.wire" in imports and not imports & client_side, (module.__name__, imports)
+    assert _kd_imports(Path(wire.__file__)) == set()  # the bottom of the stack
+    assert server.TOKEN_ENV == wire.TOKEN_ENV and server.CONTENT_TYPES[0] == wire.NPY_CONTENT_TYPE
+
+
+def test_old_import_paths_keep_working() -> None:
+    from kd_lightning.methods import blackbox_baselines, mekd
+    from kd_lightning.teachers import blackbox, client, frozen_generator, journal, wire
+
+    for name in ("QueryClient", "QueryStats", "QueryBudgetExceeded", "TeacherAPIError"):
+        assert getattr(blackbox, name) is getattr(client, name)
+    for name in ("QueryJournal", "JournalError", "JournalCheck", "check_journal", "repair_journal", "scan_frames"):
+        assert getattr(blackbox, name) is getattr(journal, name)
+    for name in ("Responses", "WireDType", "NPY_CONTENT_TYPE", "encode_array", "decode_array", "image_hashes"):
+        assert getattr(blackbox, name) is getattr(wire, name)
+    assert mekd.FrozenGenerator is frozen_generator.FrozenGenerator
+    assert mekd.load_frozen_generator is frozen_generator.load_frozen_generator
+    assert mekd.BlackBoxKD is blackbox_baselines.BlackBoxKD
+    for name in ("MEKD", "BlackBoxKD", "BlackBoxStudent", "MEKDDeprivatization", "answer_logits", "im_queries"):
+        assert hasattr(mekd, name)
+    for name in ("KN", "AL", "DAFL", "AM", "DB3KD", "LogitDiscriminator", "random_crop"):
+        assert hasattr(blackbox_baselines, name)

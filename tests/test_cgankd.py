@@ -35,17 +35,10 @@ from kd_lightning.sampling import (
 from kd_lightning.sampling.generate import generate
 from kd_lightning.sampling.generate import main as generate_main
 from kd_lightning.teachers import FrozenTeacher
-from tests.helpers import QUIET_TRAINER_KW, cfg, cgankd_parts, folder_bytes, tiny_dr, tiny_gan, tiny_teacher
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import QUIET_TRAINER_KW, REPO, cfg, folder_bytes, tiny_dr, tiny_gan, tiny_teacher
 
 
 # ---------------------------------------------------------------------- tiny checkpoints (tests/helpers.py)
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return cgankd_parts(tmp_path_factory.mktemp("cgankd"))
-
-
 # ---------------------------------------------------------------------- DR
 def test_sp_loss_equals_a_plain_computation() -> None:
     real, fake, lam = [0.3, 2.0, 0.0], [0.1, 0.5, 1.5, 4.0], 0.3

@@ -14,12 +14,7 @@ from kd_lightning.sampling import open_store
 from kd_lightning.sampling.generate import generate
 from kd_lightning.sampling.oracle import OracleConfig, build_oracle, held_out_indices
 from kd_lightning.sampling.oracle import main as oracle_main
-from tests.helpers import cfg, cgankd_parts
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return cgankd_parts(tmp_path_factory.mktemp("cgankd_oracle"))
+from tests.helpers import REPO, cfg
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +208,6 @@ def test_kdl_generate_warns_when_the_store_is_at_chance(
 
 # ---------------------------------------------------------------------- the Fashion-MNIST pipeline's arms
 FM_PIPELINE = "recipes/cgankd/fashion_mnist/pipeline.yaml"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _fm_steps(*extra: str) -> dict[str, object]:

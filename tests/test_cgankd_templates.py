@@ -21,9 +21,8 @@ from kd_lightning.methods import ImageClassifier, ImageRegressor
 from kd_lightning.methods.gan import CcGAN, ConditionalGAN
 from kd_lightning.sampling.generate import GenerateConfig, build_parser, generate
 from tests.fake_datasets import write_cifar, write_steering, write_utkface
-from tests.helpers import save_module
+from tests.helpers import REPO, save_module
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ("cifar100", "utkface", "steering_angle")
 KD = ("blkd", "fitnet", "vid", "rkd", "crd", "sskd")
 #: the stages each pipeline must have, in order

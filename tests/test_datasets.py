@@ -34,10 +34,9 @@ from tests.fake_datasets import (
     write_tiny_imagenet,
     write_utkface,
 )
-from tests.helpers import RECIPES
+from tests.helpers import RECIPES, SIZE32
 
 HAS_H5PY = importlib.util.find_spec("h5py") is not None
-SIZE32 = ("--data.init_args.image_size", "32")
 FAST = ("--trainer.fast_dev_run", "1", "--model.init_args.net", "tinynet", "--data.init_args.batch_size", "4")
 
 # recipe, fake-data writer, extra command-line overrides

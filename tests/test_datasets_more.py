@@ -38,7 +38,7 @@ from tests.fake_datasets_more import (
     write_syn_digits,
     write_syn_digits_torch,
 )
-from tests.helpers import QUIET_TRAINER, RECIPES, write_teacher
+from tests.helpers import QUIET_TRAINER, RECIPES, SIZE32, write_teacher
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 QUIET = tuple(QUIET_TRAINER)
@@ -323,9 +323,6 @@ def test_imagenet100_holdout_test_split_is_fixed_and_disjoint(tmp_path: Path) ->
         ).build_dataset("test")
     with pytest.raises(ConfigError, match="test_split='train'"):
         ImageNet100DataModule(root=str(root), test_split="train")  # type: ignore[arg-type]
-
-
-SIZE32 = ("--data.init_args.image_size", "32")
 
 
 FINE_GRAINED = {

@@ -14,12 +14,7 @@ import torch
 from kd_lightning.commands import run_tool_command
 from kd_lightning.sampling.generate import generate
 from kd_lightning.sampling.store import MANIFEST, StoreError
-from tests.helpers import cfg, cgankd_parts, folder_bytes
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return cgankd_parts(tmp_path_factory.mktemp("cgankd"))
+from tests.helpers import cfg, folder_bytes
 
 
 def argv(parts: dict[str, Path], out: Path, *more: str) -> list[str]:

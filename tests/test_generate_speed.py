@@ -12,12 +12,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.sampling.generate import Generation, generate
 from kd_lightning.sampling.store import StoreError
 from kd_lightning.teachers import FrozenTeacher
-from tests.helpers import cfg, cgankd_parts, folder_bytes
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return cgankd_parts(tmp_path_factory.mktemp("cgankd"))
+from tests.helpers import cfg, folder_bytes
 
 
 def stores_by_forward_batch(parts: dict[str, Path], out: Path, batches: tuple[int, ...]) -> dict[str, object]:

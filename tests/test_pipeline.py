@@ -28,8 +28,8 @@ import yaml
 from kd_lightning import pipeline
 from kd_lightning.cli import main as kdl_main
 from kd_lightning.pipeline import Ready, main, resolve
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 FAKE_KDL = f"{sys.executable} {REPO / 'tests' / 'fake_kdl.py'}"
 
@@ -68,6 +68,11 @@ RECIPE = "seed_everything: 0\ntrainer: {max_epochs: 1}\nmodel: {width: 8}\n"
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Work in ``tmp_path`` with the fake kdl; returns a function giving the journal's entries so far."""
+    return use_fake_kdl(tmp_path, monkeypatch)
+
+
+def use_fake_kdl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The ``fake`` fixture's work (tests/test_pipeline_jobs.py uses it too)."""
     monkeypatch.chdir(tmp_path)
     journal = tmp_path / "journal.jsonl"
     monkeypatch.setenv(pipeline.LAUNCHER_ENV, FAKE_KDL)
@@ -145,7 +150,7 @@ def test_the_pipeline_ends_with_a_results_table_and_its_plots(fake, capsys) -> N
 
 
 def test_a_running_stage_shows_its_progress_file_or_else_its_log_s_last_line(tmp_path: Path) -> None:
-    from kd_lightning.pipeline_report import stage_progress
+    from kd_lightning.pipeline.report import stage_progress
 
     log, progress = tmp_path / "s.log", tmp_path / "s.progress"
     log.write_text("=== kdl pipeline: stage 's'\nSeed set to 0\r\naccepted:  40%|####  | 400/1000\raccepted:  45%|")
@@ -340,19 +345,45 @@ def test_one_run_named_differently_by_two_pipelines_is_trained_once(fake, capsys
     assert lines(capsys.readouterr().out) == {"guide": "done"}
 
 
-def test_two_stages_never_fit_into_one_folder_at_once(fake, capsys) -> None:
+@contextlib.contextmanager
+def _held(path: str, holder: str):
+    """Hold ``path``'s lock as another pipeline does while its stage runs (the file names its pid and stage)."""
     import fcntl
 
-    Path("seeded.yaml").write_text(SEEDED)
-    Path("runs/seed1/baseline/pipeline").mkdir(parents=True)
-    with open("runs/seed1/baseline/pipeline/fit.lock", "w") as held:  # seed 1's pipeline is fitting its baseline
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        held.write("4243")
+        held.write(holder)
         held.flush()
+        yield
+
+
+def test_one_stage_at_a_time_runs_in_a_run_folder_whatever_its_name_or_command(fake, capsys) -> None:
+    """Issue 26 item 11: the run folder is locked, not the stage name, for fit, test and tool stages alike."""
+    Path("seeded.yaml").write_text(SEEDED)
+    with _held("runs/seed1/baseline/pipeline/run.lock", "4243 baseline"):  # seed 1's pipeline fits its baseline
         assert main(["--config", "seeded.yaml", "--only", "guide"]) == 2
     err = capsys.readouterr().err
-    assert "a fit into 'runs/seed1/baseline' (stage 'guide') is being run by another process (pid 4243)" in err
+    assert (
+        "run folder 'runs/seed1/baseline' is in use by another pipeline (pid 4243, stage 'baseline'); "
+        "stage 'guide' cannot run there at the same time" in err
+    )
     assert fake() == []
+    # a test stage joins its fit's folder: another pipeline testing or fitting there keeps it out
+    assert main(["--config", "pipe.yaml", "--only", "a,b"]) == 0
+    n = len(fake())
+    with _held("runs/b/pipeline/run.lock", "4244 other_test"):
+        assert main(["--config", "pipe.yaml", "--only", "t"]) == 2
+    err = capsys.readouterr().err
+    assert "run folder 'runs/b' is in use by another pipeline (pid 4244, stage 'other_test')" in err
+    assert "stage 't' cannot run there" in err and len(fake()) == n
+    # a tool stage's folder too
+    Path("gen.yaml").write_text("stages: [{name: g, command: generate, dir: runs/g, args: {fake.out: runs/g/o}}]")
+    with _held("runs/g/pipeline/run.lock", "4245 g2"):
+        assert main(["--config", "gen.yaml"]) == 2
+    assert "run folder 'runs/g' is in use by another pipeline (pid 4245, stage 'g2')" in capsys.readouterr().err
+    assert main(["--config", "pipe.yaml", "--only", "t"]) == 0 and main(["--config", "gen.yaml"]) == 0  # released
+    assert Path("runs/b/pipeline/run.lock").read_text() == f"{os.getpid()} t"  # who held it last
 
 
 def test_a_stage_that_does_not_write_its_declared_output_fails(fake, capsys) -> None:
@@ -575,7 +606,7 @@ def test_folder_hashes_cover_every_file_but_the_pipeline_records(tmp_path: Path,
     assert pipeline.Hashes().sha(str(store)) != expected
     # an unchanged file (same size and mtime) is not read again
     entry = hashes.entry(str(store / "manifest.json"))
-    monkeypatch.setattr(pipeline, "_file_sha", lambda path: pytest.fail(f"{path} was read again"))
+    monkeypatch.setattr(pipeline.state, "file_sha", lambda path: pytest.fail(f"{path} was read again"))
     assert hashes.entry(str(store / "manifest.json")) == entry
     assert pipeline.Hashes().sha(str(tmp_path / "missing")) is None
 

@@ -28,6 +28,8 @@ from tests.fake_datasets_more import write_imagenet, write_svhn, write_syn_digit
 from tests.helpers import (
     QUIET_TRAINER,
     RECIPES,
+    SIZE32,
+    is_section_file,
     make_fake_mnist,
     recipe_data_class,
     write_sskd_teacher_head,
@@ -88,7 +90,6 @@ def _root(writer: Callable[[Path], object], *extra: str) -> Callable[[Path], lis
     return args
 
 
-SIZE32 = ("--data.init_args.image_size", "32")
 #: data class -> (writes fake files under a folder and returns the arguments that point at them,
 #: (classes (None: regression), channels, mean, std) of a teacher for them)
 DATA: dict[str, tuple[Callable[[Path], list[str]], tuple]] = {
@@ -124,11 +125,12 @@ def _chained(recipe: Path) -> str | None:
 
 
 def _recipes() -> list[Path]:
-    """Every recipe but the pipelines' and sweeps' (a pipeline file has ``stages``)."""
+    """Every recipe but the pipelines' and sweeps' (a pipeline file has ``stages``) and the section files."""
     found = []
     for path in sorted(RECIPES.rglob("*.yaml")):
         top = path.relative_to(RECIPES).parts[0]
-        if top not in ("pipelines", "sweeps") and "stages" not in (yaml.safe_load(path.read_text()) or {}):
+        content = yaml.safe_load(path.read_text()) or {}
+        if top not in ("pipelines", "sweeps") and "stages" not in content and not is_section_file(path):
             found.append(path)
     return found
 

@@ -1,7 +1,7 @@
 """LightningModules, one per method family."""
 
 import kd_lightning.losses  # noqa: F401  (register KD losses for short class names in recipes)
-from kd_lightning.methods.base import BaseTask, Normalize, default_optimizer
+from kd_lightning.methods.base import BaseTask, CosineLR, Normalize, default_optimizer
 from kd_lightning.methods.blackbox_baselines import AL, AM, DAFL, DB3KD, KN
 from kd_lightning.methods.density_ratio import DensityRatioEstimator
 from kd_lightning.methods.distill import DistillModule
@@ -30,6 +30,7 @@ __all__ = [
     "BlackBoxStudent",
     "CcGAN",
     "ConditionalGAN",
+    "CosineLR",
     "DensityRatioEstimator",
     "DistillModule",
     "FTParaphraser",

@@ -48,6 +48,22 @@ def checked_scheduler(scheduler: Any) -> Any:  # noqa: ANN401 - any torch LR sch
     return scheduler
 
 
+class CosineLR(torch.optim.lr_scheduler.CosineAnnealingLR):
+    """Torch's cosine annealing whose length follows the run.
+
+    ``T_max=None`` (the default) becomes ``trainer.max_epochs`` when the task builds it
+    (:meth:`BaseTask.build_scheduler`), so a recipe that changes the number of epochs keeps a schedule that ends
+    with the run. An explicit ``T_max`` is used as given.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, T_max: int | None = None, eta_min: float = 0.0, last_epoch: int = -1
+    ) -> None:
+        # torch reads T_max only from the first step() on, after build_scheduler has set it; 1 is a placeholder
+        super().__init__(optimizer, T_max=1 if T_max is None else T_max, eta_min=eta_min, last_epoch=last_epoch)
+        self.follows_max_epochs = T_max is None
+
+
 class BaseTask(L.LightningModule):
     """Shared constructor template, optimiser/scheduler injection and data-compatibility checks.
 
@@ -118,8 +134,25 @@ class BaseTask(L.LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = checked_scheduler(self.lr_scheduler_factory(optimizer))
+        scheduler = self.build_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:  # noqa: ANN401 - any torch LR scheduler
+        """The recipe's scheduler for ``optimizer``, checked.
+
+        A :class:`CosineLR` without ``T_max`` gets the trainer's ``max_epochs`` (it is stepped once per epoch).
+        """
+        assert self.lr_scheduler_factory is not None
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, CosineLR) and scheduler.follows_max_epochs:
+            epochs = self.trainer.max_epochs
+            if epochs is None or epochs < 1:
+                raise ConfigError(
+                    f"lr_scheduler {type(scheduler).__name__} without T_max follows trainer.max_epochs, which is "
+                    f"{epochs}; set trainer.max_epochs or model.init_args.lr_scheduler.init_args.T_max"
+                )
+            scheduler.T_max = epochs
+        return checked_scheduler(scheduler)
 
     # ------------------------------------------------------------------ checks
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -45,7 +45,6 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.gans.critic import LogitCritic, adversarial_loss, wgan_gp_critic_parts
 from kd_lightning.losses.base import Outputs
 from kd_lightning.losses.self_kd import ProgressiveKL, SelfKDTerm
-from kd_lightning.methods.base import checked_scheduler
 
 if TYPE_CHECKING:
     from kd_lightning.methods.supervised import ImageClassifier as _Base
@@ -84,7 +83,7 @@ class SelfKDTraining(_Base):
             optimizers.append(self.critic_optimizer_factory(self.critic.parameters()))
         if self.lr_scheduler_factory is None:
             return optimizers
-        scheduler = {"scheduler": checked_scheduler(self.lr_scheduler_factory(student)), "interval": "epoch"}
+        scheduler = {"scheduler": self.build_scheduler(student), "interval": "epoch"}
         return cast(OptimizerLRScheduler, (optimizers, [scheduler]))
 
     # ------------------------------------------------------------------ checkpoints

@@ -36,14 +36,19 @@ from typing import TYPE_CHECKING, Any
 
 from kd_lightning.errors import KDLError
 from kd_lightning.flags import parse_bool
+from kd_lightning.teachers.wire import (
+    CONTENT_TYPES,
+    HEALTH_PATH,
+    NPY_CONTENT_TYPE,
+    QUERY_PATH,
+    REQUEST_ID_HEADER,
+    TOKEN_ENV,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from kd_lightning.serve.service import TeacherService
-
-TOKEN_ENV = "KDL_TEACHER_TOKEN"
-_CONTENT_TYPES = ("application/x-npy", "application/octet-stream")
 
 
 def create_app(service: "TeacherService", token: str | None = None, max_body_bytes: int = 256 * 2**20) -> "FastAPI":
@@ -58,19 +63,19 @@ def create_app(service: "TeacherService", token: str | None = None, max_body_byt
     def refused(status: int, detail: str, **headers: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
 
-    @app.get("/health")
+    @app.get(HEALTH_PATH)
     def health() -> dict[str, Any]:
         return service.info()
 
-    @app.post("/query")
+    @app.post(QUERY_PATH)
     async def query(request: Request) -> Response:
         if token is not None:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return refused(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
         ctype = request.headers.get("content-type", "").split(";")[0].strip()
-        if ctype not in _CONTENT_TYPES:
-            return refused(415, f"Content-Type {ctype or '(none)'!r}; expected application/x-npy")
+        if ctype not in CONTENT_TYPES:
+            return refused(415, f"Content-Type {ctype or '(none)'!r}; expected {NPY_CONTENT_TYPE}")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             return refused(413, f"body of {length} bytes; the limit is {max_body_bytes}")
@@ -86,8 +91,8 @@ def create_app(service: "TeacherService", token: str | None = None, max_body_byt
             return refused(400, "the client disconnected before the body was complete")
         body = bytes(received)
         del received
-        status, out, headers = await run_in_threadpool(service.handle, body, request.headers.get("x-request-id"))
-        media = headers.pop("Content-Type", "application/x-npy")
+        status, out, headers = await run_in_threadpool(service.handle, body, request.headers.get(REQUEST_ID_HEADER))
+        media = headers.pop("Content-Type", NPY_CONTENT_TYPE)
         return Response(out, status_code=status, media_type=media, headers=headers)
 
     return app

@@ -27,10 +27,19 @@ import numpy as np
 import torch
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.teachers.blackbox import Responses, decode_array, encode_array, from_wire, image_hashes
 from kd_lightning.teachers.frozen import FrozenTeacher
-
-_DTYPES = ("uint8", "float16", "float32")
+from kd_lightning.teachers.wire import (
+    CHARGED_HEADER,
+    REPLAYED_HEADER,
+    REQUEST_ID_HEADER,
+    RESPONSES,
+    WIRE_DTYPES,
+    Responses,
+    decode_array,
+    encode_array,
+    from_wire,
+    image_hashes,
+)
 
 
 def preprocess_note(checkpoint: dict[str, Any], image_size: int | None) -> str | None:
@@ -134,7 +143,7 @@ class TeacherService:
     ) -> None:
         if teacher.task != "classification" or not teacher.num_classes:
             raise ValueError(f"{teacher.describe()} is not a classifier; only classifiers can be served")
-        if responses not in ("soft", "hard"):
+        if responses not in RESPONSES:
             raise ValueError(f"responses={responses!r}; expected 'soft' or 'hard'")
         self.teacher = teacher
         self.responses = responses
@@ -174,7 +183,7 @@ class TeacherService:
             "normalises)",
             "preprocess": self.preprocess,
             "max_batch": self.max_batch,
-            "dtypes": list(_DTYPES),
+            "dtypes": list(WIRE_DTYPES),
         }
 
     # ------------------------------------------------------------------ one request
@@ -188,7 +197,7 @@ class TeacherService:
         if problem is not None:
             return problem
         if request_id is not None and not (0 < len(request_id) <= 128 and request_id.isprintable()):
-            return _error(400, "X-Request-Id must be 1 to 128 printable characters")
+            return _error(400, f"{REQUEST_ID_HEADER} must be 1 to 128 printable characters")
         digest = hashlib.sha256(body).hexdigest()
         if request_id is None:
             return self._answer(images, body, None, digest)
@@ -199,7 +208,7 @@ class TeacherService:
                     if done[0] != digest:
                         return _error(409, f"request id {request_id} was already used for other images")
                     self._log(request_id, images, False, len(body), len(done[1]))
-                    return 200, done[1], {"X-Replayed": "true", "X-Charged": "0"}
+                    return 200, done[1], {REPLAYED_HEADER: "true", CHARGED_HEADER: "0"}
                 running = self._running.get(request_id)
                 if running is None:
                     self._running[request_id] = threading.Event()
@@ -212,8 +221,8 @@ class TeacherService:
                 self._running.pop(request_id).set()
 
     def _check(self, images: np.ndarray) -> tuple[int, bytes, dict[str, str]] | None:
-        if images.dtype.name not in _DTYPES:
-            return _error(422, f"images have dtype {images.dtype}; expected one of {', '.join(_DTYPES)}")
+        if images.dtype.name not in WIRE_DTYPES:
+            return _error(422, f"images have dtype {images.dtype}; expected one of {', '.join(WIRE_DTYPES)}")
         if not images.dtype.isnative:
             return _error(
                 422,
@@ -253,7 +262,7 @@ class TeacherService:
             if request_id is not None:
                 self._done.put(request_id, digest, payload)
         self._log(request_id, images, True, len(body), len(payload))
-        return 200, payload, {"X-Replayed": "false", "X-Charged": str(len(images))}
+        return 200, payload, {REPLAYED_HEADER: "false", CHARGED_HEADER: str(len(images))}
 
     def _log(self, request_id: str | None, images: np.ndarray, charged: bool, bytes_in: int, bytes_out: int) -> None:
         if self.log_path is None:

@@ -1,4 +1,4 @@
-"""What ``kdl pipeline`` shows about its stages: a running stage's progress, and the results table at the end.
+"""What ``kdl pipeline`` shows (doit's reporter): status lines, a running stage's progress, the results table.
 
 Read from what the stages leave in their run folders (the progress file, the log, ``metrics.csv``, PNGs),
 without importing torch: the pipeline stays a light process.
@@ -10,7 +10,12 @@ import csv
 import glob
 import os
 import re
-from typing import Any
+import shutil
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from kd_lightning.pipeline.schema import Step
 
 from kd_lightning.progress import read_progress
 
@@ -124,3 +129,50 @@ def find_plots(folders: list[str]) -> list[str]:
             if path not in found:
                 found.append(path)
     return found
+
+
+class Console:
+    """The pipeline's status lines: ``[i/n] name  state  detail``, one per event.
+
+    On a terminal the running stage's line is redrawn in place with its progress; with several stages running
+    at once (``--jobs``) one redrawn line lists them all, each with its time and progress, cut to the terminal.
+    """
+
+    def __init__(self, steps: list[Step], out: TextIO) -> None:
+        self.out = out
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self.width, self.n = max(len(s.name) for s in steps), len(steps)
+
+    def line(self, step: Step, state: str, detail: str = "", final: bool = True) -> None:
+        text = f"[{step.index + 1:>{len(str(self.n))}}/{self.n}] {step.name:<{self.width}}  {state:<11} {detail}"
+        text = text.rstrip()
+        if self.tty:
+            self.out.write("\r\033[K" + text + ("\n" if final else ""))
+        elif final:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def write(self, text: str) -> None:
+        """A line of its own (above a live line on a terminal)."""
+        self.out.write(("\r\033[K" if self.tty else "") + text)
+        self.out.flush()
+
+    def live(self, running: list[tuple[Step, str, float, float]]) -> None:
+        """Redraw the live line (terminal only): ``(step, state, attempt start (epoch s), start (monotonic))``."""
+        if not self.tty or not running:
+            return
+        columns = shutil.get_terminal_size((100, 20)).columns
+        if len(running) == 1:
+            step, state, since, t0 = running[0]
+            width = max(20, columns - len(step.name) - 28)
+            shown = stage_progress(step.progress_path, step.log_path, since, width=width)
+            self.line(step, state, f"{time.monotonic() - t0:.0f} s  {shown or 'log: ' + step.log_path}", final=False)
+            return
+        each = max(12, (columns - 12) // len(running) - 3)
+        parts = []
+        for step, _, since, t0 in running:
+            shown = stage_progress(step.progress_path, step.log_path, since, width=each)
+            parts.append(f"{step.name} {time.monotonic() - t0:.0f} s {shown}".strip()[:each])
+        text = f"running {len(running)}: " + " | ".join(parts)
+        self.out.write("\r\033[K" + text[: columns - 1])
+        self.out.flush()
