@@ -51,6 +51,26 @@ def test_critic_names_still_import_from_methods() -> None:
     assert self_kd.adversarial_loss is adversarial_loss
 
 
+def test_self_kd_classes_resolve_by_every_path_recipes_may_name(tmp_path: Path) -> None:
+    """The baselines moved to ``methods/self_kd_baselines.py``; ``methods.self_kd.<name>`` still resolves."""
+    from jsonargparse import ArgumentParser
+
+    from kd_lightning import methods
+    from kd_lightning.methods import self_kd, self_kd_baselines
+
+    for name in ("AIKD", "SelfKD", "PSKD", "CSKD", "TFKD"):
+        assert getattr(self_kd, name) is getattr(methods, name)
+    assert self_kd.PSKD is self_kd_baselines.PSKD
+    with pytest.raises(AttributeError, match="no attribute 'NOPE'"):
+        self_kd.NOPE  # noqa: B018
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningModule, "model")
+    for path in ("kd_lightning.methods.self_kd.TFKD", "kd_lightning.methods.TFKD", "TFKD"):
+        args = [f"--model={path}", "--model.init_args.variant=regularization", "--model.init_args.num_classes=10"]
+        model = parser.instantiate(parser.parse_args(args)).model
+        assert type(model) is methods.TFKD and model.hparams.guide_target == "designed"
+
+
 def test_gradient_penalty_equals_an_independent_computation() -> None:
     torch.manual_seed(3)
     critic = LogitCritic(4, hidden=(6, 5))

@@ -8,7 +8,8 @@ from kd_lightning.methods.distill import DistillModule
 from kd_lightning.methods.gan import DCGAN, CcGAN, ConditionalGAN, GANTask, LabelEmbedding
 from kd_lightning.methods.mekd import MEKD, BlackBoxKD, BlackBoxStudent, MEKDDeprivatization
 from kd_lightning.methods.paraphraser import FTParaphraser
-from kd_lightning.methods.self_kd import AIKD, CSKD, PSKD, TFKD, SelfKD
+from kd_lightning.methods.self_kd import AIKD, SelfKD
+from kd_lightning.methods.self_kd_baselines import CSKD, PSKD, TFKD
 from kd_lightning.methods.sskd_head import SSKDTeacherHead
 from kd_lightning.methods.supervised import ImageClassifier, ImageRegressor, NetTask
 

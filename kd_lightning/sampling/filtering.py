@@ -6,11 +6,16 @@ rho-quantile (rho = 0.9 by default). Regression: the error is |f_t(x) - y| and o
 rho-quantile (rho = 0.7) is the cut-off; replacement then sets the label to the teacher's
 prediction. Quantiles are numpy's default (linear interpolation between order statistics), so with
 n errors exactly ``ceil(rho * (n - 1)) + 1`` or so survive; ties at the cut-off are kept.
+
+:func:`filter_and_relabel` runs all of M2 over a store's table (labels, accepted flags, teacher outputs) and
+builds its report: plain arrays in, arrays and numbers out, no networks and no files.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,6 +59,103 @@ def keep_mask(errors: np.ndarray, labels: np.ndarray, cutoffs: dict[int, float] 
     else:
         limit = np.full(len(errors), cutoffs, dtype=np.float64)
     return errors.astype(np.float64) <= limit
+
+
+@dataclass
+class M2Result:
+    """What M2 decides for every row of a sample table, and its part of the store's report.
+
+    ``kept``: accepted and (with filtering) within the cut-off; ``replaced``: kept rows whose label became the
+    teacher's prediction; ``final_label``: the label training uses; ``cutoffs``: per class (classification),
+    global (regression) or None without a teacher; ``report``: the cut-offs, label consistency before/after,
+    drop rate per class and the counts, in the order the store's report lists them.
+    """
+
+    kept: np.ndarray
+    replaced: np.ndarray
+    final_label: np.ndarray
+    cutoffs: dict[int, float] | float | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def filter_and_relabel(
+    labels: np.ndarray | torch.Tensor,
+    accepted: np.ndarray | torch.Tensor,
+    teacher: np.ndarray | torch.Tensor | None = None,
+    errors: np.ndarray | torch.Tensor | None = None,
+    *,
+    task: Literal["classification", "regression"] = "classification",
+    rho: float = 0.9,
+    filter: bool = True,
+    replace: bool = False,
+    label_scale: float = 1.0,
+) -> M2Result:
+    """cGAN-KD's M2 over a whole sample table: cut-offs, filtering, replacement and their report (no networks).
+
+    Args:
+        labels: the assigned labels (class ids, or labels normalised to [0, 1]).
+        accepted: True for samples cDR-RS accepted (rejected ones are never kept nor counted).
+        teacher: the teacher's outputs (N x C logits, or N predictions); None = no teacher: nothing filtered,
+            nothing replaced, no cut-off.
+        errors: the teacher's per-sample errors (:func:`classification_errors` / :func:`regression_errors`);
+            computed from ``teacher`` when not given.
+        task: ``classification`` (per-class cut-offs, agreement of argmax and label) or ``regression`` (one
+            global cut-off, teacher MAE).
+        rho: the quantile of the cut-off(s) (quantiles over the accepted samples only).
+        filter: drop samples above the cut-off (else the cut-offs are only reported).
+        replace: kept samples take the teacher's label (argmax; regression: its prediction clipped to [0, 1]).
+        label_scale: regression: the label range's width, so the reported teacher MAE is in label units.
+    """
+    labels, accepted = np.asarray(labels), np.asarray(accepted).astype(bool)
+    kept = accepted.copy()
+    report: dict[str, Any] = {}
+    cutoffs: dict[int, float] | float | None = None
+    if teacher is not None:
+        t = np.asarray(teacher)
+        if errors is None:
+            compute = classification_errors if task == "classification" else regression_errors
+            errors = compute(torch.as_tensor(t), torch.as_tensor(labels))
+        err = np.asarray(errors).astype(np.float64)
+        if task == "classification":
+            cutoffs = per_class = class_cutoffs(err[accepted], labels[accepted], rho)
+            report["cutoffs"] = {str(k): v for k, v in per_class.items()}
+        else:
+            cutoffs = global_cutoff(err[accepted], rho)
+            report["cutoff"] = cutoffs
+        if filter:
+            kept = accepted & keep_mask(err, labels, cutoffs)
+        report.update(_consistency(t, labels, accepted, kept, task, label_scale))
+        replaced = kept & replace
+    else:
+        replaced = np.zeros_like(kept)
+    final = labels.copy()
+    if replaced.any():
+        assert teacher is not None  # replaced is all False without a teacher
+        t = np.asarray(teacher)
+        final[replaced] = t[replaced].argmax(1) if task == "classification" else np.clip(t[replaced].reshape(-1), 0, 1)
+    if task == "classification":
+        report["drop_rate_per_class"] = {
+            str(int(c)): float(1 - kept[accepted & (labels == c)].mean()) for c in np.unique(labels[accepted])
+        }
+    report["n_accepted"], report["n_kept"] = int(accepted.sum()), int(kept.sum())
+    return M2Result(kept, replaced, final, cutoffs, report)
+
+
+def _consistency(
+    teacher: np.ndarray, labels: np.ndarray, accepted: np.ndarray, kept: np.ndarray, task: str, label_scale: float
+) -> dict[str, float]:
+    """Paper Table 6: how often the teacher agrees with the label (classification) or its MAE (regression)."""
+    if task == "classification":
+        agree = teacher.argmax(1) == labels
+        return {
+            "label_consistency_before": float(agree[accepted].mean()),
+            "label_consistency_after": float(agree[kept].mean()) if kept.any() else float("nan"),
+        }
+    err = np.abs(teacher.reshape(-1) - labels)
+    return {
+        "teacher_mae_before": float(err[accepted].mean() * label_scale),
+        "teacher_mae_after": float(err[kept].mean() * label_scale) if kept.any() else float("nan"),
+    }
 
 
 def histogram_png(
@@ -101,9 +203,11 @@ def histogram_png(
 
 
 __all__ = [
+    "M2Result",
     "check_rho",
     "class_cutoffs",
     "classification_errors",
+    "filter_and_relabel",
     "global_cutoff",
     "histogram_png",
     "keep_mask",

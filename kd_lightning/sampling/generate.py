@@ -16,6 +16,13 @@ are written, and the store is finished.
 
 Reopening a folder whose settings differ (checkpoint hashes, counts, rho, seed, ...) is refused,
 naming each difference.
+
+Where the parts are: the options and the checks that need no checkpoint are
+:mod:`~kd_lightning.sampling.generate_config`; cDR-RS and M1's report are :mod:`~kd_lightning.sampling.rejection`;
+M2 is :func:`~kd_lightning.sampling.filtering.filter_and_relabel` (pure functions, no networks). This module
+(about 490 lines, more than the ~400 the package aims at) keeps one run's state in :class:`Generation` (the loaded
+nets, the units, the chunks and shards of a resumable run) and the ``kdl generate`` command around it, which kdl's
+command table names.
 """
 
 from __future__ import annotations
@@ -33,15 +40,13 @@ import torch
 from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.metrics.gan import fit_size
 from kd_lightning.sampling.filtering import (
-    check_rho,
-    class_cutoffs,
     classification_errors,
-    global_cutoff,
+    filter_and_relabel,
     histogram_png,
-    keep_mask,
     regression_errors,
 )
-from kd_lightning.sampling.rejection import accept, check_trials, chunk_generator, estimate_max
+from kd_lightning.sampling.generate_config import GenerateConfig
+from kd_lightning.sampling.rejection import accept, acceptance_report, check_trials, chunk_generator, estimate_max
 from kd_lightning.sampling.store import SampleStore, sha256_file
 
 #: images per network pass in generation: fixed, so that no batch-size-dependent kernel choice reaches a store
@@ -50,89 +55,6 @@ MICRO_BATCH = 100
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
     from tqdm import tqdm
-
-
-@dataclass
-class GenerateConfig:
-    """Settings of ``kdl generate``.
-
-    Args:
-        generator: GAN checkpoint (ConditionalGAN or CcGAN, written by kdl fit).
-        out: the store folder (created; an existing store with the same settings is resumed).
-        density_ratio: DensityRatioEstimator checkpoint; ``None`` = no subsampling.
-        teacher: the filtering teacher (kdl classifier/regressor checkpoint); ``None`` = no filtering.
-        per_class: samples accepted per class (classification; N^g / C of Algorithm 1).
-        label_values: regression: the label grid, normalised to [0, 1] (default: ``n_label_values``
-            evenly spaced values).
-        n_label_values: regression: size of the evenly spaced grid when ``label_values`` is not given.
-        per_value: regression: samples accepted per grid value.
-        rho: filtering quantile (default 0.9 classification, 0.7 regression).
-        subsample: cDR-RS on (default: on when ``density_ratio`` is given).
-        filter: M2's filtering on (needs a teacher).
-        replace: M2's replacement on (default: regression only, as the paper).
-        burn_in: proposals per unit whose largest ratio is M (official code: 5,000).
-        update_max: raise M to every chunk's largest ratio before deciding (official code); false =
-            M fixed after the burn-in (ratios above M are then always accepted).
-        kappa: regression: proposals are generated at labels uniform in [y - kappa, y + kappa] and
-            judged at y (official code's vicinity); 0 = at y.
-        vicinity_check: regression with kappa > 0: reject proposals whose label, predicted by the DR
-            encoder (when it is a regressor), falls outside the vicinity.
-        max_proposals_factor: a unit fails with a clear error after ``factor x count`` proposals.
-        keep_rejected: also store rejected proposals (flag ``accepted`` false): the raw GAN samples
-            stay available for comparisons; DataModules use accepted samples only.
-        seed: seed of every random number (latent codes, labels, acceptance draws).
-        batch_size: proposals per chunk (part of the settings: it decides the samples).
-        forward_batch: deprecated and ignored (a warning says so). Every network pass runs on micro-batches
-            of :data:`MICRO_BATCH` (100) images, whatever this says: a store's bytes depend only on its settings
-            and seed, although BLAS libraries pick other kernels, and so other rounding, for other batch sizes
-            (MKL's AVX2 GEMMs do: AMD hosts use them). 100 was this option's default and its fastest value on CPU
-            (docs/performance.md), so stores written with the default are resumed bit for bit.
-        shard_size: samples per shard (at least; a shard ends at a chunk boundary).
-        ema: sample from the EMA generator.
-        teacher_image_size: side the teacher takes (default: its checkpoint's ``image_size``).
-        device: where to run (cpu, cuda, cuda:1, ...).
-        fast_inference: fold BatchNorm into the convolutions of the frozen nets (DR encoder, teacher,
-            the generator's blocks) and run the generator channels-last. Faster on CPU (see
-            docs/performance.md), but float outputs differ at the rounding level (ratios, teacher
-            outputs, rarely a uint8 pixel or an acceptance), so the store's bytes are not those of a run
-            without it: it is part of the settings.
-        compile: with ``fast_inference``, also compile the generator copy and the folded frozen nets with
-            TorchInductor (freezing: convolutions fused with their ReLU/residual add). About 1.12x more
-            proposals per second than ``fast_inference`` alone on CPU, after 5-10 s of compilation
-            (docs/performance.md); worth it for stores of tens of thousands of proposals. Outputs differ
-            from ``fast_inference`` alone at the rounding level again, so it is part of the settings too.
-            On a CPU it needs a C++ compiler.
-        progress: show a progress bar (accepted / needed and the acceptance rate).
-    """
-
-    generator: str
-    out: str
-    density_ratio: str | None = None
-    teacher: str | None = None
-    per_class: int | None = None
-    label_values: list[float] | None = None
-    n_label_values: int = 10
-    per_value: int | None = None
-    rho: float | None = None
-    subsample: bool | None = None
-    filter: bool = True
-    replace: bool | None = None
-    burn_in: int = 5000
-    update_max: bool = False
-    kappa: float = 0.0
-    vicinity_check: bool = True
-    max_proposals_factor: float = 200.0
-    keep_rejected: bool = False
-    seed: int = 0
-    batch_size: int = 500
-    forward_batch: int | None = None
-    shard_size: int = 5000
-    ema: bool = True
-    teacher_image_size: int | None = None
-    device: str = "cpu"
-    fast_inference: bool = False
-    compile: bool = False
-    progress: bool = True
 
 
 @dataclass
@@ -153,9 +75,6 @@ class Generation:
         from kd_lightning.teachers import FrozenTeacher
 
         self.cfg = cfg
-        for name in ("batch_size", "shard_size", "burn_in"):
-            if getattr(cfg, name) < 1:
-                raise ConfigError(f"{name}={getattr(cfg, name)}; expected a positive integer")
         if cfg.forward_batch is not None:
             import warnings
 
@@ -178,23 +97,16 @@ class Generation:
             raise ConfigError(f"generator {cfg.generator!r} is unconditional; kdl generate needs a conditional GAN")
         self.task = "classification" if self.gen.condition == "class" else "regression"
         self.subsample = cfg.density_ratio is not None if cfg.subsample is None else cfg.subsample
-        if self.subsample and cfg.density_ratio is None:
-            raise ConfigError("subsample=true needs density_ratio=<DensityRatioEstimator checkpoint>")
         self.dr = load_density_ratio(cfg.density_ratio, self.device) if cfg.density_ratio else None
         if self.dr is not None and self.dr.task != self.task:
             raise ConfigError(f"the DR model is for {self.dr.task} but the generator is {self.task}")
         self.teacher = FrozenTeacher.from_checkpoint(cfg.teacher).to(self.device) if cfg.teacher else None
         if self.teacher is not None and self.teacher.task != self.task:
             raise ConfigError(f"{self.teacher.describe()} is a {self.teacher.task} model; the generator is {self.task}")
-        if cfg.filter and self.teacher is None:
-            raise ConfigError("filter=true needs teacher=<checkpoint>; set filter false to keep every sample")
         self.replace = (self.task == "regression") if cfg.replace is None else cfg.replace
-        if self.replace and self.teacher is None:
+        if self.replace and self.teacher is None:  # the default replace=None means true for a CcGAN
             raise ConfigError("replace=true needs teacher=<checkpoint>")
         self.rho = cfg.rho if cfg.rho is not None else (0.9 if self.task == "classification" else 0.7)
-        check_rho(self.rho)
-        if cfg.kappa < 0:
-            raise ConfigError(f"kappa={cfg.kappa}; expected a value >= 0")
         self.teacher_size = (
             int(cfg.teacher_image_size or _image_size(cfg.teacher)) if cfg.teacher else cfg.teacher_image_size
         )
@@ -208,8 +120,6 @@ class Generation:
             and self.dr.encoder_size == self.teacher_size
             and self.dr.layer == "penultimate"
         )
-        if cfg.compile and not cfg.fast_inference:
-            raise ConfigError("compile=true compiles the fast_inference copies of the nets; set fast_inference=true")
         self.set_fast_inference(cfg.fast_inference, cfg.compile)
 
     def set_fast_inference(self, on: bool, compiled: bool = False) -> None:
@@ -409,6 +319,10 @@ class Generation:
 
     # ------------------------------------------------------------------ M2 over the whole store
     def finalize(self, store: SampleStore) -> dict[str, Any]:
+        """M2 over every shard (:func:`~kd_lightning.sampling.filtering.filter_and_relabel`), then the store's end.
+
+        Writes the per-sample table, the report and the error histogram, and marks the store finished.
+        """
         cols: dict[str, list[np.ndarray]] = {}
         for i, entry in enumerate(store.manifest["shards"]):
             arrays = store.read_shard(i)
@@ -419,80 +333,41 @@ class Generation:
                 cols.setdefault(key, []).append(v)
         table = {k: np.concatenate(v) for k, v in cols.items()}
         accepted = table["accepted"].astype(bool)
-        labels = table["label"]
-        kept = accepted.copy()
-        report: dict[str, Any] = {"units": {}}
-        for name, st in store.manifest["progress"].items():
-            report["units"][name] = {
-                "accepted": st["accepted"],
-                "proposed": st["proposed"],
-                "acceptance_rate": st["accepted"] / max(st["proposed"], 1),
-                "max_ratio": st["max_ratio"],
-            }
-        total_acc = sum(u["accepted"] for u in report["units"].values())
-        total_prop = sum(u["proposed"] for u in report["units"].values())
-        report["acceptance_rate"] = total_acc / max(total_prop, 1)
+        report = acceptance_report(store.manifest["progress"])
         report["subsample"], report["filter"], report["replace"], report["rho"] = (
             self.subsample,
             self.cfg.filter,
             self.replace,
             self.rho,
         )
-        hist = None
-        if "error" in table:
-            errors = table["error"].astype(np.float64)
-            cutoffs: dict[int, float] | float
-            if self.task == "classification":
-                cutoffs = per_class = class_cutoffs(errors[accepted], labels[accepted], self.rho)
-                report["cutoffs"] = {str(k): v for k, v in per_class.items()}
-            else:
-                cutoffs = global_cutoff(errors[accepted], self.rho)
-                report["cutoff"] = cutoffs
-            if self.cfg.filter:
-                kept = accepted & keep_mask(errors, labels, cutoffs)
+        scale = (self.label_range[1] - self.label_range[0]) if self.label_range else 1.0
+        m2 = filter_and_relabel(
+            table["label"],
+            accepted,
+            table.get("teacher"),
+            table.get("error"),
+            task="classification" if self.task == "classification" else "regression",
+            rho=self.rho,
+            filter=self.cfg.filter,
+            replace=self.replace,
+            label_scale=scale,
+        )
+        report.update(m2.report)
+        table.update({"kept": m2.kept, "replaced": m2.replaced, "final_label": m2.final_label})
+        table.pop("uniform", None)
+        if m2.cutoffs is not None:
+            errors = table["error"].astype(np.float64)[accepted]
             title = f"teacher errors of accepted samples, rho={self.rho}"
             if self.task == "classification":
-                hist = histogram_png(
-                    errors[accepted], labels[accepted], cutoffs, title, "cross-entropy (assigned label, teacher)"
-                )
+                xlabel, by_class = "cross-entropy (assigned label, teacher)", table["label"][accepted]
             else:
-                hist = histogram_png(errors[accepted], None, cutoffs, title, "|f_t(x) - y| (normalised)")
-            report.update(self._consistency(table, accepted, kept))
-        replaced = kept & self.replace if "teacher" in table else np.zeros_like(kept)
-        final = labels.copy()
-        if replaced.any():
-            t = table["teacher"]
-            final[replaced] = (
-                t[replaced].argmax(1) if self.task == "classification" else np.clip(t[replaced].reshape(-1), 0, 1)
-            )
-        table.update({"kept": kept, "replaced": replaced, "final_label": final})
-        table.pop("uniform", None)
-        if self.task == "classification":
-            report["drop_rate_per_class"] = {
-                str(int(c)): float(1 - kept[accepted & (labels == c)].mean()) for c in np.unique(labels[accepted])
-            }
-        report["n_accepted"], report["n_kept"] = int(accepted.sum()), int(kept.sum())
-        if hist is not None:
+                xlabel, by_class = "|f_t(x) - y| (normalised)", None
             from kd_lightning.fileio import atomic_write_bytes
 
+            hist = histogram_png(errors, by_class, m2.cutoffs, title, xlabel)
             atomic_write_bytes(str(store.root / "filter_hist.png"), hist)
         store.write_table(table, report)
         return report
-
-    def _consistency(self, table: dict[str, np.ndarray], accepted: np.ndarray, kept: np.ndarray) -> dict[str, Any]:
-        t, y = table["teacher"], table["label"]
-        if self.task == "classification":
-            agree = t.argmax(1) == y
-            return {
-                "label_consistency_before": float(agree[accepted].mean()),
-                "label_consistency_after": float(agree[kept].mean()) if kept.any() else float("nan"),
-            }
-        err = np.abs(t.reshape(-1) - y)
-        scale = (self.label_range[1] - self.label_range[0]) if self.label_range else 1.0
-        return {
-            "teacher_mae_before": float(err[accepted].mean() * scale),
-            "teacher_mae_after": float(err[kept].mean() * scale) if kept.any() else float("nan"),
-        }
 
 
 def _channels_last_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -13,6 +13,7 @@ Proposals come in chunks whose random numbers depend only on ``(seed, unit, chun
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 
@@ -64,4 +65,20 @@ def check_trials(unit_name: str, proposed: int, accepted: int, needed: int, max_
         )
 
 
-__all__ = ["AcceptanceError", "accept", "check_trials", "chunk_generator", "estimate_max"]
+def acceptance_report(progress: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """M1's part of the report: accepted, proposed, acceptance rate and M of every unit, and the overall rate."""
+    units = {
+        name: {
+            "accepted": st["accepted"],
+            "proposed": st["proposed"],
+            "acceptance_rate": st["accepted"] / max(st["proposed"], 1),
+            "max_ratio": st["max_ratio"],
+        }
+        for name, st in progress.items()
+    }
+    total_acc = sum(u["accepted"] for u in units.values())
+    total_prop = sum(u["proposed"] for u in units.values())
+    return {"units": units, "acceptance_rate": total_acc / max(total_prop, 1)}
+
+
+__all__ = ["AcceptanceError", "accept", "acceptance_report", "check_trials", "chunk_generator", "estimate_max"]
