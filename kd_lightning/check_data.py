@@ -69,7 +69,7 @@ def check(argv: list[str]) -> str:
         cfg = parser.parse_args(["--data", json.dumps(data), *rest])
         dm = parser.instantiate_classes(cfg).data
     except ArgumentError as e:
-        from kd_lightning.cli import _short_parse_error
+        from kd_lightning.cli_errors import _short_parse_error
 
         raise ConfigError(_short_parse_error(str(e))) from None
     dm.prepare_data()

@@ -12,22 +12,22 @@ Every ``fit`` also gets the callbacks of :mod:`kd_lightning.callbacks`: exact re
 (finish the step, write ``last.ckpt``, exit 143), a NaN guard, and atomic checkpoint writes. Resuming
 with a recipe whose model or data differ from the checkpoint's is refused, listing the differing keys,
 unless ``--allow_resume_mismatch true`` is passed.
+
+Over 400 lines because most of it is one class, :class:`KDLCLI`: Lightning's CLI hooks, in the order Lightning
+calls them. What stands alone lives apart: the checkpoint callback (:mod:`kd_lightning.callbacks.checkpoint`), the
+error messages (:mod:`kd_lightning.cli_errors`), the console (:mod:`kd_lightning.callbacks.progress`), W&B
+(:mod:`kd_lightning.wandb_media`) and the CPU checks (:mod:`kd_lightning.cpu`).
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import glob
-import logging
 import os
-import re
 import signal
 import sys
-import traceback
 import typing
 import warnings
-from pathlib import Path
 from typing import Any, Union
 
 import lightning as L
@@ -37,8 +37,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+# ``from M import X as X``: a name that moved out of this module and stays importable from kd_lightning.cli (tests,
+# benchmarks, the demo and notebooks import several from here)
 import kd_lightning.data  # registers the DataModules for short class names (and is used below)
 import kd_lightning.methods  # noqa: F401  (register LightningModules for short class names)
 from kd_lightning.callbacks import (
@@ -50,108 +52,35 @@ from kd_lightning.callbacks import (
     config_differences,
     exit_status_after_stop,
 )
+from kd_lightning.callbacks.checkpoint import KDCheckpoint as KDCheckpoint
+from kd_lightning.callbacks.checkpoint import named_checkpoint as named_checkpoint
+from kd_lightning.callbacks.checkpoint import resolve_ckpt_path as resolve_ckpt_path
+from kd_lightning.callbacks.progress import quiet_console as quiet_console
+from kd_lightning.callbacks.progress import quiet_lightning as quiet_lightning
 from kd_lightning.callbacks.save_config import SaveRunConfig
 from kd_lightning.checkpoints import CONFIG_KEY, is_trusted, load_checkpoint, pop_trust_args, trust, trust_scope
-from kd_lightning.errors import ConfigError, DataCorruptError, DataNotFoundError, KDLError, require_writable_folder
-from kd_lightning.fileio import read_yaml
-from kd_lightning.wandb_media import prepare_wandb_run, sweep_trial, wandb_loggers
+from kd_lightning.cli_errors import DATA_HINT as DATA_HINT
+from kd_lightning.cli_errors import _class_hint as _class_hint
+from kd_lightning.cli_errors import _last_hint as _last_hint
+from kd_lightning.cli_errors import _non_finite_value as _non_finite_value
+from kd_lightning.cli_errors import _one_line as _one_line
+from kd_lightning.cli_errors import _optimizer_error as _optimizer_error
+from kd_lightning.cli_errors import _short_parse_error as _short_parse_error
+from kd_lightning.cli_errors import _suggestion as _suggestion
+from kd_lightning.cli_errors import _user_error as _user_error
+from kd_lightning.cli_errors import check_config_files, known_options, parse_error_message, run_error_message
+from kd_lightning.cpu import cpu_defaults as cpu_defaults
+from kd_lightning.cpu import cpu_has_fast_bf16 as cpu_has_fast_bf16
+from kd_lightning.errors import ConfigError, require_writable_folder
+from kd_lightning.wandb_media import finish_wandb_run as finish_wandb_run
+from kd_lightning.wandb_media import log_wandb_recipe, name_wandb_loggers, prepare_wandb_run
 
-#: the line after a missing-data error: where datasets come from, and the quick check
-DATA_HINT = "where to get each dataset and its layout: docs/datasets.md; check it with `kdl check-data --config RECIPE`"
 #: DataModule attributes that kdl passes on to the model's constructor arguments of the same name
 LINKED_DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "label_range")
 #: ``--ckpt_path none``: evaluate the model as the recipe builds it (untrained), on purpose
 UNTRAINED = "none"
 #: where ``kdl predict`` writes its predictions, under ``trainer.default_root_dir``
 PREDICTIONS_FILE = "predictions.pt"
-
-
-class KDCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` plus the best checkpoint (``best.ckpt``) on the model's own metric.
-
-    ``monitor``/``mode`` default to the model's ``monitor``/``monitor_mode`` attributes (e.g.
-    ``val/acc1``/max for classifiers, ``val/mae``/min for regressors); ``dirpath`` defaults to
-    ``<trainer.default_root_dir>/checkpoints``, a stable place that later stages can name.
-    """
-
-    def __init__(
-        self,
-        dirpath: str | None = None,
-        filename: str = "best",
-        monitor: str | None = None,
-        mode: str | None = None,
-        save_last: bool = True,
-        save_top_k: int = 1,
-        enable_version_counter: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            dirpath=dirpath,
-            filename=filename,
-            monitor=monitor,
-            mode=mode or "min",
-            save_last=save_last,
-            save_top_k=save_top_k,
-            auto_insert_metric_name=False,
-            enable_version_counter=enable_version_counter,
-            **kwargs,
-        )
-        self._mode_given = mode is not None
-        self._last_saved_at: int | None = None
-
-    # Lightning >= 2.5 writes last.ckpt only when a top-k checkpoint is written; resuming needs the
-    # latest state, so last.ckpt is (also) written at every validation / epoch-end save point. There is no
-    # public hook for this: the private methods used here are pinned by tests/test_lightning_internals.py.
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
-        self._last_saved_at = trainer.global_step
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-
-    def _would_save_last(self, trainer: L.Trainer, on_train_epoch_end: bool) -> bool:
-        return (
-            bool(self.save_last)
-            and not self._should_skip_saving_checkpoint(trainer)
-            and (self._should_save_on_train_epoch_end(trainer) == on_train_epoch_end)
-        )
-
-    def _ensure_last(self, trainer: L.Trainer, eligible: bool) -> None:
-        if eligible and self._last_saved_at != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        eligible = self._would_save_last(trainer, on_train_epoch_end=False)
-        super().on_validation_end(trainer, pl_module)
-        self._ensure_last(trainer, eligible)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        eligible = self._would_save_last(trainer, on_train_epoch_end=True)
-        super().on_train_epoch_end(trainer, pl_module)
-        self._ensure_last(trainer, eligible)
-
-    def bind(self, trainer: L.Trainer, model: L.LightningModule) -> None:
-        """Fill in defaults from the trainer and the model (called by kdl before the run)."""
-        if self.dirpath is None:
-            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
-        monitor = getattr(model, "monitor", None)  # BaseTask's selection metric; other modules have none
-        if self.monitor is None and monitor:
-            self.monitor = monitor
-            if not self._mode_given:
-                mode = getattr(model, "monitor_mode", "min")
-                self.mode, self.kth_value = mode, torch.tensor(torch.inf if mode == "min" else -torch.inf)
-
-
-def cpu_defaults() -> None:
-    """Use every core the process may run on (unless OMP_NUM_THREADS says otherwise)."""
-    if "OMP_NUM_THREADS" not in os.environ and hasattr(os, "sched_getaffinity"):
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has AMX tiles for bf16 (plain AVX-512 bf16 autocast measured ~15x slower here)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
 
 
 class KDLCLI(LightningCLI):
@@ -225,27 +154,7 @@ class KDLCLI(LightningCLI):
         from kd_lightning.report import method_name
 
         cfg = self._subcommand_config()
-        loggers = cfg.get("trainer", {}).get("logger")
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            if not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
-                continue
-            method, seed = method_name(_plain(cfg.get("model")) or {}), cfg.get("seed_everything")
-            recipes = [Path(str(p)) for p in cfg.get("config") or []]
-            recipe = f"{recipes[0].parent.name}/{recipes[0].stem}" if recipes else method
-            defaults = {"name": f"{method}-seed{seed}", "group": recipe, "tags": [method, f"seed{seed}", recipe]}
-            trial = sweep_trial()  # a kdl sweep trial: named by its swept values, grouped by its sweep
-            if trial is not None:
-                defaults |= {"name": trial["trial"], "group": trial["group"], "tags": [method, recipe, trial["name"]]}
-            for key, value in defaults.items():  # wandb.init's own arguments, which jsonargparse exposes
-                if logger.init_args.get(key) is None:
-                    logger.init_args[key] = value
-            # wandb's background service resolves a relative save_dir against the folder IT started in, not ours:
-            # make it absolute; unset, the W&B files go into the run folder
-            save_dir = logger.init_args.get("save_dir")
-            if save_dir in (None, "", "."):
-                save_dir = cfg.get("trainer", {}).get("default_root_dir") or "."
-            logger.init_args["save_dir"] = os.path.abspath(str(save_dir))
-            os.makedirs(logger.init_args["save_dir"], exist_ok=True)  # else W&B warns "git root ... does not exist"
+        name_wandb_loggers(cfg, lambda: method_name(_plain(cfg.get("model")) or {}))
 
     def _subcommand_config(self) -> Namespace:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -254,6 +163,12 @@ class KDLCLI(LightningCLI):
         """The model and data sections of the resolved recipe, as plain values (stored in checkpoints)."""
         cfg = self._subcommand_config()
         return {key: _plain(cfg.get(key)) for key in ("model", "data")}
+
+    def full_recipe(self) -> dict[str, Any]:
+        """The whole resolved recipe as plain values, without the ``--config`` file names."""
+        full = _plain(self._subcommand_config())
+        full.pop("config", None)
+        return full
 
     def after_instantiate_classes(self) -> None:
         trainer = self.trainer
@@ -271,14 +186,7 @@ class KDLCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":  # the whole resolved recipe, not only the model's hparams
-                wandb_init: dict[str, Any] = getattr(logger, "_wandb_init", {})
-                if "anonymous" in wandb_init and wandb_init["anonymous"] is None:  # W&B warns it has no effect
-                    del wandb_init["anonymous"]
-                full = _plain(self._subcommand_config())
-                full.pop("config", None)
-                logger.log_hyperparams({"kdl": full})
+        log_wandb_recipe(trainer, self.full_recipe)
         prepare_wandb_run(trainer, self.model, self.subcommand)
 
     def before_fit(self) -> None:
@@ -402,72 +310,6 @@ def remove_empty_log_dirs(root: str) -> list[str]:
     return removed
 
 
-def quiet_console(callbacks: list[L.Callback]) -> None:
-    """Swap Lightning's console callbacks for kdl's: no FLOPs column of zeros; plain lines when stderr is no terminal.
-
-    A redrawn progress bar written into a log file is megabytes of carriage returns; there one line per epoch says
-    more. ``KDL_PROGRESS=bar`` keeps the bar, ``KDL_PROGRESS=plain`` forces the lines.
-    """
-    from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
-
-    from kd_lightning.callbacks.progress import PlainProgress, QuietSummary
-
-    choice = os.environ.get("KDL_PROGRESS", "")
-    plain = choice == "plain" or (choice != "bar" and not sys.stderr.isatty())
-    for i, cb in enumerate(callbacks):
-        if type(cb) is ModelSummary:
-            callbacks[i] = QuietSummary(max_depth=cb._max_depth)
-        elif type(cb) is TQDMProgressBar and plain:
-            callbacks[i] = PlainProgress()
-
-
-def finish_wandb_run(trainer: L.Trainer) -> None:
-    """Close this command's W&B run, so the next command in the same process starts its own."""
-    if wandb_loggers(trainer):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.run.finish()
-
-
-def known_options(parser: argparse.ArgumentParser) -> list[str]:
-    """Every ``--option`` of ``parser`` and of its subcommands' parsers."""
-    options = [o for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
-    for action in getattr(parser, "_actions", []):
-        for sub in (getattr(action, "choices", None) or {}).values() if isinstance(action.choices, dict) else ():
-            options += known_options(sub)
-    return options
-
-
-def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, trainer: L.Trainer) -> str | None:
-    """The file a ``fit`` would resume from: ``last`` is the newest ``last*.ckpt`` of the checkpoint folders."""
-    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
-        return None
-    if ckpt_path == "last":
-        found = []
-        for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-                found += glob.glob(os.path.join(str(cb.dirpath), f"{cb.CHECKPOINT_NAME_LAST}*{cb.FILE_EXTENSION}"))
-        return max(found, key=os.path.getmtime) if found else None
-    return str(ckpt_path) if os.path.isfile(str(ckpt_path)) else None
-
-
-def named_checkpoint(name: str, trainer: L.Trainer) -> str | None:
-    """The file of ``--ckpt_path last`` or ``best`` in the checkpoint callbacks' folders, if it exists."""
-    if name == "last":
-        return resolve_ckpt_path("last", trainer)
-    for cb in trainer.checkpoint_callbacks:
-        if not isinstance(cb, ModelCheckpoint):
-            continue
-        if cb.best_model_path and os.path.isfile(cb.best_model_path):
-            return cb.best_model_path
-        if cb.dirpath and cb.filename and "{" not in cb.filename:
-            path = os.path.join(str(cb.dirpath), cb.filename + cb.FILE_EXTENSION)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
 def write_predictions(outputs: Any, trainer: L.Trainer) -> tuple[str, int | None]:  # noqa: ANN401 - batch outputs
     """Save ``trainer.predict``'s outputs in the run folder; returns the file and the number of samples.
 
@@ -540,140 +382,6 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLCLI:
     )
 
 
-#: Lightning's info lines that say nothing about the user's run (hardware it did not use, cloud tips)
-_DROPPED_INFO = ("Tip:", "GPU available:", "TPU available:", "HPU available:", "IPU available:")
-
-
-class _DropTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.msg)
-        return not any(s in msg for s in _DROPPED_INFO)
-
-
-def quiet_lightning() -> None:
-    """Silence advice that is noise for kdl users (cloud-logger tips, the tensorboardX notice)."""
-    for msg in (
-        ".*tensorboardX.*",
-        ".*does not have many workers.*",
-        "LightningCLI's args parameter is intended to run from within Python.*",  # kdl passes its argv on purpose
-        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own use of torch's pytree
-    ):
-        warnings.filterwarnings("ignore", message=msg)
-    logging.getLogger("lightning.pytorch").addFilter(_DropTips())
-    for handler in logging.getLogger("lightning.pytorch").handlers:
-        handler.addFilter(_DropTips())
-
-
-_NOISE = (
-    r"Expected a <class 'NoneType'>|^Given value type|^Given value: [\[{]|NestedArg|^Errors:|^Subtypes:"
-    r"|Does not validate against any of the Union"
-)
-
-
-def _user_error(exc: BaseException) -> BaseException | None:
-    """The user-fixable error behind ``exc`` (jsonargparse wraps constructor errors), if any."""
-    seen = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (KDLError, MisconfigurationException, FileNotFoundError)):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _one_line(message: str) -> str:
-    """The one line that matters in an error re-raised from a DataLoader worker.
-
-    It comes back as "Caught X in DataLoader worker process N" plus the worker's whole traceback: keep the
-    original message (its last line) without the exception's class name.
-    """
-    if "in DataLoader worker process" not in message or "Original Traceback" not in message:
-        return message
-    last = [ln.strip() for ln in message.splitlines() if ln.strip()][-1]
-    return re.sub(r"^[\w.]+: ", "", last, count=1)
-
-
-_NON_FINITE = {"nan", "+nan", "-nan", ".nan", "inf", "+inf", "-inf", ".inf", "-.inf", "infinity", "-infinity"}
-
-
-def _non_finite_value(argv: list[str], message: str) -> str | None:
-    """``--key nan`` (or inf) where the parser expected a number: jsonargparse's union dump, said in one line."""
-    for i, tok in enumerate(argv):
-        key, _, value = tok.partition("=")
-        if not key.startswith("--"):
-            continue
-        if not value and i + 1 < len(argv):
-            value = argv[i + 1]
-        name = key.rsplit(".", 1)[-1]
-        if value.strip().lower() in _NON_FINITE and f'"{name}"' in message:
-            return f"{key[2:]}={value}; expected a finite number"
-    return None
-
-
-def _short_parse_error(msg: str) -> str:
-    """Keep the lines of a jsonargparse error that name the problem (it reports every union member it tried)."""
-    keep = [ln.strip() for ln in msg.splitlines() if ln.strip() and not re.search(_NOISE, ln.strip())]
-    return "\n  ".join(keep[:6]) if keep else msg
-
-
-def check_config_files(argv: list[str]) -> None:
-    """Every ``--config``/``-c`` file must exist and hold a YAML mapping of sections; name the file if not."""
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        else:
-            continue
-        if os.path.isdir(path):
-            raise ConfigError(f"--config {path!r} is a folder; expected a YAML recipe file")
-        if not os.path.isfile(path):
-            raise ConfigError(f"--config {path!r} does not exist")
-        content = read_yaml(path, f"--config {path!r}")
-        if content is None:
-            raise ConfigError(f"--config {path!r} is empty; expected a mapping of sections (trainer, model, data)")
-        if not isinstance(content, dict):
-            kind = type(content).__name__
-            raise ConfigError(
-                f"--config {path!r} holds a {kind}; expected a mapping of sections (trainer, model, data)"
-            )
-
-
-def _suggestion(message: str, options: list[str]) -> str:
-    """Suggest "did you mean ...?" for the first unrecognised ``--key`` in a parse error, when one is close."""
-    found = re.search(r"[Uu]nrecognized arguments:\s*(--[\w.\-]+)", message)
-    if not found or not options:
-        return ""
-    close = difflib.get_close_matches(found.group(1), options, n=1, cutoff=0.8)
-    return f"\ndid you mean {close[0]}?" if close else ""
-
-
-def _class_hint(message: str) -> str:
-    """For an unknown class name in a recipe, the names that would have worked (KD losses, for now)."""
-    found = re.search(r"Expected a dot import path string: (\S+)", message)
-    if not found:
-        return ""
-    if "kd_losses" in message:
-        from kd_lightning.losses import list_losses
-
-        return f"unknown KD loss {found.group(1)!r}; known losses: {', '.join(list_losses())}"
-    return ""
-
-
-def _optimizer_error(exc: BaseException) -> str | None:
-    """The message of a ValueError/TypeError raised while building an optimiser or LR scheduler."""
-    if not isinstance(exc, (ValueError, TypeError)):
-        return None
-    frames = traceback.extract_tb(exc.__traceback__)
-    if any(f"{os.sep}torch{os.sep}optim{os.sep}" in frame.filename for frame in frames):
-        return (
-            f"the optimiser or LR scheduler rejected its settings: {exc} "
-            "(see model.init_args.optimizer / model.init_args.lr_scheduler in the recipe)"
-        )
-    return None
-
-
 def run_trainer(argv: list[str]) -> int:
     """Run a Lightning command (``fit``, ``validate``, ``test``, ``predict``) on ``argv``; returns the exit status.
 
@@ -714,29 +422,18 @@ def run_trainer(argv: list[str]) -> int:
         if debug:
             raise
         hint = f"kdl {command} --help" if command else "kdl --help"
-        message = (
-            _class_hint(str(e))
-            or _non_finite_value(argv, str(e))
-            or _short_parse_error(str(e)) + _suggestion(str(e), getattr(e, "kdl_options", []))
-        )
+        message = parse_error_message(e, argv)
         print(f"kdl: error: {message}\n(see `{hint}`; KDL_DEBUG=1 shows the full message)", file=sys.stderr)
         return 2
     except Exception as e:
         for root in _RUN_ROOTS:  # a run that failed before logging anything leaves no empty version_N behind
             remove_empty_log_dirs(root)
-        user_error = _user_error(e)
-        reason = _one_line(str(user_error)) if user_error is not None else _optimizer_error(e)
+        reason = run_error_message(e)
         if debug or reason is None:
             raise
-        if isinstance(user_error, DataNotFoundError) and not isinstance(user_error, DataCorruptError):
-            reason += f"\n{DATA_HINT}"
         print(f"kdl: error: {reason}\n(set KDL_DEBUG=1 or pass --debug for the full traceback)", file=sys.stderr)
         return 2
     return 0
-
-
-def _last_hint() -> str:
-    return "the last saved last.ckpt (if any) is intact: resume with --ckpt_path last"
 
 
 def main(args: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd_lightning.callbacks import TrainThroughput
 from kd_lightning.cli import build_cli, cpu_defaults, quiet_lightning
+from kd_lightning.cpu import cpu_has_fast_bf16
 from kd_lightning.data.mnist import FASHION_MNIST_DEBIAN_ROOT
 from kd_lightning.pipeline import _file_sha
 
@@ -56,13 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def amx_bf16_available() -> bool:
-    """Whether this CPU has AMX tiles and AVX-512 bf16 (oneDNN then runs bf16 convolutions on the tiles)."""
-    import torch
-
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # a torch without these probes: stay in fp32
-        return False
+    """Whether this CPU runs bf16 on AMX tiles (:func:`kd_lightning.cpu.cpu_has_fast_bf16`, kdl's one check)."""
+    return cpu_has_fast_bf16()
 
 
 def resolve_precision(requested: str) -> str:

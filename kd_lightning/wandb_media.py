@@ -1,12 +1,16 @@
-"""Images and tables for the W&B loggers of a trainer; every other logger is left alone.
+"""The W&B side of a kdl run: its name and group, the recipe and media it logs, its end; other loggers are left alone.
 
 One place decides which loggers take media: :func:`wandb_loggers` (``isinstance`` of Lightning's
-``WandbLogger``; wandb itself is imported by that logger only when it is used).
+``WandbLogger``; wandb itself is imported by that logger only when it is used). ``kdl``'s Trainer commands
+call :func:`name_wandb_loggers` on the parsed recipe, :func:`log_wandb_recipe` and :func:`prepare_wandb_run`
+once the Trainer is built, and :func:`finish_wandb_run` when the command ends.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -81,3 +85,51 @@ def prepare_wandb_run(trainer: L.Trainer, model: L.LightningModule, subcommand: 
     if record and subcommand == "fit":
         with open(record, "a") as f:
             f.write(os.path.abspath(trainer.default_root_dir) + "\n")
+
+
+def name_wandb_loggers(cfg: Any, method: Callable[[], str]) -> None:  # noqa: ANN401 - a jsonargparse Namespace
+    """A W&B logger of the parsed config ``cfg`` without a name/group gets ``<method>-seed<N>`` and the recipe.
+
+    So W&B groups the seeds of a recipe; in a ``kdl sweep`` trial the run is named by its swept values and grouped
+    by its sweep. ``method`` gives the model's method name (asked only when there is a W&B logger).
+    """
+    loggers = cfg.get("trainer", {}).get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+            continue
+        name, seed = method(), cfg.get("seed_everything")
+        recipes = [Path(str(p)) for p in cfg.get("config") or []]
+        recipe = f"{recipes[0].parent.name}/{recipes[0].stem}" if recipes else name
+        defaults = {"name": f"{name}-seed{seed}", "group": recipe, "tags": [name, f"seed{seed}", recipe]}
+        trial = sweep_trial()  # a kdl sweep trial: named by its swept values, grouped by its sweep
+        if trial is not None:
+            defaults |= {"name": trial["trial"], "group": trial["group"], "tags": [name, recipe, trial["name"]]}
+        for key, value in defaults.items():  # wandb.init's own arguments, which jsonargparse exposes
+            if logger.init_args.get(key) is None:
+                logger.init_args[key] = value
+        # wandb's background service resolves a relative save_dir against the folder IT started in, not ours:
+        # make it absolute; unset, the W&B files go into the run folder
+        save_dir = logger.init_args.get("save_dir")
+        if save_dir in (None, "", "."):
+            save_dir = cfg.get("trainer", {}).get("default_root_dir") or "."
+        logger.init_args["save_dir"] = os.path.abspath(str(save_dir))
+        os.makedirs(logger.init_args["save_dir"], exist_ok=True)  # else W&B warns "git root ... does not exist"
+
+
+def log_wandb_recipe(trainer: L.Trainer, recipe: Callable[[], dict[str, Any]]) -> None:
+    """Log the whole resolved recipe (``recipe()``, plain values) to each W&B logger, not only the model's hparams."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            wandb_init: dict[str, Any] = getattr(logger, "_wandb_init", {})
+            if "anonymous" in wandb_init and wandb_init["anonymous"] is None:  # W&B warns it has no effect
+                del wandb_init["anonymous"]
+            logger.log_hyperparams({"kdl": recipe()})
+
+
+def finish_wandb_run(trainer: L.Trainer) -> None:
+    """Close this command's W&B run, so the next command in the same process starts its own."""
+    if wandb_loggers(trainer):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish()

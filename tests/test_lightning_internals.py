@@ -20,7 +20,8 @@ from kd_lightning.methods import ImageClassifier, SelfKD
 from kd_lightning.methods.gan import ConditionalGAN
 from tests.helpers import DIGITS_STUDENT, QUIET_TRAINER
 
-#: ModelCheckpoint's private methods KDCheckpoint calls or overrides (kd_lightning/cli.py), with their parameters
+#: ModelCheckpoint's private methods that KDCheckpoint (kd_lightning/callbacks/checkpoint.py) calls or overrides,
+#: with their parameters
 MODEL_CHECKPOINT_HOOKS = {
     "_save_last_checkpoint": ["self", "trainer", "monitor_candidates"],
     "_should_skip_saving_checkpoint": ["self", "trainer"],

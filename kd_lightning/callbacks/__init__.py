@@ -1,9 +1,10 @@
 """Callbacks: exact resume, interruption, NaN guard, checkpoints, throughput, GAN quality, calibration, compile.
 
-kdl adds the first four (resume, interruption, NaN guard, atomic checkpoints) to every fit.
+kdl adds the first five (resume, interruption, NaN guard, atomic checkpoints, :class:`KDCheckpoint`) to every fit.
 """
 
 from kd_lightning.callbacks.calibration import TemperatureScaling
+from kd_lightning.callbacks.checkpoint import KDCheckpoint, named_checkpoint, resolve_ckpt_path
 from kd_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
 from kd_lightning.callbacks.compile import Compile
 from kd_lightning.callbacks.gan_quality import GANQuality
@@ -23,6 +24,7 @@ __all__ = [
     "GateFailed",
     "GeneratorGate",
     "GracefulStop",
+    "KDCheckpoint",
     "NaNGuard",
     "NonFiniteLossError",
     "ResumeState",
@@ -31,6 +33,8 @@ __all__ = [
     "config_differences",
     "exit_status_after_stop",
     "last_checkpoint_path",
+    "named_checkpoint",
+    "resolve_ckpt_path",
     "rng_states",
     "set_rng_states",
 ]

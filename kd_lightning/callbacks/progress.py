@@ -1,19 +1,23 @@
 """Console output that suits where it goes: plain per-epoch lines in a log file, a summary without empty columns.
 
 kdl swaps Lightning's redrawn progress bar for :class:`PlainProgress` when stderr is not a terminal (a log
-file, a pipe, a ``kdl pipeline`` stage), and its model summary for :class:`QuietSummary`.
+file, a pipe, a ``kdl pipeline`` stage), and its model summary for :class:`QuietSummary` (:func:`quiet_console`);
+:func:`quiet_lightning` silences Lightning's warnings and info lines that are noise for kdl users.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import sys
 import time
+import warnings
 from typing import Any, TextIO
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
 
 from kd_lightning.progress import Throttle, write_progress
 
@@ -125,4 +129,52 @@ class QuietSummary(ModelSummary):
         log.info("\n" + "\n".join(ln for ln in table.splitlines() if "Total Flops" not in ln))
 
 
-__all__ = ["PlainProgress", "QuietSummary", "format_metrics"]
+__all__ = ["PlainProgress", "QuietSummary", "format_metrics", "quiet_console", "quiet_lightning"]
+
+
+def quiet_console(callbacks: list[L.Callback]) -> None:
+    """Swap Lightning's console callbacks for kdl's: no FLOPs column of zeros; plain lines when stderr is no terminal.
+
+    A redrawn progress bar written into a log file is megabytes of carriage returns; there one line per epoch says
+    more. ``KDL_PROGRESS=bar`` keeps the bar, ``KDL_PROGRESS=plain`` forces the lines.
+    """
+    choice = os.environ.get("KDL_PROGRESS", "")
+    plain = choice == "plain" or (choice != "bar" and not sys.stderr.isatty())
+    for i, cb in enumerate(callbacks):
+        if type(cb) is ModelSummary:
+            callbacks[i] = QuietSummary(max_depth=cb._max_depth)
+        elif type(cb) is TQDMProgressBar and plain:
+            callbacks[i] = PlainProgress()
+
+
+#: the start of Lightning's warning at a step-interval ModelCheckpoint's save in manual optimisation (filtered)
+MANUAL_STEP_CHECKPOINT_WARNING = (
+    "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization state was saved"
+)
+#: Lightning's info lines that say nothing about the user's run (hardware it did not use, cloud tips)
+_DROPPED_INFO = ("Tip:", "GPU available:", "TPU available:", "HPU available:", "IPU available:")
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not any(s in msg for s in _DROPPED_INFO)
+
+
+def quiet_lightning() -> None:
+    """Silence advice that is noise for kdl users (cloud-logger tips, the tensorboardX notice)."""
+    for msg in (
+        ".*tensorboardX.*",
+        ".*does not have many workers.*",
+        "LightningCLI's args parameter is intended to run from within Python.*",  # kdl passes its argv on purpose
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own use of torch's pytree
+        # kdl's GAN methods optimise manually, and a ModelCheckpoint every N steps (the GAN snapshots a cGAN-KD
+        # pipeline keeps) then warns at each save that it holds the model as it is AFTER that step's update. That
+        # is what a snapshot is for (the GAN trained up to step N, which a later stage samples from and a resume
+        # continues from), so the long warning in every GAN run's log says nothing; other manual-mode warnings stay.
+        re.escape(MANUAL_STEP_CHECKPOINT_WARNING),
+    ):
+        warnings.filterwarnings("ignore", message=msg)
+    logging.getLogger("lightning.pytorch").addFilter(_DropTips())
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(_DropTips())
