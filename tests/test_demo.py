@@ -24,6 +24,24 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_amx(
         assert demo.resolve_precision(given) == given
 
 
+@pytest.mark.parametrize("flags", ["fpu avx512_bf16 amx_tile amx_int8", "fpu avx512_bf16 amx_bf16 amx_tile"])
+def test_the_demo_and_kdl_fit_share_one_cpu_bf16_check(flags: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One check: AMX-BF16 as Linux lists it (tiles and AVX-512 bf16 alone are not enough), for the demo and kdl."""
+    import builtins
+    import io
+
+    from kd_lightning import cpu
+
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins,
+        "open",
+        lambda f, *a, **k: io.StringIO(f"flags : {flags}\n") if f == "/proc/cpuinfo" else real_open(f, *a, **k),
+    )
+    assert cpu.cpu_has_fast_bf16() is ("amx_bf16" in flags)
+    assert demo.amx_bf16_available() is cpu.cpu_has_fast_bf16()
+
+
 def test_demo_runs_teacher_and_students_on_digits_and_prints_the_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
