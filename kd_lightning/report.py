@@ -198,7 +198,8 @@ def group_key(run: Run, by: str) -> str:
     """Return the group of ``run`` under ``by``.
 
     ``by`` is ``method`` (model class, KD losses and net; :func:`group_runs` splits it further by recipe),
-    ``run`` (the run folder itself), ``parent`` (the run folder's parent's name), ``none``, or a dotted config key
+    ``run`` (the run folder itself), ``parent`` (the run folder's parent's name), ``name`` (the run folder's own
+    name: ``<root>/seed<k>/<arm>`` layouts), ``none``, or a dotted config key
     such as ``model.init_args.net``.
     """
     if by == "method":
@@ -208,6 +209,8 @@ def group_key(run: Run, by: str) -> str:
         return str(run.path)
     if by == "parent":
         return run.path.resolve().parent.name
+    if by == "name":  # <root>/seed<k>/<arm> layouts: one row per arm over the seeds
+        return run.path.resolve().name
     if by == "none":
         return "all"
     value: Any = run.config
@@ -314,7 +317,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="kdl report", description=__doc__.split("\n\n")[0], exit_on_error=False)
     p.add_argument("runs", nargs="+", type=str, help="run folders (trainer.default_root_dir of each run)")
     p.add_argument("--group_by", type=str, default="method",
-                   help="method (same recipe but the seed), run (one row per run), parent, none, "
+                   help="method (same recipe but the seed), run (one row per run), parent, name (the run "
+                        "folder's own name: seed<k>/<arm> layouts), none, "
                         "or a dotted config key (e.g. model.init_args.net)")  # fmt: skip
     p.add_argument("--metrics", type=str, default=None, help="comma-separated metrics (default: all val/ and test/)")
     p.add_argument("--out", type=str, default=None,

@@ -95,6 +95,18 @@ def test_a_metric_that_only_some_runs_have_says_how_many(tmp_path: Path) -> None
     assert row == "| m | 2 | 0, 1 | 75.00 ± 7.07 | 70.00 (n=1) |"
 
 
+def test_group_by_name_makes_one_row_per_arm_over_seed_folders(tmp_path: Path) -> None:
+    """``<root>/seed<k>/<arm>``: ``name`` groups the arms across seed folders (``parent`` would group the seeds)."""
+    from kd_lightning.report import table
+
+    fake_run(tmp_path / "seed0/aikd", 0, [0.5, 0.7], 0.70)
+    fake_run(tmp_path / "seed1/aikd", 1, [0.6, 0.8], 0.80)
+    fake_run(tmp_path / "seed0/baseline", 0, [0.5, 0.6], 0.60)
+    runs = [read_run(tmp_path / p) for p in ("seed0/aikd", "seed1/aikd", "seed0/baseline")]
+    rows = table(runs, "name", ["test/acc1"]).splitlines()[2:]
+    assert rows == ["| aikd | 2 | 0, 1 | 75.00 ± 7.07 |", "| baseline | 1 | 0 | 60.00 |"]
+
+
 def set_config(run: Path, **init_args: object) -> Path:
     """Change model init_args in every config.yaml of a fake run."""
     import yaml

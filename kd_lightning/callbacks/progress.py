@@ -138,12 +138,16 @@ def quiet_console(callbacks: list[L.Callback]) -> None:
     A redrawn progress bar written into a log file is megabytes of carriage returns; there one line per epoch says
     more. ``KDL_PROGRESS=bar`` keeps the bar, ``KDL_PROGRESS=plain`` forces the lines.
     """
+    from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+
     choice = os.environ.get("KDL_PROGRESS", "")
     plain = choice == "plain" or (choice != "bar" and not sys.stderr.isatty())
+    # Lightning picks the Rich variants by default when the `rich` package happens to be installed (a dependency
+    # of other tools): treat them as its plain defaults, so kdl's output does not depend on what else is installed
     for i, cb in enumerate(callbacks):
-        if type(cb) is ModelSummary:
+        if isinstance(cb, ModelSummary) and type(cb) in (ModelSummary, RichModelSummary):  # isinstance: for mypy
             callbacks[i] = QuietSummary(max_depth=cb._max_depth)
-        elif type(cb) is TQDMProgressBar and plain:
+        elif type(cb) in (TQDMProgressBar, RichProgressBar) and plain:
             callbacks[i] = PlainProgress()
 
 
