@@ -125,17 +125,22 @@ class ImageDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- transforms
-    def _resize(self) -> list[Callable]:
-        if self.image_size == self.native_size:
+    def _resize(self, native_size: int | None = None) -> list[Callable]:
+        native = self.native_size if native_size is None else native_size
+        if self.image_size == native:
             return []
-        if self.resize_mode == "pad" and self.image_size > self.native_size:
-            extra = self.image_size - self.native_size
+        if self.resize_mode == "pad" and self.image_size > native:
+            extra = self.image_size - native
             return [v2.Pad([extra // 2, extra // 2, extra - extra // 2, extra - extra // 2])]
         return [v2.Resize([self.image_size, self.image_size], antialias=True)]
 
-    def train_transform(self) -> Callable:
-        """uint8/PIL image -> float tensor in [0, 1], with augmentation when ``augment``."""
-        ops: list[Callable] = [v2.ToImage(), *self._resize()]
+    def train_transform(self, native_size: int | None = None) -> Callable:
+        """uint8/PIL image -> float tensor in [0, 1], with augmentation when ``augment``.
+
+        ``native_size``: the side of the images it will see when not the dataset's own ``native_size``
+        (generated images joined to a real training set), so that padding or resizing fits them.
+        """
+        ops: list[Callable] = [v2.ToImage(), *self._resize(native_size)]
         if self.augment:
             ops.append(v2.RandomCrop(self.image_size, padding=max(1, self.image_size // 8)))
             if self.hflip:

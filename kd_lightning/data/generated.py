@@ -347,7 +347,7 @@ class AugmentedDataModule(ImageDataModule):
                 images, labels, rows = images[pick], labels[pick], rows[pick.numpy()]
             if images.shape[1] != self.in_channels:
                 raise ConfigError(f"store images have {images.shape[1]} channels but the data has {self.in_channels}")
-            fake_tf = self._fake_transform(int(images.shape[-1]))
+            fake_tf = self.train_transform(native_size=int(images.shape[-1]))  # padding fits the fake images
             fake = FakeDataset(images, _store_labels(labels, self.task), fake_tf, offset)
             self.train_dataset = ConcatDataset([real_train, fake])
             self.n_real, self.n_fake = dataset_len(real_train), len(fake)
@@ -362,15 +362,6 @@ class AugmentedDataModule(ImageDataModule):
         if trainer is None or not os.path.isfile(hist):
             return
         log_image(trainer, "store/filter_hist", hist)
-
-    def _fake_transform(self, native: int) -> Callable[[Any], torch.Tensor]:
-        """The real training transform, with padding computed from the fake images' own size."""
-        saved = self.native_size
-        self.native_size = native
-        try:
-            return self.train_transform()
-        finally:
-            self.native_size = saved
 
     def stored_teacher_outputs(self, teacher_sha256: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(indices, teacher logits)`` of the fake samples when the store's filtering teacher is this one.
