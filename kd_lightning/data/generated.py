@@ -15,9 +15,7 @@ teacher cache, CRD's memory banks and self-KD's stores keep working on the union
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,108 +24,42 @@ from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADER
 from torch.utils.data import ConcatDataset, Dataset
 
 from kd_lightning.data.base import ImageDataModule, dataset_len
-from kd_lightning.data.sampler import ResumableSampler
+from kd_lightning.data.fake_samples import FakeDataset, balanced_prefix, store_labels, store_samples
+from kd_lightning.data.sampler import ShareSampler
 from kd_lightning.errors import ConfigError
 from kd_lightning.wandb_media import log_image
 
-
-class FakeDataset(Dataset):
-    """uint8 images and labels as ``{"image", "label", "index"}`` with ``index = offset + i``."""
-
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, transform: Callable[[Any], torch.Tensor], offset: int = 0
-    ) -> None:
-        self.images, self.labels, self.transform, self.offset = images, labels, transform, offset
-        self.targets = labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.transform(self.images[i]), "label": self.labels[i], "index": self.offset + i}
+DATASET_FACTS = ("num_classes", "in_channels", "native_size", "mean", "std", "task", "label_range", "hflip")
+"""What a DataModule over generated samples takes from the real DataModule beside it (its images must match)."""
 
 
-def store_samples(
-    path: str,
-    filtered: bool = True,
-    replaced: bool = True,
-    expect_subsampled: bool | None = None,
-    relabel: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, Any]:
-    """(uint8 images, labels, row numbers in the store's table, the store) of a finished store.
+class FakeTrainDataModule(ImageDataModule):
+    """Base of the DataModules over generated samples: a training split of its own, the real one's other splits.
 
-    ``filtered`` keeps the samples the filter kept (else every accepted one); ``replaced`` uses the
-    final labels (teacher's where replaced) instead of the assigned ones; ``relabel`` gives every sample
-    the filtering teacher's label (its argmax; a regressor's prediction in [0, 1]), whatever the store's
-    replacement setting: the official cGAN-KD classification scripts read such a store (``adjust_True``)
-    while the paper relabels only for regression.
+    With a real ``datamodule``, the dataset facts (:data:`DATASET_FACTS`) are its, and so are the loader
+    settings (batch size, image size, augmentation, workers, seed) that ``kwargs`` leaves out; validation,
+    test and predict are its splits. Without one there is no validation (an empty list) and no test split.
+    A subclass builds the training set: it returns ``(uint8 images, labels)`` from :meth:`_fakes`, or
+    overrides :meth:`build_train_dataset`.
     """
-    from kd_lightning.sampling.store import open_store
-
-    store = open_store(path)
-    s = store.settings
-    if expect_subsampled is not None and bool(s["subsample"]) != expect_subsampled:
-        raise ConfigError(
-            f"store {path!r} was written with subsample={s['subsample']} but subsampled={expect_subsampled} "
-            "was asked; generate a store with the processing you want"
-        )
-    if filtered and not s["filter"]:
-        raise ConfigError(f"store {path!r} was written with filter=false; set filtered false or regenerate it")
-    table = store.table()
-    select = table["kept"] if filtered else table["accepted"]
-    rows = np.nonzero(select.astype(bool))[0]
-    images = torch.from_numpy(store.load_images()[rows])
-    if relabel:
-        if "teacher" not in table.columns:
-            raise ConfigError(
-                f"store {path!r} holds no teacher outputs (written without a teacher); relabel needs them"
-            )
-        t = table["teacher"][rows]
-        relabelled = t.argmax(1) if s["task"] == "classification" else np.clip(t.reshape(-1), 0, 1)
-        labels = torch.from_numpy(relabelled.astype(table["label"].dtype))
-    else:
-        labels = torch.from_numpy(table["final_label" if replaced else "label"][rows])
-    return images, labels, rows, store
-
-
-def balanced_prefix(labels: torch.Tensor, n: int, seed: int, by_class: bool = True) -> torch.Tensor:
-    """Exactly ``n`` sorted row numbers, a seeded draw in which every class keeps its share (up to one sample).
-
-    Each class's rows are shuffled and ranked at ``(rank + 0.5) / class size``; the ``n`` lowest ranks
-    are taken, so any ``n`` follows the class proportions and a smaller ``n`` is a subset of a larger one.
-    """
-    g = torch.Generator().manual_seed(seed)
-    key = torch.empty(len(labels), dtype=torch.float64)
-    groups = labels.unique() if by_class else torch.zeros(1)
-    for c in groups:
-        rows = (labels == c).nonzero().flatten() if by_class else torch.arange(len(labels))
-        rank = torch.empty(len(rows), dtype=torch.float64)
-        rank[torch.randperm(len(rows), generator=g)] = torch.arange(len(rows), dtype=torch.float64)
-        key[rows] = (rank + 0.5) / len(rows)
-    return torch.sort(torch.argsort(key, stable=True)[:n]).values
-
-
-def _store_labels(labels: torch.Tensor, task: str) -> torch.Tensor:
-    return labels.long() if task == "classification" else labels.float()
-
-
-class _FakeTrainBase(ImageDataModule):
-    """Shared: dataset facts copied from the real DataModule (or the generator), real val/test."""
 
     def __init__(self, datamodule: ImageDataModule | None = None, **kwargs: Any) -> None:
         self.real = datamodule
         if datamodule is not None:
-            kwargs.setdefault("batch_size", datamodule.batch_size)
-            kwargs.setdefault("image_size", datamodule.image_size)
-            kwargs.setdefault("augment", datamodule.augment)
-            kwargs.setdefault("num_workers", datamodule.num_workers)
-            kwargs.setdefault("seed", datamodule.seed)
-            for key in ("num_classes", "in_channels", "native_size", "mean", "std", "task", "label_range", "hflip"):
+            for key in ("batch_size", "image_size", "augment", "num_workers", "seed"):
+                kwargs.setdefault(key, getattr(datamodule, key))
+            for key in DATASET_FACTS:
                 setattr(self, key, getattr(datamodule, key))
         super().__init__(**kwargs)
 
     def _fakes(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def build_train_dataset(self) -> Dataset:
+        """The training set, built once by ``setup("fit")``: the generated samples through the training transform."""
+        images, labels = self._fakes()
+        self._check_images(images)
+        return FakeDataset(images, store_labels(labels, self.task), self.train_transform())
 
     def setup(self, stage: str | None = None) -> None:
         if self.real is not None:
@@ -135,9 +67,7 @@ class _FakeTrainBase(ImageDataModule):
             self.val_dataset, self.test_dataset = self.real.val_dataset, self.real.test_dataset
             self.predict_dataset = self.real.predict_dataset
         if stage in ("fit", None) and self.train_dataset is None:
-            images, labels = self._fakes()
-            self._check_images(images)
-            self.train_dataset = FakeDataset(images, _store_labels(labels, self.task), self.train_transform())
+            self.train_dataset = self.build_train_dataset()
 
     def _check_images(self, images: torch.Tensor) -> None:
         if self.real is None:  # no real data to match: the images decide
@@ -146,19 +76,22 @@ class _FakeTrainBase(ImageDataModule):
             raise ConfigError(f"generated images have {images.shape[1]} channels but the data has {self.in_channels}")
         self.native_size = int(images.shape[-1])
 
+    def _real_eval(self) -> ImageDataModule:
+        if self.real is None:
+            raise ConfigError(f"{type(self).__name__} has no test split without a real datamodule")
+        return self.real
+
     def val_dataloader(self) -> EVAL_DATALOADERS:
         return self.real.val_dataloader() if self.real is not None else []
 
     def test_dataloader(self) -> EVAL_DATALOADERS:
-        if self.real is None:
-            raise ConfigError(f"{type(self).__name__} has no test split without a real datamodule")
-        return self.real.test_dataloader()
+        return self._real_eval().test_dataloader()
 
     def predict_dataloader(self) -> EVAL_DATALOADERS:
-        return self.test_dataloader()
+        return self._real_eval().predict_dataloader()
 
 
-class GeneratedDataModule(_FakeTrainBase):
+class GeneratedDataModule(FakeTrainDataModule):
     """Raw samples straight from a generator checkpoint: ``per_class`` per class, or ``per_value`` per label value.
 
     Args:
@@ -219,7 +152,7 @@ class GeneratedDataModule(_FakeTrainBase):
         return (images * 255).round().clamp(0, 255).to(torch.uint8), labels
 
 
-class FilteredDataModule(_FakeTrainBase):
+class FilteredDataModule(FakeTrainDataModule):
     """The samples of a finished store with the processing chosen.
 
     Args:
@@ -253,7 +186,7 @@ class FilteredDataModule(_FakeTrainBase):
         return images, labels
 
 
-class AugmentedDataModule(ImageDataModule):
+class AugmentedDataModule(FakeTrainDataModule):
     """``D^r ∪ D^g_rho``: a real DataModule's training set plus a store's samples (cGAN-KD's M3).
 
     Args:
@@ -277,6 +210,8 @@ class AugmentedDataModule(ImageDataModule):
     students train.
     """
 
+    real: ImageDataModule  # always given here
+
     def __init__(
         self,
         datamodule: ImageDataModule,
@@ -294,20 +229,13 @@ class AugmentedDataModule(ImageDataModule):
             raise ConfigError(f"fake_ratio={fake_ratio}; expected a number >= 0 (a multiple of the real set) or null")
         if fake_ratio is not None and max_fake is not None:
             raise ConfigError("give fake_ratio or max_fake, not both")
-        self.real = datamodule
-        for key in ("num_classes", "in_channels", "native_size", "mean", "std", "task", "label_range", "hflip"):
-            setattr(self, key, getattr(datamodule, key))
         super().__init__(
+            datamodule,
             root=datamodule.root,
-            batch_size=datamodule.batch_size,
             eval_batch_size=datamodule.eval_batch_size,
             val_fraction=datamodule.val_fraction,
             train_size=datamodule.train_size,
-            image_size=datamodule.image_size,
             resize_mode=datamodule.resize_mode,
-            augment=datamodule.augment,
-            num_workers=datamodule.num_workers,
-            seed=datamodule.seed,
         )
         self.store_path, self.filtered, self.replaced = store, filtered, replaced
         self.fake_share, self.max_fake = fake_share, max_fake
@@ -317,43 +245,38 @@ class AugmentedDataModule(ImageDataModule):
         self._store_rows: np.ndarray | None = None
         self._store = None
 
-    def setup(self, stage: str | None = None) -> None:
-        self.real.setup(stage)
-        self.val_dataset, self.test_dataset = self.real.val_dataset, self.real.test_dataset
-        self.predict_dataset = self.real.predict_dataset
-        if stage in ("fit", None) and self.train_dataset is None:
-            from kd_lightning.data.utils import num_indices
+    def build_train_dataset(self) -> Dataset:
+        """The real training set followed by the store's samples (indices after the real index range)."""
+        from kd_lightning.data.utils import num_indices
 
-            real_train = self.real.train_dataset
-            if real_train is None:
-                raise RuntimeError(f"{type(self.real).__name__}.setup('fit') built no training set")
-            offset = num_indices(self.real)
-            images, labels, rows, store = store_samples(
-                self.store_path, self.filtered, self.replaced, relabel=self.relabel
-            )
-            if self.fake_ratio is not None:
-                want = round(self.fake_ratio * dataset_len(real_train))
-                if want > len(images):
-                    raise ConfigError(
-                        f"fake_ratio={self.fake_ratio} asks for {want} fake samples ({self.fake_ratio} x "
-                        f"{dataset_len(real_train)} real) but the store {self.store_path!r} gives {len(images)}; "
-                        "write a larger store"
-                    )
-                pick = balanced_prefix(labels, want, self.seed, self.task == "classification")
-                images, labels, rows = images[pick], labels[pick], rows[pick.numpy()]
-            elif self.max_fake is not None and self.max_fake < len(images):
-                pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))[: self.max_fake]
-                pick = pick.sort().values
-                images, labels, rows = images[pick], labels[pick], rows[pick.numpy()]
-            if images.shape[1] != self.in_channels:
-                raise ConfigError(f"store images have {images.shape[1]} channels but the data has {self.in_channels}")
-            fake_tf = self.train_transform(native_size=int(images.shape[-1]))  # padding fits the fake images
-            fake = FakeDataset(images, _store_labels(labels, self.task), fake_tf, offset)
-            self.train_dataset = ConcatDataset([real_train, fake])
-            self.n_real, self.n_fake = dataset_len(real_train), len(fake)
-            self.num_train_indices = offset + len(fake)
-            self._store_rows, self._store = rows, store
-            self._log_filter_histogram()
+        real_train = self.real.train_dataset
+        if real_train is None:
+            raise RuntimeError(f"{type(self.real).__name__}.setup('fit') built no training set")
+        offset = num_indices(self.real)
+        images, labels, rows, store = store_samples(self.store_path, self.filtered, self.replaced, relabel=self.relabel)
+        if self.fake_ratio is not None:
+            want = round(self.fake_ratio * dataset_len(real_train))
+            if want > len(images):
+                raise ConfigError(
+                    f"fake_ratio={self.fake_ratio} asks for {want} fake samples ({self.fake_ratio} x "
+                    f"{dataset_len(real_train)} real) but the store {self.store_path!r} gives {len(images)}; "
+                    "write a larger store"
+                )
+            pick = balanced_prefix(labels, want, self.seed, self.task == "classification")
+            images, labels, rows = images[pick], labels[pick], rows[pick.numpy()]
+        elif self.max_fake is not None and self.max_fake < len(images):
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))[: self.max_fake]
+            pick = pick.sort().values
+            images, labels, rows = images[pick], labels[pick], rows[pick.numpy()]
+        if images.shape[1] != self.in_channels:
+            raise ConfigError(f"store images have {images.shape[1]} channels but the data has {self.in_channels}")
+        fake_tf = self.train_transform(native_size=int(images.shape[-1]))  # padding fits the fake images
+        fake = FakeDataset(images, store_labels(labels, self.task), fake_tf, offset)
+        self.n_real, self.n_fake = dataset_len(real_train), len(fake)
+        self.num_train_indices = offset + len(fake)
+        self._store_rows, self._store = rows, store
+        self._log_filter_histogram()
+        return ConcatDataset([real_train, fake])
 
     def _log_filter_histogram(self) -> None:
         """Show the store's filter histograms (``filter_hist.png``) in every logger that takes images (W&B)."""
@@ -400,57 +323,12 @@ class AugmentedDataModule(ImageDataModule):
             generator=torch.Generator().manual_seed(self.shuffle_seed()),
         )
 
-    def val_dataloader(self) -> EVAL_DATALOADERS:
-        return self.real.val_dataloader()
-
-    def test_dataloader(self) -> EVAL_DATALOADERS:
-        return self.real.test_dataloader()
-
-    def predict_dataloader(self) -> EVAL_DATALOADERS:
-        return self.real.predict_dataloader()
-
-
-class ShareSampler(ResumableSampler):
-    """Batches of ``batch_size`` with ``round(share x batch_size)`` fake positions each (indices >= n_real).
-
-    The order is a function of ``(seed, epoch)`` like :class:`ResumableSampler`, so a resumed run
-    continues mid-epoch exactly. An epoch is one pass over the real samples (full batches only);
-    fakes follow a seeded permutation that continues across epochs.
-    """
-
-    def __init__(self, n_real: int, n_fake: int, batch_size: int, share: float, seed: int) -> None:
-        self.n_real, self.n_fake, self.bs = n_real, n_fake, batch_size
-        self.k_fake = min(batch_size - 1, max(1, round(share * batch_size)))
-        self.k_real = batch_size - self.k_fake
-        if n_fake == 0:
-            raise ConfigError("fake_share is set but the store gives no fake samples")
-        self.n_batches = max(1, n_real // self.k_real)
-        super().__init__(range(self.n_batches * batch_size), seed=seed, shuffle=True)
-
-    def permutation(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        real = torch.randperm(self.n_real, generator=g)
-        need = self.n_batches * self.k_fake
-        start = epoch * need
-        passes = math.ceil((start + need) / self.n_fake) + 1
-        fake_stream = torch.cat(
-            [
-                torch.randperm(self.n_fake, generator=torch.Generator().manual_seed(self.seed * 7919 + p))
-                for p in range(start // self.n_fake, passes)
-            ]
-        )
-        offset = start - (start // self.n_fake) * self.n_fake
-        fake = fake_stream[offset : offset + need] + self.n_real
-        order: list[int] = []
-        for b in range(self.n_batches):
-            order += real[b * self.k_real : (b + 1) * self.k_real].tolist()
-            order += fake[b * self.k_fake : (b + 1) * self.k_fake].tolist()
-        return order
-
 
 __all__ = [
+    "DATASET_FACTS",
     "AugmentedDataModule",
     "FakeDataset",
+    "FakeTrainDataModule",
     "FilteredDataModule",
     "GeneratedDataModule",
     "ShareSampler",

@@ -23,7 +23,7 @@ from typing import Any, cast
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from kd_lightning.errors import CheckpointError
+from kd_lightning.errors import CheckpointError, ConfigError
 
 
 class ResumableSampler(DistributedSampler):
@@ -169,4 +169,42 @@ class ResumableDataLoader(DataLoader):
         self._epoch_start, self._batches = 0, 0
 
 
-__all__ = ["ResumableDataLoader", "ResumableSampler"]
+class ShareSampler(ResumableSampler):
+    """Batches of ``batch_size`` with ``round(share x batch_size)`` fake positions each (indices >= n_real).
+
+    The order is a function of ``(seed, epoch)`` like :class:`ResumableSampler`, so a resumed run
+    continues mid-epoch exactly. An epoch is one pass over the real samples (full batches only);
+    fakes follow a seeded permutation that continues across epochs.
+    """
+
+    def __init__(self, n_real: int, n_fake: int, batch_size: int, share: float, seed: int) -> None:
+        self.n_real, self.n_fake, self.bs = n_real, n_fake, batch_size
+        self.k_fake = min(batch_size - 1, max(1, round(share * batch_size)))
+        self.k_real = batch_size - self.k_fake
+        if n_fake == 0:
+            raise ConfigError("fake_share is set but the store gives no fake samples")
+        self.n_batches = max(1, n_real // self.k_real)
+        super().__init__(range(self.n_batches * batch_size), seed=seed, shuffle=True)
+
+    def permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        real = torch.randperm(self.n_real, generator=g)
+        need = self.n_batches * self.k_fake
+        start = epoch * need
+        passes = math.ceil((start + need) / self.n_fake) + 1
+        fake_stream = torch.cat(
+            [
+                torch.randperm(self.n_fake, generator=torch.Generator().manual_seed(self.seed * 7919 + p))
+                for p in range(start // self.n_fake, passes)
+            ]
+        )
+        offset = start - (start // self.n_fake) * self.n_fake
+        fake = fake_stream[offset : offset + need] + self.n_real
+        order: list[int] = []
+        for b in range(self.n_batches):
+            order += real[b * self.k_real : (b + 1) * self.k_real].tolist()
+            order += fake[b * self.k_fake : (b + 1) * self.k_fake].tolist()
+        return order
+
+
+__all__ = ["ResumableDataLoader", "ResumableSampler", "ShareSampler"]
