@@ -278,6 +278,17 @@ def test_augmented_datamodule_keeps_indices_unique_and_evaluation_real(digit_sto
     assert all(int((b["index"] >= share.num_train_indices - share.n_fake).sum()) == 8 for b in batches)
 
 
+def test_augmented_fakes_get_padding_for_their_own_size_and_the_facts_stay_the_real_ones(digit_store: Path) -> None:
+    real = DigitsDataModule(batch_size=16, image_size=20, augment=False)  # digits are 8 px, the store's 16 px
+    dm = AugmentedDataModule(real, str(digit_store))
+    dm.setup("fit")
+    assert dm.native_size == real.native_size == 8 and dm.image_size == 20
+    fake = dm.train_dataset.datasets[1]
+    stored = fake.images[0].float() / 255
+    assert torch.allclose(fake[0]["image"][:, 2:18, 2:18], stored) and fake[0]["image"][:, :2].abs().sum() == 0
+    assert dm.train_dataset[0]["image"].shape == fake[0]["image"].shape == (1, 20, 20)
+
+
 def test_filtered_and_generated_datamodules(parts: dict[str, Path], digit_store: Path) -> None:
     t = open_store(digit_store).table()
     dm = FilteredDataModule(str(digit_store), DigitsDataModule(batch_size=16, image_size=16))
