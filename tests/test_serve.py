@@ -118,6 +118,20 @@ def test_a_chunked_body_is_cut_at_the_limit_also_with_eight_uploads_at_once() ->
     assert asyncio.run(_upload(app, 1024, content_length=1024 * CHUNK)) == (413, 0)
 
 
+def test_queries_beyond_max_concurrent_get_503_with_retry_after_and_the_slots_free_again() -> None:
+    """Memory for bodies is bounded by max_concurrent x max_body: the third of three uploads that stream at once
+    is refused before a byte is read, and once they are answered a new query gets in."""
+    service = _Echo()
+    app = create_app(service, None, max_body_bytes=8 * CHUNK, max_concurrent=2)  # type: ignore[arg-type]
+
+    async def three() -> list[tuple[int, int]]:
+        return await asyncio.gather(*(_upload(app, 4) for _ in range(3)))
+
+    assert sorted(asyncio.run(three())) == [(200, 4 * CHUNK), (200, 4 * CHUNK), (503, 0)]
+    assert service.bodies == [4 * CHUNK, 4 * CHUNK]
+    assert asyncio.run(_upload(app, 4)) == (200, 4 * CHUNK)  # the slots were given back
+
+
 def test_a_chunked_upload_over_a_socket_gets_413() -> None:
     import uvicorn
 
@@ -168,6 +182,12 @@ def test_a_public_host_without_a_token_is_refused_unless_insecure_is_said(
     assert serve_main.main([*ckpt, "--host", "127.0.0.1"]) == 0  # loopback: no token needed
     assert serve_main.main([*ckpt, "--host", "localhost"]) == 0
     assert started == ["0.0.0.0", "0.0.0.0", "127.0.0.1", "localhost"]
+
+
+def test_max_concurrent_below_one_exits_2_naming_the_value(capsys: pytest.CaptureFixture[str]) -> None:
+    assert serve_main.main(["--ckpt", "t.ckpt", "--max-concurrent", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-concurrent 0; expected a positive integer" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("port", ["70000", "-1", "http"])

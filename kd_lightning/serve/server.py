@@ -51,14 +51,21 @@ if TYPE_CHECKING:
     from kd_lightning.serve.service import TeacherService
 
 
-def create_app(service: "TeacherService", token: str | None = None, max_body_bytes: int = 256 * 2**20) -> "FastAPI":
-    """The FastAPI app around a :class:`~kd_lightning.serve.service.TeacherService`."""
+def create_app(
+    service: "TeacherService", token: str | None = None, max_body_bytes: int = 256 * 2**20, max_concurrent: int = 8
+) -> "FastAPI":
+    """The FastAPI app around a :class:`~kd_lightning.serve.service.TeacherService`.
+
+    At most ``max_concurrent`` queries are read or answered at once; more get 503 with ``Retry-After`` (the client
+    retries them), so the bodies held in memory stay under ``max_concurrent * max_body_bytes``.
+    """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="kd_lightning black-box teacher", docs_url=None, redoc_url=None, openapi_url=None)
+    in_flight = [0]  # queries being read or answered (one event loop: no lock needed)
 
     def refused(status: int, detail: str, **headers: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
@@ -79,6 +86,17 @@ def create_app(service: "TeacherService", token: str | None = None, max_body_byt
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             return refused(413, f"body of {length} bytes; the limit is {max_body_bytes}")
+        if in_flight[0] >= max_concurrent:
+            return refused(
+                503, f"{in_flight[0]} queries in flight; the limit is {max_concurrent}", **{"Retry-After": "1"}
+            )
+        in_flight[0] += 1
+        try:
+            return await answer(request)
+        finally:
+            in_flight[0] -= 1
+
+    async def answer(request: Request) -> Response:
         # counted while it streams in (a chunked body has no Content-Length): at most the limit plus one chunk is
         # held before the 413; uvicorn then closes the connection without reading the rest
         received = bytearray()
@@ -119,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batch", "--max-batch", type=int, default=1024, help="most images per request (more: 413)")
     p.add_argument("--max_body_mb", "--max-body-mb", type=float, default=256.0,
                    help="largest request body in MiB (more: 413)")  # fmt: skip
+    p.add_argument("--max_concurrent", "--max-concurrent", type=int, default=8,
+                   help="most queries read or answered at once (more: 503, which clients retry); memory for "
+                        "bodies stays under max_concurrent x max_body_mb")  # fmt: skip
     p.add_argument("--log", default=None, help="JSON-lines log of every answered request (what was charged)")
     p.add_argument(
         "--replay_db",
@@ -144,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch < 1:
         print(f"kdl serve-teacher: --max-batch {args.max_batch}; expected a positive integer", file=sys.stderr)
         return 2
+    if args.max_concurrent < 1:
+        print(
+            f"kdl serve-teacher: --max-concurrent {args.max_concurrent}; expected a positive integer", file=sys.stderr
+        )
+        return 2
     if not _is_loopback(args.host) and token is None:
         if not args.insecure_no_token:
             print(
@@ -160,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KDLError, ValueError) as e:
         print(f"kdl serve-teacher: error: {e}", file=sys.stderr)
         return 2
-    app = create_app(service, token, int(args.max_body_mb * 2**20))
+    app = create_app(service, token, int(args.max_body_mb * 2**20), args.max_concurrent)
     print(
         f"kdl serve-teacher: {service.teacher.describe()} answering {args.responses} on "
         f"http://{args.host}:{args.port} (token {'required' if token else 'not required'})",
