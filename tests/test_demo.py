@@ -47,8 +47,11 @@ def test_demo_runs_teacher_and_students_on_digits_and_prints_the_table(
 ) -> None:
     argv = ["--root", str(tmp_path / "none"), "--teacher", "tinynet", "--student", "tinynet", "--epochs", "1"]
     assert demo.main([*argv, "--out", str(tmp_path / "out"), "--precision", "32-true"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "precision 32-true" in out and "scikit-learn digits" in out
+    for noise in ("Test metric", "Trainable params", "smaller than the logging interval"):  # no repeat of the table
+        assert noise not in out + captured.err, noise
     rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
     assert [r.split(" | ")[0].strip("| ") for r in rows] == ["teacher", "student_nokd", "student_blkd"]
     for name in ("teacher", "student_nokd", "student_blkd"):
@@ -93,3 +96,16 @@ def test_demo_compiles_its_fits_when_asked(tmp_path: Path, capsys: pytest.Captur
     for name in ("teacher", "student_nokd", "student_blkd"):  # each fit's saved config lists the callback
         config = next((tmp_path / "out" / name).rglob("config.yaml")).read_text()
         assert "kd_lightning.callbacks.Compile" in config
+
+
+def test_a_teacher_below_the_student_alone_is_pointed_out() -> None:
+    rows = [
+        {"name": "teacher", "test_acc1": 0.24, "n_train": 2000},
+        {"name": "student_nokd", "test_acc1": 0.41, "n_train": 2000},
+        {"name": "student_blkd", "test_acc1": 0.09, "n_train": 2000},
+    ]
+    note = demo.weak_teacher_warning(rows, epochs=1)
+    assert note is not None and "teacher (24.00% test top-1) is below the student trained alone (41.00%)" in note
+    assert "1 epoch(s)" in note and "EPOCHS=3" in note
+    rows[0]["test_acc1"] = 0.80
+    assert demo.weak_teacher_warning(rows, epochs=1) is None

@@ -76,6 +76,7 @@ class Runner(Planner):
                 results = stage_results(step.command, step.dir)
             rows.append((step.name, step.command, step.dir, results))
             folders.append(step.dir)
+            folders += [step.artifacts[k] for k in step.spec.get("outputs", {})]  # a store's grids and histograms
         table = results_table(rows)
         if table:
             self.out.write(f"\nResults (fits: best validation metric; tests: the test split):\n{table}\n")

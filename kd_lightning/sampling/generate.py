@@ -367,6 +367,9 @@ class Generation:
             hist = histogram_png(errors, by_class, m2.cutoffs, title, xlabel)
             atomic_write_bytes(str(store.root / "filter_hist.png"), hist)
         store.write_table(table, report)
+        from kd_lightning.sampling.grids import write_store_grids
+
+        write_store_grids(store)  # <store>/grids/{kept,dropped,rejected}.png
         return report
 
 
@@ -485,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         rate = (timing["proposed"] + timing["burn_in"]) / timing["seconds"]
         lines.append(f"{rate:.1f} images/s (proposals and burn-in; timing of a resumed run is partial)")
     print("; ".join(lines), file=sys.stderr)
+    grids = sorted((store.root / "grids").glob("*.png"))
+    if grids:
+        print(f"sample grids (one row per class or label bin): {', '.join(str(g) for g in grids)}", file=sys.stderr)
     from kd_lightning.sampling.consistency import store_chance_warning
 
     if warning := store_chance_warning(cfg.out):
