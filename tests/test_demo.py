@@ -43,7 +43,7 @@ def test_the_demo_and_kdl_fit_share_one_cpu_bf16_check(flags: str, monkeypatch: 
 
 
 def test_demo_runs_teacher_and_students_on_digits_and_prints_the_table(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder
 ) -> None:
     argv = ["--root", str(tmp_path / "none"), "--teacher", "tinynet", "--student", "tinynet", "--epochs", "1"]
     assert demo.main([*argv, "--out", str(tmp_path / "out"), "--precision", "32-true"]) == 0
@@ -69,6 +69,9 @@ def test_demo_runs_teacher_and_students_on_digits_and_prints_the_table(
     # --force retrains
     assert demo.main([*argv, "--out", str(tmp_path / "out"), "--precision", "32-true", "--force"]) == 0
     assert "not retrained" not in capsys.readouterr().out
+    # the demo's own advice filters: retraining into its folders, and Lightning's logging-interval advice
+    advice = ("exists and is not empty", "logging interval")
+    assert not [w for w in recwarn if any(a in str(w.message) for a in advice)]
 
 
 def test_make_demo_takes_its_size_from_make_variables() -> None:
