@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,8 +32,9 @@
 # written with `keep_rejected: true` also shows the rejected proposals); `GRID_N` (`KDL_GRID_N`), samples per class
 # in the grids (default 10). A relative path is resolved against the project root (`$KDL_PROJECT_ROOT`, else this
 # repository), not the kernel's folder; a folder without a store is an error that names it. The committed outputs
-# come from the Fashion-MNIST store of docs/cgankd.md (100 accepted samples per class). `tests/test_notebooks.py`
-# runs this notebook with papermill, from another working directory, on a tiny store.
+# are this notebook run with its defaults on the store of `kdl pipeline --config recipes/cgankd/digits/pipeline.yaml`
+# (seeded: the same pipeline on a machine like this one gives the same store; 50 accepted samples per class).
+# `tests/test_notebooks.py` runs this notebook with papermill, from another working directory, on a tiny store.
 
 # %% tags=["parameters"]
 import os
@@ -58,7 +61,7 @@ report = store.report
 settings = store.settings
 if settings["task"] != "classification":
     raise ValueError(f"{store_dir} holds a {settings['task']} store; this notebook explores class-conditional stores")
-print(f"{store_dir}: {len(table)} rows, task {settings['task']}, rho {settings['rho']}, seed {settings['seed']}")
+print(f"{STORE}: {len(table)} rows, task {settings['task']}, rho {settings['rho']}, seed {settings['seed']}")
 print(f"columns: {', '.join(table.columns)}")
 
 # %%

@@ -866,3 +866,13 @@ stages:
     assert load_checkpoint(last)["global_step"] > stopped
     rec = json.loads((tmp_path / "student/pipeline/student.json").read_text())
     assert rec["attempts"] == 2 and rec["status"] == "done"
+
+
+def test_the_plots_a_stage_writes_into_its_declared_outputs_are_listed(fake, capsys) -> None:
+    """A store's grids sit in the store folder (a declared output), not in the stage's run folder: listed too."""
+    Path("pipe.yaml").write_text(
+        "stages: [{name: g, command: generate, dir: runs/g, outputs: {store: runs/store},"
+        " args: {fake.touch: runs/store/grids/kept.png}}]"
+    )
+    assert main(["--config", "pipe.yaml"]) == 0
+    assert "Plots:\n  runs/store/grids/kept.png\n" in capsys.readouterr().out
