@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -96,6 +97,7 @@ def run_stage(
         if saved.get("settings") == settings:
             print(f"\n=== {name}: done before with the same settings, not retrained ({record}; --force retrains)")
             return dict(saved["row"])
+    replace_earlier_run(Path(root_dir))
     common = [
         "--config",
         str(recipe),
@@ -156,6 +158,23 @@ def run_stage(
     }
     record.write_text(json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
     return row
+
+
+def replace_earlier_run(root: Path) -> None:
+    """Remove what an earlier demo run (other settings, or ``--force``) left in ``root`` before training again.
+
+    Otherwise its ``lightning_logs/version_*`` stay beside the new ones, and ``kdl report`` and the notebooks, which
+    read every version of a run folder, would mix the two runs' curves.
+    """
+    parts = [root / p for p in ("lightning_logs", "checkpoints", "plots", "demo.json") if (root / p).exists()]
+    if not parts:
+        return
+    print(f"\n(replacing the earlier run in {root}: {', '.join(p.name for p in parts)})")
+    for part in parts:
+        if part.is_dir():
+            shutil.rmtree(part)
+        else:
+            part.unlink()
 
 
 def print_table(rows: list[dict], dataset: str, args: argparse.Namespace) -> None:

@@ -69,6 +69,10 @@ def test_demo_runs_teacher_and_students_on_digits_and_prints_the_table(
     # --force retrains
     assert demo.main([*argv, "--out", str(tmp_path / "out"), "--precision", "32-true", "--force"]) == 0
     assert "not retrained" not in capsys.readouterr().out
+    # the retrained runs replaced the earlier ones: one fit and one test version each, as after the first demo
+    for name in ("teacher", "student_nokd", "student_blkd"):
+        versions = sorted(p.name for p in (tmp_path / "out" / name / "lightning_logs").iterdir())
+        assert versions == ["version_0", "version_1"], (name, versions)
     # the demo's own advice filters: retraining into its folders, and Lightning's logging-interval advice
     advice = ("exists and is not empty", "logging interval")
     assert not [w for w in recwarn if any(a in str(w.message) for a in advice)]
