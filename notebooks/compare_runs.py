@@ -32,6 +32,8 @@
 # kernel's folder. No run found is an error that says where it looked. The same table from a shell:
 # `kdl report runs/demo/* --out report.md`. `tests/test_notebooks.py` runs this notebook with papermill on run
 # folders it makes, from another working directory.
+#
+# The committed outputs are this notebook run with its defaults after `make demo EPOCHS=3 TRAIN_SIZE=5000`.
 
 # %% tags=["parameters"]
 import os
@@ -66,9 +68,10 @@ if not runs:
         "to folders with lightning_logs/version_*/metrics.csv"
     )
 print(f"{len(runs)} runs read" + "".join(f"\nskipped {s}" for s in skipped))
-for run in runs:
+for run in runs:  # folders under the project root are shown relative to it
+    shown = run.path.relative_to(ROOT) if run.path.is_relative_to(ROOT) else run.path
     best = run.selected.get("val/epoch")
-    print(f"  {run.path}  {run.method()}  seed {run.seed}  best epoch {best:.0f}" if best is not None else run.path)
+    print(f"  {shown}  {run.method()}  seed {run.seed}  best epoch {best:.0f}" if best is not None else shown)
 
 # %% [markdown]
 # ## Learning curves (one colour per group)

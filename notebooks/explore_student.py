@@ -36,8 +36,9 @@
 #
 # A relative path is resolved against the project root (`$KDL_PROJECT_ROOT`, else this repository), not the
 # kernel's folder; a missing checkpoint is an error that names it. A student's name is its folder's name (the
-# parent's for a `seed*` folder); the last student is the one examined in detail. The committed outputs come from
-# a resnet20 teacher and resnet8 NOKD, AB, ReviewKD and SimKD students (Fashion-MNIST, 5,000 training images).
+# parent's for a `seed*` folder); the last student is the one examined in detail. The committed outputs are this
+# notebook run with its defaults after `make demo EPOCHS=3 TRAIN_SIZE=5000` (resnet20 teacher, resnet8 NOKD and BLKD
+# students, seed 0; a short run, so the accuracies are low; the default `make demo` trains longer).
 # `tests/test_notebooks.py` runs this notebook with papermill, from another working directory, against tiny
 # checkpoints and fake data.
 
@@ -86,8 +87,11 @@ models = {"teacher": FrozenTeacher.from_checkpoint(teacher_ckpt)}
 models |= {run_name(s): FrozenTeacher.from_checkpoint(s / "checkpoints" / "best.ckpt") for s in student_dirs}
 NAMES = list(models)
 FOCUS = NAMES[-1]
-for name, model in models.items():
-    print(f"{name:10s} {model.net_name}, {model.num_classes} classes: {model.source}")
+WIDTH = max(10, *(len(n) for n in NAMES))  # the name column of the printed tables
+for name, model in models.items():  # paths under the project root are shown relative to it
+    source = Path(str(model.source))
+    shown = source.relative_to(project_root()) if source.is_relative_to(project_root()) else source
+    print(f"{name:{WIDTH}s} {model.net_name}, {model.num_classes} classes: {shown}")
 
 # %%
 # the same validation split as training (val_fraction 0.1, seed 0): used only to fit the temperature
@@ -128,10 +132,10 @@ for name in NAMES:
     s["temperature"] = fit_temperature(*val[name])
     s["ece_ts"] = classification_summary(test[name] / s["temperature"], labels)["ece"]
     summary[name] = s
-print(f"{'model':10s} {'top-1 err':>9s} {'macro-F1':>8s} {'ECE':>6s} {'T':>5s} {'ECE after TS':>12s}")
+print(f"{'model':{WIDTH}s} {'top-1 err':>9s} {'macro-F1':>8s} {'ECE':>6s} {'T':>5s} {'ECE after TS':>12s}")
 for name, s in summary.items():
     print(
-        f"{name:10s} {s['top1_error']:8.2f}% {s['f1']:8.3f} {s['ece']:5.2f}% {s['temperature']:5.2f} "
+        f"{name:{WIDTH}s} {s['top1_error']:8.2f}% {s['f1']:8.3f} {s['ece']:5.2f}% {s['temperature']:5.2f} "
         f"{s['ece_ts']:11.2f}%"
     )
 
