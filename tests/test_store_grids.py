@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from kd_lightning.callbacks.gan_quality import save_grid_png
 from kd_lightning.sampling.generate import generate
 from kd_lightning.sampling.generate import main as generate_main
 from kd_lightning.sampling.grids import grid_image
@@ -35,3 +37,17 @@ def test_generate_writes_a_grid_per_sample_kind_and_names_them(parts: dict[str, 
     err = capsys.readouterr().err
     assert f"sample grids (one row per class or label bin): {tmp_path / 't' / 'grids' / 'dropped.png'}" in err
     assert sorted(p.name for p in (tmp_path / "t" / "grids").iterdir()) == ["dropped.png", "kept.png"]
+
+
+def test_gan_grids_of_small_images_are_enlarged_by_whole_pixels(tmp_path: Path) -> None:
+    from PIL import Image
+
+    images = torch.rand(6, 1, 8, 8)
+    save_grid_png(images, str(tmp_path / "g.png"), nrow=3)
+    grid = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+    assert grid.shape == (2 * 32 + 3 * 2, 3 * 32 + 4 * 2)  # 8 px -> 32 px blocks, 2 px padding
+    first = grid[2:34, 2:34]
+    expected = np.kron((images[0, 0].numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8), np.ones((4, 4), np.uint8))
+    assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1
+    save_grid_png(torch.rand(2, 3, 32, 32), str(tmp_path / "h.png"), nrow=2)  # 32 px and more: as they are
+    assert Image.open(tmp_path / "h.png").size == (2 * 32 + 3 * 2, 32 + 2 * 2)

@@ -43,8 +43,16 @@ if TYPE_CHECKING:
     from kd_lightning.methods.gan import GANTask
 
 
-def save_grid_png(images: torch.Tensor, path: str, nrow: int) -> None:
-    """Images in [0, 1] -> one PNG grid, written atomically."""
+def save_grid_png(images: torch.Tensor, path: str, nrow: int, min_side: int = 32) -> None:
+    """Images in [0, 1] -> one PNG grid, written atomically.
+
+    Images smaller than ``min_side`` pixels are enlarged by a whole factor (nearest neighbour, every pixel a block),
+    so a grid of 8 px digits is not a thumbnail.
+    """
+    side = int(images.shape[-1])
+    if 0 < side < min_side:
+        factor = -(-min_side // side)
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
     buf = io.BytesIO()
     save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
