@@ -106,6 +106,7 @@ def test_adaptive_kn_fits_on_digits_and_spends_exactly_its_budget(digits8_teache
     assert s["journal_spent"] == 32 == s["query_budget"] and s["images_paid"] == 32
     state = m.adaptive
     assert state is not None and state.done and state.collected == 32 and len(state.actions) == 32
+    assert state.terms.shape == (32, 3) and torch.isfinite(state.terms).all() and torch.isfinite(state.history).all()
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert state.bandit.steps == 32 and not torch.equal(state.bandit.H, torch.zeros_like(state.bandit.H))
     # every draw took the class it asked for: the image's ground-truth class is the action's class

@@ -332,7 +332,8 @@ class AdaptiveState:
         self.transfer = torch.full((len(labels), num_classes), float("nan"))
         self.recent = torch.zeros(0, num_classes)
         self.actions = torch.zeros(0, dtype=torch.long)  # every action drawn and answered, in order
-        self.history = torch.zeros(0, dtype=torch.float64)  # ... and the reward it earned
+        self.history = torch.zeros(0, dtype=torch.float64)  # ... the reward it earned
+        self.terms = torch.zeros(0, len(rewards), dtype=torch.float64)  # ... and its raw reward terms
         self.done = False
 
     @property
@@ -388,15 +389,17 @@ class AdaptiveState:
         """Record the answers, then reward each draw in order and update the bandit; returns the mean reward."""
         self.transfer[index] = answers
         terms = {"certainty": certainty_reward(answers), "loss": loss_reward(student, answers)}
-        total = []
+        total, raw = [], []
         for i in range(len(index)):
             self.recent = torch.cat([self.recent, answers[i : i + 1]])[-self.window :]
             terms_i = {**{k: v[i] for k, v in terms.items()}, "diversity": diversity_reward(answers[i], self.recent)}
-            r = float(self.scaler(torch.stack([terms_i[name] for name in self.rewards])).sum())
+            raw.append(torch.stack([terms_i[name] for name in self.rewards]).double())
+            r = float(self.scaler(raw[-1]).sum())
             self.bandit.update(int(actions[i]), r, masks[i])
             total.append(r)
         self.actions = torch.cat([self.actions, actions])
         self.history = torch.cat([self.history, torch.tensor(total, dtype=torch.float64)])
+        self.terms = torch.cat([self.terms, torch.stack(raw)])
         if self.collected >= self.size or not self.available(self.free()).any():
             self.done = True
         return sum(total) / len(total)
@@ -411,6 +414,7 @@ class AdaptiveState:
             "recent": self.recent.clone(),
             "actions": self.actions.clone(),
             "history": self.history.clone(),
+            "terms": self.terms.clone(),
             "done": self.done,
         }
 
@@ -426,6 +430,7 @@ class AdaptiveState:
         self.generator.set_state(state["generator"])
         self.transfer, self.recent = state["transfer"].clone(), state["recent"].clone()
         self.actions, self.history = state["actions"].clone(), state["history"].clone()
+        self.terms = state["terms"].clone()
         self.done = bool(state["done"])
 
 
