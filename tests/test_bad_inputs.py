@@ -327,6 +327,8 @@ def test_catalogue_size() -> None:
 # ---------------------------------------------------------------------------------------------- cases with set-up
 MORE_CASES = (
     "test_untrusted_checkpoint_is_refused_and_runs_nothing",
+    "test_trust_reaches_serve_teacher_and_the_stages_of_a_pipeline",
+    "test_ckpt_path_none_evaluates_the_untrained_model_on_purpose",
     "test_legacy_and_plain_pickle_checkpoints_say_what_they_are",
     "test_explicit_checkpoint_path_resumes_with_the_same_recipe",
     "test_resume_into_another_net_is_refused_even_when_allowed",
@@ -395,6 +397,38 @@ def test_untrusted_checkpoint_is_refused_and_runs_nothing(
         load_checkpoint(tmp_path / "evil.ckpt")
     assert kdl("test", "--config", STUDENT, "--trust", "nope.ckpt") == 2
     assert "--trust 'nope.ckpt' does not exist" in capsys.readouterr().err
+
+
+def test_trust_reaches_serve_teacher_and_the_stages_of_a_pipeline(
+    kdl, capsys, tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--trust`` is accepted by every command: kdl serve-teacher loads the named file, and kdl pipeline hands it to
+    its stages (their own processes), which dropped it before and then refused the file the user had trusted."""
+    import uvicorn
+
+    ckpt = torch.load(trained, weights_only=True)
+    torch.save({**ckpt, "payload": Evil()}, tmp_path / "evil.ckpt")
+    pwned = tmp_path / "pwned"
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)  # loaded and ready: nothing to listen on here
+    capsys.readouterr()
+    assert kdl("serve-teacher", "--ckpt", "evil.ckpt", "--trust", "evil.ckpt") == 0, capsys.readouterr().err
+    assert pwned.exists()
+    pwned.unlink()
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the stage's own kdl process imports this checkout
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    (tmp_path / "p.yaml").write_text(
+        "stages:\n  - {name: s, command: sample, dir: runs/s, args: [--ckpt, evil.ckpt, --per_class, 1, --out, s.pt]}\n"
+    )
+    assert kdl("pipeline", "--config", "p.yaml", "--trust", "evil.ckpt") != 0  # the stage fails: it is no GAN ...
+    log = (tmp_path / "runs/s/pipeline/s.log").read_text()
+    assert "not by a GAN" in log, log  # ... found after reading the file it was told to trust
+    assert pwned.exists() and "holds more than tensors" not in log
+    assert TRUST_ENV not in os.environ  # the trust ended with the command
+
+
+def test_ckpt_path_none_evaluates_the_untrained_model_on_purpose(kdl, capsys) -> None:
+    with pytest.warns(UserWarning, match="--ckpt_path none: evaluating the model as the recipe builds it"):
+        assert kdl("test", "--config", STUDENT, *TINY, "--ckpt_path", "none") == 0
 
 
 def test_legacy_and_plain_pickle_checkpoints_say_what_they_are(kdl, capsys, tmp_path: Path, trained: Path) -> None:
