@@ -574,12 +574,38 @@ def test_a_teacher_trained_on_another_image_size_is_refused(kdl, capsys, tmp_pat
     )  # fmt: skip
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_run_folder_is_named(kdl, capsys, tmp_path: Path) -> None:
+def test_a_read_only_run_folder_is_named(kdl, capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kdl fit, kdl pipeline (``--vars.root``) and kdl report (``--out``) in a read-only folder: one line, exit 2.
+
+    Root may write into a 0o555 folder, so the checks and writes are made to fail as they do for a user."""
+    import tempfile
+
     (tmp_path / "ro").mkdir(mode=0o555)
+    ro = str(tmp_path / "ro")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: not str(p).startswith(ro) and access(p, mode, **kw))
+    mkstemp = tempfile.mkstemp
+
+    def denied(*args: object, dir: str | None = None, **kwargs: object) -> tuple[int, str]:
+        if str(dir).startswith(ro):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(str(dir), ".tmp-x"))
+        return mkstemp(*args, dir=dir, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    capsys.readouterr()
     assert kdl("fit", "--config", STUDENT, *TINY, "--trainer.default_root_dir", "ro/run") == 2
     err = capsys.readouterr().err
     assert "trainer.default_root_dir 'ro/run'" in err and "is not writable" in err and "Traceback" not in err
+    (tmp_path / "p.yaml").write_text(PIPE_ROOT)
+    assert kdl("pipeline", "--config", "p.yaml", "--vars.root", "ro") == 2
+    err = capsys.readouterr().err
+    assert "stage 'g' dir 'ro/g'" in err and "is not writable" in err and "Traceback" not in err
+    from tests.helpers import fake_run
+
+    run = fake_run(tmp_path / "a_run", 0, [0.5], 0.5)
+    assert kdl("report", str(run), "--quiet", "--out", "ro/report.md") == 2
+    err = capsys.readouterr().err
+    assert "--out 'ro/report.md': cannot write there: Permission denied" in err and err.count("\n") == 1, err
 
 
 def test_16_mixed_on_a_cpu_without_amx_warns(kdl, monkeypatch) -> None:
