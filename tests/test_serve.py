@@ -182,12 +182,22 @@ def test_a_public_host_without_a_token_is_refused_unless_insecure_is_said(
     assert serve_main.main([*ckpt, "--host", "127.0.0.1"]) == 0  # loopback: no token needed
     assert serve_main.main([*ckpt, "--host", "localhost"]) == 0
     assert started == ["0.0.0.0", "0.0.0.0", "127.0.0.1", "localhost"]
+    # a blank --token (an unset shell variable: --token "$TOKEN") is no secret: refused, on any host
+    capsys.readouterr()
+    for host in ("0.0.0.0", "127.0.0.1"):
+        assert serve_main.main([*ckpt, "--host", host, "--token", ""]) == 2
+        err = capsys.readouterr().err
+        assert "--token is empty; expected a secret" in err and "Traceback" not in err
+    assert started == ["0.0.0.0", "0.0.0.0", "127.0.0.1", "localhost"]
 
 
 def test_max_concurrent_below_one_exits_2_naming_the_value(capsys: pytest.CaptureFixture[str]) -> None:
     assert serve_main.main(["--ckpt", "t.ckpt", "--max-concurrent", "0"]) == 2
     err = capsys.readouterr().err
     assert "--max-concurrent 0; expected a positive integer" in err and "Traceback" not in err
+    for size in ("0", "-1"):  # every body would be a 413
+        assert serve_main.main(["--ckpt", "t.ckpt", "--max-body-mb", size]) == 2
+        assert f"--max-body-mb {size}; expected a positive size in MiB" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("port", ["70000", "-1", "http"])
