@@ -174,7 +174,7 @@ def test_the_pool_cache_trains_bit_identically_and_runs_the_generator_once_per_i
         m.pool_cache = cached
         calls = []
         forward = m.generator.forward
-        m.generator.forward = lambda z, f=forward: calls.append(len(z)) or f(z)  # type: ignore[method-assign]
+        m.generator.forward = lambda z, f=forward, c=calls: c.append(len(z)) or f(z)  # type: ignore[method-assign]
         root = tmp_path / str(cached)
         trainer = quiet_trainer(root, max_steps=9, val_check_interval=3, limit_val_batches=2)
         trainer.fit(m, pool("latent"))
