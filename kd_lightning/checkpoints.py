@@ -58,14 +58,26 @@ def is_trusted(path: str | os.PathLike) -> bool:
 
 @contextmanager
 def trust_scope(paths: Sequence[str | os.PathLike] = ()) -> Iterator[None]:
-    """Trust ``paths`` (and whatever :func:`trust` adds) for the length of one command, then forget them."""
-    saved = set(_trusted)
-    _trusted.update(_key(p) for p in paths)
+    """Trust ``paths`` (and whatever :func:`trust` adds) for the length of one command, then forget them.
+
+    ``paths`` (the command's ``--trust``) are also added to :data:`TRUST_ENV` meanwhile, so the processes the
+    command starts (``kdl pipeline``'s stages, ``kdl sweep``'s trials) trust the same files, and no others.
+    """
+    saved, saved_env = set(_trusted), os.environ.get(TRUST_ENV)
+    keys = [_key(p) for p in paths]
+    _trusted.update(keys)
+    if keys:
+        os.environ[TRUST_ENV] = os.pathsep.join([*(saved_env.split(os.pathsep) if saved_env else []), *keys])
     try:
         yield
     finally:
         _trusted.clear()
         _trusted.update(saved)
+        if keys:
+            if saved_env is None:
+                os.environ.pop(TRUST_ENV, None)
+            else:
+                os.environ[TRUST_ENV] = saved_env
 
 
 def pop_trust_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -129,9 +141,10 @@ def file_format(path: str | os.PathLike) -> str:
 
 def _trust_hint(path: Path) -> str:
     hint = f"If you trust where it came from, pass --trust {shlex.quote(str(path))}"
-    if os.environ.get(TRUST_ENV, "") in _OLD_FLAG_VALUES:
+    old = next((e for e in os.environ.get(TRUST_ENV, "").split(os.pathsep) if e in _OLD_FLAG_VALUES), None)
+    if old is not None:
         hint += (
-            f" ({TRUST_ENV}={os.environ[TRUST_ENV]} no longer trusts every file of a command: set it to the "
+            f" ({TRUST_ENV}={old} no longer trusts every file of a command: set it to the "
             f"trusted files' paths, separated by {os.pathsep!r})"
         )
     return hint

@@ -327,6 +327,8 @@ def test_catalogue_size() -> None:
 # ---------------------------------------------------------------------------------------------- cases with set-up
 MORE_CASES = (
     "test_untrusted_checkpoint_is_refused_and_runs_nothing",
+    "test_trust_reaches_serve_teacher_and_the_stages_of_a_pipeline",
+    "test_ckpt_path_none_evaluates_the_untrained_model_on_purpose",
     "test_legacy_and_plain_pickle_checkpoints_say_what_they_are",
     "test_explicit_checkpoint_path_resumes_with_the_same_recipe",
     "test_resume_into_another_net_is_refused_even_when_allowed",
@@ -395,6 +397,38 @@ def test_untrusted_checkpoint_is_refused_and_runs_nothing(
         load_checkpoint(tmp_path / "evil.ckpt")
     assert kdl("test", "--config", STUDENT, "--trust", "nope.ckpt") == 2
     assert "--trust 'nope.ckpt' does not exist" in capsys.readouterr().err
+
+
+def test_trust_reaches_serve_teacher_and_the_stages_of_a_pipeline(
+    kdl, capsys, tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--trust`` is accepted by every command: kdl serve-teacher loads the named file, and kdl pipeline hands it to
+    its stages (their own processes), which dropped it before and then refused the file the user had trusted."""
+    import uvicorn
+
+    ckpt = torch.load(trained, weights_only=True)
+    torch.save({**ckpt, "payload": Evil()}, tmp_path / "evil.ckpt")
+    pwned = tmp_path / "pwned"
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)  # loaded and ready: nothing to listen on here
+    capsys.readouterr()
+    assert kdl("serve-teacher", "--ckpt", "evil.ckpt", "--trust", "evil.ckpt") == 0, capsys.readouterr().err
+    assert pwned.exists()
+    pwned.unlink()
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the stage's own kdl process imports this checkout
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    (tmp_path / "p.yaml").write_text(
+        "stages:\n  - {name: s, command: sample, dir: runs/s, args: [--ckpt, evil.ckpt, --per_class, 1, --out, s.pt]}\n"
+    )
+    assert kdl("pipeline", "--config", "p.yaml", "--trust", "evil.ckpt") != 0  # the stage fails: it is no GAN ...
+    log = (tmp_path / "runs/s/pipeline/s.log").read_text()
+    assert "not by a GAN" in log, log  # ... found after reading the file it was told to trust
+    assert pwned.exists() and "holds more than tensors" not in log
+    assert TRUST_ENV not in os.environ  # the trust ended with the command
+
+
+def test_ckpt_path_none_evaluates_the_untrained_model_on_purpose(kdl, capsys) -> None:
+    with pytest.warns(UserWarning, match="--ckpt_path none: evaluating the model as the recipe builds it"):
+        assert kdl("test", "--config", STUDENT, *TINY, "--ckpt_path", "none") == 0
 
 
 def test_legacy_and_plain_pickle_checkpoints_say_what_they_are(kdl, capsys, tmp_path: Path, trained: Path) -> None:
@@ -540,12 +574,38 @@ def test_a_teacher_trained_on_another_image_size_is_refused(kdl, capsys, tmp_pat
     )  # fmt: skip
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_run_folder_is_named(kdl, capsys, tmp_path: Path) -> None:
+def test_a_read_only_run_folder_is_named(kdl, capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kdl fit, kdl pipeline (``--vars.root``) and kdl report (``--out``) in a read-only folder: one line, exit 2.
+
+    Root may write into a 0o555 folder, so the checks and writes are made to fail as they do for a user."""
+    import tempfile
+
     (tmp_path / "ro").mkdir(mode=0o555)
+    ro = str(tmp_path / "ro")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: not str(p).startswith(ro) and access(p, mode, **kw))
+    mkstemp = tempfile.mkstemp
+
+    def denied(*args: object, dir: str | None = None, **kwargs: object) -> tuple[int, str]:
+        if str(dir).startswith(ro):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(str(dir), ".tmp-x"))
+        return mkstemp(*args, dir=dir, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    capsys.readouterr()
     assert kdl("fit", "--config", STUDENT, *TINY, "--trainer.default_root_dir", "ro/run") == 2
     err = capsys.readouterr().err
     assert "trainer.default_root_dir 'ro/run'" in err and "is not writable" in err and "Traceback" not in err
+    (tmp_path / "p.yaml").write_text(PIPE_ROOT)
+    assert kdl("pipeline", "--config", "p.yaml", "--vars.root", "ro") == 2
+    err = capsys.readouterr().err
+    assert "stage 'g' dir 'ro/g'" in err and "is not writable" in err and "Traceback" not in err
+    from tests.helpers import fake_run
+
+    run = fake_run(tmp_path / "a_run", 0, [0.5], 0.5)
+    assert kdl("report", str(run), "--quiet", "--out", "ro/report.md") == 2
+    err = capsys.readouterr().err
+    assert "--out 'ro/report.md': cannot write there: Permission denied" in err and err.count("\n") == 1, err
 
 
 def test_16_mixed_on_a_cpu_without_amx_warns(kdl, monkeypatch) -> None:

@@ -229,6 +229,7 @@ FASHION = RECIPES / "mekd" / "fashion_mnist"
 #: recipe -> extra arguments for a toy run (a pool of 40 fake images)
 BASELINE_RECIPES = {
     "kn": ["--model.init_args.transfer_size", "40"],
+    "kn_adaptive": ["--model.init_args.transfer_size", "40", "--model.init_args.adaptive_batch", "8"],
     "al": [],
     "dafl": [],
     "am": [],
@@ -256,11 +257,12 @@ def test_fashion_mnist_baseline_recipes_fit_their_budget(name: str) -> None:
 
     cfg = yaml.safe_load((FASHION / f"{name}.yaml").read_text())
     model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
-    assert cfg["model"]["class_path"] == name.upper() and cfg["seed_everything"] == 0
+    method = name.split("_")[0]  # kn_adaptive is KN with policy: adaptive
+    assert cfg["model"]["class_path"] == method.upper() and cfg["seed_everything"] == 0
     rounds = len(model.get("round_epochs", [])) - 1
     needed = {"kn": model.get("transfer_size"), "am": data["pool_size"] + rounds * model.get("mix_per_round", 0)}
-    if name in needed:
-        assert needed[name] == model["query_budget"]
+    if method in needed:
+        assert needed[method] == model["query_budget"]
     assert ("hard" if name == "db3kd" else "soft") == model.get("responses", "soft")
 
 

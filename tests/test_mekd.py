@@ -153,6 +153,42 @@ def test_lf_gradients_reach_only_the_student_and_the_generator_stays_frozen(
     assert (tmp_path / "queries" / "stats.json").is_file()
 
 
+@pytest.mark.parametrize("arm", ["mekd_soft", "mekd_hard", "kd_gz"])
+def test_the_pool_cache_trains_bit_identically_and_runs_the_generator_once_per_item(
+    arm: str,
+    generator_ckpt: Path,
+    digits8_teacher: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Three epochs over a 48-item latent pool with and without :class:`PoolCache`: the same weights, logged values
+    and query stats; with the cache, G runs on the query side and the teacher side during the first epoch only."""
+    results = {}
+    for cached in (False, True):
+        L.seed_everything(0)
+        if arm == "kd_gz":
+            m: MEKD | BlackBoxKD = BlackBoxKD(
+                generator=str(generator_ckpt), teacher=str(digits8_teacher), net="tinynet", **DIGITS
+            )
+        else:
+            m = mekd(generator_ckpt, digits8_teacher, responses=arm.split("_")[1], kl_scale="tau2")
+        m.pool_cache = cached
+        calls = []
+        forward = m.generator.forward
+        m.generator.forward = lambda z, f=forward, c=calls: c.append(len(z)) or f(z)  # type: ignore[method-assign]
+        root = tmp_path / str(cached)
+        trainer = quiet_trainer(root, max_steps=9, val_check_interval=3, limit_val_batches=2)
+        trainer.fit(m, pool("latent"))
+        stats = (root / "queries" / "stats.json").read_text()
+        results[cached] = (m.state_dict(), dict(trainer.callback_metrics), stats, len(calls))
+    (sd0, met0, stats0, calls0), (sd1, met1, stats1, calls1) = results[False], results[True]
+    assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert met0.keys() == met1.keys() and all(torch.equal(met0[k], met1[k]) for k in met0)
+    assert stats0 == stats1 and '"journal_spent": 48' in stats1  # every item paid once, later epochs free
+    per_step = 1 if arm == "kd_gz" else 3  # G(z), and for MEKD G(T/tau) and G(S/tau)
+    assert calls0 == 9 * per_step
+    assert calls1 == 9 * per_step - 6 * (per_step - (arm != "kd_gz"))  # epochs 2-3: only MEKD's G(S/tau)
+
+
 @pytest.mark.parametrize(("method", "responses"), [("kd", "soft"), ("kd", "hard"), ("ml", "soft"), ("dkd", "soft")])
 def test_baselines_train_on_queried_local_images_without_labels(
     method: str,

@@ -46,6 +46,7 @@ CHAINED: dict[str, str] = {
     "cgankd/steering_angle/*.yaml": "test_cgankd_templates.py::test_the_cgankd_student_takes_a_step_on_a_store",
     "cgankd/*/*.yaml": "test_cgankd.py::test_every_cgankd_stage_recipe_runs_in_order",
     "mekd/fashion_mnist/kn.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
+    "mekd/fashion_mnist/kn_adaptive.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
     "mekd/fashion_mnist/al.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
     "mekd/fashion_mnist/dafl.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",
     "mekd/fashion_mnist/am.yaml": "test_blackbox_baselines.py::test_fashion_baselines_run",

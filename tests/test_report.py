@@ -205,3 +205,20 @@ def test_out_creates_at_most_one_folder(kdl, tmp_path: Path, capsys, monkeypatch
     (tmp_path / "f").write_text("")
     assert kdl("report", run, "--quiet", "--out", "f/report.md") == 2
     assert "'f' is a file" in capsys.readouterr().err
+
+
+def test_every_name_of_the_report_package_is_one_object_of_its_part() -> None:
+    """``kd_lightning.report`` was one module: its names stay importable there, each the object its part defines,
+    and matplotlib loads only when a curve is drawn (only ``report/plots.py`` imports it, inside a function)."""
+    import importlib
+
+    import kd_lightning.report as report
+
+    parts = [importlib.import_module(f"kd_lightning.report.{m}") for m in ("runs", "groups", "plots", "cli")]
+    for name in report.__all__:
+        homes = [p for p in parts if name in vars(p) and getattr(p, name) is getattr(report, name)]
+        assert homes, name
+    sources = {p.__name__: Path(p.__file__).read_text() for p in parts}
+    assert [n for n, s in sources.items() if "import matplotlib" in s or "from matplotlib" in s] == [
+        "kd_lightning.report.plots"
+    ]

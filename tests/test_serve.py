@@ -182,12 +182,22 @@ def test_a_public_host_without_a_token_is_refused_unless_insecure_is_said(
     assert serve_main.main([*ckpt, "--host", "127.0.0.1"]) == 0  # loopback: no token needed
     assert serve_main.main([*ckpt, "--host", "localhost"]) == 0
     assert started == ["0.0.0.0", "0.0.0.0", "127.0.0.1", "localhost"]
+    # a blank --token (an unset shell variable: --token "$TOKEN") is no secret: refused, on any host
+    capsys.readouterr()
+    for host in ("0.0.0.0", "127.0.0.1"):
+        assert serve_main.main([*ckpt, "--host", host, "--token", ""]) == 2
+        err = capsys.readouterr().err
+        assert "--token is empty; expected a secret" in err and "Traceback" not in err
+    assert started == ["0.0.0.0", "0.0.0.0", "127.0.0.1", "localhost"]
 
 
 def test_max_concurrent_below_one_exits_2_naming_the_value(capsys: pytest.CaptureFixture[str]) -> None:
     assert serve_main.main(["--ckpt", "t.ckpt", "--max-concurrent", "0"]) == 2
     err = capsys.readouterr().err
     assert "--max-concurrent 0; expected a positive integer" in err and "Traceback" not in err
+    for size in ("0", "-1"):  # every body would be a 413
+        assert serve_main.main(["--ckpt", "t.ckpt", "--max-body-mb", size]) == 2
+        assert f"--max-body-mb {size}; expected a positive size in MiB" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("port", ["70000", "-1", "http"])
@@ -273,3 +283,41 @@ def test_a_restarted_server_replays_what_it_charged_before_it_died(
     assert charged == len(journalled.answers) == journalled.spent == 8
     assert [r["charged"] for r in records] == [True, False]  # the second answer was a replay
     assert y.shape == (8,)
+
+
+def test_a_request_id_older_than_the_answer_window_is_replayed_free_after_a_restart(
+    digits8_teacher: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The boundary of the replay record: a client retries its pending request after the server answered more
+    requests than it keeps answers for (other clients, other stages) and restarted; it is still not charged twice."""
+    from kd_lightning.teachers.wire import CHARGED_HEADER, REPLAYED_HEADER, decode_array
+
+    def service() -> TeacherService:
+        return TeacherService.from_checkpoint(
+            digits8_teacher, responses="soft", replay_path=tmp_path / "r.sqlite", idempotency_window=2
+        )
+
+    rng = np.random.default_rng(0)
+    bodies = [encode_array(rng.integers(0, 256, (3, 1, 8, 8), dtype=np.uint8)) for _ in range(5)]
+    first = service()
+    status, paid, headers = first.handle(bodies[0], "pending")  # charged; the client dies before journalling it
+    assert status == 200 and headers[CHARGED_HEADER] == "3"
+    for i in (1, 2, 3):  # three more requests: "pending" leaves the window of 2 kept answers
+        assert first.handle(bodies[i], f"other-{i}")[2][CHARGED_HEADER] == "3"
+    first._done.close()
+    again = service()  # the server restarted
+    status, out, headers = again.handle(bodies[0], "pending")
+    assert status == 200 and headers[REPLAYED_HEADER] == "true" and headers[CHARGED_HEADER] == "0"
+    np.testing.assert_array_equal(decode_array(out), decode_array(paid))  # the teacher's answer, asked again
+    assert again.handle(bodies[4], "pending")[0] == 409  # still bound to its images
+    assert again.handle(bodies[3], "other-3")[2][CHARGED_HEADER] == "0"  # a kept answer replays as before
+    assert again.images_charged == 0
+    assert len(again._done) == 4 and again._done.answers_kept() == 2  # every id, the last two answers
+    again._done.close()
+    # a smaller window on a later start drops the answers beyond it at once
+    smaller = TeacherService.from_checkpoint(
+        digits8_teacher, responses="soft", replay_path=tmp_path / "r.sqlite", idempotency_window=1
+    )
+    assert len(smaller._done) == 4 and smaller._done.answers_kept() == 1
+    smaller._done.close()

@@ -14,6 +14,7 @@ student's raw logits.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -103,6 +104,50 @@ class TeacherLink:
             self.client = None
 
 
+class PoolCache:
+    """Rows computed once per fit for the items of a fixed query pool, looked up by the batch's pool ``index``.
+
+    A frozen generator's image of latent code z_i (and MEKD's G(T(x_i)/tau)) is the same at every epoch, so
+    recomputing it is waste: after the first epoch every row is a lookup. A batch with any item not yet held is
+    computed whole, exactly as without the cache, and its rows are kept. The rows are bit-identical to a
+    recomputation because the values depend only on the item (the frozen generator is in eval mode and oneDNN
+    gives each image of a batch of the same size the same result wherever it sits in the batch: tested in
+    tests/test_mekd.py by training with and without the cache). Held in memory only (not in checkpoints).
+    """
+
+    def __init__(self) -> None:
+        self.values: torch.Tensor | None = None
+        self.held: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.values = self.held = None
+
+    def get(self, index: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The rows of ``index``: looked up when all are held, else ``compute()`` (the whole batch), kept."""
+        index = index.long().cpu()
+        held = self.held
+        if self.values is not None and held is not None and int(index.max()) < len(held) and bool(held[index].all()):
+            return self.values[index.to(self.values.device)]
+        out = compute()
+        self._keep(index, out.detach())
+        return out
+
+    def _keep(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        need = int(index.max()) + 1
+        if self.values is None or self.held is None or self.values.shape[1:] != rows.shape[1:]:
+            self.values = rows.new_empty((need, *rows.shape[1:]))
+            self.held = torch.zeros(need, dtype=torch.bool)
+        elif need > len(self.held):  # grow (pool indices arrive in shuffled order)
+            size = max(need, 2 * len(self.held))
+            values = rows.new_empty((size, *rows.shape[1:]))
+            values[: len(self.values)] = self.values
+            held = torch.zeros(size, dtype=torch.bool)
+            held[: len(self.held)] = self.held
+            self.values, self.held = values, held
+        self.values[index.to(self.values.device)] = rows.to(self.values.device)
+        self.held[index] = True
+
+
 def answer_logits(answers: torch.Tensor, responses: Responses, num_classes: int) -> torch.Tensor:
     """Teacher answers as logits: centred ``log p`` (soft) or one-hot vectors (hard)."""
     if responses == "soft":
@@ -142,6 +187,9 @@ class BlackBoxStudent(NetTask):
     task = "classification"
     monitor, monitor_mode = "val/acc1", "max"
     generator: nn.Module  # the frozen generator of ``generator`` (DAFL trains a generator of its own)
+    #: keep the frozen generator's query images (and MEKD's teacher-side images) per pool item for the fit
+    #: (:class:`PoolCache`; same results, see its doc). ``False`` recomputes them at every step.
+    pool_cache: bool = True
 
     def __init__(
         self,
@@ -161,6 +209,21 @@ class BlackBoxStudent(NetTask):
         self._pending = (None if generator is None else load_frozen_generator(generator, ema_generator),)
         super().__init__(**kwargs)
         self.link = TeacherLink(self, {"method": type(self).__name__})
+        self.query_cache = PoolCache()
+        self.pool_index: torch.Tensor | None = None  # pool indices of the training batch being distilled
+
+    def pool_cached(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether this batch's per-item values may come from a :class:`PoolCache`.
+
+        They may with a frozen generator (its images depend on the pool item alone) behind this class's own
+        :meth:`query_images`.
+        """
+        return (
+            self.pool_cache
+            and bool(self.hparams.get("generator"))
+            and "index" in batch
+            and type(self).query_images is BlackBoxStudent.query_images
+        )
 
     def configure_models(self) -> None:
         super().configure_models()
@@ -207,6 +270,7 @@ class BlackBoxStudent(NetTask):
 
     # ------------------------------------------------------------------ loop
     def on_fit_start(self) -> None:
+        self.query_cache.clear()
         self.link.connect(self.hparams.num_classes)
 
     def on_train_epoch_end(self) -> None:
@@ -221,9 +285,17 @@ class BlackBoxStudent(NetTask):
         client = self.link.client
         if client is None:
             raise RuntimeError(f"{type(self).__name__}: the teacher is not connected (on_fit_start has not run)")
-        x = client.prepare(self.query_images(batch).detach())
-        answers = client.query(x)
-        parts = self.distill_loss(x, self(x), answers)
+        cached = self.pool_cached(batch)
+        if cached:
+            x = self.query_cache.get(batch["index"], lambda: client.prepare(self.query_images(batch).detach()))
+        else:
+            x = client.prepare(self.query_images(batch).detach())
+        answers = client.query(x)  # every batch goes through the client: journal, budget and counts as before
+        self.pool_index = batch["index"] if cached else None
+        try:
+            parts = self.distill_loss(x, self(x), answers)
+        finally:
+            self.pool_index = None
         loss = cast(torch.Tensor, sum(parts.values()))  # distill_loss gives at least one part
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, on_step=True, on_epoch=True)
@@ -243,4 +315,4 @@ class BlackBoxStudent(NetTask):
         self._eval_step(batch, "test")
 
 
-__all__ = ["BlackBoxStudent", "TeacherLink", "answer_logits", "check_choice"]
+__all__ = ["BlackBoxStudent", "PoolCache", "TeacherLink", "answer_logits", "check_choice"]

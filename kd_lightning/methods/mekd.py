@@ -31,7 +31,13 @@ from torch import nn
 from kd_lightning.errors import ConfigError
 from kd_lightning.gans import Generator, MEKDDiscriminator, MEKDGenerator, g_loss
 from kd_lightning.methods.blackbox_baselines.kd import BlackBoxKD
-from kd_lightning.methods.blackbox_student import BlackBoxStudent, TeacherLink, answer_logits, check_choice
+from kd_lightning.methods.blackbox_student import (
+    BlackBoxStudent,
+    PoolCache,
+    TeacherLink,
+    answer_logits,
+    check_choice,
+)
 from kd_lightning.methods.gan import DCGAN
 from kd_lightning.teachers.blackbox import QueryClient, Responses, WireDType
 from kd_lightning.teachers.frozen_generator import FrozenGenerator, load_frozen_generator
@@ -235,6 +241,15 @@ class MEKD(BlackBoxStudent):
         if hard_scale <= 0:
             raise ConfigError(f"hard_scale={hard_scale}; expected a number > 0 (1: the official one-hot)")
         super().__init__(generator=generator, **kwargs)
+        self.teacher_cache = PoolCache()  # G(T(x')/tau) per pool item: the answers are fixed, so is the image
+
+    def on_fit_start(self) -> None:
+        self.teacher_cache.clear()
+        super().on_fit_start()
+
+    def _teacher_image(self, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.generator(self._gen_input(t))
 
     def _gen_input(self, logits: torch.Tensor) -> torch.Tensor:
         z = logits / self.hparams.tau
@@ -246,8 +261,8 @@ class MEKD(BlackBoxStudent):
         if hp.responses == "hard":
             t = t * hp.hard_scale
         s = student - student.mean(-1, keepdim=True) if hp.responses == "soft" else student
-        with torch.no_grad():
-            g_t = self.generator(self._gen_input(t))
+        index = self.pool_index  # set in training: the teacher's side of a pool item is computed once per fit
+        g_t = self._teacher_image(t) if index is None else self.teacher_cache.get(index, lambda: self._teacher_image(t))
         diff = (self.generator(self._gen_input(s)) - g_t).flatten(1)
         if hp.lf_reduction == "mean":
             lf = diff.abs().mean() if hp.norm == 1 else diff.pow(2).mean()

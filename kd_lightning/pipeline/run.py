@@ -286,7 +286,10 @@ class Runner(Planner):
             return False
         if d.action == "blocked":
             raise StageFailed(step, 2, f"stage {step.name!r} cannot run: {d.reason}")
-        for bg in [b for b in pending_bg if b.index < step.index]:
+        # a background stage starts before the first later stage that runs, when --only/--from selected it or
+        # when this stage reads it (a server the stage needs starts even if the selection left it out)
+        wanted = {ref.split(".", 1)[0] for ref in step.refs}
+        for bg in [b for b in pending_bg if b.index < step.index and (b.name in self.selected or b.name in wanted)]:
             self.background.start(bg)
             outcome[bg.name] = "started"
             pending_bg.remove(bg)

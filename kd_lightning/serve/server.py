@@ -170,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
             f"kdl serve-teacher: --max-concurrent {args.max_concurrent}; expected a positive integer", file=sys.stderr
         )
         return 2
+    if not args.max_body_mb > 0:
+        size = f"{args.max_body_mb:g}"
+        print(f"kdl serve-teacher: --max-body-mb {size}; expected a positive size in MiB", file=sys.stderr)
+        return 2
+    if token is not None and not token.strip():
+        # an unset shell variable (--token "$TOKEN") would otherwise serve with a blank secret
+        print(
+            "kdl serve-teacher: error: --token is empty; expected a secret (or no --token for a loopback --host)",
+            file=sys.stderr,
+        )
+        return 2
     if not _is_loopback(args.host) and token is None:
         if not args.insecure_no_token:
             print(

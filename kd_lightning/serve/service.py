@@ -69,14 +69,18 @@ def default_replay_path(log_path: str | os.PathLike) -> Path:
 
 
 class ReplayRecord:
-    """Answered request ids with their content digest and answer, oldest first, at most ``window`` of them.
+    """Every answered request id with its content digest; the newest ``window`` also with their answer.
 
     In memory (``path=None``) or in an SQLite file that outlives the process: a record is committed (and synced)
     before its answer leaves the server, so whatever a client may have been charged for can be replayed after a
-    restart. Callers serialise access (the service holds its lock).
+    restart. Request ids are never forgotten: a client re-sends a pending request however many other requests the
+    server answered meanwhile (other clients, other pipeline stages), and an id older than the window is answered
+    again by the teacher, free, instead of being charged twice. Only the answers are dropped beyond the window: they
+    are what takes room (a request id with its digest is about 150 bytes, less than its line in the server's log).
+    Callers serialise access (the service holds its lock).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, window: int = 100_000) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, window: int = 1_000) -> None:
         self.path = None if path is None else Path(path)
         self.window = window
         try:
@@ -85,9 +89,14 @@ class ReplayRecord:
                 if path is not None:
                     self._db.execute("PRAGMA journal_mode=WAL")
                     self._db.execute("PRAGMA synchronous=FULL")
+                # an answer dropped beyond the window is the empty blob (the column is NOT NULL in older files)
                 self._db.execute(
                     "CREATE TABLE IF NOT EXISTS answered (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                     "request_id TEXT UNIQUE NOT NULL, digest TEXT NOT NULL, answer BLOB NOT NULL)"
+                )
+                last = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM answered").fetchone()[0]
+                self._db.execute(  # once per start: a smaller window than the file's last run had
+                    "UPDATE answered SET answer = x'' WHERE seq <= ? AND length(answer) > 0", (last - window,)
                 )
         except sqlite3.Error as e:
             raise ConfigError(
@@ -95,22 +104,26 @@ class ReplayRecord:
                 "(kdl serve-teacher keeps it beside --log, or at --replay-db)"
             ) from None
 
-    def get(self, request_id: str) -> tuple[str, bytes] | None:
-        """``(digest, answer)`` of an answered request id, or ``None``."""
+    def get(self, request_id: str) -> tuple[str, bytes | None] | None:
+        """``(digest, answer)`` of an answered request id (``answer`` ``None`` beyond the window), or ``None``."""
         row = self._db.execute("SELECT digest, answer FROM answered WHERE request_id = ?", (request_id,)).fetchone()
-        return None if row is None else (row[0], bytes(row[1]))
+        return None if row is None else (row[0], bytes(row[1]) or None)
 
     def put(self, request_id: str, digest: str, answer: bytes) -> None:
-        """Remember an answered request (committed before returning), forgetting the oldest beyond the window."""
+        """Remember an answered request (committed before returning); the answer that leaves the window is dropped."""
         with self._db:
             cur = self._db.execute(
-                "INSERT OR REPLACE INTO answered (request_id, digest, answer) VALUES (?, ?, ?)",
-                (request_id, digest, answer),
+                "INSERT INTO answered (request_id, digest, answer) VALUES (?, ?, ?)", (request_id, digest, answer)
             )
-            self._db.execute("DELETE FROM answered WHERE seq <= ?", ((cur.lastrowid or 0) - self.window,))
+            self._db.execute("UPDATE answered SET answer = x'' WHERE seq = ?", ((cur.lastrowid or 0) - self.window,))
 
     def __len__(self) -> int:
+        """How many request ids are remembered (all of them)."""
         return int(self._db.execute("SELECT COUNT(*) FROM answered").fetchone()[0])
+
+    def answers_kept(self) -> int:
+        """How many of them still hold their answer (at most ``window``)."""
+        return int(self._db.execute("SELECT COUNT(*) FROM answered WHERE length(answer) > 0").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()
@@ -125,7 +138,8 @@ class TeacherService:
         image_size: expected image side (``None``: any).
         max_batch: most images per request (more: 413).
         log_path: JSON-lines log of every answered request (``None``: no log).
-        idempotency_window: how many recent request ids are remembered for replays.
+        idempotency_window: how many recent answers are kept for replays; every request id is remembered, and an
+            older one is answered again by the teacher, free (:class:`ReplayRecord`).
         replay_path: SQLite file of the answered request ids (default: beside ``log_path``; in memory without a log).
         preprocess: how a client should bring its images to ``image_size`` (shown by ``/health``).
     """
@@ -137,7 +151,7 @@ class TeacherService:
         image_size: int | None = None,
         max_batch: int = 1024,
         log_path: str | os.PathLike | None = None,
-        idempotency_window: int = 100_000,
+        idempotency_window: int = 1_000,
         replay_path: str | os.PathLike | None = None,
         preprocess: str | None = None,
     ) -> None:
@@ -204,15 +218,18 @@ class TeacherService:
         while True:
             with self._lock:
                 done = self._done.get(request_id)
-                if done is not None:
-                    if done[0] != digest:
-                        return _error(409, f"request id {request_id} was already used for other images")
-                    self._log(request_id, images, False, len(body), len(done[1]))
-                    return 200, done[1], {REPLAYED_HEADER: "true", CHARGED_HEADER: "0"}
                 running = self._running.get(request_id)
-                if running is None:
+                if done is None and running is None:
                     self._running[request_id] = threading.Event()
                     break
+            if done is not None:
+                if done[0] != digest:
+                    return _error(409, f"request id {request_id} was already used for other images")
+                # answered before: the kept answer, or (an id older than the window) the teacher answers again
+                payload = done[1] if done[1] is not None else self._predict(images)
+                self._log(request_id, images, False, len(body), len(payload))
+                return 200, payload, {REPLAYED_HEADER: "true", CHARGED_HEADER: "0"}
+            assert running is not None
             running.wait()  # the same request is being answered (a client retry after a timeout): replay it
         try:
             return self._answer(images, body, request_id, digest)
@@ -250,19 +267,23 @@ class TeacherService:
     def _answer(
         self, images: np.ndarray, body: bytes, request_id: str | None, digest: str
     ) -> tuple[int, bytes, dict[str, str]]:
-        with torch.inference_mode():
-            logits = self.teacher(from_wire(images))
-        if self.responses == "soft":
-            out = torch.softmax(logits.float(), dim=-1).numpy().astype(np.float32)
-        else:
-            out = logits.argmax(-1).numpy().astype(np.int64)
-        payload = encode_array(out)
+        payload = self._predict(images)
         with self._lock:
             self.images_charged += len(images)
             if request_id is not None:
                 self._done.put(request_id, digest, payload)
         self._log(request_id, images, True, len(body), len(payload))
         return 200, payload, {REPLAYED_HEADER: "false", CHARGED_HEADER: str(len(images))}
+
+    def _predict(self, images: np.ndarray) -> bytes:
+        """The teacher's answers to a checked batch, as ``.npy`` bytes."""
+        with torch.inference_mode():
+            logits = self.teacher(from_wire(images))
+        if self.responses == "soft":
+            out = torch.softmax(logits.float(), dim=-1).numpy().astype(np.float32)
+        else:
+            out = logits.argmax(-1).numpy().astype(np.int64)
+        return encode_array(out)
 
     def _log(self, request_id: str | None, images: np.ndarray, charged: bool, bytes_in: int, bytes_out: int) -> None:
         if self.log_path is None:

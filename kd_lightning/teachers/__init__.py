@@ -1,7 +1,8 @@
 """Teachers: frozen white-box models, and black-box teachers seen only through their answers.
 
 Black-box modules, bottom up: :mod:`.wire` (the wire format and protocol constants, shared with
-:mod:`kd_lightning.serve`), :mod:`.journal` (the binary query journal), :mod:`.client` (budget, dedup, retries,
+:mod:`kd_lightning.serve`), the binary query journal (:mod:`.journal_format`: records and bytes; :mod:`.journal`:
+the live file; :mod:`.journal_repair`: check and repair), :mod:`.client` (budget, dedup, retries,
 accounting) and :mod:`.blackbox` (the in-process and HTTP teachers, and :func:`connect_teacher`).
 """
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage and its message
         return int(e.code or 0)
-    from kd_lightning.teachers.journal import check_journal, repair_journal
+    from kd_lightning.teachers.journal_repair import check_journal, repair_journal
 
     try:
         if args.action == "check":

@@ -8,8 +8,9 @@ validation, beside ``val/acc1``, so accuracy against queries can be read from th
 
 - :class:`BlackBoxKD` (``kd.py``) — KD on soft answers, hard-label KD, ML (Ba & Caruana) and DKD, on queried
   local images or G(z).
-- :class:`KN` — Knockoff Nets (Orekondy et al. 2019), random policy: a transfer set of local images drawn at
-  random, queried up front, then KD on it.
+- :class:`KN` — Knockoff Nets (Orekondy et al. 2019): a transfer set of local images, then KD on it; drawn at
+  random and queried up front (``policy: random``, MEKD's), or chosen by the paper's gradient bandit over the pool's
+  classes while the student learns online (``policy: adaptive``).
 - :class:`AL` — adversarial learning (Wang et al. 2018): KD plus a discriminator on logits.
 - :class:`DAFL` — data-free learning (Chen et al. 2019): a generator driven by the teacher's outputs *and
   features*; white-box, as in MEKD's table (it needs the teacher's gradients).

@@ -143,6 +143,7 @@ class AM(PoolBaseline):
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["active_mixup"] = {
             "pairs": self.mix_pairs,
             "weights": self.mix_weights,

@@ -1,56 +1,97 @@
-"""KN: Knockoff Nets (Orekondy et al., CVPR 2019) against the black box, random policy."""
+"""KN: Knockoff Nets (Orekondy et al., CVPR 2019) against the black box: the random and the adaptive policy."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.blackbox import KLScale, tempered_kl
 from kd_lightning.methods.blackbox_baselines.base import PoolBaseline, need_responses
-from kd_lightning.methods.blackbox_student import answer_logits
+from kd_lightning.methods.blackbox_student import answer_logits, check_choice
 from kd_lightning.teachers.client import QueryBudgetExceeded
+
+Policy = Literal["random", "adaptive"]
+Reward = Literal["certainty", "diversity", "loss"]
+REWARDS: tuple[Reward, ...] = ("certainty", "diversity", "loss")
+STATE_KEY = "knockoff_adaptive"  # the adaptive policy's state in a checkpoint
 
 
 class KN(PoolBaseline):
-    """Knockoff Nets (Orekondy et al., CVPR 2019), random policy, as MEKD's ``KN.py`` runs it.
+    """Knockoff Nets (Orekondy et al., CVPR 2019): a transfer set of ``transfer_size`` pool images, then KD on it.
 
-    Transfer-set construction: ``transfer_size`` items of the local pool drawn at random (seeded, no replacement)
-    are queried up front at fit start, in requests of ``build_batch`` images; then the student learns
-    ``tau-scaled KL(softmax(t / T) || softmax(s / T))`` on the transfer set only, each image seen under a fresh
-    random crop (``augment``) while its answer stays the one paid for. The adaptive (bandit) policy of the paper is
-    not implemented. Soft answers only.
+    ``policy: random`` (the default, as MEKD's ``KN.py`` runs it): the transfer set is drawn at random (seeded, no
+    replacement) and queried up front at fit start, in requests of ``build_batch`` images.
+
+    ``policy: adaptive`` (the paper's bandit): the actions are the classes of the pool images (a flat, one-level
+    hierarchy: Fashion-MNIST has no label tree). Each of the first training steps draws ``adaptive_batch`` classes
+    from ``softmax(H)``, takes an unqueried pool image of each at random, queries them in one request, trains the
+    student on the answers (online) and updates ``H`` by the gradient-bandit rule with the sum of the normalised
+    ``rewards`` (:class:`AdaptiveState`). Once the transfer set is full (or no class has an unqueried image left,
+    or the budget is spent), the run goes on as the random policy does, on the transfer set collected. The
+    classes come from the pool's ground-truth labels, which Knockoff Nets assumes the adversary knows for its own
+    images; they choose what to query and are never a training target. The bandit's state is checkpointed, and its
+    draws use its own seeded generator, so a run resumed from a checkpoint draws the same images again and the
+    journal answers them without paying.
+
+    Either way the student learns ``tau-scaled KL(softmax(t / T) || softmax(s / T))`` on the transfer set only,
+    each image seen under a fresh random crop (``augment``) while its answer stays the one paid for. Soft answers
+    only (the certainty reward is the margin of the top two probabilities).
 
     Args:
         transfer_size: images in the transfer set (``None``: the whole pool); must fit in ``query_budget``.
-        policy_seed: seed of the random policy.
+        policy: ``"random"`` or ``"adaptive"``.
+        policy_seed: seed of the policy's draws.
         T: temperature (MEKD code: 5).
         kl_scale: factor of the KL: ``"tau"`` (MEKD code), ``"tau2"`` or ``"none"``.
-        augment: random crops (padding 1/8 of the side) of the transfer images during training.
-        build_batch: images per request while building the transfer set.
+        augment: random crops (padding 1/8 of the side) of the transfer images during training (the adaptive
+            policy's online steps train on the images as queried).
+        build_batch: images per request while building the random transfer set.
+        adaptive_batch: images drawn, queried and learnt per online step of the adaptive policy (paper: 1).
+        rewards: the adaptive policy's reward terms, summed after normalisation (paper's best: all three).
+        diversity_window: answers in the running mean the diversity reward compares with (the paper's Delta).
+        bandit_lr: the bandit's step size; ``None``: 1 / (times the action was drawn).
         **kwargs: see :class:`~kd_lightning.methods.blackbox_student.BlackBoxStudent`.
     """
 
     def __init__(
         self,
         transfer_size: int | None = None,
+        policy: Policy = "random",
         policy_seed: int = 0,
         T: float = 5.0,
         kl_scale: KLScale = "tau",
         augment: bool = True,
         build_batch: int = 256,
+        adaptive_batch: int = 32,
+        rewards: list[Reward] | None = None,
+        diversity_window: int = 25,
+        bandit_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
         need_responses(kwargs.get("responses", "soft"), "soft", "KN")
+        check_choice("policy", policy, ("random", "adaptive"))
         if (transfer_size is not None and transfer_size < 1) or T <= 0 or build_batch < 1:
             raise ConfigError(
                 f"transfer_size={transfer_size}, T={T}, build_batch={build_batch}; expected >= 1 (or null), > 0, >= 1"
             )
+        if adaptive_batch < 1 or diversity_window < 1 or (bandit_lr is not None and bandit_lr <= 0):
+            raise ConfigError(
+                f"adaptive_batch={adaptive_batch}, diversity_window={diversity_window}, bandit_lr={bandit_lr}; "
+                "expected >= 1, >= 1 and > 0 (or null)"
+            )
+        chosen = list(REWARDS if rewards is None else rewards)
+        if not chosen or len(set(chosen)) != len(chosen) or any(r not in REWARDS for r in chosen):
+            raise ConfigError(f"rewards={rewards!r}; expected a non-empty list of distinct names from {list(REWARDS)}")
         super().__init__(**kwargs)
         self.transfer: torch.Tensor | None = None  # N x C answers (NaN outside the transfer set), rebuilt each fit
+        self.adaptive: AdaptiveState | None = None
+        self._loaded: dict[str, Any] | None = None  # the adaptive state read from a checkpoint, until on_fit_start
 
+    # ------------------------------------------------------------------ the transfer set
     def transfer_indices(self, n: int) -> torch.Tensor:
         """The random policy: ``transfer_size`` of ``n`` pool items, sorted."""
         size = self.hparams.transfer_size or n
@@ -62,20 +103,58 @@ class KN(PoolBaseline):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         n = len(self.pool_dataset())
+        if self.hparams.policy == "adaptive":
+            self.start_adaptive(n)
+            return
         chosen = self.transfer_indices(n)
-        budget = self.client.query_budget
-        if budget is not None and len(chosen) > budget:
-            raise QueryBudgetExceeded(
-                f"KN: a transfer set of {len(chosen)} images exceeds query_budget={budget}; "
-                "lower transfer_size or raise the budget"
-            )
+        self.check_budget(len(chosen))
         answers = torch.full((n, int(self.hparams.num_classes)), float("nan"))
         for part in chosen.split(self.hparams.build_batch):
             x = self.client.prepare(self.pool_images(part))
             answers[part] = self.client.query(x).float().cpu()
         self.transfer = answers
 
+    def check_budget(self, size: int) -> None:
+        """Refuse a transfer set over the budget before sending anything."""
+        budget = self.client.query_budget
+        if budget is not None and size > budget:
+            raise QueryBudgetExceeded(
+                f"KN: a transfer set of {size} images exceeds query_budget={budget}; "
+                "lower transfer_size or raise the budget"
+            )
+
+    def pool_labels(self) -> torch.Tensor:
+        """The class of every pool item (item j is a view of local image j mod n): the adaptive policy's actions."""
+        from kd_lightning.data.utils import dataset_labels
+
+        dm = getattr(self.trainer, "datamodule", None)
+        local = getattr(getattr(dm, "local", None), "train_dataset", None)
+        if local is None:
+            raise ConfigError(
+                "KN policy='adaptive' draws pool images by class: give it a QueryPoolDataModule (pool: local)"
+            )
+        labels = dataset_labels(local).long()
+        return labels[torch.arange(len(self.pool_dataset())) % len(labels)]
+
+    def start_adaptive(self, n: int) -> None:
+        hp = self.hparams
+        size = hp.transfer_size or n
+        if size > n:
+            raise ConfigError(f"KN: transfer_size={size} but the pool holds {n} images")
+        self.check_budget(size)
+        state = AdaptiveState(
+            self.pool_labels(), int(hp.num_classes), size, hp.policy_seed, list(hp.rewards or REWARDS),
+            hp.diversity_window, hp.bandit_lr,
+        )  # fmt: skip
+        if self._loaded is not None:
+            state.load_state_dict(self._loaded)
+            self._loaded = None
+        self.adaptive, self.transfer = state, state.transfer
+
+    # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:  # type: ignore[override]
+        if self.adaptive is not None and not self.adaptive.done:
+            return self.adaptive_step()
         assert self.transfer is not None
         index = batch["index"].cpu()
         keep = ~self.transfer[index, 0].isnan()
@@ -90,6 +169,270 @@ class KN(PoolBaseline):
         self.log("train/kl", loss.detach(), on_step=True, on_epoch=True)
         return loss
 
+    def adaptive_step(self) -> torch.Tensor | None:
+        """One online step of the adaptive policy: draw, query (within the budget), learn, reward, update H."""
+        state = self.adaptive
+        assert state is not None
+        index, actions, masks = state.draw(self.hparams.adaptive_batch)
+        answers = None
+        while len(index):
+            x = self.client.prepare(self.pool_images(index))
+            try:
+                answers = self.client.query(x).float()
+                break
+            except QueryBudgetExceeded:
+                room = self.client.remaining or 0  # new images it may still pay for (journalled ones are free)
+                if room >= len(index) or room == 0:
+                    index = index[:0]
+                else:
+                    index, actions, masks = index[:room], actions[:room], masks[:room]
+        if answers is None:
+            state.done = True
+            rank_zero_warn(
+                f"KN: query_budget={self.client.query_budget} is spent ({self.client.spent} images paid, the "
+                f"journal's earlier runs included); the adaptive transfer set stops at {state.collected} images"
+            )
+            return None
+        logits = self(x)
+        reward = state.learn(index, actions, masks, answers.cpu(), logits.detach().float().cpu())
+        t = answer_logits(answers, "soft", self.hparams.num_classes).to(logits.device)
+        loss = tempered_kl(logits, t, self.hparams.T, self.hparams.kl_scale)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/kl", loss.detach(), on_step=True, on_epoch=True)
+        self.log_dict(
+            {"kn/reward": reward, "kn/transfer": float(state.collected), "kn/policy_entropy": state.entropy()},
+            on_step=True, on_epoch=False,
+        )  # fmt: skip
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.adaptive is not None:
+            checkpoint[STATE_KEY] = self.adaptive.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._loaded = checkpoint.get(STATE_KEY)
+
+
+class GradientBandit:
+    """Softmax preferences ``H`` over actions, learnt by the gradient-bandit rule (Sutton & Barto, section 2.8).
+
+    After action ``a`` earns reward ``r``: ``H += step * (r - baseline) * (onehot(a) - pi)``, where ``pi`` is the
+    policy ``a`` was drawn from, ``baseline`` the mean of the rewards before this one (the first reward is its own
+    baseline, so the first update is zero) and ``step`` is ``lr``, or ``1 / N(a)`` (times ``a`` was drawn) when
+    ``lr`` is ``None``. Actions outside ``available`` have probability 0 and keep their preference.
+    """
+
+    def __init__(self, n_actions: int, lr: float | None = None) -> None:
+        self.lr = lr
+        self.H = torch.zeros(n_actions, dtype=torch.float64)
+        self.counts = torch.zeros(n_actions, dtype=torch.long)
+        self.steps = 0
+        self.baseline = 0.0
+
+    def probs(self, available: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.H if available is None else self.H.masked_fill(~available, float("-inf"))
+        return torch.softmax(h, 0)
+
+    def update(self, action: int, reward: float, available: torch.Tensor | None = None) -> float:
+        """Learn from ``reward`` for ``action`` (drawn among ``available``); returns ``reward - baseline``."""
+        pi = self.probs(available)
+        if self.steps == 0:
+            self.baseline = reward
+        advantage = reward - self.baseline
+        self.counts[action] += 1
+        step = self.lr if self.lr is not None else 1.0 / float(self.counts[action])
+        self.H -= step * advantage * pi
+        self.H[action] += step * advantage
+        self.steps += 1
+        self.baseline += (reward - self.baseline) / self.steps
+        return advantage
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"H": self.H.clone(), "counts": self.counts.clone(), "steps": self.steps, "baseline": self.baseline}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.H, self.counts = state["H"].clone(), state["counts"].clone()
+        self.steps, self.baseline = int(state["steps"]), float(state["baseline"])
+
+
+class RunningStandardizer:
+    """Each of K reward terms standardised by the mean and variance of all its values so far (this one included).
+
+    While a term's variance is still 0 (its first value, or constant values) it gives 0.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.n = 0
+        self.mean = torch.zeros(k, dtype=torch.float64)
+        self.m2 = torch.zeros(k, dtype=torch.float64)
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        v = values.double()
+        self.n += 1
+        delta = v - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (v - self.mean)
+        std = (self.m2 / self.n).sqrt()
+        return torch.where(std > 0, (v - self.mean) / std.clamp_min(1e-300), torch.zeros_like(v))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "mean": self.mean.clone(), "m2": self.m2.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n, self.mean, self.m2 = int(state["n"]), state["mean"].clone(), state["m2"].clone()
+
+
+def certainty_reward(p: torch.Tensor) -> torch.Tensor:
+    """Per answer: the margin between the two largest probabilities."""
+    top = p.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def diversity_reward(p: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    """``sum_k max(0, p_k - mean_k)``: how much the answer ``p`` exceeds the mean of the ``recent`` answers."""
+    return (p - recent.mean(0)).clamp_min(0).sum(-1)
+
+
+def loss_reward(student: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per answer: the student's cross-entropy to the teacher's probabilities, ``-sum_k p_k log softmax(s)_k``."""
+    return -(p * F.log_softmax(student, -1)).sum(-1)
+
+
+class AdaptiveState:
+    """The adaptive policy of Knockoff Nets on a pool with class labels (the actions): what it drew and learnt.
+
+    Args:
+        labels: the class of every pool item (only to choose which item to query).
+        num_classes: answer width.
+        size: images to collect.
+        seed: seed of the draws.
+        rewards: the reward terms to sum (each standardised over time by :class:`RunningStandardizer`).
+        window: answers (the current one included) in the diversity reward's running mean.
+        lr: the bandit's step size (``None``: ``1 / N(a)``).
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        num_classes: int,
+        size: int,
+        seed: int,
+        rewards: list[Reward],
+        window: int,
+        lr: float | None,
+    ) -> None:
+        self.classes, self.action_of = labels.unique(return_inverse=True)
+        self.size, self.rewards, self.window = size, rewards, window
+        self.bandit = GradientBandit(len(self.classes), lr)
+        self.scaler = RunningStandardizer(len(rewards))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.transfer = torch.full((len(labels), num_classes), float("nan"))
+        self.recent = torch.zeros(0, num_classes)
+        self.actions = torch.zeros(0, dtype=torch.long)  # every action drawn and answered, in order
+        self.history = torch.zeros(0, dtype=torch.float64)  # ... the reward it earned
+        self.terms = torch.zeros(0, len(rewards), dtype=torch.float64)  # ... and its raw reward terms
+        self.done = False
+
+    @property
+    def collected(self) -> int:
+        return int((~self.transfer[:, 0].isnan()).sum())
+
+    def free(self) -> torch.Tensor:
+        return self.transfer[:, 0].isnan()
+
+    def available(self, free: torch.Tensor) -> torch.Tensor:
+        """Actions (classes) that still have an unqueried pool item."""
+        return torch.bincount(self.action_of[free], minlength=len(self.classes)) > 0
+
+    def entropy(self) -> float:
+        p = self.bandit.probs(self.available(self.free()))
+        return float(-(p * p.clamp_min(1e-300).log()).sum())
+
+    def draw(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Up to ``k`` pool items, one per action drawn from the policy, with the actions and their draw masks.
+
+        Fewer when the transfer set fills or no class has an unqueried item left (then the collection is done).
+        """
+        free = self.free()
+        index, actions, masks = [], [], []
+        for _ in range(min(k, self.size - self.collected)):
+            mask = self.available(free)
+            if not mask.any():
+                break
+            a = int(torch.multinomial(self.bandit.probs(mask).float(), 1, generator=self.generator))
+            items = torch.nonzero(free & (self.action_of == a)).flatten()
+            j = int(items[torch.randint(len(items), (1,), generator=self.generator)])
+            free[j] = False
+            index.append(j)
+            actions.append(a)
+            masks.append(mask)
+        if not index:
+            self.done = True
+            return (
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, 0, dtype=torch.bool),
+            )
+        return torch.tensor(index), torch.tensor(actions), torch.stack(masks)
+
+    def learn(
+        self,
+        index: torch.Tensor,
+        actions: torch.Tensor,
+        masks: torch.Tensor,
+        answers: torch.Tensor,
+        student: torch.Tensor,
+    ) -> float:
+        """Record the answers, then reward each draw in order and update the bandit; returns the mean reward."""
+        self.transfer[index] = answers
+        terms = {"certainty": certainty_reward(answers), "loss": loss_reward(student, answers)}
+        total, raw = [], []
+        for i in range(len(index)):
+            self.recent = torch.cat([self.recent, answers[i : i + 1]])[-self.window :]
+            terms_i = {**{k: v[i] for k, v in terms.items()}, "diversity": diversity_reward(answers[i], self.recent)}
+            raw.append(torch.stack([terms_i[name] for name in self.rewards]).double())
+            r = float(self.scaler(raw[-1]).sum())
+            self.bandit.update(int(actions[i]), r, masks[i])
+            total.append(r)
+        self.actions = torch.cat([self.actions, actions])
+        self.history = torch.cat([self.history, torch.tensor(total, dtype=torch.float64)])
+        self.terms = torch.cat([self.terms, torch.stack(raw)])
+        if self.collected >= self.size or not self.available(self.free()).any():
+            self.done = True
+        return sum(total) / len(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "classes": self.classes.clone(),
+            "bandit": self.bandit.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "transfer": self.transfer.clone(),
+            "recent": self.recent.clone(),
+            "actions": self.actions.clone(),
+            "history": self.history.clone(),
+            "terms": self.terms.clone(),
+            "done": self.done,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not torch.equal(state["classes"], self.classes) or state["transfer"].shape != self.transfer.shape:
+            raise ConfigError(
+                f"the checkpoint's KN adaptive state is for a pool of {tuple(state['transfer'].shape)} answers over "
+                f"classes {state['classes'].tolist()}; this pool gives {tuple(self.transfer.shape)} over "
+                f"{self.classes.tolist()}: resume with the same data"
+            )
+        self.bandit.load_state_dict(state["bandit"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.transfer, self.recent = state["transfer"].clone(), state["recent"].clone()
+        self.actions, self.history = state["actions"].clone(), state["history"].clone()
+        self.terms = state["terms"].clone()
+        self.done = bool(state["done"])
+
 
 def random_crop(x: torch.Tensor) -> torch.Tensor:
     """Each image cropped at a random offset from a zero padding of 1/8 of its side (same size out)."""
@@ -101,4 +444,13 @@ def random_crop(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["KN", "random_crop"]
+__all__ = [
+    "KN",
+    "AdaptiveState",
+    "GradientBandit",
+    "RunningStandardizer",
+    "certainty_reward",
+    "diversity_reward",
+    "loss_reward",
+    "random_crop",
+]
