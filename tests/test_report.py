@@ -222,3 +222,118 @@ def test_every_name_of_the_report_package_is_one_object_of_its_part() -> None:
     assert [n for n, s in sources.items() if "import matplotlib" in s or "from matplotlib" in s] == [
         "kd_lightning.report.plots"
     ]
+
+
+def test_a_quoted_glob_pattern_is_expanded_sorted_and_an_empty_one_is_named(kdl, tmp_path: Path, capsys) -> None:
+    """``kdl report 'runs/demo/*'`` as a script or a Windows shell passes it: the pattern's matches, sorted."""
+    for name, seed in (("b", 1), ("a", 0)):
+        set_config(fake_run(tmp_path / "demo" / name, seed, [0.5, 0.8], 0.8), net=f"net_{name}")
+    assert kdl("report", str(tmp_path / "demo" / "*"), "--group_by", "run", "--quiet") == 0
+    rows = rows_of(capsys.readouterr().out)
+    assert list(rows) == [str(tmp_path / "demo" / "a"), str(tmp_path / "demo" / "b")]
+    pattern = str(tmp_path / "nothing" / "seed*")
+    assert kdl("report", pattern, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert f"run pattern {pattern!r} matches nothing" in err and err.count("\n") == 1
+
+
+class _Terminal:
+    """A stderr that says it is a terminal (what tqdm writes is kept)."""
+
+    def __init__(self) -> None:
+        import io
+
+        self.buffer = io.StringIO()
+
+    def write(self, text: str) -> int:
+        return self.buffer.write(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_shows_only_on_a_terminal_for_many_runs_and_once(kdl, tmp_path: Path, monkeypatch) -> None:
+    few = [str(fake_run(tmp_path / f"r{i:02d}", i, [0.5], 0.5)) for i in range(3)]
+    many = few + [str(fake_run(tmp_path / f"r{i:02d}", i, [0.5], 0.5)) for i in range(3, 20)]  # 20: PROGRESS_MIN_RUNS
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert kdl("report", *few) == 0
+    assert "reading runs" not in terminal.buffer.getvalue()  # three runs: no bar
+    assert kdl("report", *many) == 0
+    assert "reading runs" in terminal.buffer.getvalue()
+    terminal.buffer = _Terminal().buffer
+    assert kdl("report", *many, str(tmp_path / "missing")) == 2  # the error path: the bar ends before the error
+    text = terminal.buffer.getvalue()
+    assert text.rstrip().splitlines()[-1].startswith("kdl report: error:") and "does not exist" in text
+    assert "reading runs" in text.split("kdl report: error:")[0] and "reading runs" not in text.split("error:")[1]
+    plain = _Terminal()
+    monkeypatch.setattr(plain, "isatty", lambda: False)
+    monkeypatch.setattr("sys.stderr", plain)
+    assert kdl("report", *many) == 0
+    assert "reading runs" not in plain.buffer.getvalue()  # a log file or a pipe: no bar
+
+
+def _refit(run: Path, val_acc: list[float], test_acc: float | None = None, resume: bool = False) -> None:
+    """Another ``kdl fit`` (and ``kdl test``) into ``run``: the next lightning_logs versions."""
+    import yaml
+
+    logs = run / "lightning_logs"
+    n = len(list(logs.glob("version_*")))
+    config = yaml.safe_load((logs / "version_0" / "config.yaml").read_text())
+    fit = logs / f"version_{n}"
+    fit.mkdir()
+    (fit / "config.yaml").write_text(yaml.safe_dump({**config, "ckpt_path": "last" if resume else None}))
+    first = 2 if resume else 0
+    rows = ["epoch,step,train/loss_epoch,val/acc1,val/loss"]
+    rows += [f"{first + e},{10 * e + 9},0.4,{a},{1 - a}" for e, a in enumerate(val_acc)]
+    (fit / "metrics.csv").write_text("\n".join(rows) + "\n")
+    if test_acc is not None:
+        test = logs / f"version_{n + 1}"
+        test.mkdir()
+        (test / "config.yaml").write_text(yaml.safe_dump({**config, "ckpt_path": str(run / "checkpoints/best.ckpt")}))
+        (test / "metrics.csv").write_text(f"epoch,step,test/acc1,test/loss\n0,0,{test_acc},0.2\n")
+
+
+def test_a_second_fit_into_the_same_folder_replaces_the_first_one(kdl, tmp_path: Path, capsys) -> None:
+    """fit + test, then fit + test again: only the newest fit's curves and its own test; a resume continues a fit."""
+    run = fake_run(tmp_path / "run", 0, [0.5, 0.7, 0.9], 0.85)  # version_0 fit, version_1 test
+    _refit(run, [0.3, 0.6], 0.55)  # version_2 fit, version_3 test
+    read = read_run(run)
+    assert read.curves["val/acc1"] == [(0, 0.3), (1, 0.6)] and read.test["test/acc1"] == pytest.approx(0.55)
+    assert read.selected["val/acc1"] == pytest.approx(0.6) and not read.notes
+    every = read_run(run, all_versions=True)  # the old merge, on request
+    assert len(every.curves["val/acc1"]) == 5 and every.selected["val/acc1"] == pytest.approx(0.9)
+    assert kdl("report", str(run), "--quiet", "--metrics", "val/acc1,test/acc1") == 0
+    assert "| 60.00 | 55.00 |" in capsys.readouterr().out
+    assert kdl("report", str(run), "--quiet", "--all_versions", "--metrics", "val/acc1") == 0
+    assert "| 90.00 |" in capsys.readouterr().out
+
+    resumed = fake_run(tmp_path / "resumed", 0, [0.5, 0.6], 0.0)
+    import shutil
+
+    shutil.rmtree(resumed / "lightning_logs" / "version_1")
+    _refit(resumed, [0.7, 0.8], 0.75, resume=True)  # version_1 resumes at epoch 2, version_2 tests
+    read = read_run(resumed)
+    assert [e for e, _ in read.curves["val/acc1"]] == [0, 1, 2, 3] and read.test["test/acc1"] == pytest.approx(0.75)
+
+    untested = fake_run(tmp_path / "untested", 0, [0.5, 0.6], 0.6)
+    _refit(untested, [0.7, 0.8])  # a new fit, not tested yet: the old test is not shown as its test
+    read = read_run(untested)
+    assert read.test == {} and read.curves["val/acc1"] == [(0, 0.7), (1, 0.8)]
+    assert kdl("report", str(untested), "--quiet") == 0
+    err = capsys.readouterr().err
+    assert f"warning: run folder {str(untested)!r}" in err and "version_1 belongs to an older fit" in err
+
+
+def test_the_evidence_layout_of_a_fit_and_a_test_version_reads_as_before(tmp_path: Path) -> None:
+    """``seed<k>/<arm>`` with a fit version, a resume of it and a test version: everything is read."""
+    run = fake_run(tmp_path / "seed0" / "aikd", 0, [0.5, 0.6], 0.7)
+    (run / "lightning_logs" / "version_1").rename(run / "lightning_logs" / "version_9")
+    _refit(run, [0.8], resume=True)  # version_2 resumes version_0
+    (run / "lightning_logs" / "version_9").rename(run / "lightning_logs" / "version_3")
+    read = read_run(run)
+    assert read.curves == read_run(run, all_versions=True).curves and read.test["test/acc1"] == pytest.approx(0.7)
+    assert not read.notes

@@ -15,13 +15,15 @@ from kd_lightning.errors import ConfigError, KDLError
 from kd_lightning.fileio import atomic_write_bytes
 from kd_lightning.report.groups import table
 from kd_lightning.report.plots import plot_curves
-from kd_lightning.report.runs import MONITORS, Run, read_runs
+from kd_lightning.report.runs import MONITORS, Run, expand_patterns, read_runs
 
 
 def build_parser() -> ArgumentParser:
     """Build ``kdl report``'s argument parser (flags in :mod:`kd_lightning.flags`' convention)."""
     p = ArgumentParser(prog="kdl report", description=__doc__.split("\n\n")[0], exit_on_error=False)
-    p.add_argument("runs", nargs="+", type=str, help="run folders (trainer.default_root_dir of each run)")
+    p.add_argument("runs", nargs="+", type=str,
+                   help="run folders (trainer.default_root_dir of each run) or quoted glob patterns "
+                        "('runs/demo/*')")  # fmt: skip
     p.add_argument("--group_by", type=str, default="method",
                    help="method (same recipe but the seed), run (one row per run), parent, name (the run "
                         "folder's own name: seed<k>/<arm> layouts), none, "
@@ -31,6 +33,9 @@ def build_parser() -> ArgumentParser:
                    help="write the table (markdown) and its curves beside it; creates at most one folder")  # fmt: skip
     p.add_argument("--title", type=str, default="", help="a line above the table (budget, seeds, data ...)")
     p.add_argument("--quiet", type=bool, default=False, help="no progress output (a flag; also takes true/false)")
+    p.add_argument("--all_versions", type=bool, default=False,
+                   help="read every lightning_logs version of a run, not only its newest fit and the tests after "
+                        "it (a flag; also takes true/false)")  # fmt: skip
     return p
 
 
@@ -77,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(normalize(argv, bools=["--quiet"], aliases=ALIASES))
+        args = build_parser().parse_args(normalize(argv, bools=["--quiet", "--all_versions"], aliases=ALIASES))
     except Exception as e:  # noqa: BLE001 - jsonargparse reports usage errors as exceptions here
         print(f"kdl report: error: {e}", file=sys.stderr)
         return 2
     try:
-        runs, skipped = read_runs(args.runs, quiet=args.quiet)
+        runs, skipped = read_runs(expand_patterns(args.runs), quiet=args.quiet, all_versions=args.all_versions)
+        for note in (n for r in runs for n in r.notes):
+            print(f"kdl report: warning: {note}", file=sys.stderr)
         if skipped:
             shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
             print(
