@@ -149,6 +149,32 @@ def test_the_pipeline_ends_with_a_results_table_and_its_plots(fake, capsys) -> N
     assert json.loads(Path("runs/b/pipeline/b.json").read_text())["results"]["value"] == 0.6
 
 
+def test_a_gan_fit_s_result_is_the_last_point_of_its_quality_curve(tmp_path: Path) -> None:
+    """A GAN logs no validation metric: its row shows GANQuality's last FID, Intra-FID and label consistency."""
+    from kd_lightning.pipeline.report import results_table, stage_results
+
+    run = tmp_path / "cgan"
+    logs = run / "lightning_logs" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text("epoch,step,train/d_loss,train/g_loss\n0,9,1.2,0.8\n")
+    (run / "samples").mkdir()
+    history = [
+        {"step": 200, "quality/fid": 80.5, "quality/intra_fid": 120.25, "quality/label_consistency": 0.31},
+        {"step": 400, "quality/fid": 41.2, "quality/intra_fid": 95.5, "quality/label_consistency": 0.725},
+    ]
+    (run / "samples" / "quality.json").write_text(json.dumps(history))
+    results = stage_results("fit", str(run))
+    assert results == {"quality/fid": 41.2, "quality/intra_fid": 95.5, "quality/label_consistency": 0.725, "step": 400}
+    row = results_table([("cgan", "fit", str(run), results)]).splitlines()[-1]
+    expected = "last quality/fid 41.2000  quality/intra_fid 95.5000  quality/label_consistency 0.7250 (step 400)"
+    assert row == f"| cgan | fit | {expected} | {run} |"
+    assert stage_results("fit", str(run), since=time.time() + 60) == {}  # an older run's file does not count
+    (run / "samples" / "quality.json").write_text(json.dumps([{"step": 400}]))  # no teacher: nothing measured
+    assert results_table([("cgan", "fit", str(run), stage_results("fit", str(run)))]).endswith(
+        "| cgan | fit | (no metrics found) | " + str(run) + " |"
+    )
+
+
 def test_a_running_stage_shows_its_progress_file_or_else_its_log_s_last_line(tmp_path: Path) -> None:
     from kd_lightning.pipeline.report import stage_progress
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from kd_lightning.progress import read_progress
 VAL_METRICS = (("val/acc1", "max"), ("val/mae", "min"), ("val/loss", "min"))
 #: the test metrics the table shows first (the others follow, up to a few)
 TEST_FIRST = ("test/acc1", "test/f1", "test/ece", "test/ece_ts", "test/mae")
+#: a GAN's sample-quality metrics (GANQuality's ``quality.json``), in the order the table shows them
+QUALITY_FIRST = ("quality/fid", "quality/intra_fid", "quality/label_consistency", "quality/label_mae")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -70,9 +73,31 @@ def _rows(path: str) -> list[dict[str, float]]:
     return out
 
 
+def gan_quality(run_dir: str, since: float = 0.0) -> dict[str, Any]:
+    """The last point of a GAN's quality curve (``quality/*`` and its ``step``) from the newest ``quality.json``.
+
+    GANQuality writes it under ``<run>/samples/`` (or its ``dirpath``, looked for anywhere under the run folder).
+    Empty when there is none, or its last point has no quality metric (no teacher to measure with).
+    """
+    found = glob.glob(os.path.join(glob.escape(run_dir), "**", "quality.json"), recursive=True)
+    found = [p for p in found if os.sep + "pipeline" + os.sep not in p and os.path.getmtime(p) >= since]
+    for path in sorted(found, key=os.path.getmtime, reverse=True):
+        try:
+            with open(path) as f:
+                history = json.load(f)
+        except (OSError, ValueError):
+            continue
+        last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], dict) else {}
+        quality = {k: float(v) for k, v in last.items() if k.startswith("quality/") and isinstance(v, (int, float))}
+        if quality:
+            return {**quality, "step": int(last.get("step", 0))}
+    return {}
+
+
 def stage_results(command: str, run_dir: str, since: float = 0.0) -> dict[str, Any]:
     """A fit's best validation metric (and its epoch), or a test's metrics, from the newest ``metrics.csv``.
 
+    A fit with no validation metric (a GAN) gives the last point of its quality curve (:func:`gan_quality`).
     ``since`` (epoch seconds): only files written by this run count. Empty when nothing is found.
     """
     files = _metrics_files(run_dir, since)
@@ -86,7 +111,7 @@ def stage_results(command: str, run_dir: str, since: float = 0.0) -> dict[str, A
                 if "epoch" in best:
                     result["epoch"] = int(best["epoch"])
                 return result
-        return {}
+        return gan_quality(run_dir, since)
     if command in ("test", "validate"):
         prefix = f"{'test' if command == 'test' else 'val'}/"
         for path in reversed(files):
@@ -101,9 +126,13 @@ def _fmt(value: float) -> str:
 
 
 def describe(command: str, results: dict[str, Any], limit: int = 5) -> str:
-    """One table cell: ``val/acc1 0.9722 (epoch 14)`` or ``test/acc1 0.9583  test/f1 0.9561 ...``."""
+    """One table cell: ``best val/acc1 0.9722 (epoch 14)``, ``test/acc1 0.9583 ...``, ``last quality/fid 41.2 ...``."""
     if not results:
         return "(no metrics found)"
+    if command == "fit" and "metric" not in results:  # a GAN: its last sample-quality point
+        keys = [k for k in QUALITY_FIRST if k in results] + sorted(k for k in results if k not in QUALITY_FIRST)
+        shown = "  ".join(f"{k} {_fmt(results[k])}" for k in keys if k.startswith("quality/"))
+        return f"last {shown}" + (f" (step {results['step']})" if "step" in results else "")
     if command == "fit":
         epoch = f" (epoch {results['epoch']})" if "epoch" in results else ""
         return f"best {results['metric']} {_fmt(results['value'])}{epoch}"

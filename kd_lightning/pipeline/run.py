@@ -72,7 +72,7 @@ class Runner(Planner):
             if step.name not in self.selected or rec.get("status") != "done":
                 continue
             results = rec.get("results")
-            if results is None:  # a record from before results were kept
+            if not results:  # a record from before results were kept (or before a GAN's quality was read)
                 results = stage_results(step.command, step.dir)
             rows.append((step.name, step.command, step.dir, results))
             folders.append(step.dir)
