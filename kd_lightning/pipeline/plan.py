@@ -75,10 +75,10 @@ class Planner(State):
 
     def decide(self, step: Step, rebuilt: set[str] | None = None) -> Decision:
         """Skip, run or resume ``step``, and why. ``rebuilt``: earlier stages that will run first (dry run)."""
+        if step.background:  # plan() settles start / idle / off from the stages after it
+            return Decision("start", "background: starts before the first later stage that runs")
         if step.name not in self.selected:
             return Decision("off", "not selected")
-        if step.background:
-            return Decision("start", "background: starts before the first later stage that runs")
         for ref in step.refs:
             producer = ref.split(".", 1)[0]
             if rebuilt and producer in rebuilt:
@@ -151,8 +151,20 @@ class Planner(State):
                 rebuilt.add(step.name)  # a server of a checkpoint that is rebuilt first is new to its clients
             rows.append((step, d))
         for i, (step, d) in enumerate(rows):
-            if d.action == "start" and not any(later.action in ("run", "resume") for _, later in rows[i + 1 :]):
+            if d.action != "start":
+                continue
+            chosen = step.name in self.selected
+            users = [
+                later
+                for later, dl in rows[i + 1 :]
+                if dl.action in ("run", "resume") and (chosen or step.name in {r.split(".", 1)[0] for r in later.refs})
+            ]
+            if users:
+                continue
+            if chosen:
                 rows[i] = (step, Decision("idle", "background: not started, no later stage runs"))
+            else:
+                rows[i] = (step, Decision("off", "not selected, and no stage that runs reads it"))
         return rows
 
     @staticmethod
