@@ -42,15 +42,19 @@ def test_generate_shows_its_bar_unless_quiet(parts, tmp_path: Path, capsys, quie
 
 
 @pytest.mark.parametrize("quiet", [False, True], ids=["bar", "quiet"])
-def test_report_shows_its_bar_unless_quiet(tmp_path: Path, capsys, quiet: bool) -> None:
-    runs = [str(fake_run(tmp_path / f"seed{s}", s, [0.5, 0.6], 0.7)) for s in range(3)]
+def test_report_shows_its_bar_unless_quiet(tmp_path: Path, capsys, monkeypatch, quiet: bool) -> None:
+    """On a terminal and for 20 runs or more (fewer, or a pipe: never; tests/test_report.py checks those rules)."""
+    from tests.test_report import _Terminal
+
+    runs = [str(fake_run(tmp_path / f"seed{s}", s, [0.5, 0.6], 0.7)) for s in range(20)]
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
     assert report_main([*runs, f"--quiet={str(quiet).lower()}"]) == 0
-    captured = capsys.readouterr()
-    assert "| ImageClassifier resnet8 | 3 | 0, 1, 2 |" in captured.out
+    assert "| ImageClassifier resnet8 | 20 | " in capsys.readouterr().out
     if quiet:
-        assert captured.err == ""
+        assert terminal.buffer.getvalue() == ""
     else:
-        assert "reading runs: 100%" in captured.err and "3/3" in captured.err
+        assert "reading runs: 100%" in terminal.buffer.getvalue() and "20/20" in terminal.buffer.getvalue()
 
 
 def test_a_fit_into_a_log_writes_plain_epoch_lines_and_no_noise(
