@@ -36,9 +36,10 @@ consistency against the real-vs-real floor with the project's teacher features):
           --out docs/results/gan_quality_${mode}_seed$seed.md
     done; done
 
-(the teacher is the pipeline's, ``kdl pipeline --config recipes/cgankd/fashion_mnist/pipeline.yaml --only teacher``; compare each
-mode's FID and label consistency with fp32's spread over the three seeds). Timings vary with the machine's load:
-never assert them in tests.
+(the teacher is the pipeline's,
+``kdl pipeline --config recipes/cgankd/fashion_mnist/pipeline.yaml --only teacher``; compare each mode's FID
+and label consistency with fp32's spread over the three seeds). Timings vary with the machine's load: never
+assert them in tests.
 """
 
 from __future__ import annotations
